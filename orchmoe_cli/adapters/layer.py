@@ -1,0 +1,109 @@
+"""The skill-LoRA layer shared by lora, poly, mhr, the µ variants and orchmoe.
+
+A frozen ``nn.Linear`` plus an inventory of S LoRA skills split into h heads:
+A (h, S, d_in/h, r) and B (h, S, r, d_out/h), the layout of mttl and peft Poly. Routing weights
+w (rows, h, S) mix *parameters*, not outputs: A_b = sum_k w_k A_k and B_b = sum_k w_k B_k per head,
+then y = W0 x + b + (alpha / r) (x A_b) B_b. When the whole batch shares one routing the layer
+mixes once and runs two plain matmuls; otherwise it mixes per sequence and uses batched matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from orchmoe_cli.adapters.context import RoutingSlot, fold_rows
+from orchmoe_cli.errors import OrchmoeError
+
+
+class SkillLoRALinear(nn.Module):
+    """``base_layer`` (frozen) + routed mixture of LoRA skills."""
+
+    def __init__(self, base_layer: nn.Linear, router: nn.Module, slot: RoutingSlot, rank: int, alpha: float,
+                 n_skills: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        if d_in % n_heads or d_out % n_heads:
+            raise ValueError(f"n_heads {n_heads} must divide in_features {d_in} and out_features {d_out}")
+        self.base_layer = base_layer
+        self.router = router
+        self.slot = slot
+        self.rank, self.scale = rank, alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(n_heads, n_skills, d_in // n_heads, rank))
+        self.lora_B = nn.Parameter(torch.zeros(n_heads, n_skills, rank, d_out // n_heads))
+        # kaiming_uniform(a=sqrt(5)) per (head, skill) slice with fan_in = d_in/h, as peft Poly; B = 0
+        # so the adapted model starts as the base model.
+        bound = 1.0 / math.sqrt(d_in // n_heads)
+        nn.init.uniform_(self.lora_A, -bound, bound)
+        self._unmerged_weight: Tensor | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight: HF code (e.g. T5's feed-forward) reads ``.weight`` of the modules it calls."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        weights = self.router(self.slot.state)
+        return out + self.delta(self.dropout(x), weights).to(out.dtype)
+
+    def mixed(self, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Mix one routing (h, S) into a single LoRA pair: A (d_in, r) and scaled B (r, d_out)."""
+        weights = weights.to(self.lora_A.dtype)
+        a = torch.einsum("qs,qsdr->qdr", weights, self.lora_A).reshape(-1, self.rank)
+        b = torch.einsum("qs,qsrd->rqd", weights * self.scale, self.lora_B).reshape(self.rank, -1)
+        return a, b
+
+    def delta(self, x: Tensor, weights: Tensor) -> Tensor:
+        """The adapter's contribution for input ``x`` (rows, ..., d_in) and weights (1 or batch, h, S)."""
+        x = x.to(self.lora_A.dtype)
+        if weights.shape[0] == 1:
+            a, b = self.mixed(weights[0])
+            return (x @ a) @ b
+        sequences = weights.shape[0]
+        weights = weights.to(self.lora_A.dtype)
+        a = torch.einsum("bqs,qsdr->bqdr", weights, self.lora_A).reshape(sequences, -1, self.rank)
+        b = torch.einsum("bqs,qsrd->brqd", weights * self.scale, self.lora_B).reshape(sequences, self.rank, -1)
+        out = torch.bmm(torch.bmm(fold_rows(x, sequences), a), b)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @torch.no_grad()
+    def merge(self, weights: Tensor) -> None:
+        """Fold the LoRA mixed with ``weights`` (h, S) into the base weight; the original is kept for unmerge."""
+        if self.merged:
+            raise OrchmoeError("adapters are already merged; call unmerge() first")
+        a, b = self.mixed(weights)
+        self._unmerged_weight = self.base_layer.weight.detach().clone()
+        self.base_layer.weight += (a @ b).T.to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight saved by :meth:`merge`."""
+        if self._unmerged_weight is not None:
+            self.base_layer.weight.copy_(self._unmerged_weight)
+            self._unmerged_weight = None
+
+    def extra_repr(self) -> str:
+        h, s, _, r = self.lora_A.shape
+        return f"heads={h}, skills={s}, rank={r}, scale={self.scale:g}"

@@ -1,0 +1,290 @@
+"""The adapted model: a frozen base model plus one method's adapters, routed per batch.
+
+Routing is explicit: ``with model.routing(task_ids=...)`` (or ``input_ids``/``prompt_mask`` for
+OrchMoE) computes what routing needs once for the batch; ``forward`` and ``generate`` do this for
+the caller. Everything else (counting, groups, save, merge, peft export) lives here as thin,
+method-agnostic operations over the wrappers that ``inject`` installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from orchmoe_cli.adapters.budget import GROUPS, choose_rank, group_of, hidden_size, layer_norm_parameters
+from orchmoe_cli.adapters.config import MethodConfig
+from orchmoe_cli.adapters.context import RoutingSlot, RoutingState
+from orchmoe_cli.adapters.hyper import _HyperWrapped
+from orchmoe_cli.adapters.inject import build, install, plan
+from orchmoe_cli.adapters.layer import SkillLoRALinear
+from orchmoe_cli.adapters.orchmoe import load_balance_loss, supervision_loss
+from orchmoe_cli.adapters.registry import resolve, spec_of
+from orchmoe_cli.adapters.routers import AverageRouter
+from orchmoe_cli.errors import OrchmoeError
+
+
+class AdaptedModel(nn.Module):
+    """``base`` with adapters installed in place; ``method`` is the resolved method config."""
+
+    def __init__(self, base: PreTrainedModel, method: MethodConfig, task_names: list[str],
+                 extras: dict[str, nn.Module], slot: RoutingSlot) -> None:
+        super().__init__()
+        self.base = base
+        for key, module in extras.items():
+            self.add_module(key, module)
+        self.method = method
+        self.task_names = list(task_names)
+        self.spec = spec_of(method)
+        self.slot = slot
+        self.averaged = False  # task routers replaced by the average of skills (to_average)
+        self._aux: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ routing
+
+    @contextmanager
+    def routing(self, task_ids: Tensor | None = None, input_ids: Tensor | None = None,
+                prompt_mask: Tensor | None = None, category_ids: Tensor | None = None) -> Iterator[RoutingState | None]:
+        """Set the routing of the enclosed forward/generate calls; yields the batch's routing state.
+
+        ``task_ids`` index ``task_names`` (-1 = a task not seen in training); OrchMoE reads only
+        ``input_ids`` and ``prompt_mask`` (1 on prompt tokens; the encoder inputs on encoder-decoder).
+        """
+        state = self._routing_state(task_ids, input_ids, prompt_mask, category_ids)
+        previous, self.slot.state = self.slot.state, state
+        try:
+            yield state
+        finally:
+            self.slot.state = previous
+
+    def _routing_state(self, task_ids: Tensor | None, input_ids: Tensor | None, prompt_mask: Tensor | None,
+                       category_ids: Tensor | None) -> RoutingState | None:
+        self._aux = {}
+        if self.spec.router == "orchmoe":
+            return self._classify(input_ids, prompt_mask, category_ids)
+        if self.spec.router == "constant" or self.averaged:
+            return None
+        if task_ids is None:
+            if self.spec.average_at_eval and not self.training:
+                return None
+            raise OrchmoeError(f"{self.method.name} routes by task id: pass task_ids (indices into the "
+                               "model's task names, -1 for an unseen task)")
+        ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+        bad = (ids < -1) | (ids >= len(self.task_names))
+        if ids.numel() == 0 or bool(bad.any()):
+            shown = ids[bad][0].item() if bool(bad.any()) else "none"
+            raise OrchmoeError(f"task id {shown} is out of range: the model knows {len(self.task_names)} tasks "
+                               "(ids 0..n-1) and -1 means an unseen task")
+        return RoutingState(ids.shape[0], task_ids=ids.to(self._device))
+
+    def _classify(self, input_ids: Tensor | None, prompt_mask: Tensor | None,
+                  category_ids: Tensor | None) -> RoutingState:
+        """OrchMoE's Automatic Task Classification, once per call; also records its auxiliary losses."""
+        if input_ids is None:
+            raise OrchmoeError("orchmoe routes from the prompt: pass input_ids (and prompt_mask)")
+        mask = torch.ones_like(input_ids) if prompt_mask is None else prompt_mask
+        with torch.no_grad():
+            embeddings = self.base.get_input_embeddings()(input_ids)
+        logits = self.task_classifier(embeddings, mask.to(embeddings.device))
+        probs = torch.softmax(logits, dim=-1)
+        if self.method.load_balance_weight > 0:
+            self._aux["load_balance"] = self.method.load_balance_weight * load_balance_loss(probs)
+        if category_ids is not None and self.method.task_supervision_weight > 0:
+            loss = supervision_loss(logits, category_ids)
+            if loss is not None:
+                self._aux["task_supervision"] = self.method.task_supervision_weight * loss
+        return RoutingState(input_ids.shape[0], task_probs=probs)
+
+    def _default_prompt_mask(self, batch: dict[str, Any]) -> Tensor | None:
+        """Prompt tokens when the batch does not say: the attention mask, minus labelled target tokens on
+        decoder-only models (so OrchMoE never sees the answer it is trained to produce)."""
+        input_ids = batch.get("input_ids")
+        if input_ids is None:
+            return None
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        labels = batch.get("labels")
+        if not self.base.config.is_encoder_decoder and labels is not None and labels.shape == input_ids.shape:
+            mask = mask * (labels == -100).to(mask.dtype)
+        return mask
+
+    def forward(self, **batch: Any) -> ModelOutput:
+        """Pop ``task_ids`` / ``prompt_mask`` / ``category_ids`` from the batch, route, call the base model."""
+        task_ids = batch.pop("task_ids", None)
+        prompt_mask = batch.pop("prompt_mask", None)
+        category_ids = batch.pop("category_ids", None)
+        if self.spec.router == "orchmoe" and prompt_mask is None:
+            prompt_mask = self._default_prompt_mask(batch)
+        with self.routing(task_ids, batch.get("input_ids"), prompt_mask, category_ids):
+            return self.base(**batch)
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, task_ids: Tensor | None = None,
+                 **gen_kwargs: Any) -> Tensor:
+        """Route once from the prompt, then ``base.generate`` (beams and returned sequences included)."""
+        with self.routing(task_ids=task_ids, input_ids=input_ids, prompt_mask=attention_mask):
+            return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Auxiliary losses of the last routed call, already weighted; add them to the LM loss."""
+        return dict(self._aux)
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def _device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    def _skill_layers(self) -> list[SkillLoRALinear]:
+        return [m for m in self.base.modules() if isinstance(m, SkillLoRALinear)]
+
+    def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Every tensor the method adds or trains (regardless of requires_grad), by checkpoint name."""
+        for name, module in self.named_modules():
+            if isinstance(module, (SkillLoRALinear, _HyperWrapped)):
+                for pname, param in module.named_parameters():
+                    if not pname.startswith("base_layer."):
+                        yield f"{name}.{pname}", param
+        for key in ("task_classifier", "hyper"):
+            if hasattr(self, key):
+                for pname, param in getattr(self, key).named_parameters():
+                    yield f"{key}.{pname}", param
+        if self.method.train_layer_norms:
+            for name, param in layer_norm_parameters(self.base).items():
+                yield f"base.{name}", param
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group (adapters, routers, hypernetwork, other), for per-group learning rates."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, param in self.named_adapter_parameters():
+            if param.requires_grad:
+                groups.setdefault(group_of(name), []).append(param)
+        return groups
+
+    def count_parameters(self) -> dict[str, int]:
+        """Parameters per group, plus total_trainable and base (the base model's own parameters)."""
+        counts = dict.fromkeys(GROUPS, 0)
+        adapter_ids = set()
+        for name, param in self.named_adapter_parameters():
+            counts[group_of(name)] += param.numel()
+            adapter_ids.add(id(param))
+        counts["total_trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        counts["base"] = sum(p.numel() for p in self.base.parameters()
+                             if id(p) not in adapter_ids or group_of_base(p, self))
+        return counts
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """Only adapter, router, hypernetwork and method-trained base tensors."""
+        return {name: param.detach() for name, param in self.named_adapter_parameters()}
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, tensors: dict[str, Tensor], source: str) -> None:
+        """Copy ``tensors`` in; every expected name must be present with its exact shape."""
+        own = dict(self.named_adapter_parameters())
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+            raise OrchmoeError(f"{source}: {what} for method {self.method.name} "
+                               f"({len(missing)} missing, {len(unexpected)} unexpected)")
+        for name, param in own.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise OrchmoeError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                   f"expected {tuple(param.shape)}")
+        for name, param in own.items():
+            param.copy_(tensors[name])
+
+    # ------------------------------------------------------------------ evaluation helpers
+
+    @torch.no_grad()
+    def merge(self, task_id: int | None = None) -> None:
+        """Fold one fixed routing into the base weights: ``task_id``'s, or the average (None / -1)."""
+        if not self.spec.mergeable:
+            why = ("routes each input from its prompt" if self.spec.router == "orchmoe"
+                   else "generates non-linear bottleneck adapters")
+            raise OrchmoeError(f"{self.method.name} {why}, so it cannot be merged into the base weights")
+        layers = self._skill_layers()
+        if any(layer.merged for layer in layers):
+            raise OrchmoeError("adapters are already merged; call unmerge() first")
+        tid = -1 if task_id is None else int(task_id)
+        if not -1 <= tid < len(self.task_names):
+            raise OrchmoeError(f"task id {tid} is out of range: the model knows {len(self.task_names)} tasks")
+        state = RoutingState(1, task_ids=torch.tensor([tid], device=self._device))
+        for layer in layers:
+            was_training = layer.router.training
+            layer.router.eval()
+            try:
+                weights = layer.router(state)
+            finally:
+                layer.router.train(was_training)
+            layer.merge(weights[0])
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights."""
+        for layer in self._skill_layers():
+            layer.unmerge()
+
+    def to_average(self) -> None:
+        """Replace every task router by the average of skills (Poly-µ / MHR-µ, before adaptation)."""
+        if self.spec.router != "task":
+            raise OrchmoeError(f"to_average() applies to poly, mhr and their _mu variants, not {self.method.name}")
+        heads, skills = self.method.n_heads or 1, self.method.n_skills
+        for layer in self._skill_layers():
+            layer.router = AverageRouter(heads, skills).to(self._device)
+        self.averaged = True
+
+    def save(self, directory: str | Path) -> None:
+        """adapter_config.json + adapter_model.safetensors + tasks.json (see ``saving``)."""
+        from orchmoe_cli.adapters.saving import save_adapted
+
+        save_adapted(self, Path(directory))
+
+    def export_peft(self, directory: str | Path) -> None:
+        """Write a peft checkpoint (lora, poly, mhr) that ``PeftModel.from_pretrained`` loads."""
+        from orchmoe_cli.adapters.peft_interop import export_peft
+
+        export_peft(self, Path(directory))
+
+
+def group_of_base(param: nn.Parameter, model: AdaptedModel) -> bool:
+    """Whether an adapter-family parameter is also a base-model weight (a layer norm the method trains)."""
+    return model.method.train_layer_norms is True and any(param is p for p in layer_norm_parameters(model.base).values())
+
+
+def _check_task_names(task_names: list[str], needs_tasks: bool, method: str) -> list[str]:
+    names = list(task_names)
+    if any(not isinstance(n, str) or not n for n in names):
+        raise OrchmoeError("task names must be non-empty strings")
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise OrchmoeError(f"task names must be unique; '{duplicate}' appears twice")
+    if needs_tasks and not names:
+        raise OrchmoeError(f"{method} routes by task: give the names of the training tasks")
+    return names
+
+
+def attach_adapters(base: PreTrainedModel, method: MethodConfig, task_names: list[str]) -> AdaptedModel:
+    """Freeze ``base``, install ``method``'s adapters in place, and return the adapted model."""
+    spec = spec_of(method)
+    names = _check_task_names(task_names, spec.needs_task_ids, method.name)
+    hidden = hidden_size(base)
+    if method.budget is not None:
+        method = dataclasses.replace(method, rank=choose_rank(base, method, len(names)))
+    resolved = resolve(method, hidden)
+    sites = plan(base, resolved)
+    slot = RoutingSlot()
+    base.requires_grad_(False)
+    wrappers, extras = build(sites, resolved, len(names), hidden, slot, lambda s: base.get_submodule(s.name))
+    device = base.get_input_embeddings().weight.device
+    for module in [*wrappers.values(), *extras.values()]:
+        module.to(device)
+    install(base, wrappers)
+    if resolved.train_layer_norms:
+        for param in layer_norm_parameters(base).values():
+            param.requires_grad_(True)
+    return AdaptedModel(base, resolved, names, extras, slot)

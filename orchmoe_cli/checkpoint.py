@@ -1,0 +1,456 @@
+"""Training checkpoints that survive kills, full disks and bit rot, and resume bit-identically.
+
+Layout of ``<run>/checkpoints/step-000100/``::
+
+    adapter_config.json, adapter_model.safetensors, tasks.json   written by the adapter callback
+    recipe.yaml
+    training_state/{optimizer,scheduler,rng,trainer}.{json,safetensors}
+    manifest.json                                                 written last: sha256 + size of every file
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON with small tags that keep
+tuples, non-string dict keys and tensor references exact. A checkpoint is built in a hidden temp
+sibling and renamed into place, so a directory named ``step-*`` is either complete or damaged later;
+its manifest tells which.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from orchmoe_cli import __version__
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import _disk_error, atomic_directory
+
+try:
+    import numpy
+except ImportError:  # numpy is optional; its RNG is simply not captured
+    numpy = None
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+STATE_DIR = "training_state"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_STALE = (".step-*.tmp", ".step-*.old")
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+# ---- exact JSON + safetensors encoding -------------------------------------------------------
+
+
+class _Unserialisable(TypeError):
+    """A value that is neither a tensor nor JSON-representable; carries its path for the message."""
+
+
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Turn ``value`` into JSON data, moving tensors into ``tensors`` under unique names."""
+    if isinstance(value, torch.Tensor):
+        name = f"{len(tensors)}:{path}"
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()  # copy: safetensors rejects shared storage
+        return {_TENSOR: name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {_TUPLE: [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(key, str) and not key.startswith("__") for key in value):
+            return {key: _encode(item, f"{path}.{key}", tensors) for key, item in value.items()}
+        return {_ITEMS: [[_encode(key, path, {}), _encode(item, f"{path}.{key}", tensors)]
+                         for key, item in value.items()]}
+    raise _Unserialisable(f"{path} has type {type(value).__name__}, which is neither a tensor nor JSON data")
+
+
+def _decode(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`_encode`."""
+    if isinstance(data, list):
+        return [_decode(item, tensors) for item in data]
+    if not isinstance(data, dict):
+        return data
+    if len(data) == 1:
+        tag, inner = next(iter(data.items()))
+        if tag == _TENSOR:
+            return tensors[inner]
+        if tag == _TUPLE:
+            return tuple(_decode(item, tensors) for item in inner)
+        if tag == _ITEMS:
+            return {_decode(key, tensors): _decode(item, tensors) for key, item in inner}
+    return {key: _decode(item, tensors) for key, item in data.items()}
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Every file this module writes goes through here, so ENOSPC surfaces as an OSError we map."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _save_part(directory: Path, name: str, value: Any) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        data = _encode(value, name, tensors)
+    except _Unserialisable as exc:
+        raise OrchmoeError(f"cannot save the {name} state: {exc}") from None
+    _write_bytes(directory / f"{name}.json", json.dumps(data, indent=1).encode())
+    _write_bytes(directory / f"{name}.safetensors", save_tensors(tensors))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OrchmoeError(f"{path}: missing from the checkpoint") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OrchmoeError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
+
+
+def _load_part(directory: Path, name: str) -> Any:
+    data = _read_json(directory / f"{name}.json")
+    tensor_file = directory / f"{name}.safetensors"
+    try:
+        tensors = load_tensors(tensor_file.read_bytes())
+    except FileNotFoundError:
+        raise OrchmoeError(f"{tensor_file}: missing from the checkpoint") from None
+    except SafetensorError as exc:
+        raise OrchmoeError(f"{tensor_file}: not a readable safetensors file ({exc}); the checkpoint is damaged") from None
+    try:
+        return _decode(data, tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OrchmoeError(f"{directory / name}.json: does not match {tensor_file.name} ({exc!r})") from None
+
+
+# ---- RNG -------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Snapshot every global RNG a training step may draw from (python, numpy, torch CPU, torch CUDA)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if numpy is not None:
+        kind, key, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = (kind, key.tolist(), pos, has_gauss, gauss)
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put the RNGs back exactly as :func:`capture_rng` saw them, so random draws continue identically."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state and numpy is not None:
+        kind, key, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, numpy.asarray(key, dtype=numpy.uint32), pos, has_gauss, gauss))
+    cuda_states = state.get("torch_cuda", [])
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_states and len(cuda_states) != devices:
+        log.warning("checkpoint has CUDA RNG states for %d device(s) but %d are visible; "
+                    "random numbers on GPU will differ from an uninterrupted run", len(cuda_states), devices)
+    for index, cuda_state in enumerate(cuda_states[:devices]):
+        torch.cuda.set_rng_state(cuda_state, index)
+
+
+# ---- manifest --------------------------------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file, also fsyncing it so a renamed checkpoint is durable after a power loss."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+        os.fsync(handle.fileno())
+    return sha.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(staging: Path, step: int) -> None:
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    manifest = {
+        "orchmoe_version": __version__,
+        "step": step,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "files": {p.relative_to(staging).as_posix(): {"sha256": _digest(p), "size": p.stat().st_size} for p in files},
+    }
+    _write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+    for directory in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+        _fsync_dir(directory)
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file against the manifest and that JSON/safetensors files parse; return the manifest."""
+    root = Path(path)
+    if not root.is_dir():
+        raise OrchmoeError(f"{root}: not a checkpoint directory")
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise OrchmoeError(f"{root}: no {MANIFEST}, so the checkpoint is incomplete (its save was interrupted); "
+                           "resume from an earlier checkpoint")
+    manifest = _read_json(manifest_path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        for entry in files.values()
+    ):
+        raise OrchmoeError(f"{manifest_path}: not an orchmoe checkpoint manifest")
+    for name, expected in manifest["files"].items():
+        file = root / name
+        if not file.is_file():
+            raise OrchmoeError(f"{file}: missing from the checkpoint (listed in {MANIFEST})")
+        size = file.stat().st_size
+        if size < expected["size"]:
+            raise OrchmoeError(f"{file}: truncated ({size} of {expected['size']} bytes); "
+                               "the checkpoint is damaged, resume from an earlier one")
+        if size != expected["size"] or _digest(file) != expected["sha256"]:
+            raise OrchmoeError(f"{file}: was modified after saving (its sha256 does not match {MANIFEST})")
+        if file.suffix == ".json":
+            _read_json(file)
+        elif file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "pt") as handle:
+                    handle.keys()
+            except SafetensorError as exc:
+                raise OrchmoeError(f"{file}: not a readable safetensors file ({exc})") from None
+    return manifest
+
+
+# ---- save / find / load ----------------------------------------------------------------------
+
+
+def _step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
+    """``step-*`` directories, newest first; hidden temp dirs never match."""
+    if not checkpoints.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    return sorted(found, reverse=True)
+
+
+def clean_stale(run_dir: str | Path) -> None:
+    """Remove temp dirs left by a killed save or prune; only safe while holding the run's :class:`RunLock`."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    for pattern in _STALE:
+        for leftover in checkpoints.glob(pattern):
+            log.info("removing %s left by an interrupted run", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _prune(checkpoints: Path, keep_last: int) -> None:
+    """Delete checkpoints older than the ``keep_last`` newest ones that verify.
+
+    Counting only verified checkpoints means a silently damaged newer one never costs the last good one.
+    Each victim is renamed to a hidden temp name first, so a kill mid-delete leaves no half ``step-*`` dir.
+    """
+    kept = 0
+    for _, path in _step_dirs(checkpoints):
+        if kept >= keep_last:
+            doomed = path.with_name(f".{path.name}.prune.tmp")
+            try:
+                os.replace(path, doomed)
+                shutil.rmtree(doomed)
+            except OSError as exc:  # the new checkpoint is safe; a failed cleanup must not stop training
+                log.warning("could not delete old checkpoint %s: %s", path, exc)
+            continue
+        try:
+            verify_checkpoint(path)
+            kept += 1
+        except OrchmoeError:
+            continue
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    write_adapter: Callable[[Path], None],
+    recipe_yaml: str,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    sampler_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    keep_last: int | None = 3,
+) -> Path:
+    """Write ``<run_dir>/checkpoints/step-NNNNNN`` atomically, then prune; the caller holds the RunLock.
+
+    RNG states are captured at call time, so resuming continues exactly from the moment of saving.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise OrchmoeError(f"keep_last must be at least 1 (got {keep_last}); use None to keep every checkpoint")
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    clean_stale(run_dir)
+    rng = capture_rng()
+    scheduler_state = scheduler.state_dict()
+    if "lr_lambdas" in scheduler_state:  # callable objects' __dict__ may hold anything; the recipe rebuilds them
+        scheduler_state["lr_lambdas"] = [fn if _encodable(fn) else None for fn in scheduler_state["lr_lambdas"]]
+    target = checkpoints / f"step-{step:06d}"
+    with atomic_directory(target) as staging:
+        write_adapter(staging)
+        _write_bytes(staging / "recipe.yaml", recipe_yaml.encode())
+        state_dir = staging / STATE_DIR
+        _save_part(state_dir, "optimizer", optimizer.state_dict())
+        _save_part(state_dir, "scheduler", scheduler_state)
+        _save_part(state_dir, "rng", rng)
+        _save_part(state_dir, "trainer", {"step": step, "sampler_state": sampler_state, "extra": extra or {}})
+        _write_manifest(staging, step)
+    _fsync_dir(checkpoints)
+    if keep_last is not None:
+        _prune(checkpoints, keep_last)
+    return target
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        _encode(value, "", {})
+    except _Unserialisable:
+        return False
+    return True
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies; damaged or partial ones are skipped with a warning."""
+    for _, path in _step_dirs(Path(run_dir) / CHECKPOINTS):
+        try:
+            verify_checkpoint(path)
+        except OrchmoeError as exc:
+            log.warning("skipping damaged checkpoint: %s", exc)
+            continue
+        return path
+    return None
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What a resumed run needs besides the adapter weights and the already-restored optimizer/scheduler."""
+
+    path: Path
+    step: int
+    sampler_state: dict[str, Any]
+    rng: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def load_training_state(
+    path: str | Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainingState:
+    """Verify the checkpoint, restore optimizer and scheduler in place; the caller calls :func:`restore_rng`
+    once the model and data are built, so their construction does not consume the restored random stream."""
+    root = Path(path)
+    verify_checkpoint(root)
+    state_dir = root / STATE_DIR
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        try:
+            target.load_state_dict(_load_part(state_dir, name))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OrchmoeError(f"{state_dir / name}.json: does not fit this run's {name} ({exc}); "
+                               "resume with the recipe the checkpoint was trained with") from None
+    trainer = _load_part(state_dir, "trainer")
+    return TrainingState(root, trainer["step"], trainer["sampler_state"], _load_part(state_dir, "rng"), trainer["extra"])
+
+
+# ---- run lock --------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive ownership of a run directory, so two runs never interleave checkpoints in it.
+
+    ``<run_dir>/.lock`` is created with O_EXCL and holds pid, host and start time. A lock left by a
+    dead process on this host is taken over with a warning; on other hosts liveness cannot be checked.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self._content = ""
+
+    def __enter__(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname()
+        self._content = json.dumps({"pid": os.getpid(), "host": host,
+                                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+        if not self._try_create():
+            owner = self._read_owner()
+            if owner is not None:  # None: its owner released it meanwhile
+                if owner["host"] != host or _pid_alive(owner["pid"]):
+                    where = "" if owner["host"] == host else f" on {owner['host']}"
+                    raise OrchmoeError(f"{self.run_dir} is in use by another orchmoe run (pid {owner['pid']}{where}); "
+                                       "wait for it or choose another output.dir")
+                log.warning("taking over %s from orchmoe run pid %s, which is no longer running",
+                            self.path, owner["pid"])
+                self.path.unlink(missing_ok=True)
+            if not self._try_create():
+                raise OrchmoeError(f"{self.run_dir} is in use by another orchmoe run that started just now; "
+                                   "wait for it or choose another output.dir")
+        clean_stale(self.run_dir)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self.path.read_text(encoding="utf-8") == self._content:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise OrchmoeError(f"{self.path}: cannot create the run lock ({exc.strerror}); "
+                               "choose another output.dir") from None
+        try:
+            os.write(fd, self._content.encode())
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            self.path.unlink()
+            raise _disk_error(self.path, exc) from None
+        os.close(fd)
+        return True
+
+    def _read_owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+            return {"pid": int(owner["pid"]), "host": str(owner["host"])}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OrchmoeError(f"{self.path}: unreadable run lock; if no other orchmoe run uses {self.run_dir}, "
+                               "delete it and run the command again") from None

@@ -1,0 +1,130 @@
+"""The `orchmoe` command line: parse options, load the recipe, call the core, render with rich.
+
+Every command takes a recipe file plus dotted overrides (``eval.max_instances=20``). Problems the
+user can fix are reported as one red line with exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from orchmoe_cli import __version__
+from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError
+from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
+
+try:  # recent typer vendors click; its usage errors live here
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - typer on plain click
+    from click.exceptions import ClickException
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="orchmoe",
+    help="Multi-task parameter-efficient fine-tuning with modular LoRA skills (OrchMoE, Poly, MHR, HyperLoader).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).", show_default=False)]
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Dotted overrides applied after the file, e.g. eval.max_instances=20.", show_default=False),
+]
+ShowConfig = Annotated[bool, typer.Option("--show-config", help="Print the resolved recipe and exit.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"orchmoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Multi-task PEFT with modular adapters, evaluated on Super-NaturalInstructions."""
+
+
+def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool) -> Recipe:
+    recipe = load_recipe(recipe_path, overrides or [])
+    if show_config:
+        console.print(dump_recipe(recipe), markup=False, highlight=False, end="")
+        raise typer.Exit()
+    return recipe
+
+
+@app.command()
+def prepare(recipe: RecipeArg, overrides: OverridesArg = None, show_config: ShowConfig = False) -> None:
+    """Validate SNI task files and encode them (Tk-Instruct prompts) into a cached Arrow dataset."""
+    loaded = _load(recipe, overrides, show_config)
+    from orchmoe_cli.workflow import prepare_data
+
+    prepared = prepare_data(loaded, str(recipe), console)
+    manifest = prepared.manifest
+    table = Table(title=f"prepared {'(from cache) ' if prepared.from_cache else ''}{prepared.path}", title_justify="left")
+    for column in ("split", "tasks", "instances", "categories"):
+        table.add_column(column, justify="right" if column in ("tasks", "instances") else "left")
+    for split in ("train", "test"):
+        tasks = [t for t in manifest["tasks"] if t["split"] == split]
+        cats = sorted({t["category"] for t in tasks})
+        table.add_row(split, str(len(tasks)), str(sum(t["n_instances"] for t in tasks)),
+                      f"{len(cats)}: " + ", ".join(cats[:4]) + (" ..." if len(cats) > 4 else ""))
+    console.print(table)
+
+
+@app.command("eval")
+def eval_command(recipe: RecipeArg, overrides: OverridesArg = None, show_config: ShowConfig = False) -> None:
+    """Generate on held-out tasks and score with the official SNI ROUGE-L / exact match."""
+    loaded = _load(recipe, overrides, show_config)
+    from orchmoe_cli.report import results_table, task_rows
+    from orchmoe_cli.workflow import evaluate
+
+    outcome = evaluate(loaded, str(recipe), console)
+    rows = task_rows(outcome.rows, outcome.metrics)
+    console.print(results_table(f"{loaded.model.name} on {loaded.eval.split} tasks (SNI official metric)",
+                                {outcome.label: rows}, {outcome.label: outcome.metrics}))
+    console.print(f"results written to {outcome.output_dir}/ (results.json, predictions.jsonl, results.md)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the Typer app, turning user errors into one line and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        code = app(args=args, prog_name="orchmoe", standalone_mode=False)
+    except OrchmoeError as exc:
+        if debug:
+            traceback.print_exc()
+        err_console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except ClickException as exc:
+        if not exc.format_message().strip():  # `orchmoe` alone: the help was shown
+            sys.exit(0)
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "orchmoe"
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(exc.format_message())} (see '{command} --help')",
+            highlight=False, soft_wrap=True,
+        )
+        sys.exit(EXIT_BAD_INPUT)
+    except (KeyboardInterrupt, typer.Abort):
+        err_console.print("[yellow]interrupted[/yellow]")
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,295 @@
+"""Encode an SNI source once and cache it on disk, keyed by a content hash.
+
+``prepare`` writes a ``datasets.DatasetDict`` (``train`` and ``test``) plus ``manifest.json`` to
+``<cache_dir>/<hash>/``. The hash covers every input that changes the result (encoding settings, tokenizer
+id, model kind, the bytes of the split files and of every listed task file), so an edited file or setting
+gives a fresh directory and an unchanged one is reused. The directory is built under a temporary name and
+renamed into place, so an interrupted run never leaves a half-written dataset that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from orchmoe_cli import __version__
+from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
+from orchmoe_cli.data.sni import SPLITS, SNITask, SourceLayout, Split, matches_languages, read_split, resolve_source
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.recipe import DataConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# DataConfig fields that say where the data is; everything else changes the prepared rows.
+_LOCATION_FIELDS = frozenset({"source", "split_dir", "train_split", "test_split", "cache_dir"})
+FEATURES = datasets.Features({
+    "task": datasets.Value("string"),
+    "task_index": datasets.Value("int32"),
+    "category": datasets.Value("string"),
+    "id": datasets.Value("string"),
+    "prompt": datasets.Value("string"),
+    "prompt_ids": datasets.Sequence(datasets.Value("int32")),
+    "references": datasets.Sequence(datasets.Value("string")),
+    "reference_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+})
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset on disk: its directory, the (memory-mapped) splits and the manifest."""
+
+    path: Path
+    dataset: datasets.DatasetDict
+    manifest: dict[str, Any]
+    from_cache: bool
+
+
+def encoding_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The DataConfig fields that affect the prepared rows (all but the location fields)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _LOCATION_FIELDS}
+
+
+def content_hash(cfg: DataConfig, layout: SourceLayout, tokenizer_id: str, is_encoder_decoder: bool) -> str:
+    """sha256 over the settings, tokenizer id, model kind, split files and every listed task file."""
+    digest = hashlib.sha256()
+    header = {"format": FORMAT_VERSION, "orchmoe": __version__, "settings": encoding_settings(cfg),
+              "tokenizer": tokenizer_id, "is_encoder_decoder": is_encoder_decoder}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    files = [(f"split:{split}", layout.split_files[split]) for split in SPLITS]
+    files += [(f"task:{name}", layout.task_path(name)) for split in SPLITS for name in layout.tasks[split]]
+    for label, path in files:
+        digest.update(f"\0{label}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Tokenize:
+    """Prompt and reference ids for one model kind.
+
+    Encoder-decoder (as Tk-Instruct): the tokenizer's default special tokens (T5 appends EOS), cut on the
+    right. Decoder-only: only the special tokens the tokenizer puts before text by default (a BOS, if any),
+    prompt cut on the left so ``Output: `` survives; references without special tokens, EOS appended.
+    """
+
+    def __init__(self, tokenizer: Any, tokenizer_id: str, is_encoder_decoder: bool, cfg: DataConfig) -> None:
+        self.tokenizer, self.tokenizer_id, self.cfg = tokenizer, tokenizer_id, cfg
+        self.is_encoder_decoder = is_encoder_decoder
+        self.prefix: list[int] = []
+        if not is_encoder_decoder:
+            if tokenizer.eos_token_id is None:
+                raise OrchmoeError(f"tokenizer {tokenizer_id}: has no EOS token; a decoder-only model needs one "
+                                   "to learn where an answer ends, choose a tokenizer that defines eos_token")
+            self.prefix = _default_prefix(tokenizer)
+            if len(self.prefix) >= cfg.max_source_length:
+                raise OrchmoeError(f"data.max_source_length: {cfg.max_source_length} leaves no room for the prompt "
+                                   f"after the tokenizer's {len(self.prefix)} leading special tokens; raise it")
+
+    def prompts(self, encoded: EncodedPrompts) -> tuple[list[list[int]], int]:
+        """Ids of each prompt and how many were cut here (decoder-only: from the left)."""
+        limit = self.cfg.max_source_length
+        if self.is_encoder_decoder:  # reuse the ids the length checks computed; they are within the limit
+            known = list(encoded.source_ids)
+            todo = [i for i, ids in enumerate(known) if ids is None]
+            if todo:
+                fresh = self.tokenizer([encoded.prompts[i] for i in todo], truncation=True, max_length=limit)
+                for i, ids in zip(todo, fresh["input_ids"]):
+                    known[i] = ids
+            return [list(ids) for ids in known if ids is not None], 0
+        budget = limit - len(self.prefix)
+        ids = self.tokenizer(encoded.prompts, add_special_tokens=False)["input_ids"]
+        return [self.prefix + list(x[-budget:]) for x in ids], sum(len(x) > budget for x in ids)
+
+    def references(self, references: list[str]) -> list[list[int]]:
+        limit = self.cfg.max_target_length
+        if self.is_encoder_decoder:
+            return self.tokenizer(text_target=references, truncation=True, max_length=limit)["input_ids"]
+        ids = self.tokenizer(references, add_special_tokens=False)["input_ids"]
+        return [list(x[: limit - 1]) + [self.tokenizer.eos_token_id] for x in ids]
+
+
+def _default_prefix(tokenizer: Any) -> list[int]:
+    """The special ids the tokenizer puts before text by default (e.g. Llama's BOS; none for GPT-2)."""
+    plain = tokenizer("Output", add_special_tokens=False)["input_ids"]
+    full = tokenizer("Output")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decoder: bool,
+            console: Console | None = None) -> Prepared:
+    """Encode ``cfg``'s source with ``tokenizer`` into the cache, or reuse an identical earlier result."""
+    console = console or Console(stderr=True)
+    layout = resolve_source(cfg)
+    digest = content_hash(cfg, layout, tokenizer_id, is_encoder_decoder)
+    root = Path(cfg.cache_dir).expanduser()
+    final = root / digest
+    cached = _try_load(final)
+    if cached is not None:
+        console.print(f"using cached prepared data {final}")
+        return cached
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OrchmoeError(f"data.cache_dir: cannot create '{root}' ({exc.strerror}); choose a writable "
+                           "directory") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", suffix=".tmp", dir=root))
+    try:
+        tokenize = _Tokenize(tokenizer, tokenizer_id, is_encoder_decoder, cfg)
+        dataset, manifest = _build(cfg, layout, tokenize, digest, console)
+        with _quiet_datasets():
+            dataset.save_to_disk(str(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if final.exists() and _try_load(final) is None:  # a broken leftover, not a valid cache entry
+            shutil.rmtree(final)
+        if final.exists():  # a concurrent run finished the same data first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    totals = manifest["totals"]
+    console.print(f"prepared {totals['train_tasks']} train tasks ({totals['train_instances']} instances) and "
+                  f"{totals['test_tasks']} test tasks ({totals['test_instances']} instances) in {final}")
+    return dataclasses.replace(load_prepared(final), from_cache=False)
+
+
+def load_prepared(path: str | Path) -> Prepared:
+    """Read a prepared directory written by ``prepare``."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        dataset = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as exc:
+        raise OrchmoeError(f"{path}: not a readable prepared dataset ({type(exc).__name__}); prepare the data "
+                           "again or delete the directory") from None
+    if not isinstance(dataset, datasets.DatasetDict) or set(dataset) != set(SPLITS):
+        raise OrchmoeError(f"{path}: prepared dataset lacks the train/test splits; prepare the data again")
+    return Prepared(path=path, dataset=dataset, manifest=manifest, from_cache=True)
+
+
+def _try_load(path: Path) -> Prepared | None:
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        return load_prepared(path)
+    except OrchmoeError:
+        return None
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide the `datasets` save bar; our own progress bar already covers the work."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _build(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: str,
+           console: Console) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """Encode every kept task, one file at a time, into per-split datasets and the manifest."""
+    parts: dict[Split, list[datasets.Dataset]] = {split: [] for split in SPLITS}
+    tasks: list[dict[str, Any]] = []
+    filtered: list[str] = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task("encoding tasks", total=sum(len(layout.tasks[s]) for s in SPLITS))
+        for split in SPLITS:
+            for task in read_split(layout, split, cfg):
+                progress.update(bar, description=f"{split}: {task.name}")
+                if matches_languages(task, cfg.languages):
+                    rows, n_truncated = _encode_task(task, len(tasks), cfg, tokenize)
+                    parts[split].append(datasets.Dataset.from_dict(rows, features=FEATURES))
+                    tasks.append({"name": task.name, "index": len(tasks), "split": split, "category": task.category,
+                                  "categories": task.categories, "n_instances": len(task.instances),
+                                  "n_available": task.n_available, "n_truncated": n_truncated})
+                else:
+                    filtered.append(task.name)
+                progress.advance(bar)
+    if filtered:
+        console.print(f"language filter {cfg.languages}: skipped {len(filtered)} task(s)")
+    for split in SPLITS:
+        if not parts[split]:
+            raise OrchmoeError(f"{layout.split_files[split]}: no task left after the language filter "
+                               f"(data.languages={cfg.languages}); add languages or list other tasks")
+    dataset = datasets.DatasetDict({s: datasets.concatenate_datasets(parts[s]) for s in SPLITS})
+    return dataset, _manifest(cfg, layout, tokenize, digest, tasks, filtered)
+
+
+def _encode_task(task: SNITask, index: int, cfg: DataConfig, tokenize: _Tokenize) -> tuple[dict[str, list], int]:
+    encoded = encode_prompts(task, task.instances, cfg, tokenize.tokenizer,
+                             truncate_source=tokenize.is_encoder_decoder)
+    prompt_ids, n_cut = tokenize.prompts(encoded)
+    flat = [ref for instance in task.instances for ref in instance.output]
+    flat_ids = iter(tokenize.references(flat))
+    n = len(task.instances)
+    rows = {
+        "task": [task.name] * n,
+        "task_index": [index] * n,
+        "category": [task.category] * n,
+        "id": [instance.id for instance in task.instances],
+        "prompt": encoded.prompts,
+        "prompt_ids": prompt_ids,
+        "references": [instance.output for instance in task.instances],
+        "reference_ids": [[next(flat_ids) for _ in instance.output] for instance in task.instances],
+    }
+    return rows, sum(encoded.truncated) + n_cut
+
+
+def _manifest(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: str,
+              tasks: list[dict[str, Any]], filtered: list[str]) -> dict[str, Any]:
+    def total(split: str, key: str | None = None) -> int:
+        return sum(t[key] if key else 1 for t in tasks if t["split"] == split)
+
+    return {
+        "orchmoe_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "content_hash": digest,
+        "tokenizer_id": tokenize.tokenizer_id,
+        "is_encoder_decoder": tokenize.is_encoder_decoder,
+        "encoding": {
+            **encoding_settings(cfg),
+            "prompt_format": "Tk-Instruct DataCollatorForNI",
+            "truncation_side": "right" if tokenize.is_encoder_decoder else "left",
+            "train_sample": "per task: random.Random(seed).shuffle(Instances), then the first max_train_instances",
+            "test_sample": "per task: the first max_test_instances Instances",
+        },
+        "source": {
+            "description": layout.description,
+            "task_dir": str(layout.task_dir),
+            "split_files": {split: str(path) for split, path in layout.split_files.items()},
+        },
+        "language_filter": {"languages": list(cfg.languages), "filtered_tasks": filtered},
+        "tasks": tasks,
+        "totals": {
+            "train_tasks": total("train"),
+            "test_tasks": total("test"),
+            "train_instances": total("train", "n_instances"),
+            "test_instances": total("test", "n_instances"),
+            "truncated_prompts": sum(t["n_truncated"] for t in tasks),
+            "filtered_tasks": len(filtered),
+        },
+    }

@@ -1,0 +1,298 @@
+"""Reading and validating Super-NaturalInstructions task files in the upstream layout.
+
+Every problem in a task or split file is reported as one :class:`OrchmoeError` line that names the file
+(and the JSON field or line) and says what to do, because users point ``data.source`` at their own
+copies of SNI and a traceback from deep inside the encoder would not tell them which file is broken.
+Task files are read one at a time so that the full 1.6k-task collection never sits in memory at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Literal, NoReturn, Sequence
+
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.recipe import DataConfig
+
+Split = Literal["train", "test"]
+SPLITS: tuple[Split, Split] = ("train", "test")
+LANGUAGE_FIELDS = ("Input_language", "Output_language", "Instruction_language")
+_FIX_TASK = "fix the task file or remove the task from the split file"
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """A positive or negative demonstration; ``explanation`` is None when the file has none."""
+
+    input: str
+    output: str
+    explanation: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One task instance; ``output`` lists every acceptable reference."""
+
+    id: str
+    input: str
+    output: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SNITask:
+    """A validated task. ``n_available`` counts the instances in the file, before any cap."""
+
+    name: str
+    path: Path
+    categories: list[str]
+    definition: list[str]
+    positive_examples: list[Example]
+    negative_examples: list[Example]
+    instances: list[Instance]
+    languages: dict[str, list[str] | None]
+    n_available: int
+
+    @property
+    def category(self) -> str:
+        """The category used for grouped metrics (upstream: ``Categories[0]``)."""
+        return self.categories[0]
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """Where the task files and split files of a data source are, and the validated split lists."""
+
+    description: str
+    task_dir: Path
+    split_files: dict[Split, Path]
+    tasks: dict[Split, tuple[str, ...]]
+
+    def task_path(self, name: str) -> Path:
+        return self.task_dir / f"{name}.json"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def bundled_dir() -> Path:
+    """The sample shipped inside the package (task files and split files side by side)."""
+    return Path(str(resources.files("orchmoe_cli.data").joinpath("sample")))
+
+
+def resolve_source(cfg: DataConfig) -> SourceLayout:
+    """Find the task and split files of ``cfg.source`` and validate both split files."""
+    if cfg.source == "bundled":
+        root, description = bundled_dir(), "bundled SNI sample"
+    else:
+        root = Path(cfg.source).expanduser()
+        if not root.is_dir():
+            raise OrchmoeError(f"data.source: directory '{root}' not found; set data.source to 'bundled' "
+                               "or to a directory of SNI task files")
+        description = str(root.resolve())
+    task_dir = root / "tasks" if (root / "tasks").is_dir() else root
+    split_dir = _split_dir(cfg, root)
+    files: dict[Split, Path] = {"train": split_dir / cfg.train_split, "test": split_dir / cfg.test_split}
+    names = {split: _read_split_file(files[split], task_dir) for split in SPLITS}
+    train_lines = {name: line for line, name in names["train"]}
+    for line, name in names["test"]:
+        if name in train_lines:
+            raise OrchmoeError(f"{files['test']}: line {line}: task '{name}' is also in {files['train']} "
+                               f"(line {train_lines[name]}); a task belongs to one split only, remove it from one")
+    tasks = {split: tuple(name for _, name in names[split]) for split in SPLITS}
+    return SourceLayout(description=description, task_dir=task_dir, split_files=files, tasks=tasks)
+
+
+def _split_dir(cfg: DataConfig, root: Path) -> Path:
+    if cfg.split_dir is not None:
+        split_dir = Path(cfg.split_dir).expanduser()
+        if not split_dir.is_dir():
+            raise OrchmoeError(f"data.split_dir: directory '{split_dir}' not found; point it at the directory "
+                               f"holding {cfg.train_split} and {cfg.test_split}")
+        return split_dir
+    candidates = (root, root / "splits" / "default")
+    for candidate in candidates:
+        if (candidate / cfg.train_split).is_file():
+            return candidate
+    raise OrchmoeError(f"data.source: no split file {cfg.train_split} in {candidates[0]} or {candidates[1]}; "
+                       "add the split files there or set data.split_dir")
+
+
+def _read_split_file(path: Path, task_dir: Path) -> list[tuple[int, str]]:
+    """(line number, task name) pairs; blank lines are skipped."""
+    text = _read_text(path, "split file", "set data.split_dir / data.train_split / data.test_split")
+    seen: dict[str, int] = {}
+    names: list[tuple[int, str]] = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        name = raw.strip()
+        if not name:
+            continue
+        if name in seen:
+            raise OrchmoeError(f"{path}: line {line}: task '{name}' is listed twice (first on line {seen[name]}); "
+                               "remove the duplicate")
+        if not (task_dir / f"{name}.json").is_file():
+            raise OrchmoeError(f"{path}: line {line}: task '{name}' has no file {task_dir / (name + '.json')}; "
+                               "fix the name or add the task file")
+        seen[name] = line
+        names.append((line, name))
+    if not names:
+        raise OrchmoeError(f"{path}: the split file lists no tasks; add task names, one per line")
+    return names
+
+
+def _read_text(path: Path, what: str, fix: str) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise OrchmoeError(f"{path}: {what} not found; {fix}") from None
+    except OSError as exc:
+        raise OrchmoeError(f"{path}: cannot read {what} ({exc.strerror}); {fix}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise OrchmoeError(f"{path}: line {line}: not UTF-8 text (byte {exc.start}); re-save the {what} "
+                           "as UTF-8") from None
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def read_task(path: Path) -> SNITask:
+    """Parse and validate one upstream task file; the task name is the file name without ``.json``."""
+    text = _read_text(path, "task file", _FIX_TASK)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OrchmoeError(f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); "
+                           f"{_FIX_TASK}") from None
+    if not isinstance(raw, dict):
+        _bad(path, "top level", f"expected a JSON object, got {_kind(raw)}")
+    for key in ("Definition", "Categories", "Positive Examples", "Instances"):
+        if key not in raw:
+            _bad(path, key, "missing required field")
+    instances = _non_empty_list(path, "Instances", raw["Instances"])
+    return SNITask(
+        name=path.stem,
+        path=path,
+        categories=_strings(path, "Categories", raw["Categories"], non_empty=True),
+        definition=_strings(path, "Definition", raw["Definition"], non_empty=True),
+        positive_examples=_examples(path, "Positive Examples", raw["Positive Examples"]),
+        negative_examples=_examples(path, "Negative Examples", raw.get("Negative Examples", [])),
+        instances=[_instance(path, f"Instances[{i}]", item) for i, item in enumerate(instances)],
+        languages={key: _strings(path, key, raw[key]) if key in raw else None for key in LANGUAGE_FIELDS},
+        n_available=len(instances),
+    )
+
+
+def read_split(layout: SourceLayout, split: Split, cfg: DataConfig) -> Iterator[SNITask]:
+    """Yield the split's tasks in split-file order, validated and capped, one file at a time.
+
+    The language filter is not applied here, so callers can report what it removes.
+    """
+    for name in layout.tasks[split]:
+        yield cap_instances(read_task(layout.task_path(name)), split, cfg)
+
+
+def cap_instances(task: SNITask, split: Split, cfg: DataConfig) -> SNITask:
+    """Training: a seeded random sample (Tk-Instruct: shuffle, then the first N); test: the first N.
+
+    Each task gets its own ``random.Random(seed)``, so a task's sample does not depend on the other tasks.
+    """
+    instances = list(task.instances)
+    if split == "train":
+        random.Random(cfg.seed).shuffle(instances)
+        instances = instances[: cfg.max_train_instances]
+    else:
+        instances = instances[: cfg.max_test_instances]
+    return dataclasses.replace(task, instances=instances)
+
+
+def matches_languages(task: SNITask, languages: Sequence[str]) -> bool:
+    """True if every declared input/output/instruction language is allowed (a missing field passes)."""
+    allowed = set(languages)
+    return all(values is None or set(values) <= allowed for values in task.languages.values())
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _bad(path: Path, where: str, problem: str) -> NoReturn:
+    raise OrchmoeError(f"{path}: {where}: {problem}; {_FIX_TASK}")
+
+
+def _kind(value: Any) -> str:
+    """A JSON-flavoured description of a value for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list"
+    return "an object"
+
+
+def _non_empty_list(path: Path, where: str, value: Any) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        _bad(path, where, f"expected a non-empty list, got {_kind(value)}")
+    return value
+
+
+def _string(path: Path, where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        _bad(path, where, f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _strings(path: Path, where: str, value: Any, non_empty: bool = False) -> list[str]:
+    if not isinstance(value, list) or (non_empty and not value):
+        _bad(path, where, f"expected a {'non-empty ' if non_empty else ''}list of strings, got {_kind(value)}")
+    return [_string(path, f"{where}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _object(path: Path, where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        _bad(path, where, f"expected an object, got {_kind(value)}")
+    return value
+
+
+def _examples(path: Path, where: str, value: Any) -> list[Example]:
+    if not isinstance(value, list):
+        _bad(path, where, f"expected a list of examples, got {_kind(value)}")
+    examples = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        item = _object(path, at, item)
+        for key in ("input", "output"):
+            if key not in item:
+                _bad(path, f"{at}.{key}", "missing required field")
+        explanation = item.get("explanation")
+        examples.append(Example(
+            input=_string(path, f"{at}.input", item["input"]),
+            output=_string(path, f"{at}.output", item["output"]),
+            explanation=None if explanation is None else _string(path, f"{at}.explanation", explanation),
+        ))
+    return examples
+
+
+def _instance(path: Path, where: str, value: Any) -> Instance:
+    item = _object(path, where, value)
+    for key in ("id", "input", "output"):
+        if key not in item:
+            _bad(path, f"{where}.{key}", "missing required field")
+    output = item["output"]
+    if not isinstance(output, list) or not output:
+        _bad(path, f"{where}.output", f"expected a non-empty list of reference strings, got {_kind(output)}")
+    return Instance(
+        id=_string(path, f"{where}.id", item["id"]),
+        input=_string(path, f"{where}.input", item["input"]),
+        output=[_string(path, f"{where}.output[{i}]", ref) for i, ref in enumerate(output)],
+    )

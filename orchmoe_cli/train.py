@@ -7,6 +7,8 @@ writes. Checkpoints are atomic and resume is exact (optimizer, scheduler, RNG, b
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import signal
@@ -18,15 +20,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from orchmoe_cli import checkpoint as ckpt
 from orchmoe_cli.adapters import AdaptedModel, attach_adapters
+from orchmoe_cli.adapters.files import read_tensors
 from orchmoe_cli.data.collate import TrainCollator, pad_token_id
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import atomic_write_text
 from orchmoe_cli.models import load_model
 from orchmoe_cli.recipe import Recipe, TrainConfig, dump_recipe
 from orchmoe_cli.sampling import TaskBatchSampler
@@ -166,21 +170,51 @@ def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -
     try:
         step = 0
         if resume or cfg.resume == "auto":
-            latest = ckpt.latest_checkpoint(run_dir)
-            if latest is not None:
-                state = ckpt.load_training_state(latest, optimizer, scheduler)
-                model.load_adapter_state(latest)
-                step = state.step
-                ckpt.restore_rng(state.rng[accelerator.process_index] if isinstance(state.rng, list) else state.rng)
-                console.print(f"resumed from {latest} at step {step}")
-            elif resume:
-                raise OrchmoeError(f"{run_dir}: --resume given but no complete checkpoint found; drop --resume")
+            step = _resume(run_dir, model, optimizer, scheduler, accelerator, console, required=resume)
         model, optimizer = accelerator.prepare(model, optimizer)
         return _loop(recipe, source, console, accelerator, model, optimizer, scheduler, sampler, train_rows,
                      val_rows, loaded.tokenizer, causal, step, run_dir)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, accelerator: Accelerator,
+            console: Console, required: bool) -> int:
+    """Restore adapter, optimizer, scheduler and this process's RNG from the newest complete checkpoint."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        if required:
+            raise OrchmoeError(f"{run_dir}: --resume given but it holds no complete checkpoint; run without --resume")
+        return 0
+    state = ckpt.load_training_state(latest, optimizer, scheduler)
+    model.load_adapter_state_dict(read_tensors(latest), str(latest))
+    per_rank = state.extra.get("rng_by_rank")
+    ckpt.restore_rng(per_rank[accelerator.process_index] if per_rank else state.rng)
+    console.print(f"resumed from {latest} at step {state.step}")
+    return state.step
+
+
+def _category_index(recipe: Recipe, rows: list[dict]) -> dict[str, int]:
+    """Category -> abstract-task index, when OrchMoE's optional supervised term is on."""
+    if recipe.method.name != "orchmoe" or recipe.method.task_supervision_weight == 0:
+        return {}
+    categories = sorted({r["category"] for r in rows})
+    if len(categories) > recipe.method.n_abstract_tasks:
+        raise OrchmoeError(
+            f"method.n_abstract_tasks: task supervision maps {len(categories)} training categories onto abstract "
+            f"tasks; set n_abstract_tasks >= {len(categories)} or task_supervision_weight: 0"
+        )
+    return {c: i for i, c in enumerate(categories)}
+
+
+def replica_checksum(model: AdaptedModel) -> str:
+    """A digest of the adapter tensors: equal on every process when data-parallel training stayed in sync."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.adapter_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _is_validation(rows: list[dict], index: int, per_task: int) -> bool:
@@ -199,16 +233,19 @@ def _loop(recipe: Recipe, source: str, console: Console, accelerator: Accelerato
     unwrapped: AdaptedModel = accelerator.unwrap_model(model)
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard)
     recipe_yaml = dump_recipe(recipe)
+    category_index = _category_index(recipe, train_rows)
 
     def save(step: int) -> Path | None:
+        """Main process writes; every process's RNG state goes in, so each resumes its own stream."""
         accelerator.wait_for_everyone()
-        rng_states = accelerator.gather_for_metrics([ckpt.capture_rng()], use_gather_object=True)
+        extra = {}
+        if accelerator.num_processes > 1:
+            extra["rng_by_rank"] = gather_object([ckpt.capture_rng()])
         path = None
         if accelerator.is_main_process:
             path = ckpt.save_checkpoint(
-                run_dir, step, unwrapped.save, recipe_yaml, optimizer.optimizer if hasattr(optimizer, "optimizer")
-                else optimizer, scheduler, {"batch_index": step * cfg.grad_accum}, extra={"rng": rng_states},
-                keep_last=cfg.keep_last,
+                run_dir, step, unwrapped.save, recipe_yaml, optimizer, scheduler,
+                {"batch_index": step * cfg.grad_accum}, extra=extra, keep_last=cfg.keep_last,
             )
         accelerator.wait_for_everyone()
         return path
@@ -228,6 +265,8 @@ def _loop(recipe: Recipe, source: str, console: Console, accelerator: Accelerato
                 batch_index = step * cfg.grad_accum + micro
                 rows = [train_rows[i] for i in _split_rows(sampler.batch(batch_index), accelerator)]
                 batch = TrainCollator(pad_id, not causal, sampler.reference_rng(batch_index))(rows)
+                if category_index:
+                    batch["category_ids"] = torch.tensor([category_index[r["category"]] for r in rows])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
                 with accelerator.accumulate(model):
@@ -262,7 +301,14 @@ def _loop(recipe: Recipe, source: str, console: Console, accelerator: Accelerato
                     last_path = save(step)
                 break
     logger.close()
+    checksums = gather_object([replica_checksum(unwrapped)])
     if accelerator.is_main_process:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        (run_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        atomic_write_text(run_dir / "recipe.yaml", recipe_yaml)
+        summary = {"step": step, "interrupted": interrupted, "checkpoint": str(last_path) if last_path else None,
+                   "processes": accelerator.num_processes, "replicas_in_sync": len(set(checksums)) == 1,
+                   "adapter_checksums": checksums, "parameters": unwrapped.count_parameters()}
+        atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        if not summary["replicas_in_sync"]:
+            raise RuntimeError(f"{run_dir}: processes ended with different adapter weights")
     return TrainOutcome(run_dir, last_path or run_dir, step, interrupted)

@@ -77,7 +77,7 @@ class HyperLoader(nn.Module):
         return torch.where((ids >= 0).unsqueeze(-1), known, mean)
 
 
-class _HyperWrapped(nn.Module):
+class HyperWrapped(nn.Module):
     """A frozen linear whose extra weights come from a stack hypernetwork, per task of the batch."""
 
     def __init__(self, base_layer: nn.Linear, hyper: HyperLoader, stack: str, layer: int, position: int,
@@ -123,7 +123,7 @@ def _pick(generated: Tensor, inverse: Tensor | None) -> Tensor:
     return generated if inverse is None else generated[inverse.to(generated.device)]
 
 
-class HyperLoRALinear(_HyperWrapped):
+class HyperLoRALinear(HyperWrapped):
     """y = W0 x + b + (alpha/r) x A_task^T B_task^T with A, B generated for the row's task."""
 
     def __init__(self, base_layer: nn.Linear, hyper: HyperLoader, stack: str, layer: int, position: int,
@@ -144,7 +144,7 @@ class HyperLoRALinear(_HyperWrapped):
         return out + delta.view(*x.shape[:-1], d_out).to(out.dtype)
 
 
-class HyperAdapterLinear(_HyperWrapped):
+class HyperAdapterLinear(HyperWrapped):
     """A sublayer's output projection followed by a generated bottleneck adapter with post-LayerNorm:
     y + LN(W_U gelu(W_D y + b_D) + b_U), applied before the block's residual add."""
 

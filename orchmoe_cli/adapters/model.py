@@ -18,13 +18,16 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from orchmoe_cli import __version__
 from orchmoe_cli.adapters.budget import GROUPS, choose_rank, group_of, hidden_size, layer_norm_parameters
 from orchmoe_cli.adapters.config import MethodConfig
 from orchmoe_cli.adapters.context import RoutingSlot, RoutingState
-from orchmoe_cli.adapters.hyper import _HyperWrapped
+from orchmoe_cli.adapters.files import CONFIG_FILE, FORMAT, TASKS_FILE, WEIGHTS_FILE, base_summary, write_json, write_tensors
+from orchmoe_cli.adapters.hyper import HyperWrapped
 from orchmoe_cli.adapters.inject import build, install, plan
 from orchmoe_cli.adapters.layer import SkillLoRALinear
 from orchmoe_cli.adapters.orchmoe import load_balance_loss, supervision_loss
+from orchmoe_cli.adapters.peft_interop import export_peft
 from orchmoe_cli.adapters.registry import resolve, spec_of
 from orchmoe_cli.adapters.routers import AverageRouter
 from orchmoe_cli.errors import OrchmoeError
@@ -146,7 +149,7 @@ class AdaptedModel(nn.Module):
     def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every tensor the method adds or trains (regardless of requires_grad), by checkpoint name."""
         for name, module in self.named_modules():
-            if isinstance(module, (SkillLoRALinear, _HyperWrapped)):
+            if isinstance(module, (SkillLoRALinear, HyperWrapped)):
                 for pname, param in module.named_parameters():
                     if not pname.startswith("base_layer."):
                         yield f"{name}.{pname}", param
@@ -169,13 +172,13 @@ class AdaptedModel(nn.Module):
     def count_parameters(self) -> dict[str, int]:
         """Parameters per group, plus total_trainable and base (the base model's own parameters)."""
         counts = dict.fromkeys(GROUPS, 0)
-        adapter_ids = set()
+        added = set()
         for name, param in self.named_adapter_parameters():
             counts[group_of(name)] += param.numel()
-            adapter_ids.add(id(param))
+            if group_of(name) != "other":  # "other" tensors are the base model's own (its layer norms)
+                added.add(id(param))
         counts["total_trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        counts["base"] = sum(p.numel() for p in self.base.parameters()
-                             if id(p) not in adapter_ids or group_of_base(p, self))
+        counts["base"] = sum(p.numel() for p in self.base.parameters() if id(p) not in added)
         return counts
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
@@ -239,22 +242,22 @@ class AdaptedModel(nn.Module):
         self.averaged = True
 
     def save(self, directory: str | Path) -> None:
-        """adapter_config.json + adapter_model.safetensors + tasks.json (see ``saving``)."""
-        from orchmoe_cli.adapters.saving import save_adapted
+        """adapter_config.json (method, base summary, version) + adapter_model.safetensors + tasks.json.
 
-        save_adapted(self, Path(directory))
+        The config is written last, so a directory with a config holds a complete checkpoint."""
+        directory = Path(directory)
+        config = {
+            "format": FORMAT, "format_version": 1, "orchmoe_version": __version__,
+            "method": dataclasses.asdict(self.method), "averaged": self.averaged,
+            "base_model": base_summary(self.base), "parameters": self.count_parameters(),
+        }
+        write_tensors(directory / WEIGHTS_FILE, self.adapter_state_dict(), {"format": "pt", "orchmoe": FORMAT})
+        write_json(directory / TASKS_FILE, self.task_names)
+        write_json(directory / CONFIG_FILE, config)
 
     def export_peft(self, directory: str | Path) -> None:
         """Write a peft checkpoint (lora, poly, mhr) that ``PeftModel.from_pretrained`` loads."""
-        from orchmoe_cli.adapters.peft_interop import export_peft
-
         export_peft(self, Path(directory))
-
-
-def group_of_base(param: nn.Parameter, model: AdaptedModel) -> bool:
-    """Whether an adapter-family parameter is also a base-model weight (a layer norm the method trains)."""
-    return model.method.train_layer_norms is True and any(param is p for p in layer_norm_parameters(model.base).values())
-
 
 def _check_task_names(task_names: list[str], needs_tasks: bool, method: str) -> list[str]:
     names = list(task_names)

@@ -31,7 +31,7 @@ from orchmoe_cli.data.sni import SPLITS, SNITask, SourceLayout, Split, matches_l
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.recipe import DataConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoder-only answers carry the space that followed "Output:"
 MANIFEST = "manifest.json"
 # DataConfig fields that say where the data is; everything else changes the prepared rows.
 _LOCATION_FIELDS = frozenset({"source", "split_dir", "train_split", "test_split", "cache_dir"})
@@ -83,7 +83,10 @@ class _Tokenize:
 
     Encoder-decoder (as Tk-Instruct): the tokenizer's default special tokens (T5 appends EOS), cut on the
     right. Decoder-only: only the special tokens the tokenizer puts before text by default (a BOS, if any),
-    prompt cut on the left so ``Output: `` survives; references without special tokens, EOS appended.
+    prompt cut on the left so ``Output:`` survives; references without special tokens, EOS appended. The
+    prompt's trailing space moves to the start of the answer (``Output:`` + `` Kabul``): the text is the
+    same, but a subword model never has to continue from a lone trailing-space token, which it rarely saw
+    in pre-training (SmolLM2 answers a newline after ``Output: `` and the answer after ``Output:``).
     """
 
     def __init__(self, tokenizer: Any, tokenizer_id: str, is_encoder_decoder: bool, cfg: DataConfig) -> None:
@@ -111,14 +114,14 @@ class _Tokenize:
                     known[i] = ids
             return [list(ids) for ids in known if ids is not None], 0
         budget = limit - len(self.prefix)
-        ids = self.tokenizer(encoded.prompts, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer([p.rstrip(" ") for p in encoded.prompts], add_special_tokens=False)["input_ids"]
         return [self.prefix + list(x[-budget:]) for x in ids], sum(len(x) > budget for x in ids)
 
     def references(self, references: list[str]) -> list[list[int]]:
         limit = self.cfg.max_target_length
         if self.is_encoder_decoder:
             return self.tokenizer(text_target=references, truncation=True, max_length=limit)["input_ids"]
-        ids = self.tokenizer(references, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer([" " + r for r in references], add_special_tokens=False)["input_ids"]
         return [list(x[: limit - 1]) + [self.tokenizer.eos_token_id] for x in ids]
 
 
@@ -142,7 +145,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
     final = root / digest
     cached = _try_load(final)
     if cached is not None:
-        console.print(f"using cached prepared data {final}")
+        console.print(f"using cached prepared data {final}", markup=False)
         return cached
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
         raise
     totals = manifest["totals"]
     console.print(f"prepared {totals['train_tasks']} train tasks ({totals['train_instances']} instances) and "
-                  f"{totals['test_tasks']} test tasks ({totals['test_instances']} instances) in {final}")
+                  f"{totals['test_tasks']} test tasks ({totals['test_instances']} instances) in {final}", markup=False)
     return dataclasses.replace(load_prepared(final), from_cache=False)
 
 
@@ -229,7 +232,7 @@ def _build(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: s
                     filtered.append(task.name)
                 progress.advance(bar)
     if filtered:
-        console.print(f"language filter {cfg.languages}: skipped {len(filtered)} task(s)")
+        console.print(f"language filter {cfg.languages}: skipped {len(filtered)} task(s)", markup=False)
     for split in SPLITS:
         if not parts[split]:
             raise OrchmoeError(f"{layout.split_files[split]}: no task left after the language filter "
@@ -274,6 +277,8 @@ def _manifest(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest
             **encoding_settings(cfg),
             "prompt_format": "Tk-Instruct DataCollatorForNI",
             "truncation_side": "right" if tokenize.is_encoder_decoder else "left",
+            "answer_spacing": "as upstream" if tokenize.is_encoder_decoder else
+            "prompt ids end at 'Output:'; each reference is tokenized with a leading space",
             "train_sample": "per task: random.Random(seed).shuffle(Instances), then the first max_train_instances",
             "test_sample": "per task: the first max_test_instances Instances",
         },

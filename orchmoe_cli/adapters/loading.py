@@ -1,0 +1,95 @@
+"""Loading adapter checkpoints (ours, or peft LoRA / Poly) onto a base model.
+
+Everything is checked before the base model is touched: the config, the base model summary, and
+every tensor's name and shape against what the method would build (computed on the meta device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from orchmoe_cli.adapters.budget import adapter_shapes, group_of, hidden_size
+from orchmoe_cli.adapters.config import MethodConfig
+from orchmoe_cli.adapters.files import CONFIG_FILE, FORMAT, WEIGHTS_FILE, base_summary, read_json, read_task_names, \
+    read_tensors
+from orchmoe_cli.adapters.model import AdaptedModel, attach_adapters
+from orchmoe_cli.adapters.peft_interop import read_peft_checkpoint
+from orchmoe_cli.adapters.registry import resolve
+from orchmoe_cli.errors import OrchmoeError
+
+FORMAT_VERSION = 1
+
+
+def _read_own(base: PreTrainedModel, directory: Path,
+              config: dict[str, Any]) -> tuple[MethodConfig, list[str], dict[str, Tensor], bool]:
+    source = directory / CONFIG_FILE
+    if config.get("format") != FORMAT:
+        raise OrchmoeError(f"{source}: not an orchmoe adapter checkpoint (format '{config.get('format')}')")
+    if config.get("format_version", 1) > FORMAT_VERSION:
+        raise OrchmoeError(f"{source}: written by a newer orchmoe (format version {config['format_version']}); "
+                           "upgrade orchmoe to load it")
+    raw = config.get("method")
+    if not isinstance(raw, dict):
+        raise OrchmoeError(f"{source}: 'method' must be a mapping of method settings")
+    # imported here: recipe.py imports this package's config module, so a module-level import would cycle
+    from orchmoe_cli.recipe import build
+
+    method = build(MethodConfig, raw, str(source), "method.")
+    summary = config.get("base_model") or {}
+    actual = base_summary(base)
+    for key in ("model_type", "hidden_size"):
+        if summary.get(key) is not None and summary[key] != actual[key]:
+            raise OrchmoeError(f"{source}: base_model.{key} is {summary[key]!r} but the given base model has "
+                               f"{actual[key]!r}; load the adapters onto the model they were trained with")
+    return method, read_task_names(directory), read_tensors(directory), bool(config.get("averaged", False))
+
+
+def _check_tensors(base: PreTrainedModel, method: MethodConfig, tasks: list[str], tensors: dict[str, Tensor],
+                   averaged: bool, directory: Path) -> None:
+    source = directory / WEIGHTS_FILE
+    try:
+        expected = adapter_shapes(base, resolve(method, hidden_size(base)), len(tasks))
+    except OrchmoeError as exc:
+        raise OrchmoeError(f"{directory / CONFIG_FILE}: {exc}") from None
+    if averaged:
+        expected = {k: v for k, v in expected.items() if group_of(k) != "routers"}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+        raise OrchmoeError(f"{source}: {what} for method {method.name} ({len(missing)} missing, "
+                           f"{len(unexpected)} unexpected); is this checkpoint for another method or base model?")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise OrchmoeError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
+                               f"{tuple(shape)} for method {method.name} on this base model")
+
+
+def load_adapted(base: PreTrainedModel, checkpoint_dir: str | Path) -> AdaptedModel:
+    """Attach the adapters saved in ``checkpoint_dir`` (ours, or a peft LoRA / Poly checkpoint) to ``base``."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise OrchmoeError(f"{directory}: checkpoint directory not found")
+    config = read_json(directory / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise OrchmoeError(f"{directory / CONFIG_FILE}: expected a JSON object")
+    if "peft_type" in config and "format" not in config:
+        method, tasks, tensors = read_peft_checkpoint(directory, config)
+        averaged = False
+    else:
+        method, tasks, tensors, averaged = _read_own(base, directory, config)
+    if method.name == "none":
+        raise OrchmoeError(f"{directory / CONFIG_FILE}: method.name is 'none'; there are no adapters to load")
+    fixed_rank = dataclasses.replace(method, budget=None)  # the saved rank is already the budget's choice
+    _check_tensors(base, fixed_rank, tasks, tensors, averaged, directory)
+    model = attach_adapters(base, fixed_rank, tasks)
+    model.method = dataclasses.replace(model.method, budget=method.budget)
+    if averaged:
+        model.to_average()
+    model.load_adapter_state_dict(tensors, str(directory / WEIGHTS_FILE))
+    return model

@@ -1,0 +1,134 @@
+"""peft interop: export lora / poly / mhr as real peft checkpoints; read peft LoRA and Poly checkpoints.
+
+Layouts are identical up to naming and transposes: peft LoRA stores A (r, d_in) and B (d_out, r);
+peft Poly stores A (h, S, d_in/h, r), B (h, S, r, d_out/h) and per-layer ``module_logits`` exactly
+as ours. peft Poly scales by 1/r, so our alpha is folded into B on export (exact: B enters the
+mixture linearly). What peft cannot express is refused: the µ average, straight-through routing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peft import LoraConfig, PolyConfig
+from torch import Tensor
+
+from orchmoe_cli.adapters.config import MethodConfig
+from orchmoe_cli.adapters.files import CONFIG_FILE, TASKS_FILE, WEIGHTS_FILE, read_task_names, read_tensors, \
+    write_json, write_tensors
+from orchmoe_cli.adapters.layer import SkillLoRALinear
+from orchmoe_cli.errors import FieldError, OrchmoeError
+
+if TYPE_CHECKING:
+    from orchmoe_cli.adapters.model import AdaptedModel
+
+PREFIX = "base_model.model."  # peft's key prefix for the wrapped model
+_LORA_OPTIONS = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern",
+                 "modules_to_save", "layer_replication")
+
+
+def export_peft(model: AdaptedModel, directory: Path) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ tasks.json) in peft's format."""
+    method = model.method
+    if not model.spec.exportable:
+        raise OrchmoeError(f"{method.name} has no peft equivalent; export_peft supports lora, poly and mhr "
+                           "(save() writes every method's own checkpoint)")
+    if model.averaged or method.straight_through:
+        what = "the average-of-skills routing" if model.averaged else "straight-through routing"
+        raise OrchmoeError(f"{what} has no peft equivalent; export_peft needs learned task routing")
+    layers = {name.removeprefix("base."): m for name, m in model.named_modules() if isinstance(m, SkillLoRALinear)}
+    alpha = float(method.alpha or 1.0)
+    # the task type selects peft's model class; its forward/generate pass Poly's task_ids on
+    task_type = "SEQ_2_SEQ_LM" if model.base.config.is_encoder_decoder else "CAUSAL_LM"
+    tensors: dict[str, Tensor] = {}
+    config: LoraConfig | PolyConfig
+    if method.name == "lora":
+        config = LoraConfig(r=method.rank, lora_alpha=alpha, target_modules=sorted(layers),
+                            lora_dropout=method.dropout, bias="none", task_type=task_type)
+        for name, layer in layers.items():
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[0, 0].T
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[0, 0].T
+    else:
+        config = PolyConfig(r=method.rank, target_modules=sorted(layers), n_tasks=len(model.task_names),
+                            n_skills=method.n_skills, n_splits=method.n_heads or 1, poly_type="poly",
+                            task_type=task_type)
+        for name, layer in layers.items():
+            tensors[f"{PREFIX}{name}.poly_lora_A"] = layer.lora_A
+            tensors[f"{PREFIX}{name}.poly_lora_B"] = layer.lora_B * alpha
+            tensors[f"{PREFIX}{name}.poly_router.module_logits"] = layer.router.logits
+    config.base_model_name_or_path = getattr(model.base.config, "_name_or_path", None) or None
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
+    write_json(directory / TASKS_FILE, model.task_names)
+    config.save_pretrained(str(directory))
+
+
+def _method(source: Path, **fields: Any) -> MethodConfig:
+    try:
+        return MethodConfig(**fields)
+    except FieldError as exc:
+        raise OrchmoeError(f"{source}: {exc.field}: {exc.message}") from None
+
+
+def _modules(tensors: dict[str, Tensor], suffixes: tuple[str, ...], source: Path) -> list[str]:
+    """Module names of a peft state dict whose keys are exactly ``<module><suffix>``."""
+    modules = set()
+    for key in tensors:
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None:
+            raise OrchmoeError(f"{source}: tensor {PREFIX}{key} is not supported by orchmoe's import")
+        modules.add(key[: -len(suffix)])
+    for module in sorted(modules):
+        for suffix in suffixes:
+            if module + suffix not in tensors:
+                raise OrchmoeError(f"{source}: tensor {PREFIX}{module}{suffix} is missing")
+    return sorted(modules)
+
+
+def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[MethodConfig, list[str], dict[str, Tensor]]:
+    """(method, task names, tensors named as ``AdaptedModel.adapter_state_dict``) of a peft LoRA/Poly checkpoint."""
+    source = directory / CONFIG_FILE
+    weights = directory / WEIGHTS_FILE
+    raw = read_tensors(directory)
+    if any(not k.startswith(PREFIX) for k in raw):
+        raise OrchmoeError(f"{weights}: tensor names must start with '{PREFIX}' (peft's layout)")
+    tensors = {k[len(PREFIX):]: v for k, v in raw.items()}
+    tasks = read_task_names(directory) if (directory / TASKS_FILE).exists() else None
+    kind = config.get("peft_type")
+    if kind == "LORA":
+        for option in _LORA_OPTIONS:
+            if config.get(option):
+                raise OrchmoeError(f"{source}: {option} is set; orchmoe imports plain LoRA only")
+        if config.get("bias", "none") != "none":
+            raise OrchmoeError(f"{source}: bias '{config['bias']}' is set; orchmoe imports LoRA without biases")
+        modules = _modules(tensors, (".lora_A.weight", ".lora_B.weight"), weights)
+        rank = int(config["r"])
+        method = _method(source, name="lora", rank=rank, alpha=float(config["lora_alpha"]), target_modules=modules,
+                         dropout=float(config.get("lora_dropout") or 0.0))
+        ours = {}
+        for m in modules:
+            a, b = tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+                raise OrchmoeError(f"{weights}: {m} has LoRA shapes {tuple(a.shape)}, {tuple(b.shape)}; "
+                                   f"expected (r, d_in) and (d_out, r) with r = {rank}")
+            ours[f"base.{m}.lora_A"] = a.T.reshape(1, 1, -1, rank)
+            ours[f"base.{m}.lora_B"] = b.T.reshape(1, 1, rank, -1)
+        return method, tasks or [], ours
+    if kind == "POLY":
+        if config.get("poly_type", "poly") != "poly":
+            raise OrchmoeError(f"{source}: poly_type '{config['poly_type']}' is not supported")
+        n_tasks, heads = int(config["n_tasks"]), int(config.get("n_splits", 1))
+        tasks = tasks or [f"task_{i}" for i in range(n_tasks)]
+        if len(tasks) != n_tasks:
+            raise OrchmoeError(f"{directory / TASKS_FILE}: lists {len(tasks)} tasks but n_tasks is {n_tasks}")
+        modules = _modules(tensors, (".poly_lora_A", ".poly_lora_B", ".poly_router.module_logits"), weights)
+        method = _method(source, name="mhr" if heads > 1 else "poly", rank=int(config["r"]), alpha=1.0,
+                         n_skills=int(config["n_skills"]), n_heads=heads, target_modules=modules)
+        ours = {}
+        for m in modules:
+            ours[f"base.{m}.lora_A"] = tensors[f"{m}.poly_lora_A"]
+            ours[f"base.{m}.lora_B"] = tensors[f"{m}.poly_lora_B"]
+            ours[f"base.{m}.router.logits"] = tensors[f"{m}.poly_router.module_logits"]
+        return method, tasks, ours
+    raise OrchmoeError(f"{source}: peft_type {kind} cannot be imported; orchmoe reads LORA and POLY checkpoints")

@@ -1,0 +1,216 @@
+"""Every method on a tiny T5 and a tiny Llama: training, generation, routing, merging, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from adapter_fixtures import BUILDERS, METHODS, TASKS, make_batch, perturb
+
+from orchmoe_cli.adapters import AdaptedModel, MethodConfig, attach_adapters, load_adapted
+from orchmoe_cli.adapters.registry import SPECS
+
+ARCHS = list(BUILDERS)
+
+
+def _adapted(arch: str, method: str, seed: int = 0, **fields: object) -> AdaptedModel:
+    model = attach_adapters(BUILDERS[arch](seed), MethodConfig(name=method, **fields), TASKS)  # type: ignore[arg-type]
+    perturb(model, scale=0.3)
+    return model.eval()
+
+
+def _task_ids(method: str, ids: list[int]) -> dict[str, torch.Tensor]:
+    return {} if method == "orchmoe" else {"task_ids": torch.tensor(ids)}
+
+
+def _logits(model: AdaptedModel, batch: dict[str, torch.Tensor], **routing: torch.Tensor) -> torch.Tensor:
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    if model.base.config.is_encoder_decoder:
+        batch["decoder_input_ids"] = torch.arange(3, 8).repeat(batch["input_ids"].shape[0], 1)
+    with torch.no_grad():
+        return model(**batch, **routing).logits
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_steps_and_generation(arch: str, method: str) -> None:
+    base = BUILDERS[arch]()
+    batch = make_batch(base)
+    with torch.no_grad():
+        base_logits = base(**batch).logits
+    model = attach_adapters(base, MethodConfig(name=method), TASKS)
+    with torch.no_grad():  # B (and HyperLoader's G_B, LN gain) start at zero: the base model, unchanged
+        torch.testing.assert_close(model(**batch, **_task_ids(method, [0, 1, 2])).logits, base_logits)
+    perturb(model, scale=0.1)
+    groups = model.parameter_groups()
+    optimizer = torch.optim.AdamW([{"params": p} for p in groups.values()], lr=1e-2)
+    routing = _task_ids(method, [0, 1, -1])
+    with torch.no_grad():
+        before = model(**batch, **routing).loss
+    model.train()
+    for _ in range(4):
+        out = model(**batch, **routing)
+        loss = out.loss + sum(model.aux_losses().values())
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for ps in groups.values() for p in ps)
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert model(**batch, **routing).loss < before
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if not base.config.is_encoder_decoder:  # decoder-only generation wants left padding
+        ids, mask = ids.flip(1), mask.flip(1)
+    routing = _task_ids(method, [0, 2, 1])
+    greedy = model.generate(ids, mask, max_new_tokens=5, do_sample=False, **routing)
+    no_cache = model.generate(ids, mask, max_new_tokens=5, do_sample=False, use_cache=False, **routing)
+    beams = model.generate(ids, mask, max_new_tokens=5, num_beams=4, num_return_sequences=2, do_sample=False,
+                           **routing)
+    assert torch.equal(greedy, no_cache)
+    assert greedy.shape[0] == 3 and beams.shape[0] == 6
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_task_rows_are_independent_of_batch_mates(arch: str, method: str) -> None:
+    model = _adapted(arch, method)
+    torch.manual_seed(5)
+    a, b, c = (torch.randint(3, 384, (1, 6)) for _ in range(3))
+    first = {"input_ids": torch.cat([a, b, c]), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    second = {"input_ids": torch.cat([a, c, b]), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    alone = {"input_ids": a, "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    one = _logits(model, first, **_task_ids(method, [0, 1, 2]))
+    two = _logits(model, second, **_task_ids(method, [0, 2, -1]))
+    solo = _logits(model, alone, **_task_ids(method, [0]))
+    torch.testing.assert_close(one[0], two[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one[0], solo[0], atol=1e-5, rtol=1e-5)
+    if method in ("poly", "mhr", "hyperloader"):  # task routing really changes the output
+        assert not torch.allclose(one[1], _logits(model, first, task_ids=torch.tensor([0, 2, 2]))[1], atol=1e-4)
+    kwargs = {"max_new_tokens": 4, "num_beams": 4, "num_return_sequences": 2, "do_sample": False}
+    in_batch = model.generate(first["input_ids"], first["attention_mask"], **_task_ids(method, [0, 1, 2]), **kwargs)
+    by_itself = model.generate(a, alone["attention_mask"], **_task_ids(method, [0]), **kwargs)
+    assert torch.equal(in_batch[:2], by_itself)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_and_unmerged_agree(method: str) -> None:
+    model = _adapted("llama", method)
+    batch = make_batch(model.base)
+    if not SPECS[method].mergeable:
+        with pytest.raises(Exception, match="cannot be merged"):
+            model.merge(0)
+        return
+    weight = model.base.model.layers[0].self_attn.q_proj.weight.clone()
+    for task in (1, None):
+        routing = _task_ids(method, [-1 if task is None else task] * 3)
+        unmerged = _logits(model, batch, **routing)
+        model.merge(task)
+        merged = _logits(model, batch, **routing)
+        model.unmerge()
+        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.base.model.layers[0].self_attn.q_proj.weight, weight)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_and_load_round_trip(arch: str, method: str, tmp_path: Path) -> None:
+    model = _adapted(arch, method)
+    model.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "tasks.json"}
+    loaded = load_adapted(BUILDERS[arch](), tmp_path).eval()
+    assert loaded.task_names == TASKS and loaded.method == model.method
+    saved, restored = model.adapter_state_dict(), loaded.adapter_state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    batch = make_batch(model.base)
+    routing = _task_ids(method, [2, 0, -1])
+    assert torch.equal(_logits(model, batch, **routing), _logits(loaded, batch, **routing))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_orchmoe_never_needs_a_task_id(arch: str) -> None:
+    model = _adapted(arch, "orchmoe", task_supervision_weight=0.5)
+    batch = make_batch(model.base)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        loss = model(**batch, category_ids=torch.tensor([1, -1, 3])).loss
+        aux = model.aux_losses()
+        assert set(aux) == {"load_balance", "task_supervision"}
+        optimizer.zero_grad()
+        (loss + sum(aux.values())).backward()
+        optimizer.step()
+    assert model.task_classifier.proj.weight.grad is not None
+    model.eval()
+    out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 3
+    ids_ignored = _logits(model, batch, task_ids=torch.tensor([5, 6, 7]))  # out of range, and never read
+    torch.testing.assert_close(ids_ignored, _logits(model, batch))
+    with model.routing(input_ids=batch["input_ids"], prompt_mask=batch["attention_mask"]) as state:
+        assert state is not None and state.task_probs is not None
+        torch.testing.assert_close(state.task_probs.sum(-1), torch.ones(3))
+
+
+def test_orchmoe_routes_decoder_only_training_from_the_prompt_alone() -> None:
+    model = _adapted("llama", "orchmoe")
+    batch = make_batch(model.base)
+    prompt = batch["attention_mask"] * (batch["labels"] == -100)
+    with torch.no_grad():
+        with_default = model(**batch).loss
+        explicit = model(**batch, prompt_mask=prompt).loss
+        everything = model(**batch, prompt_mask=batch["attention_mask"]).loss
+    assert with_default == explicit and with_default != everything
+    changed = batch["input_ids"].clone()
+    changed[:, -1] = 7  # a target token: the routing must not see it
+    with model.routing(input_ids=changed, prompt_mask=prompt) as one:
+        pass
+    with model.routing(input_ids=batch["input_ids"], prompt_mask=prompt) as two:
+        pass
+    assert one is not None and two is not None
+    torch.testing.assert_close(one.task_probs, two.task_probs)
+
+
+@pytest.mark.parametrize("method", ["poly_mu", "mhr_mu"])
+def test_mu_variants_learn_routing_in_training_and_average_at_eval(method: str, tmp_path: Path) -> None:
+    model = _adapted("t5", method)
+    batch = make_batch(model.base)
+    by_task = [_logits(model, batch, task_ids=torch.tensor([t] * 3)) for t in (0, 2, -1)]
+    torch.testing.assert_close(by_task[0], by_task[1])
+    torch.testing.assert_close(by_task[0], by_task[2])
+    torch.testing.assert_close(_logits(model, batch), by_task[0])  # eval needs no task id at all
+    model.train()
+    model(**batch, task_ids=torch.tensor([0, 1, 2])).loss.backward()
+    assert "routers" in model.parameter_groups()
+    model.to_average()
+    assert "routers" not in model.parameter_groups() and model.count_parameters()["routers"] == 0
+    model.eval()
+    torch.testing.assert_close(_logits(model, batch), by_task[0])
+    model.save(tmp_path)
+    loaded = load_adapted(BUILDERS["t5"](), tmp_path).eval()
+    assert loaded.averaged
+    torch.testing.assert_close(_logits(loaded, batch), by_task[0], atol=0, rtol=0)
+
+
+def test_hyperloader_unseen_task_uses_the_mean_task_embedding() -> None:
+    model = _adapted("t5", "hyperloader")
+    batch = make_batch(model.base)
+    with torch.no_grad():
+        table = model.hyper.task_embedding
+        table[1] = (table[0] + table[2]) / 2  # task 1 now sits exactly at the mean of all three
+    torch.testing.assert_close(model.hyper.task_vectors(torch.tensor([-1, 1])), table[[1, 1]])
+    torch.testing.assert_close(_logits(model, batch, task_ids=torch.tensor([-1] * 3)),
+                               _logits(model, batch, task_ids=torch.tensor([1] * 3)), atol=1e-3, rtol=1e-3)
+    assert model.count_parameters()["other"] > 0  # the base layer norms, as the HyperLoader code trains them
+    assert set(model.parameter_groups()) == {"hypernetwork", "other"}
+
+
+def test_counts_and_groups_are_consistent() -> None:
+    for method in METHODS:
+        model = attach_adapters(BUILDERS["llama"](), MethodConfig(name=method), TASKS)
+        counts = model.count_parameters()
+        groups = model.parameter_groups()
+        assert counts["total_trainable"] == sum(p.numel() for ps in groups.values() for p in ps)
+        assert counts["total_trainable"] == sum(counts[g] for g in ("adapters", "routers", "hypernetwork", "other"))
+        assert counts["base"] == sum(p.numel() for p in BUILDERS["llama"]().parameters())
+        assert sum(t.numel() for t in model.adapter_state_dict().values()) == counts["total_trainable"]

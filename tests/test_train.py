@@ -1,0 +1,133 @@
+"""`orchmoe train` on tiny models: learning, exact resume, locking, and real 2-process training."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orchmoe_cli.cli import main
+from orchmoe_cli.sampling import TaskBatchSampler
+from orchmoe_cli.train_logging import read_metrics
+
+METHODS = ["lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader"]
+
+
+def write_recipe(path: Path, sni: Path, run: Path, model: str = "tiny-t5", method: str = "poly", **train: object) -> Path:
+    train_cfg = {"steps": 6, "batch_size": 4, "lr": 0.01, "router_lr": 0.05, "hypernetwork_lr": 0.003,
+                 "log_every": 1, "warmup_steps": 1, **train}
+    lines = [
+        "data:", f"  source: {sni}", f"  cache_dir: {run.parent / 'prepared'}", "  num_pos_examples: 0",
+        "  max_source_length: 96", "  max_target_length: 16",
+        "model:", f"  name: {model}", "  tiny: {hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64}",
+        "method:", f"  name: {method}", "  rank: 4", "  n_skills: 2",
+        *(["  n_heads: 2"] if method.startswith("mhr") else []),
+        *(["  task_embedding_dim: 16", "  projected_dim: 16", "  hidden_dim: 16"] if method == "hyperloader" else []),
+        "train:", *[f"  {k}: {v}" for k, v in train_cfg.items()],
+        "output:", f"  dir: {run}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return int(exit_info.value.code or 0)
+
+
+def final_adapter(run: Path) -> dict[str, torch.Tensor]:
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    return load_file(str(newest / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("model", ["tiny-t5", "tiny-llama"])
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_decreases(method: str, model: str, sni_dir: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", model, method, steps=24, batch_size=6,
+                          schedule="constant")
+    assert run_cli(["train", str(recipe)]) == 0
+    losses = [row["lm_loss"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lm_loss" in row]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["replicas_in_sync"] and summary["step"] == 24
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+
+
+def test_resume_after_crash_is_bit_identical(sni_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    full = write_recipe(tmp_path / "a.yaml", sni_dir, tmp_path / "a", method="orchmoe", steps=6, save_every=2)
+    assert run_cli(["train", str(full)]) == 0
+
+    crashed = write_recipe(tmp_path / "b.yaml", sni_dir, tmp_path / "b", method="orchmoe", steps=6, save_every=2)
+    original = TaskBatchSampler.batch
+
+    def crash_at_batch_5(self: TaskBatchSampler, index: int) -> list[int]:
+        if index == 5:
+            raise RuntimeError("simulated crash")
+        return original(self, index)
+
+    monkeypatch.setattr(TaskBatchSampler, "batch", crash_at_batch_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", str(crashed)])
+    assert not (tmp_path / "b" / ".lock").exists()
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    monkeypatch.setattr(TaskBatchSampler, "batch", original)
+    assert run_cli(["train", str(crashed), "--resume"]) == 0
+
+    a, b = final_adapter(tmp_path / "a"), final_adapter(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_saves_and_exits_130(sni_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="lora", steps=6)
+    original = TaskBatchSampler.batch
+
+    def interrupt_at_batch_3(self: TaskBatchSampler, index: int) -> list[int]:
+        if index == 3:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, index)
+
+    monkeypatch.setattr(TaskBatchSampler, "batch", interrupt_at_batch_3)
+    assert run_cli(["train", str(recipe)]) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and "step 4" in err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000004"]
+
+
+def test_second_run_on_same_output_is_refused(sni_dir: Path, tmp_path: Path, capsys) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="lora")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    assert run_cli(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another orchmoe run" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
+                    reason="accelerate launcher not installed")
+def test_two_process_cpu_training(sni_dir: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="poly", steps=4)
+    launcher = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         "no", "--dynamo_backend", "no", "-m", "orchmoe_cli", "train", str(recipe)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["replicas_in_sync"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000004"]
+    routers = {k: v for k, v in final_adapter(tmp_path / "run").items() if "router" in k}
+    assert routers

@@ -36,8 +36,12 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from transformers.utils import logging as hf_logging
+
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.recipe import ModelConfig
+
+hf_logging.disable_progress_bar()  # orchmoe shows its own progress; weight-loading bars are noise
 
 TINY_MODELS = ("tiny-t5", "tiny-llama")
 SMOLLM2 = "smollm2-135m-instruct"
@@ -98,6 +102,7 @@ def _tiny_config(cfg: ModelConfig, vocab_size: int) -> T5Config | LlamaConfig:
         vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
         max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True,
+        initializer_range=0.2,  # the default 0.02 gives near-uniform logits that a frozen head cannot sharpen
     )
 
 

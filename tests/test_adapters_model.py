@@ -214,3 +214,29 @@ def test_counts_and_groups_are_consistent() -> None:
         assert counts["total_trainable"] == sum(counts[g] for g in ("adapters", "routers", "hypernetwork", "other"))
         assert counts["base"] == sum(p.numel() for p in BUILDERS["llama"]().parameters())
         assert sum(t.numel() for t in model.adapter_state_dict().values()) == counts["total_trainable"]
+
+
+@pytest.mark.parametrize(("arch", "method"), [("llama", "poly"), ("llama", "orchmoe"), ("t5", "hyperloader")])
+def test_activation_checkpointing_recomputes_with_the_same_routing(arch: str, method: str) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = _adapted(arch, method)
+        if checkpointing:
+            model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(0)  # same Gumbel draws in both runs (checkpointing replays the RNG state)
+        model(**make_batch(model.base), **_task_ids(method, [0, 1, 2])).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for ps in model.parameter_groups().values() for p in ps]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("method", ["mhr", "orchmoe", "hyperloader"])
+def test_bfloat16_base_model(method: str) -> None:
+    base = BUILDERS["llama"]().to(torch.bfloat16)
+    model = attach_adapters(base, MethodConfig(name=method), TASKS)  # type: ignore[arg-type]
+    perturb(model, scale=0.1)
+    model.train()
+    out = model(**make_batch(base), **_task_ids(method, [0, 1, 2]))
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for ps in model.parameter_groups().values() for p in ps)

@@ -22,13 +22,13 @@ METHODS = ["lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader"]
 
 
 def write_recipe(path: Path, sni: Path, run: Path, model: str = "tiny-t5", method: str = "poly", **train: object) -> Path:
-    train_cfg = {"steps": 6, "batch_size": 4, "lr": 0.01, "router_lr": 0.05, "hypernetwork_lr": 0.003,
+    train_cfg = {"steps": 6, "batch_size": 4, "lr": 0.03, "router_lr": 0.1, "hypernetwork_lr": 0.01,
                  "log_every": 1, "warmup_steps": 1, **train}
     lines = [
         "data:", f"  source: {sni}", f"  cache_dir: {run.parent / 'prepared'}", "  num_pos_examples: 0",
         "  max_source_length: 96", "  max_target_length: 16",
         "model:", f"  name: {model}", "  tiny: {hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64}",
-        "method:", f"  name: {method}", "  rank: 4", "  n_skills: 2",
+        "method:", f"  name: {method}", "  rank: 4", "  alpha: 4", "  n_skills: 2",
         *(["  n_heads: 2"] if method.startswith("mhr") else []),
         *(["  task_embedding_dim: 16", "  projected_dim: 16", "  hidden_dim: 16"] if method == "hyperloader" else []),
         "train:", *[f"  {k}: {v}" for k, v in train_cfg.items()],

@@ -118,14 +118,18 @@ class AdaptedModel(nn.Module):
         return mask
 
     def forward(self, **batch: Any) -> ModelOutput:
-        """Pop ``task_ids`` / ``prompt_mask`` / ``category_ids`` from the batch, route, call the base model."""
+        """Pop ``task_ids`` / ``prompt_mask`` / ``category_ids`` from the batch, route, call the base model.
+
+        The batch's routing stays in place after returning (until the next routed call), because
+        activation checkpointing re-runs layers during ``backward`` and they must route the same way.
+        """
         task_ids = batch.pop("task_ids", None)
         prompt_mask = batch.pop("prompt_mask", None)
         category_ids = batch.pop("category_ids", None)
         if self.spec.router == "orchmoe" and prompt_mask is None:
             prompt_mask = self._default_prompt_mask(batch)
-        with self.routing(task_ids, batch.get("input_ids"), prompt_mask, category_ids):
-            return self.base(**batch)
+        self.slot.state = self._routing_state(task_ids, batch.get("input_ids"), prompt_mask, category_ids)
+        return self.base(**batch)
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, task_ids: Tensor | None = None,
                  **gen_kwargs: Any) -> Tensor:

@@ -89,17 +89,26 @@ def prepare(recipe: RecipeArg, overrides: OverridesArg = None, show_config: Show
 
 
 @app.command("eval")
-def eval_command(recipe: RecipeArg, overrides: OverridesArg = None, show_config: ShowConfig = False) -> None:
+def eval_command(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    show_config: ShowConfig = False,
+    with_base: Annotated[
+        bool, typer.Option("--with-base", help="Also evaluate the base model and print both side by side.")
+    ] = False,
+) -> None:
     """Generate on held-out tasks and score with the official SNI ROUGE-L / exact match."""
     loaded = _load(recipe, overrides, show_config)
     from orchmoe_cli.report import results_table, task_rows
     from orchmoe_cli.workflow import evaluate
 
-    outcome = evaluate(loaded, str(recipe), console)
-    rows = task_rows(outcome.rows, outcome.metrics)
+    outcomes = evaluate(loaded, str(recipe), console, with_base=with_base)
+    columns = {o.label: task_rows(o.rows, o.metrics) for o in outcomes}
+    overall = {o.label: o.metrics for o in outcomes}
     console.print(results_table(f"{loaded.model.name} on {loaded.eval.split} tasks (SNI official metric)",
-                                {outcome.label: rows}, {outcome.label: outcome.metrics}))
-    console.print(f"results written to {outcome.output_dir}/ (results.json, predictions.jsonl, results.md)")
+                                columns, overall))
+    for outcome in outcomes:
+        console.print(f"{outcome.label}: results in {outcome.output_dir}/ (results.json, predictions.jsonl, results.md)")
 
 
 @app.command()
@@ -128,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the Typer app, turning user errors into one line and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if not console.is_terminal:  # logs and pipes: do not squeeze result tables into 80 columns
+        console.width = max(console.width, 160)
     try:
         code = app(args=args, prog_name="orchmoe", standalone_mode=False)
     except OrchmoeError as exc:

@@ -43,9 +43,7 @@ def eval_label(cfg: EvalConfig) -> str:
 
 
 def eval_output_dir(recipe: Recipe) -> Path:
-    if recipe.eval.output_dir:
-        return Path(recipe.eval.output_dir)
-    return Path(recipe.output.dir) / f"eval-{eval_label(recipe.eval)}"
+    return Path(recipe.eval.output_dir or recipe.output.dir) / f"eval-{eval_label(recipe.eval)}"
 
 
 def select_instances(split: Any, cfg: EvalConfig, source: str) -> list[dict[str, Any]]:
@@ -161,6 +159,18 @@ def _load_partial(path: Path, fingerprint: str) -> dict[str, dict]:
     return done
 
 
+def _load_finished(out_dir: Path, fingerprint: str) -> list[dict] | None:
+    """The rows of a completed evaluation with the same fingerprint, if one is on disk."""
+    try:
+        results = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+        if results.get("fingerprint") != fingerprint:
+            return None
+        lines = (out_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _scored_row(row: dict, prediction: str) -> dict[str, Any]:
     return {
         "task": row["task"], "category": row["category"], "id": row["id"],
@@ -178,9 +188,13 @@ def run_evaluation(
     cfg = recipe.eval
     rows = select_instances(split, cfg, source)
     out_dir = eval_output_dir(recipe)
+    fingerprint = _fingerprint(recipe, data_hash)
+    finished = _load_finished(out_dir, fingerprint)
+    if finished is not None:
+        console.print(f"reusing the identical evaluation in {out_dir}")
+        return EvalOutcome(eval_label(cfg), aggregate(finished), finished, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial_path = out_dir / PARTIAL_NAME
-    fingerprint = _fingerprint(recipe, data_hash)
     done = _load_partial(partial_path, fingerprint)
     todo = [r for r in rows if r["id"] not in done]
     if done:
@@ -222,6 +236,7 @@ def run_evaluation(
         "checkpoint": cfg.checkpoint,
         "split": cfg.split,
         "data_hash": data_hash,
+        "fingerprint": fingerprint,
         "scorer": "SNI official: rouge_score RougeScorer(['rougeL'], use_stemmer=True), SQuAD EM without article removal",
         "config": recipe_to_dict(recipe),
         **report.environment_info(),

@@ -120,8 +120,10 @@ class EvalConfig:
     batch_size: int = _f(8, "generation batch size", min=1)
     max_new_tokens: int = _f(128, "generation length limit in tokens (official: 128)", min=1)
     num_beams: int = _f(1, "beam search width; 1 = greedy (official)", min=1)
-    checkpoint: str | None = _f(None, "adapter checkpoint directory; none = the base model zero-shot")
-    output_dir: str | None = _f(None, "where results go (default <output.dir>/eval-<checkpoint name or 'base'>)")
+    checkpoint: str | None = _f(None, "none = the base model zero-shot; 'latest' = the newest checkpoint in "
+                                "output.dir; or an adapter directory / run directory")
+    output_dir: str | None = _f(None, "directory under which eval-<base or checkpoint name>/ is written "
+                                "(default output.dir)")
 
 
 @dataclass

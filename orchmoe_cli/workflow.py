@@ -1,10 +1,15 @@
-"""The steps shared by commands: prepare the recipe's data for its model, evaluate a model."""
+"""The steps shared by commands: prepare the recipe's data for its model, evaluate models."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+import torch
 from rich.console import Console
 
 from orchmoe_cli.data.prepare import Prepared, prepare
+from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.evaluate import EvalOutcome, run_evaluation
 from orchmoe_cli.models import load_model, load_tokenizer
 from orchmoe_cli.recipe import Recipe
@@ -16,17 +21,47 @@ def prepare_data(recipe: Recipe, source: str, console: Console) -> Prepared:
     return prepare(recipe.data, info.tokenizer, info.tokenizer_id, info.is_encoder_decoder, console=console)
 
 
-def evaluate(recipe: Recipe, source: str, console: Console) -> EvalOutcome:
-    """Evaluate the base model, or the adapter named by ``eval.checkpoint``, on the recipe's split."""
+def resolve_checkpoint(recipe: Recipe, source: str) -> Path | None:
+    """``eval.checkpoint``: none (the base model), ``latest`` (newest checkpoint of ``output.dir``),
+    an adapter directory, or a run directory (its newest complete checkpoint). Verified when it has a manifest."""
+    from orchmoe_cli import checkpoint as ckpt
+
+    value = recipe.eval.checkpoint
+    if value is None:
+        return None
+    path = Path(recipe.output.dir) if value == "latest" else Path(value)
+    if (path / "adapter_config.json").is_file():
+        if (path / ckpt.MANIFEST).is_file():
+            ckpt.verify_checkpoint(path)
+        return path
+    latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise OrchmoeError(f"{source}: eval.checkpoint: {path} holds no adapter checkpoint; train one first "
+                           f"(orchmoe train {source}) or point eval.checkpoint at an adapter directory")
+    return latest
+
+
+def evaluate(recipe: Recipe, source: str, console: Console, with_base: bool = False) -> list[EvalOutcome]:
+    """Evaluate the base model and/or the adapter named by ``eval.checkpoint`` on the recipe's split.
+
+    With ``with_base`` the base model is evaluated first (its results are reused when an identical
+    evaluation already exists), then the adapter is attached to the same loaded model.
+    """
+    checkpoint = resolve_checkpoint(recipe, source)
+    runs = [None, checkpoint] if with_base and checkpoint is not None else [checkpoint]
     prepared = prepare_data(recipe, source, console)
     loaded = load_model(recipe.model)
-    model = loaded.model
-    if recipe.eval.checkpoint is not None:
-        from orchmoe_cli.adapters import load_adapted
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = loaded.model.to(device)
+    split = prepared.dataset[recipe.eval.split]
+    outcomes = []
+    for run in runs:
+        run_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, checkpoint=run and str(run)))
+        if run is not None:
+            from orchmoe_cli.adapters import load_adapted
 
-        model = load_adapted(model, recipe.eval.checkpoint)
-    model.eval()
-    return run_evaluation(
-        recipe, model, loaded.tokenizer, loaded.is_encoder_decoder, prepared.dataset[recipe.eval.split],
-        prepared.manifest["content_hash"], source, console,
-    )
+            model = load_adapted(loaded.model, run).to(device)
+        model.eval()
+        outcomes.append(run_evaluation(run_recipe, model, loaded.tokenizer, loaded.is_encoder_decoder, split,
+                                       prepared.manifest["content_hash"], source, console))
+    return outcomes

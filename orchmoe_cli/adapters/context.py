@@ -25,6 +25,7 @@ class RoutingState:
     batch_size: int
     task_ids: Tensor | None = None  # (batch,) long; -1 = a task not seen in training
     task_probs: Tensor | None = None  # (batch, T): OrchMoE p(abstract task | prompt)
+    layer_weights: dict[int, Tensor] = field(default_factory=dict)  # id(router) -> (1 or batch, h, S)
     cache: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
     @cached_property
@@ -35,6 +36,10 @@ class RoutingState:
         if self.task_ids is not None:
             return bool((self.task_ids == self.task_ids[0]).all())
         return True
+
+    @cached_property
+    def has_unseen_tasks(self) -> bool:
+        return self.task_ids is not None and bool((self.task_ids < 0).any())
 
     @cached_property
     def unique_tasks(self) -> tuple[Tensor, Tensor]:

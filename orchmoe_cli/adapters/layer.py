@@ -68,24 +68,31 @@ class SkillLoRALinear(nn.Module):
         weights = self.router(self.slot.state)
         return out + self.delta(self.dropout(x), weights).to(out.dtype)
 
-    def mixed(self, weights: Tensor) -> tuple[Tensor, Tensor]:
-        """Mix one routing (h, S) into a single LoRA pair: A (d_in, r) and scaled B (r, d_out)."""
+    def mix(self, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Mix routings (n, h, S) into n LoRA pairs: A (n, d_in, r) and B scaled by alpha/r (n, r, d_out).
+
+        Heads own consecutive slices of A's input and B's output dims (mttl / peft layout). Plain
+        matmuls rather than einsum: on small layers the per-op overhead is what costs.
+        """
+        n, (heads, skills, _, rank) = weights.shape[0], self.lora_A.shape
         weights = weights.to(self.lora_A.dtype)
-        a = torch.einsum("qs,qsdr->qdr", weights, self.lora_A).reshape(-1, self.rank)
-        b = torch.einsum("qs,qsrd->rqd", weights * self.scale, self.lora_B).reshape(self.rank, -1)
-        return a, b
+        if heads == 1:
+            w = weights.view(n, skills)
+            a = (w @ self.lora_A.view(skills, -1)).view(n, -1, rank)
+            b = ((w * self.scale) @ self.lora_B.view(skills, -1)).view(n, rank, -1)
+            return a, b
+        w = weights.transpose(0, 1)  # (h, n, S)
+        a = torch.bmm(w, self.lora_A.view(heads, skills, -1)).view(heads, n, -1, rank)
+        b = torch.bmm(w * self.scale, self.lora_B.view(heads, skills, -1)).view(heads, n, rank, -1)
+        return a.transpose(0, 1).reshape(n, -1, rank), b.permute(1, 2, 0, 3).reshape(n, rank, -1)
 
     def delta(self, x: Tensor, weights: Tensor) -> Tensor:
         """The adapter's contribution for input ``x`` (rows, ..., d_in) and weights (1 or batch, h, S)."""
         x = x.to(self.lora_A.dtype)
-        if weights.shape[0] == 1:
-            a, b = self.mixed(weights[0])
-            return (x @ a) @ b
-        sequences = weights.shape[0]
-        weights = weights.to(self.lora_A.dtype)
-        a = torch.einsum("bqs,qsdr->bqdr", weights, self.lora_A).reshape(sequences, -1, self.rank)
-        b = torch.einsum("bqs,qsrd->brqd", weights * self.scale, self.lora_B).reshape(sequences, self.rank, -1)
-        out = torch.bmm(torch.bmm(fold_rows(x, sequences), a), b)
+        a, b = self.mix(weights)
+        if weights.shape[0] == 1:  # one routing for the whole batch: two plain matmuls
+            return (x @ a[0]) @ b[0]
+        out = torch.bmm(torch.bmm(fold_rows(x, weights.shape[0]), a), b)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
@@ -93,9 +100,9 @@ class SkillLoRALinear(nn.Module):
         """Fold the LoRA mixed with ``weights`` (h, S) into the base weight; the original is kept for unmerge."""
         if self.merged:
             raise OrchmoeError("adapters are already merged; call unmerge() first")
-        a, b = self.mixed(weights)
+        a, b = self.mix(weights.unsqueeze(0))
         self._unmerged_weight = self.base_layer.weight.detach().clone()
-        self.base_layer.weight += (a @ b).T.to(self.base_layer.weight.dtype)
+        self.base_layer.weight += (a[0] @ b[0]).T.to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:

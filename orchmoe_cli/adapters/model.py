@@ -29,7 +29,7 @@ from orchmoe_cli.adapters.layer import SkillLoRALinear
 from orchmoe_cli.adapters.orchmoe import load_balance_loss, supervision_loss
 from orchmoe_cli.adapters.peft_interop import export_peft
 from orchmoe_cli.adapters.registry import resolve, spec_of
-from orchmoe_cli.adapters.routers import AverageRouter
+from orchmoe_cli.adapters.routers import AverageRouter, route_layers
 from orchmoe_cli.errors import OrchmoeError
 
 
@@ -48,6 +48,7 @@ class AdaptedModel(nn.Module):
         self.slot = slot
         self.averaged = False  # task routers replaced by the average of skills (to_average)
         self._aux: dict[str, Tensor] = {}
+        self._layers = [m for m in base.modules() if isinstance(m, SkillLoRALinear)]
 
     # ------------------------------------------------------------------ routing
 
@@ -68,6 +69,14 @@ class AdaptedModel(nn.Module):
 
     def _routing_state(self, task_ids: Tensor | None, input_ids: Tensor | None, prompt_mask: Tensor | None,
                        category_ids: Tensor | None) -> RoutingState | None:
+        """The batch's routing inputs, with every layer's skill weights computed together."""
+        state = self._routing_inputs(task_ids, input_ids, prompt_mask, category_ids)
+        if state is not None:
+            route_layers([layer.router for layer in self._layers], state)
+        return state
+
+    def _routing_inputs(self, task_ids: Tensor | None, input_ids: Tensor | None, prompt_mask: Tensor | None,
+                        category_ids: Tensor | None) -> RoutingState | None:
         self._aux = {}
         if self.spec.router == "orchmoe":
             return self._classify(input_ids, prompt_mask, category_ids)
@@ -147,9 +156,6 @@ class AdaptedModel(nn.Module):
     def _device(self) -> torch.device:
         return self.base.get_input_embeddings().weight.device
 
-    def _skill_layers(self) -> list[SkillLoRALinear]:
-        return [m for m in self.base.modules() if isinstance(m, SkillLoRALinear)]
-
     def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every tensor the method adds or trains (regardless of requires_grad), by checkpoint name."""
         for name, module in self.named_modules():
@@ -215,7 +221,7 @@ class AdaptedModel(nn.Module):
             why = ("routes each input from its prompt" if self.spec.router == "orchmoe"
                    else "generates non-linear bottleneck adapters")
             raise OrchmoeError(f"{self.method.name} {why}, so it cannot be merged into the base weights")
-        layers = self._skill_layers()
+        layers = self._layers
         if any(layer.merged for layer in layers):
             raise OrchmoeError("adapters are already merged; call unmerge() first")
         tid = -1 if task_id is None else int(task_id)
@@ -233,7 +239,7 @@ class AdaptedModel(nn.Module):
 
     def unmerge(self) -> None:
         """Restore the exact base weights."""
-        for layer in self._skill_layers():
+        for layer in self._layers:
             layer.unmerge()
 
     def to_average(self) -> None:
@@ -241,7 +247,7 @@ class AdaptedModel(nn.Module):
         if self.spec.router != "task":
             raise OrchmoeError(f"to_average() applies to poly, mhr and their _mu variants, not {self.method.name}")
         heads, skills = self.method.n_heads or 1, self.method.n_skills
-        for layer in self._skill_layers():
+        for layer in self._layers:
             layer.router = AverageRouter(heads, skills).to(self._device)
         self.averaged = True
 

@@ -71,16 +71,23 @@ class TaskRouter(nn.Module):
             return self.uniform
         if state is None or state.task_ids is None:
             raise OrchmoeError("this method routes by task id: set routing with task_ids (-1 for an unseen task)")
-        return state.memo(self, "weights", lambda: self.weights_for(state))
+        found = state.layer_weights.get(id(self))
+        return found if found is not None else route_tasks([self], state)[0]
 
-    def weights_for(self, state: RoutingState) -> Tensor:
-        ids = state.task_ids
-        if state.shared and not self.training:
-            ids = ids[:1]
-        ids = ids.to(self.logits.device)
-        logits = self.logits[ids.clamp(min=0)].view(-1, self.n_heads, self.n_skills)
-        weights = normalise(relaxed_sigmoid(logits, self.temperature, self.training, self.straight_through))
-        return torch.where((ids >= 0).view(-1, 1, 1), weights, self.uniform)
+
+def route_tasks(routers: list[TaskRouter], state: RoutingState) -> Tensor:
+    """Weights (layers, 1 or batch, h, S) of several task routers at once: one chain of small ops for
+    the whole model instead of one per layer (the routers must share sizes, mode and settings)."""
+    first = routers[0]
+    logits = first.logits.unsqueeze(0) if len(routers) == 1 else torch.stack([r.logits for r in routers])
+    assert state.task_ids is not None
+    ids = state.task_ids[:1] if state.shared and not first.training else state.task_ids
+    ids = ids.to(logits.device)
+    picked = logits[:, ids.clamp(min=0)].view(len(routers), -1, first.n_heads, first.n_skills)
+    weights = normalise(relaxed_sigmoid(picked, first.temperature, first.training, first.straight_through))
+    if state.has_unseen_tasks:
+        weights = torch.where((ids >= 0).view(1, -1, 1, 1), weights, first.uniform)
+    return weights
 
 
 class AllocationRouter(nn.Module):
@@ -100,13 +107,35 @@ class AllocationRouter(nn.Module):
     def forward(self, state: RoutingState | None) -> Tensor:
         if state is None or state.task_probs is None:
             raise OrchmoeError("orchmoe routes from the prompt: set routing with input_ids (and prompt_mask)")
-        return state.memo(self, "weights", lambda: self.weights_for(state.task_probs))
+        found = state.layer_weights.get(id(self))
+        return found if found is not None else route_allocations([self], state.task_probs)[0]
 
-    def weights_for(self, task_probs: Tensor) -> Tensor:
-        probs = task_probs.to(self.allocation.dtype)
-        if self.training:  # one relaxed-Bernoulli draw per sequence, as Poly draws per row
-            logits = self.allocation.expand(probs.shape[0], *self.allocation.shape)
-            allocation = relaxed_sigmoid(logits, self.temperature, True, self.straight_through)
-            return normalise(torch.einsum("bt,bths->bhs", probs, allocation))
-        allocation = relaxed_sigmoid(self.allocation, self.temperature, False, self.straight_through)
-        return normalise(torch.einsum("bt,ths->bhs", probs, allocation))
+
+def route_allocations(routers: list[AllocationRouter], task_probs: Tensor) -> Tensor:
+    """Weights (layers, batch, h, S) of several allocation routers at once."""
+    first = routers[0]
+    allocation = (first.allocation.unsqueeze(0) if len(routers) == 1
+                  else torch.stack([r.allocation for r in routers]))
+    probs = task_probs.to(allocation.dtype)
+    if first.training:  # one relaxed-Bernoulli draw per sequence, as Poly draws per row
+        logits = allocation.unsqueeze(1).expand(-1, probs.shape[0], -1, -1, -1)
+        sampled = relaxed_sigmoid(logits, first.temperature, True, first.straight_through)
+        return normalise(torch.einsum("bt,lbths->lbhs", probs, sampled))
+    soft = relaxed_sigmoid(allocation, first.temperature, False, first.straight_through)
+    return normalise(torch.einsum("bt,lths->lbhs", probs, soft))
+
+
+def route_layers(routers: list[nn.Module], state: RoutingState) -> None:
+    """Fill ``state.layer_weights`` for every router that learns its routing, grouped by mode."""
+    groups: dict[tuple[type, bool], list[nn.Module]] = {}
+    for router in routers:
+        if isinstance(router, (TaskRouter, AllocationRouter)):
+            groups.setdefault((type(router), router.training), []).append(router)
+    for (kind, training), members in groups.items():
+        if kind is TaskRouter:
+            tasks = [r for r in members if isinstance(r, TaskRouter) and (training or not r.average_at_eval)]
+            if tasks and state.task_ids is not None:
+                state.layer_weights.update(zip(map(id, tasks), route_tasks(tasks, state).unbind(0)))
+        elif state.task_probs is not None:
+            allocs = [r for r in members if isinstance(r, AllocationRouter)]
+            state.layer_weights.update(zip(map(id, allocs), route_allocations(allocs, state.task_probs).unbind(0)))

@@ -20,8 +20,8 @@ def test_defaults_and_overrides() -> None:
 
 
 def test_every_shipped_recipe_loads() -> None:
-    recipes = sorted((REPO / "recipes").glob("*.yaml"))
-    assert recipes
+    recipes = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
+    assert len(recipes) >= 10
     for path in recipes:
         text = path.read_text()
         assert text.startswith("#") and "orchmoe " in text.split("\n\n")[0], f"{path.name}: header must show the command"

@@ -103,6 +103,8 @@ def eval_command(
     from orchmoe_cli.workflow import evaluate
 
     outcomes = evaluate(loaded, str(recipe), console, with_base=with_base)
+    if not outcomes:  # a non-main process of a distributed evaluation
+        return
     columns = {o.label: task_rows(o.rows, o.metrics) for o in outcomes}
     overall = {o.label: o.metrics for o in outcomes}
     console.print(results_table(f"{loaded.model.name} on {loaded.eval.split} tasks (SNI official metric)",
@@ -123,6 +125,8 @@ def train(
     from orchmoe_cli.train import train as run_training
 
     outcome = run_training(loaded, str(recipe), console, resume=resume)
+    if not outcome.is_main_process:
+        return
     if outcome.interrupted:
         err_console.print(
             f"[yellow]interrupted at step {outcome.step}[/yellow]; checkpoint saved to {outcome.final_checkpoint}. "

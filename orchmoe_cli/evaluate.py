@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -28,6 +30,11 @@ from orchmoe_cli.metrics import aggregate, score_instance
 from orchmoe_cli.recipe import EvalConfig, Recipe, dump_recipe, recipe_to_dict
 
 PARTIAL_NAME = ".predictions.partial.jsonl"
+
+
+def partial_name(rank: int, world: int) -> str:
+    """Each process of a data-parallel evaluation appends to its own partial file."""
+    return PARTIAL_NAME if world == 1 else f".predictions.partial.rank{rank}.jsonl"
 
 
 @dataclass
@@ -100,9 +107,11 @@ def _clean(text: str, is_encoder_decoder: bool) -> str:
 
 def generate_predictions(
     model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: Sequence[dict], cfg: EvalConfig,
-    task_id: Callable[[str], int], on_batch: Callable[[list[dict], list[str]], None],
+    task_id: Callable[[str], int], on_batch: Callable[[list[dict], list[str]], None], shard: tuple[int, int] = (0, 1),
 ) -> None:
-    """Generate for ``rows`` batch by batch, calling ``on_batch(rows, predictions)`` after each."""
+    """Generate for ``rows`` batch by batch, calling ``on_batch(rows, predictions)`` after each.
+
+    ``shard = (rank, world)``: this process takes every world-th batch (data-parallel evaluation)."""
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     collate = GenerationCollator(pad_id, is_encoder_decoder)
@@ -110,7 +119,10 @@ def generate_predictions(
         "max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
         "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id,
     }
-    for batch_rows in _task_batches(rows, cfg.batch_size):
+    rank, world = shard
+    for number, batch_rows in enumerate(_task_batches(rows, cfg.batch_size)):
+        if number % world != rank:
+            continue
         batch = collate(batch_rows)
         if not is_encoder_decoder:
             stop = StopAtNewline(tokenizer, batch["input_ids"].shape[1])
@@ -138,24 +150,22 @@ def _fingerprint(recipe: Recipe, data_hash: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def _load_partial(path: Path, fingerprint: str) -> dict[str, dict]:
-    """Rows already predicted by an interrupted run of the same evaluation."""
-    if not path.is_file():
-        return {}
+def _load_partial(out_dir: Path, fingerprint: str) -> dict[str, dict]:
+    """Rows already predicted by an interrupted run of the same evaluation (any number of processes)."""
     done: dict[str, dict] = {}
-    with path.open(encoding="utf-8") as handle:
-        header = handle.readline()
-        try:
-            if json.loads(header).get("fingerprint") != fingerprint:
-                return {}
-        except json.JSONDecodeError:
-            return {}
-        for line in handle:
+    for path in sorted(out_dir.glob(".predictions.partial*.jsonl")):
+        with path.open(encoding="utf-8") as handle:
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by the interruption: redo it
-            done[row["id"]] = row
+                if json.loads(handle.readline()).get("fingerprint") != fingerprint:
+                    continue
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by the interruption: redo it
+                done[row["id"]] = row
     return done
 
 
@@ -193,12 +203,14 @@ def run_evaluation(
     if finished is not None:
         console.print(f"reusing the identical evaluation in {out_dir}")
         return EvalOutcome(eval_label(cfg), aggregate(finished), finished, out_dir)
+    state = PartialState()
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial_path = out_dir / PARTIAL_NAME
-    done = _load_partial(partial_path, fingerprint)
+    done = _load_partial(out_dir, fingerprint)
+    state.wait_for_everyone()  # every process has read the partial files before any rewrites its own
+    partial_path = out_dir / partial_name(state.process_index, state.num_processes)
     todo = [r for r in rows if r["id"] not in done]
     if done:
-        console.print(f"resuming: {len(done)} predictions already in {partial_path}, {len(todo)} to go")
+        console.print(f"resuming: {len(done)} predictions already in {out_dir}, {len(todo)} to go")
     task_names = getattr(model, "task_names", [])
     index = {name: i for i, name in enumerate(task_names)}
 
@@ -222,8 +234,12 @@ def run_evaluation(
                 handle.flush()
                 progress.update(bar, advance=len(batch_rows), description=f"{eval_label(cfg)} {batch_rows[0]['task']}")
 
-            generate_predictions(model, tokenizer, is_encoder_decoder, todo, cfg, lambda t: index.get(t, -1), on_batch)
+            generate_predictions(model, tokenizer, is_encoder_decoder, todo, cfg, lambda t: index.get(t, -1), on_batch,
+                                 shard=(state.process_index, state.num_processes))
 
+    if state.num_processes > 1:
+        for part in gather_object([done]):
+            done.update(part)
     final_rows = [done[r["id"]] for r in rows]
     metrics = aggregate(final_rows)
     title = f"{recipe.model.name} · {eval_label(cfg)} · {cfg.split} split"
@@ -241,9 +257,11 @@ def run_evaluation(
         "config": recipe_to_dict(recipe),
         **report.environment_info(),
     }
-    atomic_write_text(out_dir / "predictions.jsonl", report.jsonl(final_rows))
-    atomic_write_text(out_dir / "results.md", report.results_markdown(title, final_rows, metrics))
-    atomic_write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if state.is_main_process:
+        atomic_write_text(out_dir / "predictions.jsonl", report.jsonl(final_rows))
+        atomic_write_text(out_dir / "results.md", report.results_markdown(title, final_rows, metrics))
+        atomic_write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
+        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    state.wait_for_everyone()
     partial_path.unlink(missing_ok=True)
     return EvalOutcome(eval_label(cfg), metrics, final_rows, out_dir)

@@ -46,6 +46,7 @@ class TrainOutcome:
     final_checkpoint: Path
     step: int
     interrupted: bool
+    is_main_process: bool
 
 
 class _Interrupt:
@@ -68,15 +69,18 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """CPU-only machines need ``cpu=True`` for real multi-process (gloo) training."""
+def make_accelerator(cfg: TrainConfig, method: str) -> Accelerator:
+    """CPU-only machines need ``cpu=True`` for real multi-process (gloo) training.
+
+    Only HyperLoader has parameters a step may not touch (generators of positions a model lacks),
+    so only it pays DDP's unused-parameter search."""
     use_cuda = torch.cuda.is_available()
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
     return Accelerator(
         cpu=not use_cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=method == "hyperloader")],
     )
 
 
@@ -133,7 +137,7 @@ def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -
     cfg = recipe.train
     if recipe.method.name == "none":
         raise OrchmoeError(f"{source}: method.name: 'none' has nothing to train; pick lora, poly, mhr, orchmoe, ...")
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, recipe.method.name)
     is_main = accelerator.is_main_process
     console = console if is_main else Console(quiet=True)
     set_seed(cfg.seed + accelerator.process_index, deterministic=cfg.deterministic)
@@ -311,4 +315,4 @@ def _loop(recipe: Recipe, source: str, console: Console, accelerator: Accelerato
         atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         if not summary["replicas_in_sync"]:
             raise RuntimeError(f"{run_dir}: processes ended with different adapter weights")
-    return TrainOutcome(run_dir, last_path or run_dir, step, interrupted)
+    return TrainOutcome(run_dir, last_path or run_dir, step, interrupted, accelerator.is_main_process)

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from rich.console import Console
 
 from orchmoe_cli.data.prepare import Prepared, prepare
@@ -45,13 +46,18 @@ def evaluate(recipe: Recipe, source: str, console: Console, with_base: bool = Fa
     """Evaluate the base model and/or the adapter named by ``eval.checkpoint`` on the recipe's split.
 
     With ``with_base`` the base model is evaluated first (its results are reused when an identical
-    evaluation already exists), then the adapter is attached to the same loaded model.
+    evaluation already exists), then the adapter is attached to the same loaded model. Under
+    ``accelerate launch`` each process generates its share and the main process writes the results.
     """
     checkpoint = resolve_checkpoint(recipe, source)
     runs = [None, checkpoint] if with_base and checkpoint is not None else [checkpoint]
-    prepared = prepare_data(recipe, source, console)
+    state = PartialState(cpu=not torch.cuda.is_available())  # under accelerate launch: one shard per process
+    if not state.is_main_process:
+        console = Console(quiet=True)
+    with state.main_process_first():
+        prepared = prepare_data(recipe, source, console)
     loaded = load_model(recipe.model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = state.device
     model = loaded.model.to(device)
     split = prepared.dataset[recipe.eval.split]
     outcomes = []
@@ -64,4 +70,4 @@ def evaluate(recipe: Recipe, source: str, console: Console, with_base: bool = Fa
         model.eval()
         outcomes.append(run_evaluation(run_recipe, model, loaded.tokenizer, loaded.is_encoder_decoder, split,
                                        prepared.manifest["content_hash"], source, console))
-    return outcomes
+    return outcomes if state.is_main_process else []  # only the main process reports

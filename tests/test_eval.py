@@ -66,14 +66,14 @@ def test_interrupted_eval_resumes_from_written_predictions(sni_dir: Path, tmp_pa
     original = evaluate_module.generate_predictions
     seen: list[str] = []
 
-    def interrupted(model, tokenizer, is_encoder_decoder, rows, cfg, task_id, on_batch):
+    def interrupted(model, tokenizer, is_encoder_decoder, rows, cfg, task_id, on_batch, shard=(0, 1)):
         def stop_after_two_batches(batch_rows, predictions):
             on_batch(batch_rows, predictions)
             seen.extend(r["id"] for r in batch_rows)
             if len(seen) >= 4:
                 raise KeyboardInterrupt
 
-        original(model, tokenizer, is_encoder_decoder, rows, cfg, task_id, stop_after_two_batches)
+        original(model, tokenizer, is_encoder_decoder, rows, cfg, task_id, stop_after_two_batches, shard)
 
     monkeypatch.setattr(evaluate_module, "generate_predictions", interrupted)
     assert run_cli(["eval", str(recipe)]) == 130
@@ -83,9 +83,9 @@ def test_interrupted_eval_resumes_from_written_predictions(sni_dir: Path, tmp_pa
 
     generated: list[str] = []
 
-    def counting(model, tokenizer, is_encoder_decoder, rows, cfg, task_id, on_batch):
+    def counting(model, tokenizer, is_encoder_decoder, rows, cfg, task_id, on_batch, shard=(0, 1)):
         generated.extend(r["id"] for r in rows)
-        original(model, tokenizer, is_encoder_decoder, rows, cfg, task_id, on_batch)
+        original(model, tokenizer, is_encoder_decoder, rows, cfg, task_id, on_batch, shard)
 
     monkeypatch.setattr(evaluate_module, "generate_predictions", counting)
     assert run_cli(["eval", str(recipe)]) == 0

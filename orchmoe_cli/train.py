@@ -100,10 +100,20 @@ def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.
     return optimizer, scheduler
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool, label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy over target tokens (-100 ignored); causal models predict the next token."""
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy over target tokens (-100 ignored).
+
+    Decoder-only models compute logits only at positions that predict an answer token: the answer is
+    a few tokens of a long prompt, and the vocabulary projection is a large share of a small model's cost.
+    """
+    labels = batch["labels"]
     if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        keep = (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)  # position i predicts token i + 1
+        logits = model(**inputs, logits_to_keep=keep).logits
+        labels = labels[:, keep + 1]
+    else:
+        logits = model(**batch).logits
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
         label_smoothing=label_smoothing,
@@ -125,8 +135,7 @@ def _validation_loss(model: Any, val_rows: list[dict], cfg: TrainConfig, pad_id:
             rows = [val_rows[i] for i in mine[start : start + cfg.batch_size]]
             batch = TrainCollator(pad_id, not causal, random.Random(0))(rows)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            out = model(**batch)
-            total += token_loss(out.logits, batch["labels"], causal, 0.0) * len(rows)
+            total += lm_loss(model, batch, causal, 0.0) * len(rows)
             count += len(rows)
     model.train()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
@@ -274,16 +283,15 @@ def _loop(recipe: Recipe, source: str, console: Console, accelerator: Accelerato
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
                 with accelerator.accumulate(model):
-                    out = model(**batch)
-                    lm_loss = token_loss(out.logits, batch["labels"], causal, cfg.label_smoothing)
+                    token_loss = lm_loss(model, batch, causal, cfg.label_smoothing)
                     aux = unwrapped.aux_losses()
-                    loss = lm_loss + sum(aux.values(), torch.zeros((), device=lm_loss.device))
+                    loss = token_loss + sum(aux.values(), torch.zeros((), device=token_loss.device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                for name, value in {"loss": loss, "lm_loss": lm_loss, **aux}.items():
+                for name, value in {"loss": loss, "lm_loss": token_loss, **aux}.items():
                     losses[name] = losses.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
             scheduler.step()
             step += 1

@@ -131,3 +131,20 @@ def test_two_process_cpu_training(sni_dir: Path, tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000004"]
     routers = {k: v for k, v in final_adapter(tmp_path / "run").items() if "router" in k}
     assert routers
+
+
+def test_causal_loss_on_answer_positions_equals_full_loss() -> None:
+    import torch.nn.functional as F
+
+    from orchmoe_cli.models import load_model
+    from orchmoe_cli.recipe import load_recipe
+    from orchmoe_cli.train import lm_loss
+
+    model = load_model(load_recipe(None, ["model.name=tiny-llama"]).model).model
+    input_ids = torch.randint(3, 300, (3, 12))
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 5:8], labels[1, 9:12], labels[2, 2:4] = input_ids[0, 5:8], input_ids[1, 9:12], input_ids[2, 2:4]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    logits = model(input_ids=input_ids).logits
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(lm_loss(model, batch, causal=True, label_smoothing=0.0), full, atol=1e-6)

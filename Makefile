@@ -24,7 +24,8 @@ install: $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/orchmoe prepare recipes/quickstart.yaml
-	$(BIN)/orchmoe eval recipes/quickstart.yaml
+	$(BIN)/orchmoe train recipes/quickstart.yaml
+	$(BIN)/orchmoe eval recipes/quickstart.yaml --with-base
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -26,7 +26,7 @@ import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from safetensors.torch import save as save_tensors
 
 from orchmoe_cli import __version__
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import _disk_error, atomic_directory
+from orchmoe_cli.fsutil import atomic_directory, disk_error
 
 try:
     import numpy
@@ -126,7 +126,7 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OrchmoeError(f"{path}: missing from the checkpoint") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also too deep nesting and too long integers
         raise OrchmoeError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
 
 
@@ -225,9 +225,11 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
                            "resume from an earlier checkpoint")
     manifest = _read_json(manifest_path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= e.keys()
-                                              for e in files.values()):
-        raise OrchmoeError(f"{manifest_path}: not an orchmoe checkpoint manifest")
+    if not isinstance(files, dict):
+        raise OrchmoeError(f"{manifest_path}: not an orchmoe checkpoint manifest (no 'files' object); "
+                           "the checkpoint is damaged, resume from an earlier one")
+    for name, expected in files.items():
+        _check_manifest_entry(manifest_path, name, expected)
     for name, expected in files.items():
         file = root / name
         if not file.is_file():
@@ -243,6 +245,19 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         elif file.suffix == ".safetensors":
             _read_tensors(file, header_only=True)
     return manifest
+
+
+def _check_manifest_entry(manifest_path: Path, name: str, expected: Any) -> None:
+    """A relative path inside the checkpoint with a ``{"size": int >= 0, "sha256": str}`` entry."""
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or "\\" in name or ".." in parts:
+        raise OrchmoeError(f"{manifest_path}: files: '{name}' is not a path inside the checkpoint; "
+                           "the manifest is damaged, resume from an earlier checkpoint")
+    size = expected.get("size") if isinstance(expected, dict) else None
+    sha256 = expected.get("sha256") if isinstance(expected, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(sha256, str):
+        raise OrchmoeError(f"{manifest_path}: files.{name}: expected an object with a byte count 'size' and a "
+                           "'sha256' string; the manifest is damaged, resume from an earlier checkpoint")
 
 
 def _step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
@@ -316,14 +331,23 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose manifest verifies; damaged or partial ones are skipped with a warning."""
+    """The newest checkpoint that verifies (newer damaged ones are skipped with a warning); None if there are none.
+
+    When checkpoints exist but none verifies, raises the newest one's problem instead, so callers can report it
+    in one line rather than claim there is no checkpoint.
+    """
+    problems: list[OrchmoeError] = []
     for _, path in _step_dirs(Path(run_dir) / CHECKPOINTS):
         try:
             verify_checkpoint(path)
         except OrchmoeError as exc:
-            log.warning("skipping damaged checkpoint: %s", exc)
+            problems.append(exc)
             continue
+        for problem in problems:
+            log.warning("skipping damaged checkpoint: %s", problem)
         return path
+    if problems:
+        raise OrchmoeError(f"{problems[0]}; no complete checkpoint left in {run_dir}")
     return None
 
 
@@ -416,13 +440,13 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise _disk_error(self.path, exc) from None
+            raise disk_error(self.path, exc) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(self._content)
         except OSError as exc:  # never leave an empty lock that would block the next run
             self.path.unlink()
-            raise _disk_error(self.path, exc) from None
+            raise disk_error(self.path, exc) from None
         return True
 
     def _read_owner(self) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from orchmoe_cli import report
 from orchmoe_cli.data.collate import GenerationCollator, pad_token_id
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_write_text
+from orchmoe_cli.fsutil import atomic_directory, disk_error
 from orchmoe_cli.metrics import aggregate, score_instance
 from orchmoe_cli.recipe import EvalConfig, Recipe, dump_recipe, recipe_to_dict
 
@@ -57,6 +57,11 @@ def select_instances(split: Any, cfg: EvalConfig, source: str) -> list[dict[str,
     """The first ``max_instances`` rows of every selected task, in task order."""
     tasks_in_split = list(dict.fromkeys(split["task"]))
     wanted = cfg.tasks if cfg.tasks is not None else tasks_in_split
+    if not wanted:
+        raise OrchmoeError(f"{source}: eval.tasks: the list is empty; name tasks of the split or leave it out")
+    repeated = sorted({t for t in wanted if wanted.count(t) > 1})
+    if repeated:
+        raise OrchmoeError(f"{source}: eval.tasks: {', '.join(repeated)} listed more than once")
     missing = [t for t in wanted if t not in tasks_in_split]
     if missing:
         raise OrchmoeError(
@@ -169,14 +174,18 @@ def _load_partial(out_dir: Path, fingerprint: str) -> dict[str, dict]:
     return done
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _load_finished(out_dir: Path, fingerprint: str) -> list[dict] | None:
     """The rows of a completed evaluation with the same fingerprint, if one is on disk."""
     try:
         results = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
-        if results.get("fingerprint") != fingerprint:
-            return None
-        lines = (out_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        predictions = (out_dir / "predictions.jsonl").read_text(encoding="utf-8")
+        if results.get("fingerprint") != fingerprint or results.get("predictions_sha256") != _sha256(predictions):
+            return None  # another evaluation, or files from two different runs
+        return [json.loads(line) for line in predictions.splitlines() if line.strip()]
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -214,28 +223,32 @@ def run_evaluation(
     task_names = getattr(model, "task_names", [])
     index = {name: i for i, name in enumerate(task_names)}
 
-    # rewrite the partial file from what survived, then append as we go
-    with partial_path.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-        handle.write(report.jsonl(done[r["id"]] for r in rows if r["id"] in done))
-        handle.flush()
-        progress = Progress(
-            TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
-        )
-        with progress:
-            bar = progress.add_task(eval_label(cfg), total=len(todo))
+    # rewrite the partial file from what survived, then append as we go (a full disk: one clear line)
+    try:
+        with partial_path.open("w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+            handle.write(report.jsonl(done[r["id"]] for r in rows if r["id"] in done))
+            handle.flush()
+            progress = Progress(
+                TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+            )
+            with progress:
+                bar = progress.add_task(eval_label(cfg), total=len(todo))
 
-            def on_batch(batch_rows: list[dict], predictions: list[str]) -> None:
-                scored = [_scored_row(r, p) for r, p in zip(batch_rows, predictions)]
-                for row in scored:
-                    done[row["id"]] = row
-                handle.write(report.jsonl(scored))
-                handle.flush()
-                progress.update(bar, advance=len(batch_rows), description=f"{eval_label(cfg)} {batch_rows[0]['task']}")
+                def on_batch(batch_rows: list[dict], predictions: list[str]) -> None:
+                    scored = [_scored_row(r, p) for r, p in zip(batch_rows, predictions)]
+                    for row in scored:
+                        done[row["id"]] = row
+                    handle.write(report.jsonl(scored))
+                    handle.flush()
+                    progress.update(bar, advance=len(batch_rows), description=f"{eval_label(cfg)} {batch_rows[0]['task']}")
 
-            generate_predictions(model, tokenizer, is_encoder_decoder, todo, cfg, lambda t: index.get(t, -1), on_batch,
-                                 shard=(state.process_index, state.num_processes))
+                generate_predictions(model, tokenizer, is_encoder_decoder, todo, cfg, lambda t: index.get(t, -1), on_batch,
+                                     shard=(state.process_index, state.num_processes))
+
+    except OSError as exc:
+        raise disk_error(partial_path, exc) from None
 
     if state.num_processes > 1:
         for part in gather_object([done]):
@@ -257,11 +270,18 @@ def run_evaluation(
         "config": recipe_to_dict(recipe),
         **report.environment_info(),
     }
-    if state.is_main_process:
-        atomic_write_text(out_dir / "predictions.jsonl", report.jsonl(final_rows))
-        atomic_write_text(out_dir / "results.md", report.results_markdown(title, final_rows, metrics))
-        atomic_write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
-        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if state.is_main_process:  # the four artifacts replace the directory in one rename, or not at all
+        predictions = report.jsonl(final_rows)
+        results["predictions_sha256"] = _sha256(predictions)
+        artifacts = {
+            "predictions.jsonl": predictions,
+            "results.md": report.results_markdown(title, final_rows, metrics),
+            "recipe.yaml": dump_recipe(recipe),
+            "results.json": json.dumps(results, indent=2, ensure_ascii=False) + "\n",
+        }
+        with atomic_directory(out_dir) as staging:
+            for name, text in artifacts.items():
+                (staging / name).write_text(text, encoding="utf-8")
     state.wait_for_everyone()
     partial_path.unlink(missing_ok=True)
     return EvalOutcome(eval_label(cfg), metrics, final_rows, out_dir)

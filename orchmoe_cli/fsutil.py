@@ -13,7 +13,8 @@ from pathlib import Path
 from orchmoe_cli.errors import OrchmoeError
 
 
-def _disk_error(target: Path, exc: OSError) -> OrchmoeError | OSError:
+def disk_error(target: Path, exc: OSError) -> OrchmoeError | OSError:
+    """The one-line error for a full disk or an unwritable place; any other OSError is returned as is."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OrchmoeError(f"{target}: no space left on the device; free some space and run the command again")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -44,7 +45,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except OSError as exc:
-        raise _disk_error(target, exc) from None
+        raise disk_error(target, exc) from None
 
 
 @contextlib.contextmanager
@@ -58,7 +59,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as exc:
-        raise _disk_error(target, exc) from None
+        raise disk_error(target, exc) from None
     try:
         yield staging
         if target.exists():
@@ -70,6 +71,6 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         else:
             os.replace(staging, target)
     except OSError as exc:
-        raise _disk_error(target, exc) from None
+        raise disk_error(target, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

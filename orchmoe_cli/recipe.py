@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class DataConfig:
     languages: list[str] = _f(["English"], "keep tasks whose input, output and instruction languages are all listed")
     max_train_instances: int = _f(100, "training instances per task (random sample with `seed`, as Tk-Instruct)", min=1)
     max_test_instances: int = _f(100, "test instances per task: the first N, as the official evaluation", min=1)
-    seed: int = _f(42, "seed of the training-instance sample")
+    seed: int = _f(42, "seed of the training-instance sample", min=0)
     add_task_name: bool = _f(False, "prefix the prompt with the task name (Tk-Instruct: off)")
     add_definition: bool = _f(True, "include the task definition in the prompt")
     num_pos_examples: int = _f(2, "positive demonstrations in the prompt (official setting: 2)", min=0)
@@ -59,7 +60,7 @@ class TinyModelConfig:
     num_heads: int = _f(4, "attention heads", min=1)
     num_kv_heads: int = _f(2, "key/value heads (tiny-llama, grouped-query attention)", min=1)
     intermediate_size: int = _f(256, "feed-forward width", min=8)
-    seed: int = _f(0, "seed of the random initialisation")
+    seed: int = _f(0, "seed of the random initialisation", min=0, max=2**32 - 1)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -101,13 +102,12 @@ class TrainConfig:
                                      min=0, min_exclusive=True)
     val_instances: int = _f(0, "instances per training task held out for validation loss (0 = none)", min=0)
     eval_every: int = _f(0, "validation every N steps (0 = only at the end, if val_instances > 0)", min=0)
-    val_rouge: bool = _f(False, "also generate on the validation slice and report ROUGE-L")
     log_every: int = _f(10, "write metrics every N steps", min=1)
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)", min=0)
     keep_last: int = _f(3, "checkpoints to keep", min=1)
     resume: Literal["never", "auto"] = _f("never", "auto = continue from the newest complete checkpoint")
     mixed_precision: Literal["auto", "no", "bf16"] = _f("auto", "auto = bf16 on a GPU that supports it, else off")
-    seed: int = _f(42, "seed of everything random in training (each process adds its rank)")
+    seed: int = _f(42, "seed of everything random in training (each process adds its rank)", min=0, max=2**32 - 1024)
     deterministic: bool = _f(False, "use deterministic algorithms (slower on GPU)")
     tensorboard: bool = _f(False, "also log to TensorBoard under <output.dir>/tensorboard")
 
@@ -170,6 +170,8 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
         raise OrchmoeError(f"{path}: recipe is not UTF-8 text") from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise OrchmoeError(f"{path}: YAML nested too deeply; recipes are flat mappings of sections") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -188,6 +190,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise OrchmoeError(f"override '{item}': expected section.field=value, e.g. eval.max_instances=20")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
+    except RecursionError:
+        raise OrchmoeError(f"override '{key}': value nested too deeply") from None
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")
@@ -282,6 +286,8 @@ def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
 
 def _check_value(value: Any, spec: dataclasses.Field, source: str, dotted: str) -> Any:
     meta = spec.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OrchmoeError(f"{source}: {dotted}: must be a finite number, got {value}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high = meta.get("min"), meta.get("max")
         if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):

@@ -146,11 +146,13 @@ def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -
     cfg = recipe.train
     if recipe.method.name == "none":
         raise OrchmoeError(f"{source}: method.name: 'none' has nothing to train; pick lora, poly, mhr, orchmoe, ...")
+    run_dir = Path(recipe.output.dir)
+    if resume and not (run_dir / ckpt.CHECKPOINTS).is_dir():
+        raise OrchmoeError(f"{run_dir}: --resume given but it holds no checkpoint; run without --resume")
     accelerator = make_accelerator(cfg, recipe.method.name)
     is_main = accelerator.is_main_process
     console = console if is_main else Console(quiet=True)
     set_seed(cfg.seed + accelerator.process_index, deterministic=cfg.deterministic)
-    run_dir = Path(recipe.output.dir)
 
     with accelerator.main_process_first():
         prepared = prepare_data(recipe, source, console)
@@ -195,7 +197,10 @@ def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -
 def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, accelerator: Accelerator,
             console: Console, required: bool) -> int:
     """Restore adapter, optimizer, scheduler and this process's RNG from the newest complete checkpoint."""
-    latest = ckpt.latest_checkpoint(run_dir)
+    try:
+        latest = ckpt.latest_checkpoint(run_dir)
+    except OrchmoeError as exc:  # checkpoints exist but none is complete
+        raise OrchmoeError(f"{exc}; fix or delete it, or run without --resume / train.resume: auto") from None
     if latest is None:
         if required:
             raise OrchmoeError(f"{run_dir}: --resume given but it holds no complete checkpoint; run without --resume")
@@ -305,12 +310,10 @@ def _loop(recipe: Recipe, source: str, console: Console, accelerator: Accelerato
                 logger.log({"step": step, **losses, "lr": lr, "tokens_per_s": tokens / max(elapsed, 1e-9)})
             if val_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 logger.log({"step": step, "val_loss": _validation_loss(model, val_rows, cfg, pad_id, causal, accelerator)})
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or interrupt.requested:
                 last_path = save(step)
             if interrupt.requested:
                 interrupted = True
-                if step != cfg.steps:
-                    last_path = save(step)
                 break
     logger.close()
     checksums = gather_object([replica_checksum(unwrapped)])

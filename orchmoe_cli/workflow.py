@@ -35,7 +35,10 @@ def resolve_checkpoint(recipe: Recipe, source: str) -> Path | None:
         if (path / ckpt.MANIFEST).is_file():
             ckpt.verify_checkpoint(path)
         return path
-    latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
+    try:
+        latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
+    except OrchmoeError as exc:  # checkpoints exist but none is complete
+        raise OrchmoeError(f"{source}: eval.checkpoint: {exc}") from None
     if latest is None:
         raise OrchmoeError(f"{source}: eval.checkpoint: {path} holds no adapter checkpoint; train one first "
                            f"(orchmoe train {source}) or point eval.checkpoint at an adapter directory")
@@ -50,6 +53,9 @@ def evaluate(recipe: Recipe, source: str, console: Console, with_base: bool = Fa
     ``accelerate launch`` each process generates its share and the main process writes the results.
     """
     checkpoint = resolve_checkpoint(recipe, source)
+    if with_base and checkpoint is None:
+        raise OrchmoeError(f"{source}: --with-base compares the base model with an adapter: set eval.checkpoint "
+                           "(e.g. eval.checkpoint=latest)")
     runs = [None, checkpoint] if with_base and checkpoint is not None else [checkpoint]
     state = PartialState(cpu=not torch.cuda.is_available())  # under accelerate launch: one shard per process
     if not state.is_main_process:

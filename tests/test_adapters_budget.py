@@ -48,5 +48,6 @@ def test_budget_strings() -> None:
     assert parse_budget("120000") == 120_000
     assert parse_budget("1.5e5") == 150_000
     assert parse_budget("1B") == 1_000_000_000
-    with pytest.raises(ValueError):
-        parse_budget("lots")
+    for bad in ("lots", "0", "1e999", "-5k"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)

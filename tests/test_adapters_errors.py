@@ -56,7 +56,8 @@ def test_routing_errors() -> None:
         model(**batch)
     with pytest.raises(OrchmoeError, match="task id 3 is out of range"):
         model(**batch, task_ids=torch.tensor([0, 3, 1]))
-    with pytest.raises(OrchmoeError, match="routing was set for 2 sequences"), model.routing(task_ids=torch.tensor([0, 1])):
+    with (pytest.raises(OrchmoeError, match="routing was set for 2 sequences"),
+          model.routing(task_ids=torch.tensor([0, 1]))):
         model.base(**batch)
     orch = attach_adapters(BUILDERS["t5"](), MethodConfig(name="orchmoe"), [])
     with pytest.raises(OrchmoeError, match="orchmoe routes from the prompt"), orch.routing():
@@ -96,9 +97,9 @@ def test_bad_checkpoints(tmp_path: Path) -> None:
         with pytest.raises(OrchmoeError, match=message):
             load_adapted(BUILDERS["llama"](), directory)
     (broken("weights") / "adapter_model.safetensors").unlink()
-    with pytest.raises(OrchmoeError, match="adapter_model.safetensors: file not found"):
+    with pytest.raises(OrchmoeError, match=r"adapter_model\.safetensors: file not found"):
         load_adapted(BUILDERS["llama"](), tmp_path / "weights")
-    with pytest.raises(OrchmoeError, match="base_model.model_type is 'llama'"):
+    with pytest.raises(OrchmoeError, match=r"base_model\.model_type is 'llama'"):
         load_adapted(BUILDERS["t5"](), good)
     (broken("json") / "adapter_config.json").write_text("{not json")
     with pytest.raises(OrchmoeError, match="not valid JSON"):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from orchmoe_cli.adapters.context import RoutingSlot, RoutingState
-from orchmoe_cli.adapters.layer import SkillLoRALinear
+from orchmoe_cli.adapters.layer import SkillLoRALinear, add_low_rank
 from orchmoe_cli.adapters.orchmoe import TaskClassifier, load_balance_loss, supervision_loss
 from orchmoe_cli.adapters.routers import AllocationRouter, AverageRouter, TaskRouter, relaxed_sigmoid
 from orchmoe_cli.errors import OrchmoeError
@@ -59,7 +59,7 @@ def test_shared_routing_uses_one_mixture_and_matches_per_row_path() -> None:
     with torch.no_grad():
         shared = layer.router(layer.slot.state)
         fast = layer(x)
-        slow = layer.delta(x, shared.expand(4, -1, -1)) + layer.base_layer(x)
+        slow = add_low_rank(layer.base_layer(x), x, *layer.mix(shared.expand(4, -1, -1)), layer.scale)
     assert shared.shape[0] == 1
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 

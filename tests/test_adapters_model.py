@@ -83,8 +83,9 @@ def test_mixed_task_rows_are_independent_of_batch_mates(arch: str, method: str) 
     one = _logits(model, first, **_task_ids(method, [0, 1, 2]))
     two = _logits(model, second, **_task_ids(method, [0, 2, -1]))
     solo = _logits(model, alone, **_task_ids(method, [0]))
-    torch.testing.assert_close(one[0], two[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(one[0], solo[0], atol=1e-5, rtol=1e-5)
+    # equal up to float rounding (the batch size changes the matmul kernels); logits are a few units
+    torch.testing.assert_close(one[0], two[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(one[0], solo[0], atol=1e-4, rtol=1e-5)
     if method in ("poly", "mhr", "hyperloader"):  # task routing really changes the output
         assert not torch.allclose(one[1], _logits(model, first, task_ids=torch.tensor([0, 2, 2]))[1], atol=1e-4)
     kwargs = {"max_new_tokens": 4, "num_beams": 4, "num_return_sequences": 2, "do_sample": False}

@@ -191,6 +191,27 @@ def test_manifest_detects_modified_truncated_and_missing_files(tmp_path: Path) -
         verify_checkpoint(path)
 
 
+@pytest.mark.parametrize(("name", "entry", "expected"), [
+    ("adapter_config.json", {"size": "big", "sha256": "0"}, "files.adapter_config.json: expected an object"),
+    ("adapter_config.json", {"size": True, "sha256": "0"}, "files.adapter_config.json: expected an object"),
+    ("adapter_config.json", {"size": 1, "sha256": None}, "files.adapter_config.json: expected an object"),
+    ("adapter_config.json", [1], "files.adapter_config.json: expected an object"),
+    ("../outside.json", {"size": 1, "sha256": "0"}, "'../outside.json' is not a path inside the checkpoint"),
+    ("/etc/passwd", {"size": 1, "sha256": "0"}, "'/etc/passwd' is not a path inside the checkpoint"),
+])
+def test_malformed_manifest_is_one_error(tmp_path: Path, name: str, entry: object, expected: str) -> None:
+    path = _save(tmp_path, 1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = entry
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OrchmoeError, match="manifest.json: ") as info:
+        verify_checkpoint(path)
+    assert expected in str(info.value)
+    (path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(OrchmoeError, match="manifest.json: not valid JSON"):
+        verify_checkpoint(path)
+
+
 def test_latest_skips_corrupted_and_temp_dirs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert latest_checkpoint(tmp_path) is None
     good = _save(tmp_path, 1)
@@ -200,6 +221,14 @@ def test_latest_skips_corrupted_and_temp_dirs(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger="orchmoe_cli.checkpoint"):
         assert latest_checkpoint(tmp_path) == good
     assert "adapter_config.json: was modified after saving" in caplog.text
+
+    caplog.clear()
+    _flip_byte(good / "recipe.yaml")
+    with caplog.at_level(logging.WARNING, logger="orchmoe_cli.checkpoint"), \
+            pytest.raises(OrchmoeError, match=r"step-000002/adapter_config\.json: was modified after saving.*; "
+                                              rf"no complete checkpoint left in {tmp_path}$"):
+        latest_checkpoint(tmp_path)
+    assert caplog.text == ""  # the error says it all; no "skipping" lines before it
 
 
 def test_killed_save_leaves_previous_checkpoint_usable(tmp_path: Path) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
 import pytest
 from rich.console import Console
 
@@ -93,6 +96,18 @@ def test_failure_leaves_nothing_behind(sni_dir: Path, tmp_path: Path, byt5: Any,
     real = prepare_module.encode_prompts
     monkeypatch.setattr(prepare_module, "encode_prompts", failing)
     with pytest.raises(KeyboardInterrupt):
+        prepare(_cfg(sni_dir, tmp_path), byt5, "byt5", True, console=_console())
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_full_disk_is_one_error_and_leaves_nothing_behind(sni_dir: Path, tmp_path: Path, byt5: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        Path(path, "train").mkdir(parents=True)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(path, "train", "data.arrow")))
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", full)
+    with pytest.raises(OrchmoeError, match=f"{tmp_path / 'cache'}: no space left on the device"):
         prepare(_cfg(sni_dir, tmp_path), byt5, "byt5", True, console=_console())
     assert list((tmp_path / "cache").iterdir()) == []
 

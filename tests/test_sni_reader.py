@@ -8,7 +8,9 @@ from typing import Any, Callable
 
 import pytest
 
+from orchmoe_cli.data import sni
 from orchmoe_cli.data.sni import (
+    MAX_TEXT_CHARS,
     bundled_dir,
     cap_instances,
     matches_languages,
@@ -88,6 +90,16 @@ MALFORMED_TASKS = [
     pytest.param(_edit(("Negative Examples", 1, "explanation"), 3), "Negative Examples[1].explanation",
                  id="explanation-number"),
     pytest.param(_set("Input_language", "English"), "Input_language: expected a list", id="language-string"),
+    pytest.param(lambda t: b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="json-too-deep"),
+    pytest.param(lambda t: b'{"Definition": ' + b"9" * 5000 + b"}", "too many digits", id="json-huge-integer"),
+    pytest.param(_edit(("Instances", 3, "input"), "ok \ud800"), "Instances[3].input: character 3 is a lone surrogate",
+                 id="lone-surrogate"),
+    pytest.param(_edit(("Instances", 4, "id"), "task002_beta_title-1"),
+                 "Instances[4].id: 'task002_beta_title-1' is also the id of Instances[1]", id="duplicate-id"),
+    pytest.param(_edit(("Instances", 0, "input"), "x" * (MAX_TEXT_CHARS + 1)), "Instances[0].input: 1,048,577",
+                 id="text-too-long"),
+    pytest.param(_edit(("Definition", 0), "x" * (MAX_TEXT_CHARS + 1)), "Definition[0]: 1,048,577",
+                 id="definition-too-long"),
 ]
 
 
@@ -143,6 +155,14 @@ def test_malformed_split_file_names_file_and_line(sni_dir: Path, mutate: Callabl
     with pytest.raises(OrchmoeError) as info:
         resolve_source(DataConfig(source=str(sni_dir)))
     assert str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_oversized_task_file_is_refused_before_reading(sni_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = sni_dir / "tasks" / f"{SNI_TRAIN_TASKS[0]}.json"
+    monkeypatch.setattr(sni, "MAX_FILE_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read"))
+    with pytest.raises(OrchmoeError, match=rf"{path.name}: task file is [\d,]+ bytes, more than the [\d,]+ allowed"):
+        read_task(path)
 
 
 def test_missing_source_and_split_dirs(tmp_path: Path, sni_dir: Path) -> None:

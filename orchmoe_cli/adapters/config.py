@@ -7,6 +7,7 @@ mttl and peft) but equal to the rank for HyperLoader (scale 1, as its code).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from orchmoe_cli.errors import FieldError
 METHOD_NAMES = ("none", "lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader")
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([kKmMgGbB]?)\s*$")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+_MAX_BUDGET = 1e15  # far beyond any model; also keeps 1e999 (infinity) out
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -29,9 +31,11 @@ def parse_budget(text: str) -> int:
     if match is None:
         raise ValueError(f"expected a parameter count like 2.5M, 800k or 120000, got '{text}'")
     value = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
-    if value < 1:
-        raise ValueError(f"must be at least 1 parameter, got '{text}'")
-    return int(round(value))
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite parameter count, got '{text}'")
+    if not 1 <= value <= _MAX_BUDGET:
+        raise ValueError(f"must be between 1 parameter and {_MAX_BUDGET:.0e}, got '{text}'")
+    return round(value)
 
 
 @dataclass
@@ -85,7 +89,8 @@ class MethodConfig:
             alternative = "; use mhr for several heads" if self.name.startswith("poly") else ""
             raise FieldError("n_heads", f"{self.name} routes with one head, got {heads}{alternative}")
         if heads == 1 and self.name in ("mhr", "mhr_mu"):
-            raise FieldError("n_heads", f"{self.name} needs n_heads > 1 (one head is {self.name.replace('mhr', 'poly')})")
+            one_head = self.name.replace("mhr", "poly")
+            raise FieldError("n_heads", f"{self.name} needs n_heads > 1 (one head is {one_head})")
 
     @property
     def budget_count(self) -> int | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -25,8 +24,9 @@ class RoutingState:
     batch_size: int
     task_ids: Tensor | None = None  # (batch,) long; -1 = a task not seen in training
     task_probs: Tensor | None = None  # (batch, T): OrchMoE p(abstract task | prompt)
-    layer_weights: dict[int, Tensor] = field(default_factory=dict)  # id(router) -> (1 or batch, h, S)
-    cache: dict[tuple[int, str], Tensor] = field(default_factory=dict)
+    # tensors computed once per batch for a module, by id(module): each router's skill weights
+    # (1 or batch, h, S), each HyperLoader stack's projected task embeddings (tasks, sites, dim)
+    computed: dict[int, Tensor] = field(default_factory=dict)
 
     @cached_property
     def shared(self) -> bool:
@@ -48,15 +48,6 @@ class RoutingState:
             raise OrchmoeError("this method routes by task id: pass task_ids (-1 for an unseen task)")
         unique, inverse = torch.unique(self.task_ids, return_inverse=True)
         return unique, inverse
-
-    def memo(self, owner: object, name: str, compute: Callable[[], Tensor]) -> Tensor:
-        """Compute once per batch when no gradient is needed (e.g. every decoding step of generate)."""
-        if torch.is_grad_enabled():
-            return compute()
-        key = (id(owner), name)
-        if key not in self.cache:
-            self.cache[key] = compute()
-        return self.cache[key]
 
 
 def fold_rows(x: Tensor, sequences: int) -> Tensor:

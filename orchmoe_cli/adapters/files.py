@@ -5,11 +5,13 @@ Only JSON and safetensors are ever read; a pickled ``adapter_model.bin`` is refu
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -17,6 +19,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import disk_error
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -32,6 +35,12 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except SafetensorError as exc:  # safetensors reports a full disk as its own error, "os error 28"
+        if "os error 28" in str(exc):
+            raise disk_error(path, OSError(errno.ENOSPC, str(exc))) from None
+        raise
+    except OSError as exc:
+        raise disk_error(path, exc) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -59,7 +68,8 @@ def read_json(path: Path) -> Any:
 def read_tensors(directory: Path) -> dict[str, Tensor]:
     path = directory / WEIGHTS_FILE
     if not path.is_file():
-        pickled = " (adapter_model.bin is a pickle and is never loaded)" if (directory / "adapter_model.bin").exists() else ""
+        pickled = (" (adapter_model.bin is a pickle and is never loaded)"
+                   if (directory / "adapter_model.bin").exists() else "")
         raise OrchmoeError(f"{path}: file not found{pickled}")
     try:
         return load_file(str(path))

@@ -19,19 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orchmoe_cli.adapters.context import RoutingSlot, fold_rows
+from orchmoe_cli.adapters.context import RoutingSlot, RoutingState, fold_rows
+from orchmoe_cli.adapters.layer import WrappedLinear, add_low_rank
 from orchmoe_cli.errors import OrchmoeError
 
 
 class StackHyperNetwork(nn.Module):
     """The shared generator of one stack (encoder, decoder, or a decoder-only model)."""
 
-    def __init__(self, n_layers: int, n_positions: int, embedding_dim: int, hidden_dim: int, projected_dim: int,
+    def __init__(self, sites: list[tuple[int, int]], embedding_dim: int, hidden_dim: int, projected_dim: int,
                  rank: int, lora_in: list[int], lora_out: list[int], adapter_dim: int | None, bottleneck: int) -> None:
+        """``sites``: (layer, position id) of every wrapped linear of the stack, in wrapper order."""
         super().__init__()
         self.rank, self.bottleneck = rank, bottleneck
-        self.layer_embedding = nn.Embedding(n_layers, embedding_dim)
-        self.position_embedding = nn.Embedding(n_positions, embedding_dim)
+        self.register_buffer("sites", torch.tensor(sites, dtype=torch.long), persistent=False)
+        self.layer_embedding = nn.Embedding(max(layer for layer, _ in sites) + 1, embedding_dim)
+        self.position_embedding = nn.Embedding(max(position for _, position in sites) + 1, embedding_dim)
         self.projector = nn.Sequential(
             nn.Linear(3 * embedding_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, projected_dim),
             nn.LayerNorm(projected_dim))
@@ -41,24 +44,23 @@ class StackHyperNetwork(nn.Module):
             nn.init.kaiming_uniform_(gen.weight, a=math.sqrt(5))
         for gen in self.lora_b.values():
             nn.init.zeros_(gen.weight)  # delta W = 0 at start
-        self.adapter = nn.ModuleDict()
-        if adapter_dim is not None:
-            sizes = {"down_w": bottleneck * adapter_dim, "down_b": bottleneck, "up_w": adapter_dim * bottleneck,
-                     "up_b": adapter_dim, "ln_w": adapter_dim, "ln_b": adapter_dim}
-            self.adapter = nn.ModuleDict({k: nn.Linear(projected_dim, n) for k, n in sizes.items()})
-            for key, gen in self.adapter.items():
-                nn.init.zeros_(gen.bias)
-                if key.startswith("ln"):
-                    nn.init.zeros_(gen.weight)
-                else:
-                    nn.init.normal_(gen.weight, std=1e-2)
+        # the adapter generators G_D, c_D | G_bD | G_U, c_U | G_bU | G_gamma | G_beta as one linear map whose
+        # output splits into W_D (b*d), b_D (b), W_U (d*b), b_U (d), gamma (d), beta (d): one op per site
+        d = adapter_dim or 0
+        self.adapter_sizes = (bottleneck * d, bottleneck, d * bottleneck, d, d, d)
+        self.adapter = nn.Linear(projected_dim, sum(self.adapter_sizes)) if adapter_dim is not None else None
+        if self.adapter is not None:
+            nn.init.zeros_(self.adapter.bias)
+            nn.init.normal_(self.adapter.weight, std=1e-2)
+            nn.init.zeros_(self.adapter.weight[-2 * d:])  # gamma and beta start at 0
 
-    def embed(self, task_vectors: Tensor, layer: int, position: int) -> Tensor:
-        """Projected embeddings s (tasks, projected_dim) for one (layer, position)."""
-        index = torch.tensor([layer, position], device=task_vectors.device)
-        layer_vec = self.layer_embedding(index[:1]).expand(task_vectors.shape[0], -1)
-        pos_vec = self.position_embedding(index[1:]).expand(task_vectors.shape[0], -1)
-        return self.projector(torch.cat([task_vectors, layer_vec, pos_vec], dim=-1))
+    def project(self, task_vectors: Tensor) -> Tensor:
+        """Projected embeddings s (tasks, sites, projected_dim): every site of the stack in one pass."""
+        tasks, sites = task_vectors.shape[0], self.sites.shape[0]
+        layer = self.layer_embedding(self.sites[:, 0]).unsqueeze(0).expand(tasks, -1, -1)
+        position = self.position_embedding(self.sites[:, 1]).unsqueeze(0).expand(tasks, -1, -1)
+        task = task_vectors.unsqueeze(1).expand(-1, sites, -1)
+        return self.projector(torch.cat([task, layer, position], dim=-1))
 
 
 class HyperLoader(nn.Module):
@@ -76,35 +78,22 @@ class HyperLoader(nn.Module):
         mean = self.task_embedding.mean(dim=0, keepdim=True).expand_as(known)
         return torch.where((ids >= 0).unsqueeze(-1), known, mean)
 
+    def route(self, state: RoutingState) -> None:
+        """Project the batch's distinct tasks for every site of every stack, once per batch."""
+        unique, _ = state.unique_tasks
+        vectors = self.task_vectors(unique)
+        for stack in self.stacks.values():
+            state.computed[id(stack)] = stack.project(vectors)
 
-class HyperWrapped(nn.Module):
+
+class HyperWrapped(WrappedLinear):
     """A frozen linear whose extra weights come from a stack hypernetwork, per task of the batch."""
 
-    def __init__(self, base_layer: nn.Linear, hyper: HyperLoader, stack: str, layer: int, position: int,
-                 slot: RoutingSlot) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+    def __init__(self, base_layer: nn.Linear, hyper: HyperLoader, stack: str, site: int, slot: RoutingSlot) -> None:
+        super().__init__(base_layer, slot)
         # a plain reference: the hypernetwork is registered once on the adapted model, not in every layer
         object.__setattr__(self, "hyper", hyper)
-        self.stack, self.layer, self.position = stack, layer, position
-        self.slot = slot
-
-    @property
-    def weight(self) -> Tensor:
-        """The base weight: HF code (e.g. T5's feed-forward) reads ``.weight`` of the modules it calls."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
+        self.stack, self.site = stack, site  # site: index into the stack hypernetwork's sites
 
     def _routing(self) -> tuple[Tensor, Tensor | None]:
         """(projected embeddings of the batch's distinct tasks, sequence -> task index; None for one task)."""
@@ -113,9 +102,10 @@ class HyperWrapped(nn.Module):
             raise OrchmoeError("hyperloader routes by task id: set routing with task_ids (-1 for an unseen task)")
         unique, inverse = state.unique_tasks
         net: HyperLoader = self.hyper  # type: ignore[assignment]
-        embed = net.stacks[self.stack].embed
-        projected = state.memo(self, "s", lambda: embed(net.task_vectors(unique), self.layer, self.position))
-        return projected, (inverse if unique.shape[0] > 1 else None)
+        key = id(net.stacks[self.stack])
+        if key not in state.computed:
+            net.route(state)
+        return state.computed[key][:, self.site], (inverse if unique.shape[0] > 1 else None)
 
 
 def _pick(generated: Tensor, inverse: Tensor | None) -> Tensor:
@@ -126,11 +116,11 @@ def _pick(generated: Tensor, inverse: Tensor | None) -> Tensor:
 class HyperLoRALinear(HyperWrapped):
     """y = W0 x + b + (alpha/r) x A_task^T B_task^T with A, B generated for the row's task."""
 
-    def __init__(self, base_layer: nn.Linear, hyper: HyperLoader, stack: str, layer: int, position: int,
-                 slot: RoutingSlot, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__(base_layer, hyper, stack, layer, position, slot)
+    def __init__(self, base_layer: nn.Linear, hyper: HyperLoader, stack: str, site: int, slot: RoutingSlot,
+                 alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base_layer, hyper, stack, site, slot)
         self.scale = alpha / hyper.stacks[stack].rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
@@ -138,10 +128,8 @@ class HyperLoRALinear(HyperWrapped):
         net = self.hyper.stacks[self.stack]  # type: ignore[attr-defined]
         d_in, d_out, r = self.in_features, self.out_features, net.rank
         a = _pick(net.lora_a[str(d_in)](s).view(-1, r, d_in).transpose(1, 2), inverse)
-        b = _pick(net.lora_b[str(d_out)](s).view(-1, d_out, r).transpose(1, 2) * self.scale, inverse)
-        x_in = self.dropout(x).to(a.dtype)
-        delta = torch.bmm(torch.bmm(fold_rows(x_in, a.shape[0]), a), b)
-        return out + delta.view(*x.shape[:-1], d_out).to(out.dtype)
+        b = _pick(net.lora_b[str(d_out)](s).view(-1, d_out, r).transpose(1, 2), inverse)
+        return add_low_rank(out, x if self.dropout is None else self.dropout(x), a, b, self.scale)
 
 
 class HyperAdapterLinear(HyperWrapped):
@@ -151,15 +139,12 @@ class HyperAdapterLinear(HyperWrapped):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
         s, inverse = self._routing()
-        gens = self.hyper.stacks[self.stack].adapter  # type: ignore[attr-defined]
-        d, bottleneck = self.out_features, gens["down_b"].out_features
-        w_down = _pick(gens["down_w"](s).view(-1, bottleneck, d), inverse)
-        b_down = _pick(gens["down_b"](s), inverse).unsqueeze(1)
-        w_up = _pick(gens["up_w"](s).view(-1, d, bottleneck), inverse)
-        b_up = _pick(gens["up_b"](s), inverse).unsqueeze(1)
-        gamma = _pick(gens["ln_w"](s), inverse).unsqueeze(1)
-        beta = _pick(gens["ln_b"](s), inverse).unsqueeze(1)
-        h = fold_rows(y.to(w_down.dtype), w_down.shape[0])
+        net = self.hyper.stacks[self.stack]  # type: ignore[attr-defined]
+        generated = _pick(net.adapter(s), inverse).unsqueeze(1)  # (n, 1, total)
+        w_down, b_down, w_up, b_up, gamma, beta = generated.split(net.adapter_sizes, dim=-1)
+        n, d = generated.shape[0], self.out_features
+        w_down, w_up = w_down.view(n, net.bottleneck, d), w_up.view(n, d, net.bottleneck)
+        h = fold_rows(y.to(w_down.dtype), n)
         h = F.gelu(torch.baddbmm(b_down, h, w_down.transpose(1, 2)), approximate="tanh")
         h = torch.baddbmm(b_up, h, w_up.transpose(1, 2))
         h = F.layer_norm(h, (d,)) * gamma + beta

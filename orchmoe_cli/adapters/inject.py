@@ -12,9 +12,10 @@ Llama ``self_attn.o_proj`` / ``mlp.down_proj``).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable, Literal
+from typing import Literal
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -69,9 +70,9 @@ def linear_layers(base: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in base.named_modules() if type(m) is nn.Linear}
 
 
-def _family(base: PreTrainedModel, what: str) -> Family | None:
+def _family(base: PreTrainedModel, what: str) -> Family:
     family = FAMILIES.get(getattr(base.config, "model_type", ""))
-    if family is None and what:
+    if family is None:
         raise OrchmoeError(f"method.target_modules: no default {what} for model type "
                            f"'{base.config.model_type}'; list the modules to adapt")
     return family
@@ -108,8 +109,7 @@ def plan(base: PreTrainedModel, method: MethodConfig) -> list[Site]:
     linears = linear_layers(base)
     explicit = method.target_modules is not None
     if spec_of(method).router != "hyper":
-        family = None if explicit else _family(base, "targets")
-        names = select(linears, method.target_modules or family.targets, explicit)  # type: ignore[union-attr]
+        names = select(linears, method.target_modules or _family(base, "targets").targets, explicit)
         sites = [Site(n, linears[n].in_features, linears[n].out_features) for n in names]
         heads = method.n_heads or 1
         for site in sites:
@@ -118,22 +118,24 @@ def plan(base: PreTrainedModel, method: MethodConfig) -> list[Site]:
                                    f"layer; {site.name} maps {site.d_in} -> {site.d_out}")
         return sites
     family = _family(base, "hyperloader placement")
-    assert family is not None
     lora = select(linears, method.target_modules or family.hyper_lora, explicit)
     attn, ff = (select(linears, [p], False) for p in family.hyper_adapters)
     clash = sorted(set(lora) & set(attn + ff))
     if clash:
         raise OrchmoeError(f"method.target_modules: {clash[0]} already carries a hyperloader adapter; "
                            "choose other LoRA targets")
-    positions: dict[tuple[str, str], int] = {}
+    model_order = {name: i for i, name in enumerate(linears)}
+    positions: dict[tuple[str, str], int] = {}  # LoRA position ids, numbered per stack in model order
     sites = []
-    for name in sorted(lora + attn + ff, key=list(linears).index):
+    for name in sorted(lora + attn + ff, key=model_order.__getitem__):
         stack, layer, key = _position_key(name)
         kind = "hyper_lora" if name in lora else "hyper_adapter"
         if kind == "hyper_adapter":
             position = 0 if name in ff else 1  # HyperFormer ids: 0 feed-forward adapter, 1 attention adapter
         else:
-            position = positions.setdefault((stack, key), 2 + sum(s == stack for s, _ in positions))
+            if (stack, key) not in positions:
+                positions[(stack, key)] = 2 + sum(s == stack for s, _ in positions)
+            position = positions[(stack, key)]
         sites.append(Site(name, linears[name].in_features, linears[name].out_features, kind, stack, layer, position))
     return sites
 
@@ -158,12 +160,11 @@ def _hyper_networks(sites: list[Site], method: MethodConfig, n_tasks: int) -> Hy
         if len(adapter_dims) > 1:
             raise OrchmoeError(f"hyperloader: adapter sites of the {stack} have different sizes {adapter_dims}")
         stacks[stack] = StackHyperNetwork(
-            n_layers=max(s.layer for s in mine) + 1, n_positions=max(s.position for s in mine) + 1,
-            embedding_dim=method.task_embedding_dim, hidden_dim=method.hidden_dim,
-            projected_dim=method.projected_dim, rank=method.rank, lora_in=sorted({s.d_in for s in lora}),
-            lora_out=sorted({s.d_out for s in lora}), adapter_dim=adapter_dims[0] if adapter_dims else None,
-            bottleneck=method.adapter_bottleneck or 1)
-    return HyperLoader(max(n_tasks, 1), method.task_embedding_dim, stacks)
+            sites=[(s.layer, s.position) for s in mine], embedding_dim=method.task_embedding_dim,
+            hidden_dim=method.hidden_dim, projected_dim=method.projected_dim, rank=method.rank,
+            lora_in=sorted({s.d_in for s in lora}), lora_out=sorted({s.d_out for s in lora}),
+            adapter_dim=adapter_dims[0] if adapter_dims else None, bottleneck=method.adapter_bottleneck or 1)
+    return HyperLoader(n_tasks, method.task_embedding_dim, stacks)
 
 
 def build(sites: list[Site], method: MethodConfig, n_tasks: int, hidden_size: int, slot: RoutingSlot,
@@ -177,8 +178,9 @@ def build(sites: list[Site], method: MethodConfig, n_tasks: int, hidden_size: in
     if spec.router == "hyper":
         hyper = _hyper_networks(sites, method, n_tasks)
         extras["hyper"] = hyper
+        order = {stack: [s.name for s in sites if s.stack == stack] for stack in hyper.stacks}
         for s in sites:
-            args = (base_for(s), hyper, s.stack, s.layer, s.position, slot)
+            args = (base_for(s), hyper, s.stack, order[s.stack].index(s.name), slot)
             wrappers[s.name] = (HyperLoRALinear(*args, alpha=alpha, dropout=method.dropout)
                                 if s.kind == "hyper_lora" else HyperAdapterLinear(*args))
         return wrappers, extras

@@ -18,27 +18,31 @@ from orchmoe_cli.adapters.context import RoutingSlot, fold_rows
 from orchmoe_cli.errors import OrchmoeError
 
 
-class SkillLoRALinear(nn.Module):
-    """``base_layer`` (frozen) + routed mixture of LoRA skills."""
+def add_low_rank(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """out + scale (x a) b for ``x`` (rows, ..., d_in), with ``a`` (n, d_in, r) and ``b`` (n, r, d_out) holding
+    one LoRA pair for the whole batch (n = 1: two plain matmuls) or one per sequence (batched matmuls).
 
-    def __init__(self, base_layer: nn.Linear, router: nn.Module, slot: RoutingSlot, rank: int, alpha: float,
-                 n_skills: int, n_heads: int, dropout: float = 0.0) -> None:
+    The scale and the add ride on addmm / baddbmm when dtypes allow: fewer ops per layer.
+    """
+    x = x.to(a.dtype)
+    n, d_out = a.shape[0], b.shape[-1]
+    if out.dtype != a.dtype:
+        delta = (x @ a[0]) @ b[0] if n == 1 else torch.bmm(torch.bmm(fold_rows(x, n), a), b)
+        return out + (scale * delta).view(out.shape).to(out.dtype)
+    if n == 1:
+        xa = x.reshape(-1, x.shape[-1]) @ a[0]
+        return torch.addmm(out.reshape(-1, d_out), xa, b[0], alpha=scale).view(out.shape)
+    xa = torch.bmm(fold_rows(x, n), a)
+    return torch.baddbmm(out.reshape(n, -1, d_out), xa, b, alpha=scale).view(out.shape)
+
+
+class WrappedLinear(nn.Module):
+    """A frozen ``nn.Linear`` in a wrapper that adds to it, reading routing from the model's slot."""
+
+    def __init__(self, base_layer: nn.Linear, slot: RoutingSlot) -> None:
         super().__init__()
-        d_in, d_out = base_layer.in_features, base_layer.out_features
-        if d_in % n_heads or d_out % n_heads:
-            raise ValueError(f"n_heads {n_heads} must divide in_features {d_in} and out_features {d_out}")
         self.base_layer = base_layer
-        self.router = router
         self.slot = slot
-        self.rank, self.scale = rank, alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(n_heads, n_skills, d_in // n_heads, rank))
-        self.lora_B = nn.Parameter(torch.zeros(n_heads, n_skills, rank, d_out // n_heads))
-        # kaiming_uniform(a=sqrt(5)) per (head, skill) slice with fan_in = d_in/h, as peft Poly; B = 0
-        # so the adapted model starts as the base model.
-        bound = 1.0 / math.sqrt(d_in // n_heads)
-        nn.init.uniform_(self.lora_A, -bound, bound)
-        self._unmerged_weight: Tensor | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -57,6 +61,27 @@ class SkillLoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+
+class SkillLoRALinear(WrappedLinear):
+    """``base_layer`` (frozen) + routed mixture of LoRA skills."""
+
+    def __init__(self, base_layer: nn.Linear, router: nn.Module, slot: RoutingSlot, rank: int, alpha: float,
+                 n_skills: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__(base_layer, slot)
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        if d_in % n_heads or d_out % n_heads:
+            raise ValueError(f"n_heads {n_heads} must divide in_features {d_in} and out_features {d_out}")
+        self.router = router
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.lora_A = nn.Parameter(torch.empty(n_heads, n_skills, d_in // n_heads, rank))
+        self.lora_B = nn.Parameter(torch.zeros(n_heads, n_skills, rank, d_out // n_heads))
+        # kaiming_uniform(a=sqrt(5)) per (head, skill) slice with fan_in = d_in/h, as peft Poly; B = 0
+        # so the adapted model starts as the base model.
+        bound = 1.0 / math.sqrt(d_in // n_heads)
+        nn.init.uniform_(self.lora_A, -bound, bound)
+        self._unmerged_weight: Tensor | None = None
+
     @property
     def merged(self) -> bool:
         return self._unmerged_weight is not None
@@ -66,10 +91,11 @@ class SkillLoRALinear(nn.Module):
         if self.merged:
             return out
         weights = self.router(self.slot.state)
-        return out + self.delta(self.dropout(x), weights).to(out.dtype)
+        a, b = self.mix(weights)
+        return add_low_rank(out, x if self.dropout is None else self.dropout(x), a, b, self.scale)
 
     def mix(self, weights: Tensor) -> tuple[Tensor, Tensor]:
-        """Mix routings (n, h, S) into n LoRA pairs: A (n, d_in, r) and B scaled by alpha/r (n, r, d_out).
+        """Mix routings (n, h, S) into n LoRA pairs: A (n, d_in, r) and B (n, r, d_out).
 
         Heads own consecutive slices of A's input and B's output dims (mttl / peft layout). Plain
         matmuls rather than einsum: on small layers the per-op overhead is what costs.
@@ -79,21 +105,12 @@ class SkillLoRALinear(nn.Module):
         if heads == 1:
             w = weights.view(n, skills)
             a = (w @ self.lora_A.view(skills, -1)).view(n, -1, rank)
-            b = ((w * self.scale) @ self.lora_B.view(skills, -1)).view(n, rank, -1)
+            b = (w @ self.lora_B.view(skills, -1)).view(n, rank, -1)
             return a, b
         w = weights.transpose(0, 1)  # (h, n, S)
         a = torch.bmm(w, self.lora_A.view(heads, skills, -1)).view(heads, n, -1, rank)
-        b = torch.bmm(w * self.scale, self.lora_B.view(heads, skills, -1)).view(heads, n, rank, -1)
+        b = torch.bmm(w, self.lora_B.view(heads, skills, -1)).view(heads, n, rank, -1)
         return a.transpose(0, 1).reshape(n, -1, rank), b.permute(1, 2, 0, 3).reshape(n, rank, -1)
-
-    def delta(self, x: Tensor, weights: Tensor) -> Tensor:
-        """The adapter's contribution for input ``x`` (rows, ..., d_in) and weights (1 or batch, h, S)."""
-        x = x.to(self.lora_A.dtype)
-        a, b = self.mix(weights)
-        if weights.shape[0] == 1:  # one routing for the whole batch: two plain matmuls
-            return (x @ a[0]) @ b[0]
-        out = torch.bmm(torch.bmm(fold_rows(x, weights.shape[0]), a), b)
-        return out.view(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
     def merge(self, weights: Tensor) -> None:
@@ -102,7 +119,7 @@ class SkillLoRALinear(nn.Module):
             raise OrchmoeError("adapters are already merged; call unmerge() first")
         a, b = self.mix(weights.unsqueeze(0))
         self._unmerged_weight = self.base_layer.weight.detach().clone()
-        self.base_layer.weight += (a[0] @ b[0]).T.to(self.base_layer.weight.dtype)
+        self.base_layer.weight += (self.scale * a[0] @ b[0]).T.to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -15,8 +15,15 @@ from transformers import PreTrainedModel
 
 from orchmoe_cli.adapters.budget import adapter_shapes, group_of, hidden_size
 from orchmoe_cli.adapters.config import MethodConfig
-from orchmoe_cli.adapters.files import CONFIG_FILE, FORMAT, WEIGHTS_FILE, base_summary, read_json, read_task_names, \
-    read_tensors
+from orchmoe_cli.adapters.files import (
+    CONFIG_FILE,
+    FORMAT,
+    WEIGHTS_FILE,
+    base_summary,
+    read_json,
+    read_task_names,
+    read_tensors,
+)
 from orchmoe_cli.adapters.model import AdaptedModel, attach_adapters
 from orchmoe_cli.adapters.peft_interop import read_peft_checkpoint
 from orchmoe_cli.adapters.registry import resolve
@@ -30,7 +37,10 @@ def _read_own(base: PreTrainedModel, directory: Path,
     source = directory / CONFIG_FILE
     if config.get("format") != FORMAT:
         raise OrchmoeError(f"{source}: not an orchmoe adapter checkpoint (format '{config.get('format')}')")
-    if config.get("format_version", 1) > FORMAT_VERSION:
+    version = config.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise OrchmoeError(f"{source}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise OrchmoeError(f"{source}: written by a newer orchmoe (format version {config['format_version']}); "
                            "upgrade orchmoe to load it")
     raw = config.get("method")
@@ -41,6 +51,8 @@ def _read_own(base: PreTrainedModel, directory: Path,
 
     method = build(MethodConfig, raw, str(source), "method.")
     summary = config.get("base_model") or {}
+    if not isinstance(summary, dict):
+        raise OrchmoeError(f"{source}: base_model must be a mapping describing the base model, got {summary!r}")
     actual = base_summary(base)
     for key in ("model_type", "hidden_size"):
         if summary.get(key) is not None and summary[key] != actual[key]:

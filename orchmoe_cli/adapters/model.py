@@ -9,9 +9,10 @@ method-agnostic operations over the wrappers that ``inject`` installed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +23,17 @@ from orchmoe_cli import __version__
 from orchmoe_cli.adapters.budget import GROUPS, choose_rank, group_of, hidden_size, layer_norm_parameters
 from orchmoe_cli.adapters.config import MethodConfig
 from orchmoe_cli.adapters.context import RoutingSlot, RoutingState
-from orchmoe_cli.adapters.files import CONFIG_FILE, FORMAT, TASKS_FILE, WEIGHTS_FILE, base_summary, write_json, write_tensors
-from orchmoe_cli.adapters.hyper import HyperWrapped
+from orchmoe_cli.adapters.files import (
+    CONFIG_FILE,
+    FORMAT,
+    TASKS_FILE,
+    WEIGHTS_FILE,
+    base_summary,
+    write_json,
+    write_tensors,
+)
 from orchmoe_cli.adapters.inject import build, install, plan
-from orchmoe_cli.adapters.layer import SkillLoRALinear
+from orchmoe_cli.adapters.layer import SkillLoRALinear, WrappedLinear
 from orchmoe_cli.adapters.orchmoe import load_balance_loss, supervision_loss
 from orchmoe_cli.adapters.peft_interop import export_peft
 from orchmoe_cli.adapters.registry import resolve, spec_of
@@ -54,7 +62,8 @@ class AdaptedModel(nn.Module):
 
     @contextmanager
     def routing(self, task_ids: Tensor | None = None, input_ids: Tensor | None = None,
-                prompt_mask: Tensor | None = None, category_ids: Tensor | None = None) -> Iterator[RoutingState | None]:
+                prompt_mask: Tensor | None = None,
+                category_ids: Tensor | None = None) -> Iterator[RoutingState | None]:
         """Set the routing of the enclosed forward/generate calls; yields the batch's routing state.
 
         ``task_ids`` index ``task_names`` (-1 = a task not seen in training); OrchMoE reads only
@@ -71,8 +80,10 @@ class AdaptedModel(nn.Module):
                        category_ids: Tensor | None) -> RoutingState | None:
         """The batch's routing inputs, with every layer's skill weights computed together."""
         state = self._routing_inputs(task_ids, input_ids, prompt_mask, category_ids)
-        if state is not None:
+        if state is not None:  # outside any layer, so activation checkpointing replays the same tensors
             route_layers([layer.router for layer in self._layers], state)
+            if self.spec.router == "hyper":
+                self.hyper.route(state)
         return state
 
     def _routing_inputs(self, task_ids: Tensor | None, input_ids: Tensor | None, prompt_mask: Tensor | None,
@@ -159,7 +170,7 @@ class AdaptedModel(nn.Module):
     def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Every tensor the method adds or trains (regardless of requires_grad), by checkpoint name."""
         for name, module in self.named_modules():
-            if isinstance(module, (SkillLoRALinear, HyperWrapped)):
+            if isinstance(module, WrappedLinear):
                 for pname, param in module.named_parameters():
                     if not pname.startswith("base_layer."):
                         yield f"{name}.{pname}", param
@@ -268,6 +279,7 @@ class AdaptedModel(nn.Module):
     def export_peft(self, directory: str | Path) -> None:
         """Write a peft checkpoint (lora, poly, mhr) that ``PeftModel.from_pretrained`` loads."""
         export_peft(self, Path(directory))
+
 
 def _check_task_names(task_names: list[str], needs_tasks: bool, method: str) -> list[str]:
     names = list(task_names)

@@ -15,8 +15,15 @@ from peft import LoraConfig, PolyConfig
 from torch import Tensor
 
 from orchmoe_cli.adapters.config import MethodConfig
-from orchmoe_cli.adapters.files import CONFIG_FILE, TASKS_FILE, WEIGHTS_FILE, read_task_names, read_tensors, \
-    write_json, write_tensors
+from orchmoe_cli.adapters.files import (
+    CONFIG_FILE,
+    TASKS_FILE,
+    WEIGHTS_FILE,
+    read_task_names,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 from orchmoe_cli.adapters.layer import SkillLoRALinear
 from orchmoe_cli.errors import FieldError, OrchmoeError
 
@@ -86,6 +93,15 @@ def _modules(tensors: dict[str, Tensor], suffixes: tuple[str, ...], source: Path
     return sorted(modules)
 
 
+def _number(config: dict[str, Any], key: str, kind: type, source: Path, default: Any = None) -> Any:
+    """``config[key]`` as ``kind`` (int or float); a missing or non-numeric value names the key."""
+    value = config.get(key, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and value != int(value)):
+        raise OrchmoeError(f"{source}: '{key}' must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+    return kind(value)
+
+
 def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[MethodConfig, list[str], dict[str, Tensor]]:
     """(method, task names, tensors named as ``AdaptedModel.adapter_state_dict``) of a peft LoRA/Poly checkpoint."""
     source = directory / CONFIG_FILE
@@ -103,9 +119,9 @@ def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[Metho
         if config.get("bias", "none") != "none":
             raise OrchmoeError(f"{source}: bias '{config['bias']}' is set; orchmoe imports LoRA without biases")
         modules = _modules(tensors, (".lora_A.weight", ".lora_B.weight"), weights)
-        rank = int(config["r"])
-        method = _method(source, name="lora", rank=rank, alpha=float(config["lora_alpha"]), target_modules=modules,
-                         dropout=float(config.get("lora_dropout") or 0.0))
+        rank = _number(config, "r", int, source)
+        method = _method(source, name="lora", rank=rank, alpha=_number(config, "lora_alpha", float, source),
+                         target_modules=modules, dropout=_number(config, "lora_dropout", float, source, 0.0))
         ours = {}
         for m in modules:
             a, b = tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]
@@ -118,13 +134,14 @@ def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[Metho
     if kind == "POLY":
         if config.get("poly_type", "poly") != "poly":
             raise OrchmoeError(f"{source}: poly_type '{config['poly_type']}' is not supported")
-        n_tasks, heads = int(config["n_tasks"]), int(config.get("n_splits", 1))
+        n_tasks, heads = _number(config, "n_tasks", int, source), _number(config, "n_splits", int, source, 1)
         tasks = tasks or [f"task_{i}" for i in range(n_tasks)]
         if len(tasks) != n_tasks:
             raise OrchmoeError(f"{directory / TASKS_FILE}: lists {len(tasks)} tasks but n_tasks is {n_tasks}")
         modules = _modules(tensors, (".poly_lora_A", ".poly_lora_B", ".poly_router.module_logits"), weights)
-        method = _method(source, name="mhr" if heads > 1 else "poly", rank=int(config["r"]), alpha=1.0,
-                         n_skills=int(config["n_skills"]), n_heads=heads, target_modules=modules)
+        method = _method(source, name="mhr" if heads > 1 else "poly", rank=_number(config, "r", int, source),
+                         alpha=1.0, n_skills=_number(config, "n_skills", int, source), n_heads=heads,
+                         target_modules=modules)
         ours = {}
         for m in modules:
             ours[f"base.{m}.lora_A"] = tensors[f"{m}.poly_lora_A"]

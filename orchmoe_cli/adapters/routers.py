@@ -71,7 +71,7 @@ class TaskRouter(nn.Module):
             return self.uniform
         if state is None or state.task_ids is None:
             raise OrchmoeError("this method routes by task id: set routing with task_ids (-1 for an unseen task)")
-        found = state.layer_weights.get(id(self))
+        found = state.computed.get(id(self))
         return found if found is not None else route_tasks([self], state)[0]
 
 
@@ -107,7 +107,7 @@ class AllocationRouter(nn.Module):
     def forward(self, state: RoutingState | None) -> Tensor:
         if state is None or state.task_probs is None:
             raise OrchmoeError("orchmoe routes from the prompt: set routing with input_ids (and prompt_mask)")
-        found = state.layer_weights.get(id(self))
+        found = state.computed.get(id(self))
         return found if found is not None else route_allocations([self], state.task_probs)[0]
 
 
@@ -126,7 +126,7 @@ def route_allocations(routers: list[AllocationRouter], task_probs: Tensor) -> Te
 
 
 def route_layers(routers: list[nn.Module], state: RoutingState) -> None:
-    """Fill ``state.layer_weights`` for every router that learns its routing, grouped by mode."""
+    """Fill ``state.computed`` for every router that learns its routing, grouped by mode."""
     groups: dict[tuple[type, bool], list[nn.Module]] = {}
     for router in routers:
         if isinstance(router, (TaskRouter, AllocationRouter)):
@@ -135,7 +135,8 @@ def route_layers(routers: list[nn.Module], state: RoutingState) -> None:
         if kind is TaskRouter:
             tasks = [r for r in members if isinstance(r, TaskRouter) and (training or not r.average_at_eval)]
             if tasks and state.task_ids is not None:
-                state.layer_weights.update(zip(map(id, tasks), route_tasks(tasks, state).unbind(0)))
+                state.computed.update(zip(map(id, tasks), route_tasks(tasks, state).unbind(0), strict=True))
         elif state.task_probs is not None:
             allocs = [r for r in members if isinstance(r, AllocationRouter)]
-            state.layer_weights.update(zip(map(id, allocs), route_allocations(allocs, state.task_probs).unbind(0)))
+            weights = route_allocations(allocs, state.task_probs).unbind(0)
+            state.computed.update(zip(map(id, allocs), weights, strict=True))

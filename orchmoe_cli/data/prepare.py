@@ -29,6 +29,7 @@ from orchmoe_cli import __version__
 from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
 from orchmoe_cli.data.sni import SPLITS, SNITask, SourceLayout, Split, matches_languages, read_split, resolve_source
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import disk_error
 from orchmoe_cli.recipe import DataConfig
 
 FORMAT_VERSION = 2  # 2: decoder-only answers carry the space that followed "Output:"
@@ -152,19 +153,25 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
     except OSError as exc:
         raise OrchmoeError(f"data.cache_dir: cannot create '{root}' ({exc.strerror}); choose a writable "
                            "directory") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", suffix=".tmp", dir=root))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", suffix=".tmp", dir=root))
+    except OSError as exc:
+        raise disk_error(root, exc) from None
     try:
         tokenize = _Tokenize(tokenizer, tokenizer_id, is_encoder_decoder, cfg)
         dataset, manifest = _build(cfg, layout, tokenize, digest, console)
-        with _quiet_datasets():
-            dataset.save_to_disk(str(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if final.exists() and _try_load(final) is None:  # a broken leftover, not a valid cache entry
-            shutil.rmtree(final)
-        if final.exists():  # a concurrent run finished the same data first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
+        try:
+            with _quiet_datasets():
+                dataset.save_to_disk(str(tmp))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            if final.exists() and _try_load(final) is None:  # a broken leftover, not a valid cache entry
+                shutil.rmtree(final)
+            if final.exists():  # a concurrent run finished the same data first
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, final)
+        except OSError as exc:
+            raise disk_error(root, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,6 +23,10 @@ Split = Literal["train", "test"]
 SPLITS: tuple[Split, Split] = ("train", "test")
 LANGUAGE_FIELDS = ("Input_language", "Output_language", "Instruction_language")
 _FIX_TASK = "fix the task file or remove the task from the split file"
+# Upstream SNI's largest task file is about 4 MB and no single text in it comes near 1M characters; the limits
+# (the file one is GitHub's hard limit) stop a stray huge file or field before it costs minutes and gigabytes.
+MAX_FILE_BYTES = 100 * 2**20
+MAX_TEXT_CHARS = 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,10 @@ def _read_split_file(path: Path, task_dir: Path) -> list[tuple[int, str]]:
 
 def _read_text(path: Path, what: str, fix: str) -> str:
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise OrchmoeError(f"{path}: {what} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} allowed; "
+                               f"{fix}")
         data = path.read_bytes()
     except FileNotFoundError:
         raise OrchmoeError(f"{path}: {what} not found; {fix}") from None
@@ -170,12 +178,23 @@ def read_task(path: Path) -> SNITask:
     except json.JSONDecodeError as exc:
         raise OrchmoeError(f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); "
                            f"{_FIX_TASK}") from None
+    except RecursionError:
+        raise OrchmoeError(f"{path}: invalid JSON (nested too deeply to read); {_FIX_TASK}") from None
+    except ValueError:  # an integer literal longer than Python converts
+        raise OrchmoeError(f"{path}: invalid JSON (a number with too many digits); {_FIX_TASK}") from None
     if not isinstance(raw, dict):
         _bad(path, "top level", f"expected a JSON object, got {_kind(raw)}")
     for key in ("Definition", "Categories", "Positive Examples", "Instances"):
         if key not in raw:
             _bad(path, key, "missing required field")
-    instances = _non_empty_list(path, "Instances", raw["Instances"])
+    items = _non_empty_list(path, "Instances", raw["Instances"])
+    instances = [_instance(path, f"Instances[{i}]", item) for i, item in enumerate(items)]
+    first: dict[str, int] = {}
+    for i, instance in enumerate(instances):
+        if instance.id in first:
+            _bad(path, f"Instances[{i}].id", f"'{instance.id}' is also the id of Instances[{first[instance.id]}]; "
+                 "instance ids must be unique")
+        first[instance.id] = i
     return SNITask(
         name=path.stem,
         path=path,
@@ -183,7 +202,7 @@ def read_task(path: Path) -> SNITask:
         definition=_strings(path, "Definition", raw["Definition"], non_empty=True),
         positive_examples=_examples(path, "Positive Examples", raw["Positive Examples"]),
         negative_examples=_examples(path, "Negative Examples", raw.get("Negative Examples", [])),
-        instances=[_instance(path, f"Instances[{i}]", item) for i, item in enumerate(instances)],
+        instances=instances,
         languages={key: _strings(path, key, raw[key]) if key in raw else None for key in LANGUAGE_FIELDS},
         n_available=len(instances),
     )
@@ -247,8 +266,17 @@ def _non_empty_list(path: Path, where: str, value: Any) -> list[Any]:
 
 
 def _string(path: Path, where: str, value: Any) -> str:
+    """A string of at most :data:`MAX_TEXT_CHARS` characters that UTF-8 can encode (no lone surrogates)."""
     if not isinstance(value, str):
         _bad(path, where, f"expected a string, got {_kind(value)}")
+    if len(value) > MAX_TEXT_CHARS:
+        _bad(path, where, f"{len(value):,} characters, more than the {MAX_TEXT_CHARS:,} allowed in one text")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            _bad(path, where, f"character {exc.start} is a lone surrogate ({value[exc.start]!a}), "
+                 "which is not valid Unicode text")
     return value
 
 

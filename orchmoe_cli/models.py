@@ -201,9 +201,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         info = load_tokenizer(cfg)
         auto_cls = AutoModelForSeq2SeqLM if info.is_encoder_decoder else AutoModelForCausalLM
         try:
-            model = auto_cls.from_pretrained(
+            model = auto_cls.from_pretrained(  # safetensors only: pickled .bin weights are never loaded
                 _hub_or_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                dtype=resolve_dtype(cfg.dtype),
+                dtype=resolve_dtype(cfg.dtype), use_safetensors=True,
             )
         except (OSError, ValueError) as exc:
             raise _unknown_model(cfg, exc) from None

@@ -92,7 +92,7 @@ def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.
     ]
     if not groups:
         raise OrchmoeError("method.name: the method has no trainable parameters; choose an adapter method to train")
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = torch.optim.AdamW(groups, fused=True)  # one kernel for all tensors: much faster on CPU too
     if cfg.schedule == "linear":
         scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchmoe_cli import evaluate as evaluate_module
-from orchmoe_cli.cli import main
+from cli_runner import run_cli
 from orchmoe_cli.metrics import aggregate
 
 
@@ -21,12 +21,6 @@ def write_recipe(path: Path, sni: Path, out: Path, model: str, *extra: str) -> P
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def run_cli(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return int(exit_info.value.code or 0)
 
 
 def test_prepare_reports_and_reuses_cache(sni_dir: Path, tmp_path: Path, capsys) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_runner import run_cli
 from orchmoe_cli.cli import main
 from orchmoe_cli.sampling import TaskBatchSampler
 from orchmoe_cli.train_logging import read_metrics
@@ -36,12 +37,6 @@ def write_recipe(path: Path, sni: Path, run: Path, model: str = "tiny-t5", metho
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def run_cli(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return int(exit_info.value.code or 0)
 
 
 def final_adapter(run: Path) -> dict[str, torch.Tensor]:

@@ -85,6 +85,21 @@ def read_task_names(directory: Path) -> list[str]:
     return names
 
 
+def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tensor], source: str, method: str,
+                  hint: str = "") -> None:
+    """Every expected tensor present, none extra, each with its exact shape; one error line otherwise."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+        raise OrchmoeError(f"{source}: {what} for method {method} ({len(missing)} missing, "
+                           f"{len(unexpected)} unexpected){hint}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise OrchmoeError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
+                               f"{tuple(shape)} for method {method}{hint}")
+
+
 def base_summary(base: PreTrainedModel) -> dict[str, Any]:
     """What a checkpoint records about its base model, to catch loading onto the wrong one."""
     embeddings = base.get_input_embeddings()

@@ -20,6 +20,7 @@ from orchmoe_cli.adapters.files import (
     FORMAT,
     WEIGHTS_FILE,
     base_summary,
+    check_tensors,
     read_json,
     read_task_names,
     read_tensors,
@@ -70,16 +71,8 @@ def _check_tensors(base: PreTrainedModel, method: MethodConfig, tasks: list[str]
         raise OrchmoeError(f"{directory / CONFIG_FILE}: {exc}") from None
     if averaged:
         expected = {k: v for k, v in expected.items() if group_of(k) != "routers"}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-        raise OrchmoeError(f"{source}: {what} for method {method.name} ({len(missing)} missing, "
-                           f"{len(unexpected)} unexpected); is this checkpoint for another method or base model?")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise OrchmoeError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
-                               f"{tuple(shape)} for method {method.name} on this base model")
+    check_tensors(expected, tensors, str(source), method.name,
+                  "; is this checkpoint for another method or base model?")
 
 
 def load_adapted(base: PreTrainedModel, checkpoint_dir: str | Path) -> AdaptedModel:

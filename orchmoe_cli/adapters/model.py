@@ -29,6 +29,7 @@ from orchmoe_cli.adapters.files import (
     TASKS_FILE,
     WEIGHTS_FILE,
     base_summary,
+    check_tensors,
     write_json,
     write_tensors,
 )
@@ -210,16 +211,7 @@ class AdaptedModel(nn.Module):
     def load_adapter_state_dict(self, tensors: dict[str, Tensor], source: str) -> None:
         """Copy ``tensors`` in; every expected name must be present with its exact shape."""
         own = dict(self.named_adapter_parameters())
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-            raise OrchmoeError(f"{source}: {what} for method {self.method.name} "
-                               f"({len(missing)} missing, {len(unexpected)} unexpected)")
-        for name, param in own.items():
-            if tuple(tensors[name].shape) != tuple(param.shape):
-                raise OrchmoeError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                   f"expected {tuple(param.shape)}")
+        check_tensors({name: tuple(p.shape) for name, p in own.items()}, tensors, source, self.method.name)
         for name, param in own.items():
             param.copy_(tensors[name])
 

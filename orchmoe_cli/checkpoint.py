@@ -30,13 +30,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from orchmoe_cli import __version__
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_directory, disk_error
+from orchmoe_cli.fsutil import atomic_directory, atomic_write_bytes, disk_error, fsync_dir, read_json, read_safetensors
 
 try:
     import numpy
@@ -94,23 +92,14 @@ def _decode(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {key: _decode(item, tensors) for key, item in data.items()}
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Every file this module writes goes through here, so ENOSPC surfaces as an OSError we map."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _save_part(directory: Path, name: str, value: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     try:
         data = _encode(value, name, tensors)
     except _Unserialisable as exc:
         raise OrchmoeError(f"cannot save the {name} state: {exc}") from None
-    _write_bytes(directory / f"{name}.json", json.dumps(data, indent=1).encode())
-    _write_bytes(directory / f"{name}.safetensors", save_tensors(tensors))
+    atomic_write_bytes(directory / f"{name}.json", json.dumps(data, indent=1).encode())
+    atomic_write_bytes(directory / f"{name}.safetensors", save_tensors(tensors))
 
 
 def _encodable(value: Any) -> bool:
@@ -121,26 +110,15 @@ def _encodable(value: Any) -> bool:
     return True
 
 
+_DAMAGED = "; the checkpoint is damaged"
+
+
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OrchmoeError(f"{path}: missing from the checkpoint") from None
-    except (ValueError, RecursionError) as exc:  # also too deep nesting and too long integers
-        raise OrchmoeError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
+    return read_json(path, missing="missing from the checkpoint", damaged=_DAMAGED)
 
 
 def _read_tensors(path: Path, header_only: bool = False) -> dict[str, torch.Tensor]:
-    """Load (or just validate: safetensors checks the header covers the whole file) a safetensors file."""
-    try:
-        if header_only:
-            with safe_open(path, "pt"):
-                return {}
-        return load_tensors(path.read_bytes())
-    except FileNotFoundError:
-        raise OrchmoeError(f"{path}: missing from the checkpoint") from None
-    except SafetensorError as exc:
-        raise OrchmoeError(f"{path}: not a readable safetensors file ({exc}); the checkpoint is damaged") from None
+    return read_safetensors(path, header_only, missing="missing from the checkpoint", damaged=_DAMAGED)
 
 
 def _load_part(directory: Path, name: str) -> Any:
@@ -192,14 +170,6 @@ def _digest(path: Path, sync: bool = False) -> str:
     return sha.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_manifest(staging: Path, step: int) -> None:
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest = {
@@ -209,9 +179,9 @@ def _write_manifest(staging: Path, step: int) -> None:
         "files": {p.relative_to(staging).as_posix(): {"sha256": _digest(p, sync=True), "size": p.stat().st_size}
                   for p in files},
     }
-    _write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
     for directory in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -317,14 +287,14 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
     target = checkpoints / f"step-{step:06d}"
     with atomic_directory(target) as staging:
         write_adapter(staging)
-        _write_bytes(staging / "recipe.yaml", recipe_yaml.encode())
+        atomic_write_bytes(staging / "recipe.yaml", recipe_yaml.encode())
         state_dir = staging / STATE_DIR
         _save_part(state_dir, "optimizer", optimizer.state_dict())
         _save_part(state_dir, "scheduler", scheduler_state)
         _save_part(state_dir, "rng", rng)
         _save_part(state_dir, "trainer", {"step": step, "sampler_state": sampler_state, "extra": extra or {}})
         _write_manifest(staging, step)
-    _fsync_dir(checkpoints)
+    fsync_dir(checkpoints)
     if keep_last is not None:
         _prune(checkpoints, keep_last)
     return target

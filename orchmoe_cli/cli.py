@@ -134,7 +134,8 @@ def train(
             highlight=False, soft_wrap=True,
         )
         raise typer.Exit(EXIT_INTERRUPTED)
-    console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
+    if outcome.final_checkpoint is not None:
+        console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
 
 
 def main(argv: list[str] | None = None) -> None:

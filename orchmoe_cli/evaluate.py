@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from orchmoe_cli import report
+from orchmoe_cli.adapters.files import ADAPTER_FILES
 from orchmoe_cli.data.collate import GenerationCollator, pad_token_id
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_directory, disk_error
@@ -46,11 +47,18 @@ class EvalOutcome:
 
 
 def eval_label(cfg: EvalConfig) -> str:
+    """The short name tables show: ``base`` or the checkpoint directory's name."""
     return "base" if cfg.checkpoint is None else Path(cfg.checkpoint).name
 
 
 def eval_output_dir(recipe: Recipe) -> Path:
-    return Path(recipe.eval.output_dir or recipe.output.dir) / f"eval-{eval_label(recipe.eval)}"
+    """``eval-base``, or ``eval-<checkpoint name>-<8 hex digits of its absolute path>``: unique per checkpoint,
+    so two checkpoints with the same name (``step-000100`` of two runs) never share results."""
+    label = eval_label(recipe.eval)
+    if recipe.eval.checkpoint is not None:
+        where = str(Path(recipe.eval.checkpoint).expanduser().resolve())
+        label = f"{label}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+    return Path(recipe.eval.output_dir or recipe.output.dir) / f"eval-{label}"
 
 
 def select_instances(split: Any, cfg: EvalConfig, source: str) -> list[dict[str, Any]]:
@@ -70,7 +78,7 @@ def select_instances(split: Any, cfg: EvalConfig, source: str) -> list[dict[str,
         )
     counts = dict.fromkeys(wanted, 0)
     chosen: dict[str, list[dict[str, Any]]] = {t: [] for t in wanted}
-    columns = ["task", "task_index", "category", "id", "prompt", "prompt_ids", "references"]
+    columns = ["task", "category", "id", "prompt", "prompt_ids", "references"]
     for row in split.select_columns(columns):
         task = row["task"]
         if task in counts and counts[task] < cfg.max_instances:
@@ -112,14 +120,16 @@ def _clean(text: str, is_encoder_decoder: bool) -> str:
 
 def generate_predictions(
     model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: Sequence[dict], cfg: EvalConfig,
-    task_id: Callable[[str], int], on_batch: Callable[[list[dict], list[str]], None], shard: tuple[int, int] = (0, 1),
+    task_index: Mapping[str, int] | None, on_batch: Callable[[list[dict], list[str]], None],
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
     """Generate for ``rows`` batch by batch, calling ``on_batch(rows, predictions)`` after each.
 
+    ``task_index`` maps task names to the model's routing indices (None: the model reads no task id).
     ``shard = (rank, world)``: this process takes every world-th batch (data-parallel evaluation)."""
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
-    collate = GenerationCollator(pad_id, is_encoder_decoder)
+    collate = GenerationCollator(pad_id, is_encoder_decoder, task_index)
     gen_kwargs: dict[str, Any] = {
         "max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
         "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id,
@@ -132,9 +142,7 @@ def generate_predictions(
         if not is_encoder_decoder:
             stop = StopAtNewline(tokenizer, batch["input_ids"].shape[1])
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
-        routing = {}
-        if hasattr(model, "task_names"):  # an adapted model routes by task id (-1 = unseen task)
-            routing["task_ids"] = torch.tensor([task_id(r["task"]) for r in batch_rows], device=device)
+        routing = {"task_ids": batch["task_ids"].to(device)} if "task_ids" in batch else {}
         with torch.inference_mode():
             output = model.generate(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -146,12 +154,22 @@ def generate_predictions(
         on_batch(batch_rows, [_clean(t, is_encoder_decoder) for t in texts])
 
 
+def checkpoint_digest(checkpoint: str | Path) -> str:
+    """sha256 over every file an adapter checkpoint loads from (config, weights, task names)."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        path = Path(checkpoint) / name
+        if path.is_file():
+            digest.update(f"\0{name}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _fingerprint(recipe: Recipe, data_hash: str) -> str:
     """Identifies an evaluation run, so a partial predictions file is only resumed by the same run."""
     relevant = {"model": recipe_to_dict(recipe)["model"], "eval": recipe_to_dict(recipe)["eval"], "data": data_hash}
-    checkpoint = recipe.eval.checkpoint
-    if checkpoint and (Path(checkpoint) / "adapter_model.safetensors").is_file():
-        relevant["adapter_sha256"] = hashlib.sha256((Path(checkpoint) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    if recipe.eval.checkpoint:
+        relevant["adapter_sha256"] = checkpoint_digest(recipe.eval.checkpoint)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -201,9 +219,10 @@ def _scored_row(row: dict, prediction: str) -> dict[str, Any]:
 
 def run_evaluation(
     recipe: Recipe, model: Any, tokenizer: Any, is_encoder_decoder: bool, split: Any, data_hash: str,
-    source: str, console: Console,
+    source: str, console: Console, task_index: Mapping[str, int] | None = None,
 ) -> EvalOutcome:
-    """Generate, score and write the artifacts for one model (base or adapted)."""
+    """Generate, score and write the artifacts for one model (base or adapted; ``task_index`` as in
+    :func:`generate_predictions`)."""
     cfg = recipe.eval
     rows = select_instances(split, cfg, source)
     out_dir = eval_output_dir(recipe)
@@ -220,9 +239,6 @@ def run_evaluation(
     todo = [r for r in rows if r["id"] not in done]
     if done:
         console.print(f"resuming: {len(done)} predictions already in {out_dir}, {len(todo)} to go")
-    task_names = getattr(model, "task_names", [])
-    index = {name: i for i, name in enumerate(task_names)}
-
     # rewrite the partial file from what survived, then append as we go (a full disk: one clear line)
     try:
         with partial_path.open("w", encoding="utf-8") as handle:
@@ -244,7 +260,7 @@ def run_evaluation(
                     handle.flush()
                     progress.update(bar, advance=len(batch_rows), description=f"{eval_label(cfg)} {batch_rows[0]['task']}")
 
-                generate_predictions(model, tokenizer, is_encoder_decoder, todo, cfg, lambda t: index.get(t, -1), on_batch,
+                generate_predictions(model, tokenizer, is_encoder_decoder, todo, cfg, task_index, on_batch,
                                      shard=(state.process_index, state.num_processes))
 
     except OSError as exc:
@@ -262,7 +278,8 @@ def run_evaluation(
         "categories": report.category_rows(final_rows, metrics),
         "n_instances": len(final_rows),
         "model": recipe.model.name,
-        "checkpoint": cfg.checkpoint,
+        "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None,
+        "checkpoint_sha256": checkpoint_digest(cfg.checkpoint) if cfg.checkpoint else None,
         "split": cfg.split,
         "data_hash": data_hash,
         "fingerprint": fingerprint,

@@ -1,14 +1,21 @@
-"""Crash-safe file writing: a reader never sees a half-written file or directory."""
+"""Crash-safe file writing and safe reading: the one place files are written and checkpoints parsed.
+
+Writers never leave a half-written file: content goes to a temporary file in the same directory,
+is flushed to disk, renamed over the target, and the directory entry is flushed too. Readers only
+ever parse JSON and safetensors (never pickles) and turn every problem into one line naming the file.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from orchmoe_cli.errors import OrchmoeError
 
@@ -28,24 +35,59 @@ def _umask() -> int:
     return current
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file in the same directory, fsync it, then rename over ``path``."""
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename inside it survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _as_disk_error(target: Path, exc: Exception) -> Exception:
+    """OSError and safetensors' own "os error 28" (a full disk) become one-line errors where they can."""
+    if isinstance(exc, OSError):
+        return disk_error(target, exc)
+    if "os error 28" in str(exc):
+        return disk_error(target, OSError(errno.ENOSPC, str(exc)))
+    return exc
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, fsync it, rename it over ``path``, fsync the folder."""
     target = Path(path)
+    tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as exc:
-        raise disk_error(target, exc) from None
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except Exception as exc:
+        mapped = _as_disk_error(target, exc)
+        if mapped is exc:
+            raise
+        raise mapped from None
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 @contextlib.contextmanager
@@ -58,6 +100,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700; directories get the umask like files
     except OSError as exc:
         raise disk_error(target, exc) from None
     try:
@@ -70,7 +113,39 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, target)
+        fsync_dir(target.parent)
     except OSError as exc:
         raise disk_error(target, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_json(path: str | Path, missing: str = "file not found", damaged: str = "") -> Any:
+    """Parse a JSON file; ``missing`` / ``damaged`` finish the one-line error when it is absent or unreadable."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OrchmoeError(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        raise OrchmoeError(f"{path}: is a directory, expected a JSON file") from None
+    except (ValueError, RecursionError) as exc:  # also bad UTF-8, too deep nesting and too long integers
+        raise OrchmoeError(f"{path}: not valid JSON ({exc}){damaged}") from None
+
+
+def read_safetensors(path: str | Path, header_only: bool = False, missing: str = "file not found",
+                     damaged: str = "") -> dict[str, Any]:
+    """Load the tensors of a safetensors file (or, with ``header_only``, only check its header covers the file)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        if header_only:
+            with safe_open(path, "pt"):
+                return {}
+        return load(path.read_bytes())
+    except FileNotFoundError:
+        raise OrchmoeError(f"{path}: {missing}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise OrchmoeError(f"{path}: not a readable safetensors file ({exc}){damaged}") from None

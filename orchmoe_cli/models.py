@@ -35,7 +35,6 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
-
 from transformers.utils import logging as hf_logging
 
 from orchmoe_cli.errors import OrchmoeError

@@ -11,10 +11,6 @@ field. Field metadata understood by the loader: ``help`` (str), ``min`` / ``max`
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -23,13 +19,8 @@ import yaml
 
 from orchmoe_cli.adapters.config import MethodConfig
 from orchmoe_cli.errors import FieldError, OrchmoeError
-
-
-def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with help text and optional range checks."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
+from orchmoe_cli.schema import build, fields_help
+from orchmoe_cli.schema import help_field as _f
 
 
 @dataclass
@@ -204,100 +195,6 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly; errors name ``source`` and the dotted field."""
-    where = prefix.rstrip(".") or "recipe"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise OrchmoeError(f"{source}: {where}: expected a mapping, got {_describe(raw)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise OrchmoeError(f"{source}: {prefix}{key}: unknown key{_suggest(str(key), fields)}")
-        dotted = f"{prefix}{key}"
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = build(hint, value, source, dotted + ".")
-        else:
-            kwargs[key] = _check_value(_coerce(value, hint, source, dotted), fields[key], source, dotted)
-    try:
-        return cls(**kwargs)
-    except FieldError as exc:
-        raise OrchmoeError(f"{source}: {prefix}{exc.field}: {exc.message}") from None
-
-
-def _suggest(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{hint}; valid keys: {', '.join(options)}"
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
-
-
-def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
-    """Check ``value`` against a type hint, converting only where YAML is known to be ambiguous."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], source, dotted)
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint_text = f" (did you mean '{close[0]}'?)" if close else ""
-            raise OrchmoeError(f"{source}: {dotted}: '{value}' is not one of {', '.join(map(str, args))}{hint_text}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise OrchmoeError(f"{source}: {dotted}: expected a list, got {_describe(value)}")
-        return [_coerce(v, args[0], source, f"{dotted}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise OrchmoeError(f"{source}: {dotted}: expected true or false, got {_describe(value)}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise OrchmoeError(f"{source}: {dotted}: expected an integer, got {_describe(value)}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise OrchmoeError(f"{source}: {dotted}: expected a number, got {_describe(value)}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise OrchmoeError(f"{source}: {dotted}: expected a string, got {_describe(value)}")
-    raise TypeError(f"unsupported recipe field type {hint!r} at {dotted}")
-
-
-def _check_value(value: Any, spec: dataclasses.Field, source: str, dotted: str) -> Any:
-    meta = spec.metadata
-    if isinstance(value, float) and not math.isfinite(value):
-        raise OrchmoeError(f"{source}: {dotted}: must be a finite number, got {value}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        low, high = meta.get("min"), meta.get("max")
-        if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
-            bound = f"> {low}" if meta.get("min_exclusive") else f">= {low}"
-            raise OrchmoeError(f"{source}: {dotted}: must be {bound}, got {value}")
-        if high is not None and value > high:
-            raise OrchmoeError(f"{source}: {dotted}: must be <= {high}, got {value}")
-    return value
-
-
 # --------------------------------------------------------------------------- output
 
 
@@ -310,15 +207,6 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def field_help(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, help) for every field, for documentation and `--help` output."""
-    rows: list[tuple[str, str, str]] = []
-    hints = typing.get_type_hints(cls)
-    for spec in dataclasses.fields(cls):
-        hint = hints[spec.name]
-        if dataclasses.is_dataclass(hint):
-            rows.extend(field_help(hint, f"{prefix}{spec.name}."))
-            continue
-        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
-        rows.append((f"{prefix}{spec.name}", repr(default), spec.metadata.get("help", "")))
-    return rows
+def field_help() -> list[tuple[str, str, str]]:
+    """(dotted name, default, help) for every recipe field, for documentation and `--help` output."""
+    return fields_help(Recipe)

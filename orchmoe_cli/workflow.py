@@ -69,11 +69,13 @@ def evaluate(recipe: Recipe, source: str, console: Console, with_base: bool = Fa
     outcomes = []
     for run in runs:
         run_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, checkpoint=run and str(run)))
+        task_index = None
         if run is not None:
             from orchmoe_cli.adapters import load_adapted
 
             model = load_adapted(loaded.model, run).to(device)
+            task_index = model.task_index
         model.eval()
         outcomes.append(run_evaluation(run_recipe, model, loaded.tokenizer, loaded.is_encoder_decoder, split,
-                                       prepared.manifest["content_hash"], source, console))
+                                       prepared.manifest["content_hash"], source, console, task_index))
     return outcomes if state.is_main_process else []  # only the main process reports

@@ -579,31 +579,31 @@ def test_disk_full_while_saving_a_checkpoint(where: str, shared: Shared, tmp_pat
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills while step 2 is saved: exit 2, one line, step 1 intact, no temp dir, no lock."""
     from orchmoe_cli import checkpoint as ckpt
-    from orchmoe_cli.adapters import files
 
     sni, run = write_sni(tmp_path / "sni"), tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text(sni, shared.cache, run), encoding="utf-8")
-    if where == "training-state":  # every file checkpoint.py writes goes through _write_bytes
-        original = ckpt._write_bytes
+    if where == "training-state":  # every file checkpoint.py writes goes through atomic_write_bytes
+        original = ckpt.atomic_write_bytes
 
         def write_bytes(path: Path, data: bytes) -> None:
             if ".step-000002." in str(path):
                 raise _enospc(path)
             original(path, data)
 
-        monkeypatch.setattr(ckpt, "_write_bytes", write_bytes)
+        monkeypatch.setattr(ckpt, "atomic_write_bytes", write_bytes)
     else:  # a full disk makes safetensors' save_file raise SafetensorError (os error 28), not OSError
+        import safetensors.torch
         from safetensors import SafetensorError
 
-        original_save = files.save_file
+        original_save = safetensors.torch.save_file
 
         def save_file_full(tensors: Any, filename: str, metadata: Any = None) -> None:
             if ".step-000002." in str(filename):
                 raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
             original_save(tensors, filename, metadata=metadata)
 
-        monkeypatch.setattr(files, "save_file", save_file_full)
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file_full)
 
     code, _, stderr = run_main(["train", str(recipe), "train.steps=2", "train.save_every=1"])
 

@@ -304,14 +304,14 @@ def test_run_lock(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
 
 def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     previous = _save(tmp_path, 1)
-    real_write = checkpoint._write_bytes
+    real_write = checkpoint.atomic_write_bytes
 
     def full_disk(path: Path, data: bytes) -> None:
         if path.name == "optimizer.safetensors":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_bytes", full_disk)
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
     with pytest.raises(OrchmoeError, match="no space left"):
         _save(tmp_path, 2, keep_last=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]

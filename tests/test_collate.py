@@ -18,13 +18,14 @@ from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.recipe import DataConfig
 
 ROWS = [
-    {"task_index": 3, "prompt_ids": [11, 12, 13], "reference_ids": [[21, 1]]},
-    {"task_index": 0, "prompt_ids": [14, 15, 16, 17, 18], "reference_ids": [[22, 23, 24, 1]]},
+    {"task": "task_d", "prompt_ids": [11, 12, 13], "reference_ids": [[21, 1]]},
+    {"task": "task_a", "prompt_ids": [14, 15, 16, 17, 18], "reference_ids": [[22, 23, 24, 1]]},
 ]
+TASK_INDEX = {"task_a": 0, "task_b": 1, "task_c": 2, "task_d": 3}  # a model's name -> routing index
 
 
 def test_encoder_decoder_training_batch() -> None:
-    batch = TrainCollator(pad_token_id=0, is_encoder_decoder=True, rng=random.Random(0))(ROWS)
+    batch = TrainCollator(pad_token_id=0, is_encoder_decoder=True, rng=random.Random(0), task_index=TASK_INDEX)(ROWS)
     assert batch["input_ids"].tolist() == [[11, 12, 13, 0, 0], [14, 15, 16, 17, 18]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[21, 1, IGNORE_INDEX, IGNORE_INDEX], [22, 23, 24, 1]]
@@ -33,7 +34,7 @@ def test_encoder_decoder_training_batch() -> None:
 
 
 def test_decoder_only_labels_only_on_output_tokens() -> None:
-    batch = TrainCollator(pad_token_id=0, is_encoder_decoder=False, rng=random.Random(0))(ROWS)
+    batch = TrainCollator(pad_token_id=0, is_encoder_decoder=False, rng=random.Random(0), task_index=TASK_INDEX)(ROWS)
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 1, 0, 0, 0, 0], [14, 15, 16, 17, 18, 22, 23, 24, 1]]
     ignore = IGNORE_INDEX
     assert batch["labels"].tolist() == [[ignore] * 3 + [21, 1] + [ignore] * 4, [ignore] * 5 + [22, 23, 24, 1]]
@@ -43,7 +44,7 @@ def test_decoder_only_labels_only_on_output_tokens() -> None:
 
 
 def test_reference_is_sampled_with_the_given_rng() -> None:
-    rows = [{"task_index": 0, "prompt_ids": [5], "reference_ids": [[7, 1], [8, 1], [9, 1]]}]
+    rows = [{"task": "task_a", "prompt_ids": [5], "reference_ids": [[7, 1], [8, 1], [9, 1]]}]
 
     def draws(seed: int) -> list[int]:
         collate = TrainCollator(pad_token_id=0, is_encoder_decoder=True, rng=random.Random(seed))
@@ -54,13 +55,21 @@ def test_reference_is_sampled_with_the_given_rng() -> None:
 
 
 def test_generation_padding_sides() -> None:
-    left = GenerationCollator(pad_token_id=0, is_encoder_decoder=False)(ROWS)
+    left = GenerationCollator(pad_token_id=0, is_encoder_decoder=False, task_index=TASK_INDEX)(ROWS)
     assert left["input_ids"].tolist() == [[0, 0, 11, 12, 13], [14, 15, 16, 17, 18]]
     assert left["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1] * 5]
     assert left["task_ids"].tolist() == [3, 0] and set(left) == {"input_ids", "attention_mask", "task_ids"}
     right = GenerationCollator(pad_token_id=0, is_encoder_decoder=True)(ROWS)
     assert right["input_ids"].tolist() == [[11, 12, 13, 0, 0], [14, 15, 16, 17, 18]]
     assert right["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+
+
+def test_task_ids_come_from_the_model_map_only() -> None:
+    """An unknown task gets -1; a model that reads no task id (no map) gets no task_ids at all."""
+    unknown = GenerationCollator(0, False, {"task_a": 0})(ROWS)
+    assert unknown["task_ids"].tolist() == [-1, 0]
+    for collate in (GenerationCollator(0, False), TrainCollator(0, False, random.Random(0))):
+        assert "task_ids" not in collate(ROWS)
 
 
 def test_pad_token_id_falls_back_to_eos() -> None:

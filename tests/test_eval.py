@@ -100,9 +100,21 @@ def test_eval_with_base_after_training(sni_dir: Path, tmp_path: Path, capsys) ->
     assert run_cli(["eval", str(recipe), "eval.checkpoint=latest", "--with-base"]) == 0
     printed = capsys.readouterr().out
     assert "base ROUGE-L" in printed and "step-000002 ROUGE-L" in printed
-    assert (out / "eval-base" / "results.json").is_file() and (out / "eval-step-000002" / "results.json").is_file()
-    results = json.loads((out / "eval-step-000002" / "results.json").read_text())
-    assert results["checkpoint"].endswith("step-000002")
+    adapted = list(out.glob("eval-step-000002-*"))
+    assert (out / "eval-base" / "results.json").is_file() and len(adapted) == 1
+    results = json.loads((adapted[0] / "results.json").read_text())
+    assert results["checkpoint"] == str((out / "checkpoints" / "step-000002").resolve())
+    assert len(results["checkpoint_sha256"]) == 64
+
+
+def test_eval_directories_of_like_named_checkpoints_differ(tmp_path: Path) -> None:
+    """step-000100 of two runs must not overwrite each other's results."""
+    from orchmoe_cli.evaluate import eval_output_dir
+    from orchmoe_cli.recipe import load_recipe
+
+    dirs = {eval_output_dir(load_recipe(None, [f"eval.checkpoint={tmp_path / run / 'step-000100'}",
+                                               f"output.dir={tmp_path}"])) for run in ("a", "b")}
+    assert len(dirs) == 2 and all(d.name.startswith("eval-step-000100-") for d in dirs)
 
 
 def test_eval_checkpoint_missing_is_one_line(sni_dir: Path, tmp_path: Path, capsys) -> None:

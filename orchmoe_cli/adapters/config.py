@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from orchmoe_cli.errors import FieldError
+from orchmoe_cli.schema import help_field as _f
 
 METHOD_NAMES = ("none", "lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader")
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([kKmMgGbB]?)\s*$")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 _MAX_BUDGET = 1e15  # far beyond any model; also keeps 1e999 (infinity) out
-
-
-def _f(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with help text and optional range checks (read by the recipe loader)."""
-    return field(default=default, metadata={"help": help, **checks})
 
 
 def parse_budget(text: str) -> int:

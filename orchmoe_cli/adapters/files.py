@@ -5,76 +5,40 @@ Only JSON and safetensors are ever read; a pickled ``adapter_model.bin`` is refu
 
 from __future__ import annotations
 
-import errno
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING, Any
 
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import disk_error
+from orchmoe_cli.fsutil import atomic_write, read_safetensors
+from orchmoe_cli.fsutil import read_json as fs_read_json
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from transformers import PreTrainedModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TASKS_FILE = "tasks.json"
 FORMAT = "orchmoe-adapter"
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except SafetensorError as exc:  # safetensors reports a full disk as its own error, "os error 28"
-        if "os error 28" in str(exc):
-            raise disk_error(path, OSError(errno.ENOSPC, str(exc))) from None
-        raise
-    except OSError as exc:
-        raise disk_error(path, exc) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, value: Any) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8"))
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, TASKS_FILE)  # everything loading an adapter reads
 
 
 def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    _atomic(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise OrchmoeError(f"{path}: file not found; an adapter checkpoint holds {CONFIG_FILE}, {WEIGHTS_FILE} "
-                           f"and {TASKS_FILE}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OrchmoeError(f"{path}: not valid JSON ({exc})") from None
+    return fs_read_json(path, missing=f"file not found; an adapter checkpoint holds {CONFIG_FILE}, {WEIGHTS_FILE} "
+                                      f"and {TASKS_FILE}")
 
 
 def read_tensors(directory: Path) -> dict[str, Tensor]:
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        pickled = (" (adapter_model.bin is a pickle and is never loaded)"
-                   if (directory / "adapter_model.bin").exists() else "")
-        raise OrchmoeError(f"{path}: file not found{pickled}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise OrchmoeError(f"{path}: not a readable safetensors file ({exc})") from None
+    pickled = (" (adapter_model.bin is a pickle and is never loaded)"
+               if (directory / "adapter_model.bin").exists() else "")
+    return read_safetensors(directory / WEIGHTS_FILE, missing=f"file not found{pickled}")
 
 
 def read_task_names(directory: Path) -> list[str]:

@@ -29,6 +29,7 @@ from orchmoe_cli.adapters.model import AdaptedModel, attach_adapters
 from orchmoe_cli.adapters.peft_interop import read_peft_checkpoint
 from orchmoe_cli.adapters.registry import resolve
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.schema import build
 
 FORMAT_VERSION = 1
 
@@ -47,9 +48,6 @@ def _read_own(base: PreTrainedModel, directory: Path,
     raw = config.get("method")
     if not isinstance(raw, dict):
         raise OrchmoeError(f"{source}: 'method' must be a mapping of method settings")
-    # imported here: recipe.py imports this package's config module, so a module-level import would cycle
-    from orchmoe_cli.recipe import build
-
     method = build(MethodConfig, raw, str(source), "method.")
     summary = config.get("base_model") or {}
     if not isinstance(summary, dict):

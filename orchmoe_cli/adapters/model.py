@@ -30,16 +30,15 @@ from orchmoe_cli.adapters.files import (
     WEIGHTS_FILE,
     base_summary,
     check_tensors,
-    write_json,
     write_tensors,
 )
 from orchmoe_cli.adapters.inject import build, install, plan
 from orchmoe_cli.adapters.layer import SkillLoRALinear, WrappedLinear
 from orchmoe_cli.adapters.orchmoe import load_balance_loss, supervision_loss
-from orchmoe_cli.adapters.peft_interop import export_peft
 from orchmoe_cli.adapters.registry import resolve, spec_of
 from orchmoe_cli.adapters.routers import AverageRouter, route_layers
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import atomic_write_json
 
 
 class AdaptedModel(nn.Module):
@@ -158,6 +157,26 @@ class AdaptedModel(nn.Module):
         with self.routing(task_ids=task_ids, input_ids=input_ids, prompt_mask=attention_mask):
             return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
 
+    @property
+    def task_index(self) -> dict[str, int] | None:
+        """Task name -> routing index (the order of ``tasks.json``); None for methods that never read a task id.
+
+        Batches map names through this, so a task the model does not know gets -1 (an unseen task)."""
+        if not self.spec.needs_task_ids:
+            return None
+        return {name: i for i, name in enumerate(self.task_names)}
+
+    def category_index(self, categories: list[str]) -> dict[str, int] | None:
+        """Category -> abstract-task index when routing also learns from categories (OrchMoE's optional
+        supervised term), else None."""
+        if self.spec.router != "orchmoe" or self.method.task_supervision_weight == 0:
+            return None
+        if len(categories) > self.method.n_abstract_tasks:
+            raise OrchmoeError(
+                f"method.n_abstract_tasks: task supervision maps {len(categories)} training categories onto "
+                f"abstract tasks; set n_abstract_tasks >= {len(categories)} or task_supervision_weight: 0")
+        return {c: i for i, c in enumerate(sorted(categories))}
+
     def aux_losses(self) -> dict[str, Tensor]:
         """Auxiliary losses of the last routed call, already weighted; add them to the LM loss."""
         return dict(self._aux)
@@ -265,11 +284,13 @@ class AdaptedModel(nn.Module):
             "base_model": base_summary(self.base), "parameters": self.count_parameters(),
         }
         write_tensors(directory / WEIGHTS_FILE, self.adapter_state_dict(), {"format": "pt", "orchmoe": FORMAT})
-        write_json(directory / TASKS_FILE, self.task_names)
-        write_json(directory / CONFIG_FILE, config)
+        atomic_write_json(directory / TASKS_FILE, self.task_names)
+        atomic_write_json(directory / CONFIG_FILE, config)
 
     def export_peft(self, directory: str | Path) -> None:
         """Write a peft checkpoint (lora, poly, mhr) that ``PeftModel.from_pretrained`` loads."""
+        from orchmoe_cli.adapters.peft_interop import export_peft  # peft is imported only when exporting
+
         export_peft(self, Path(directory))
 
 

@@ -21,11 +21,11 @@ from orchmoe_cli.adapters.files import (
     WEIGHTS_FILE,
     read_task_names,
     read_tensors,
-    write_json,
     write_tensors,
 )
 from orchmoe_cli.adapters.layer import SkillLoRALinear
 from orchmoe_cli.errors import FieldError, OrchmoeError
+from orchmoe_cli.fsutil import atomic_write_json
 
 if TYPE_CHECKING:
     from orchmoe_cli.adapters.model import AdaptedModel
@@ -67,7 +67,7 @@ def export_peft(model: AdaptedModel, directory: Path) -> None:
     config.base_model_name_or_path = getattr(model.base.config, "_name_or_path", None) or None
     directory.mkdir(parents=True, exist_ok=True)
     write_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
-    write_json(directory / TASKS_FILE, model.task_names)
+    atomic_write_json(directory / TASKS_FILE, model.task_names)
     config.save_pretrained(str(directory))
 
 

@@ -25,6 +25,7 @@ class MethodSpec:
     average_at_eval: bool  # the mu variants: task router in training, average of skills at eval
     exportable: bool  # has an exact peft equivalent
     mergeable: bool  # a fixed routing folds into the base weights
+    may_skip_parameters: bool = False  # a step may leave some trainable tensors unused (DDP must look for them)
 
     @property
     def needs_task_ids(self) -> bool:
@@ -38,7 +39,8 @@ SPECS: dict[str, MethodSpec] = {
     "poly_mu": MethodSpec("task", 1, True, False, True),
     "mhr_mu": MethodSpec("task", 4, True, False, True),
     "orchmoe": MethodSpec("orchmoe", 1, False, False, False),
-    "hyperloader": MethodSpec("hyper", 1, False, False, False),
+    # generators of positions a base model lacks (e.g. cross-attention on decoder-only) get no gradient
+    "hyperloader": MethodSpec("hyper", 1, False, False, False, may_skip_parameters=True),
 }
 
 

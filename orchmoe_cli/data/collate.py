@@ -3,8 +3,8 @@
 Training follows Tk-Instruct: each time an example is used, one of its references is drawn with
 ``rng.choice`` (a seeded ``random.Random`` passed in, so runs are reproducible). Decoder-only batches carry
 ``prompt_mask`` so an input-routed adapter can pool over the prompt alone, never over the answer it is
-being trained to produce. Every batch carries ``task_ids`` (the manifest's ``task_index``) for task-routed
-adapters.
+being trained to produce. Given the model's ``task_index`` (task name -> routing index), batches carry
+``task_ids`` for task-routed adapters: -1 for a task the model does not know; without one, no task id at all.
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ def _pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch
     return out
 
 
-def _task_ids(features: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-    return torch.tensor([int(f["task_index"]) for f in features], dtype=torch.long)
+def _with_task_ids(batch: dict[str, torch.Tensor], features: Sequence[Mapping[str, Any]],
+                   task_index: Mapping[str, int] | None) -> dict[str, torch.Tensor]:
+    if task_index is not None:
+        batch["task_ids"] = torch.tensor([task_index.get(f["task"], -1) for f in features], dtype=torch.long)
+    return batch
 
 
 @dataclass
@@ -57,24 +60,25 @@ class TrainCollator:
     pad_token_id: int
     is_encoder_decoder: bool
     rng: random.Random
+    task_index: Mapping[str, int] | None = None
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [list(f["prompt_ids"]) for f in features]
         targets = [list(self.rng.choice(f["reference_ids"])) for f in features]
         if self.is_encoder_decoder:
-            return {
+            batch = {
                 "input_ids": _pad(prompts, self.pad_token_id),
                 "attention_mask": _pad([[1] * len(p) for p in prompts], 0),
                 "labels": _pad(targets, IGNORE_INDEX),
-                "task_ids": _task_ids(features),
             }
-        return {
-            "input_ids": _pad([p + t for p, t in zip(prompts, targets)], self.pad_token_id),
-            "attention_mask": _pad([[1] * (len(p) + len(t)) for p, t in zip(prompts, targets)], 0),
-            "labels": _pad([[IGNORE_INDEX] * len(p) + t for p, t in zip(prompts, targets)], IGNORE_INDEX),
-            "prompt_mask": _pad([[1] * len(p) + [0] * len(t) for p, t in zip(prompts, targets)], 0),
-            "task_ids": _task_ids(features),
-        }
+        else:
+            batch = {
+                "input_ids": _pad([p + t for p, t in zip(prompts, targets)], self.pad_token_id),
+                "attention_mask": _pad([[1] * (len(p) + len(t)) for p, t in zip(prompts, targets)], 0),
+                "labels": _pad([[IGNORE_INDEX] * len(p) + t for p, t in zip(prompts, targets)], IGNORE_INDEX),
+                "prompt_mask": _pad([[1] * len(p) + [0] * len(t) for p, t in zip(prompts, targets)], 0),
+            }
+        return _with_task_ids(batch, features, self.task_index)
 
 
 @dataclass
@@ -84,12 +88,13 @@ class GenerationCollator:
 
     pad_token_id: int
     is_encoder_decoder: bool
+    task_index: Mapping[str, int] | None = None
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [list(f["prompt_ids"]) for f in features]
         left = not self.is_encoder_decoder
-        return {
+        batch = {
             "input_ids": _pad(prompts, self.pad_token_id, left=left),
             "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=left),
-            "task_ids": _task_ids(features),
         }
+        return _with_task_ids(batch, features, self.task_index)

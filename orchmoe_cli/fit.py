@@ -1,0 +1,324 @@
+"""The training loop every command shares: `orchmoe train` runs it on all training tasks, and
+few-shot adaptation on a few dozen rows of one new task. Readable top to bottom.
+
+One process on one CPU, or many under ``accelerate launch`` / ``torchrun``: every process builds
+the same global batch from (seed, batch index) and keeps its slice; only the main process
+writes. Checkpoints are atomic and resume is exact (optimizer, scheduler, RNG, batch index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import gather_object, set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from orchmoe_cli import checkpoint as ckpt
+from orchmoe_cli.adapters import AdaptedModel
+from orchmoe_cli.adapters.files import read_task_names, read_tensors
+from orchmoe_cli.adapters.registry import MethodSpec
+from orchmoe_cli.data.collate import TrainCollator
+from orchmoe_cli.data.rows import TaskRows
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
+from orchmoe_cli.recipe import TrainConfig
+from orchmoe_cli.sampling import TaskBatchSampler
+from orchmoe_cli.train_logging import MetricsLogger, plot_loss_curve
+
+_LR_FIELD = {"adapters": "lr", "routers": "router_lr", "hypernetwork": "hypernetwork_lr", "other": "lr"}
+
+
+@dataclass
+class FitOutcome:
+    run_dir: Path
+    final_checkpoint: Path | None
+    step: int
+    interrupted: bool
+    is_main_process: bool
+
+
+class _Interrupt:
+    """SIGINT sets a flag; the loop saves a checkpoint at the next step boundary and stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
+    """The run's accelerator, with every RNG seeded (``train.seed`` + rank) so what is built next is reproducible.
+
+    CPU-only machines need ``cpu=True`` for real multi-process (gloo) training. Only methods that may
+    leave parameters untouched in a step pay DDP's unused-parameter search."""
+    use_cuda = torch.cuda.is_available()
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(
+        cpu=not use_cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=spec.may_skip_parameters)],
+    )
+    set_seed(cfg.seed + accelerator.process_index, deterministic=cfg.deterministic)
+    return accelerator
+
+
+def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with one parameter group (and learning rate) per kind: skills, routers, hypernetwork."""
+    groups = [
+        {"params": params, "lr": getattr(cfg, _LR_FIELD[name]), "weight_decay": cfg.weight_decay, "name": name}
+        for name, params in model.parameter_groups().items() if params
+    ]
+    if not groups:
+        raise OrchmoeError("method.name: the method has no trainable parameters; choose an adapter method to train")
+    optimizer = torch.optim.AdamW(groups, fused=True)  # one kernel for all tensors: much faster on CPU too
+    if cfg.schedule == "linear":
+        scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+    return optimizer, scheduler
+
+
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy over target tokens (-100 ignored).
+
+    Decoder-only models compute logits only at positions that predict an answer token: the answer is
+    a few tokens of a long prompt, and the vocabulary projection is a large share of a small model's cost.
+    """
+    labels = batch["labels"]
+    if causal:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        keep = (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)  # position i predicts token i + 1
+        logits = model(**inputs, logits_to_keep=keep).logits
+        labels = labels[:, keep + 1]
+    else:
+        logits = model(**batch).logits
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )
+
+
+def replica_checksum(model: AdaptedModel) -> str:
+    """A digest of the adapter tensors: equal on every process when data-parallel training stayed in sync."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.adapter_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Batches:
+    """Turns row indices into device tensors: the collator's padding, the model's task ids and category ids."""
+
+    def __init__(self, model: AdaptedModel, rows: TaskRows, pad_id: int, causal: bool, accelerator: Accelerator):
+        self.model, self.rows, self.pad_id, self.causal = model, rows, pad_id, causal
+        self.accelerator = accelerator
+        self.category_index = model.category_index(rows.categories())
+
+    def mine(self, indices: list[int]) -> list[int]:
+        """This process's share of a global batch."""
+        return indices[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    def __call__(self, indices: list[int], rng: random.Random) -> dict[str, torch.Tensor]:
+        rows = self.rows.rows(indices)
+        batch = TrainCollator(self.pad_id, not self.causal, rng, self.model.task_index)(rows)
+        if self.category_index is not None:
+            batch["category_ids"] = torch.tensor([self.category_index[r["category"]] for r in rows])
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+
+def validation_loss(model: Any, batches: Batches, batch_size: int) -> float:
+    """Mean token loss over the validation rows (each process scores its share, then averaged)."""
+    accelerator = batches.accelerator
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    mine = batches.mine(list(range(len(batches.rows))))
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            batch = batches(mine[start : start + batch_size], random.Random(0))
+            rows = batch["input_ids"].shape[0]
+            total += lm_loss(model, batch, batches.causal, 0.0) * rows
+            count += rows
+    model.train()
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return float(total / count.clamp(min=1))
+
+
+def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, accelerator: Accelerator,
+            console: Console, required: bool) -> tuple[int, int, Path | None]:
+    """Restore adapter, optimizer, scheduler and this process's RNG from the newest complete checkpoint.
+
+    Returns (step, batch index, checkpoint); (0, 0, None) when there is none and ``required`` is false."""
+    try:
+        latest = ckpt.latest_checkpoint(run_dir)
+    except OrchmoeError as exc:  # checkpoints exist but none is complete
+        raise OrchmoeError(f"{exc}; fix or delete it, or run without --resume / train.resume: auto") from None
+    if latest is None:
+        if required:
+            raise OrchmoeError(f"{run_dir}: --resume given but it holds no complete checkpoint; run without --resume")
+        return 0, 0, None
+    saved_tasks = read_task_names(latest)
+    if saved_tasks != model.task_names:
+        differing = next((f"position {i}: '{a}' in the checkpoint, '{b}' now"
+                          for i, (a, b) in enumerate(zip(saved_tasks, model.task_names)) if a != b),
+                         f"{len(saved_tasks)} tasks in the checkpoint, {len(model.task_names)} now")
+        raise OrchmoeError(f"{latest}: was trained on other tasks than this run's ({differing}); resume with the "
+                           "same training tasks or choose another output.dir")
+    state = ckpt.load_training_state(latest, optimizer, scheduler)
+    model.load_adapter_state_dict(read_tensors(latest), str(latest))
+    per_rank = state.extra.get("rng_by_rank")
+    ckpt.restore_rng(per_rank[accelerator.process_index] if per_rank else state.rng)
+    console.print(f"resumed from {latest} at step {state.step}")
+    return state.step, int(state.sampler_state["batch_index"]), latest
+
+
+def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, *,
+        pad_id: int, causal: bool, recipe_yaml: str, source: str, console: Console,
+        val_rows: TaskRows | None = None, resume: bool = False,
+        validate: Callable[[Any, int], dict[str, float]] | None = None) -> FitOutcome:
+    """Train ``model``'s trainable tensors on ``rows`` for ``cfg.steps`` optimizer steps, checkpointing into
+    ``run_dir/checkpoints`` (resumable, atomic) and logging to ``run_dir/metrics.jsonl``.
+
+    ``validate(model, step)`` (default: the token loss on ``val_rows``) runs every ``cfg.eval_every`` steps
+    and at the end; its numbers are logged. The caller built and seeded the accelerator and the model."""
+    is_main = accelerator.is_main_process
+    console = console if is_main else Console(quiet=True)
+    run_dir = Path(run_dir)
+    if resume and not (run_dir / ckpt.CHECKPOINTS).is_dir():
+        raise OrchmoeError(f"{run_dir}: --resume given but it holds no checkpoint; run without --resume")
+    model.train()
+    optimizer, scheduler = build_optimizer(model, cfg)
+    sampler = TaskBatchSampler(rows.task_codes.tolist(), cfg.batch_size * accelerator.num_processes,
+                               cfg.task_sampling, cfg.seed, cfg.sampling_temperature)
+    batches = Batches(model, rows, pad_id, causal, accelerator)
+    if validate is None and val_rows is not None and len(val_rows):
+        val_batches = Batches(model, val_rows, pad_id, causal, accelerator)
+        validate = lambda m, step: {"val_loss": validation_loss(m, val_batches, cfg.batch_size)}  # noqa: E731
+    lock = ckpt.RunLock(run_dir) if is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        step, batch_index, latest = 0, 0, None
+        if resume or cfg.resume == "auto":
+            step, batch_index, latest = _resume(run_dir, model, optimizer, scheduler, accelerator, console,
+                                                required=resume)
+        if step >= cfg.steps:  # nothing left to train: write nothing
+            console.print(f"{latest} is at step {step}, train.steps is {cfg.steps}: nothing to do")
+            return FitOutcome(run_dir, latest, step, False, is_main)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        return _loop(cfg, source, console, accelerator, model, prepared, optimizer, scheduler, sampler, batches,
+                     validate, step, batch_index, run_dir, recipe_yaml)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _loop(cfg: TrainConfig, source: str, console: Console, accelerator: Accelerator, unwrapped: AdaptedModel,
+          model: Any, optimizer: Any, scheduler: Any, sampler: TaskBatchSampler, batches: Batches,
+          validate: Callable[[Any, int], dict[str, float]] | None, step: int, batch_index: int, run_dir: Path,
+          recipe_yaml: str) -> FitOutcome:
+    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard)
+    progress = Progress(
+        TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        disable=not accelerator.is_main_process,
+    )
+    interrupted, last_path = False, None
+    tokens, started = 0, time.perf_counter()
+    with _Interrupt() as interrupt, progress:
+        bar = progress.add_task("train", total=cfg.steps, completed=step, stats="")
+        model.train()
+        while step < cfg.steps:
+            losses: dict[str, float] = {}
+            for _ in range(cfg.grad_accum):
+                batch = batches(batches.mine(sampler.batch(batch_index)), sampler.reference_rng(batch_index))
+                batch_index += 1
+                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                with accelerator.accumulate(model):
+                    token_loss = lm_loss(model, batch, batches.causal, cfg.label_smoothing)
+                    aux = unwrapped.aux_losses()
+                    loss = token_loss + sum(aux.values(), torch.zeros((), device=token_loss.device))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, value in {"loss": loss, "lm_loss": token_loss, **aux}.items():
+                    losses[name] = losses.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+            scheduler.step()
+            step += 1
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise OrchmoeError(f"{source}: train: loss became {losses['loss']} at step {step}; lower train.lr")
+            elapsed = time.perf_counter() - started
+            lr = scheduler.get_last_lr()[0]
+            stats = f"loss {losses['loss']:.3f} · lr {lr:.2e} · {tokens / max(elapsed, 1e-9):,.0f} tok/s"
+            progress.update(bar, completed=step, stats=stats)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                logger.log({"step": step, **losses, "lr": lr, "tokens_per_s": tokens / max(elapsed, 1e-9)})
+            if validate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                logger.log({"step": step, **validate(model, step)})
+            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or interrupt.requested:
+                last_path = _save(run_dir, step, batch_index, unwrapped, recipe_yaml, optimizer, scheduler,
+                                  accelerator, cfg.keep_last)
+            if interrupt.requested:
+                interrupted = True
+                break
+    logger.close()
+    _write_summary(run_dir, accelerator, unwrapped, step, interrupted, last_path, recipe_yaml)
+    return FitOutcome(run_dir, last_path, step, interrupted, accelerator.is_main_process)
+
+
+def _save(run_dir: Path, step: int, batch_index: int, model: AdaptedModel, recipe_yaml: str, optimizer: Any,
+          scheduler: Any, accelerator: Accelerator, keep_last: int) -> Path | None:
+    """Main process writes; every process's RNG state goes in, so each resumes its own stream."""
+    accelerator.wait_for_everyone()
+    extra = {}
+    if accelerator.num_processes > 1:
+        extra["rng_by_rank"] = gather_object([ckpt.capture_rng()])
+    path = None
+    if accelerator.is_main_process:
+        path = ckpt.save_checkpoint(run_dir, step, model.save, recipe_yaml, optimizer, scheduler,
+                                    {"batch_index": batch_index}, extra=extra, keep_last=keep_last)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _write_summary(run_dir: Path, accelerator: Accelerator, model: AdaptedModel, step: int, interrupted: bool,
+                   last_path: Path | None, recipe_yaml: str) -> None:
+    """The loss curve, the recipe used and ``train_summary.json``; fails loudly if replicas drifted apart."""
+    checksums = gather_object([replica_checksum(model)])
+    if not accelerator.is_main_process:
+        return
+    plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    atomic_write_text(run_dir / "recipe.yaml", recipe_yaml)
+    summary = {"step": step, "interrupted": interrupted, "checkpoint": str(last_path) if last_path else None,
+               "processes": accelerator.num_processes, "replicas_in_sync": len(set(checksums)) == 1,
+               "adapter_checksums": checksums, "parameters": model.count_parameters()}
+    atomic_write_json(run_dir / "train_summary.json", summary)
+    if not summary["replicas_in_sync"]:
+        raise RuntimeError(f"{run_dir}: processes ended with different adapter weights")

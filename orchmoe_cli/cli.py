@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchmoe_cli import __version__
+from orchmoe_cli.data.sni import resolve_source
 from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError
 from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
 
@@ -62,10 +63,15 @@ def _root(
 
 
 def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool) -> Recipe:
+    """The resolved recipe, with its data location checked before anything heavy is imported."""
     recipe = load_recipe(recipe_path, overrides or [])
     if show_config:
         console.print(dump_recipe(recipe), markup=False, highlight=False, end="")
         raise typer.Exit()
+    try:
+        resolve_source(recipe.data)
+    except OrchmoeError as exc:
+        raise OrchmoeError(f"{recipe_path}: {exc}") from None
     return recipe
 
 

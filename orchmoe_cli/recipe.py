@@ -26,8 +26,10 @@ from orchmoe_cli.schema import help_field as _f
 @dataclass
 class DataConfig:
     source: str = _f("bundled", "'bundled' (the SNI sample shipped with orchmoe) or a directory in the upstream "
-                     "layout: task files in <dir>/tasks (or <dir>), split files in <dir> or <dir>/splits/default")
-    split_dir: str | None = _f(None, "directory holding the split files, if not found from `source`")
+                     "layout: task files in <dir>/tasks (or <dir>), split files in <dir> or <dir>/splits/default; "
+                     "~ and $VAR / ${VAR} are expanded (recipes/sni use ${ORCHMOE_SNI_DIR})")
+    split_dir: str | None = _f(None, "directory holding the split files, if not found from `source` (~ and $VAR "
+                               "expanded)")
     train_split: str = _f("train_tasks.txt", "file in the split directory listing training tasks, one per line")
     test_split: str = _f("test_tasks.txt", "file in the split directory listing held-out tasks, one per line")
     languages: list[str] = _f(["English"], "keep tasks whose input, output and instruction languages are all listed")

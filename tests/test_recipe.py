@@ -117,3 +117,42 @@ def test_show_config_prints_resolved_recipe(tmp_path: Path, capsys) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "max_instances: 2" in out and "batch_size: 3" in out
+
+
+def test_shipped_recipes_name_their_data_by_a_documented_place_only() -> None:
+    """Data comes from 'bundled', ${ORCHMOE_SNI_DIR} or files inside the repository, never a path beside it."""
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        if path.parent.name == "accelerate":
+            continue
+        data = load_recipe(path).data
+        assert data.source in ("bundled", "${ORCHMOE_SNI_DIR}"), f"{path.name}: data.source {data.source}"
+        if data.split_dir is not None:
+            assert (REPO / data.split_dir).is_dir(), f"{path.name}: data.split_dir {data.split_dir}"
+
+
+def test_data_location_from_an_environment_variable(sni_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchmoe_cli.data.sni import resolve_source
+    from orchmoe_cli.errors import OrchmoeError
+
+    recipe = load_recipe(None, ["data.source=${ORCHMOE_TEST_SNI}/sni"])
+    monkeypatch.delenv("ORCHMOE_TEST_SNI", raising=False)
+    with pytest.raises(OrchmoeError, match=r"data.source: environment variable ORCHMOE_TEST_SNI is not set"):
+        resolve_source(recipe.data)
+    monkeypatch.setenv("ORCHMOE_TEST_SNI", str(sni_dir.parent))
+    assert resolve_source(recipe.data).tasks["train"][0] == "task001_alpha_qa"
+
+
+def test_unset_data_variable_fails_fast_in_one_line(tmp_path: Path) -> None:
+    """The CLI reports it before importing torch (no model or tokenizer is loaded first)."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  source: ${ORCHMOE_TEST_UNSET}\n", encoding="utf-8")
+    code = ("import sys\nfrom orchmoe_cli.cli import main\ntry:\n    main(['prepare', sys.argv[1]])\n"
+            "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "ORCHMOE_TEST_UNSET"}
+    result = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and f"{recipe}: data.source: environment variable" in result.stderr

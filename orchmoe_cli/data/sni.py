@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -88,12 +90,27 @@ def bundled_dir() -> Path:
     return Path(str(resources.files("orchmoe_cli.data").joinpath("sample")))
 
 
+_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand_path(value: str, field: str) -> Path:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded; an unset variable is an error naming it and the field."""
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            raise OrchmoeError(f"{field}: environment variable {name} is not set; export {name}=DIR (for SNI: a "
+                               f"clone of https://github.com/allenai/natural-instructions) or pass {field}=DIR")
+        return os.environ[name]
+
+    return Path(_ENV_REFERENCE.sub(lookup, value)).expanduser()
+
+
 def resolve_source(cfg: DataConfig) -> SourceLayout:
     """Find the task and split files of ``cfg.source`` and validate both split files."""
     if cfg.source == "bundled":
         root, description = bundled_dir(), "bundled SNI sample"
     else:
-        root = Path(cfg.source).expanduser()
+        root = expand_path(cfg.source, "data.source")
         if not root.is_dir():
             raise OrchmoeError(f"data.source: directory '{root}' not found; set data.source to 'bundled' "
                                "or to a directory of SNI task files")
@@ -113,7 +130,7 @@ def resolve_source(cfg: DataConfig) -> SourceLayout:
 
 def _split_dir(cfg: DataConfig, root: Path) -> Path:
     if cfg.split_dir is not None:
-        split_dir = Path(cfg.split_dir).expanduser()
+        split_dir = expand_path(cfg.split_dir, "data.split_dir")
         if not split_dir.is_dir():
             raise OrchmoeError(f"data.split_dir: directory '{split_dir}' not found; point it at the directory "
                                f"holding {cfg.train_split} and {cfg.test_split}")

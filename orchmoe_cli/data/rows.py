@@ -65,6 +65,11 @@ class TaskRows:
         batch = self._dataset.select_columns(list(COLUMNS))[wanted]
         return [dict(zip(COLUMNS, values)) for values in zip(*(batch[c] for c in COLUMNS))]
 
+    def of_tasks(self, names: Sequence[str]) -> TaskRows:
+        """Only the rows of these tasks (e.g. one new task to adapt to)."""
+        wanted = [self.task_vocabulary.index(n) for n in names if n in self.task_vocabulary]
+        return self._view(np.flatnonzero(np.isin(self.task_codes, wanted)))
+
     def hold_out_first(self, per_task: int) -> tuple[TaskRows, TaskRows]:
         """(the rest, the first ``per_task`` rows of each task): a validation slice in one pass."""
         seen = np.zeros(len(self.task_vocabulary), dtype=np.int64)

@@ -25,23 +25,33 @@ def prepare_data(recipe: Recipe, source: str, console: Console) -> Prepared:
 def resolve_checkpoint(recipe: Recipe, source: str) -> Path | None:
     """``eval.checkpoint``: none (the base model), ``latest`` (newest checkpoint of ``output.dir``),
     an adapter directory, or a run directory (its newest complete checkpoint). Verified when it has a manifest."""
-    from orchmoe_cli import checkpoint as ckpt
-
     value = recipe.eval.checkpoint
     if value is None:
         return None
     path = Path(recipe.output.dir) if value == "latest" else Path(value)
+    return find_checkpoint(path, f"{source}: eval.checkpoint", f"orchmoe train {source}")
+
+
+def find_checkpoint(path: Path, what: str, how_to_train: str = "orchmoe train RECIPE") -> Path:
+    """An adapter directory (verified against its manifest when it has one), or a run directory's newest
+    complete checkpoint; ``what`` starts the one-line error."""
+    from orchmoe_cli import checkpoint as ckpt
+
+    path = path.expanduser()
     if (path / "adapter_config.json").is_file():
         if (path / ckpt.MANIFEST).is_file():
             ckpt.verify_checkpoint(path)
         return path
+    if not path.exists():
+        raise OrchmoeError(f"{what}: {path} does not exist; train one first ({how_to_train}) or point it at an "
+                           "adapter checkpoint or a run directory")
     try:
         latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
     except OrchmoeError as exc:  # checkpoints exist but none is complete
-        raise OrchmoeError(f"{source}: eval.checkpoint: {exc}") from None
+        raise OrchmoeError(f"{what}: {exc}") from None
     if latest is None:
-        raise OrchmoeError(f"{source}: eval.checkpoint: {path} holds no adapter checkpoint; train one first "
-                           f"(orchmoe train {source}) or point eval.checkpoint at an adapter directory")
+        raise OrchmoeError(f"{what}: {path} holds no adapter checkpoint; train one first "
+                           f"({how_to_train}) or point it at an adapter directory")
     return latest
 
 

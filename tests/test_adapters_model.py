@@ -7,11 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 from adapter_fixtures import BUILDERS, METHODS, TASKS, make_batch, perturb
+from tolerance import DEFAULT_ULPS, assert_close_scaled, assert_differs_scaled
 
 from orchmoe_cli.adapters import AdaptedModel, MethodConfig, attach_adapters, load_adapted
 from orchmoe_cli.adapters.registry import SPECS
 
 ARCHS = list(BUILDERS)
+ROUTED = [m for m in METHODS if SPECS[m].router != "constant"]
+# HyperLoader outputs are worse conditioned: perturbed generators make adapter weights of several units
+# (G s with |s| about sqrt(projected_dim)) and post-LayerNorm adapters amplify rounding; between kernel
+# paths its logits drift up to about 100 ulps apart where the other methods stay under 10
+HYPER_ULPS = 1024
 
 
 def _adapted(arch: str, method: str, seed: int = 0, **fields: object) -> AdaptedModel:
@@ -41,8 +47,11 @@ def test_training_steps_and_generation(arch: str, method: str) -> None:
         base_logits = base(**batch).logits
     model = attach_adapters(base, MethodConfig(name=method), TASKS)
     with torch.no_grad():  # B (and HyperLoader's G_B, LN gain) start at zero: the base model, unchanged
-        torch.testing.assert_close(model(**batch, **_task_ids(method, [0, 1, 2])).logits, base_logits)
-    perturb(model, scale=0.1)
+        assert_close_scaled(model(**batch, **_task_ids(method, [0, 1, 2])).logits, base_logits)
+    # a small perturbation: at 0.1 HyperLoader's generated T5 adapters compute values in the hundreds, float32
+    # gradients lose digits (0.6% off float64) and 4 AdamW steps end above or below the start depending on the
+    # CPU's kernels; at 0.02 every method drops the loss by 0.17 or more on every kernel path tried
+    perturb(model, scale=0.02)
     groups = model.parameter_groups()
     optimizer = torch.optim.AdamW([{"params": p} for p in groups.values()], lr=1e-2)
     routing = _task_ids(method, [0, 1, -1])
@@ -83,11 +92,12 @@ def test_mixed_task_rows_are_independent_of_batch_mates(arch: str, method: str) 
     one = _logits(model, first, **_task_ids(method, [0, 1, 2]))
     two = _logits(model, second, **_task_ids(method, [0, 2, -1]))
     solo = _logits(model, alone, **_task_ids(method, [0]))
-    # equal up to float rounding (the batch size changes the matmul kernels); logits are a few units
-    torch.testing.assert_close(one[0], two[0], atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(one[0], solo[0], atol=1e-4, rtol=1e-5)
+    # equal up to float rounding: the batch size and the batch mates' routing change the matmul kernels
+    ulps = HYPER_ULPS if method == "hyperloader" else DEFAULT_ULPS
+    assert_close_scaled(two[0], one[0], ulps)
+    assert_close_scaled(solo[0], one[0], ulps)
     if method in ("poly", "mhr", "hyperloader"):  # task routing really changes the output
-        assert not torch.allclose(one[1], _logits(model, first, task_ids=torch.tensor([0, 2, 2]))[1], atol=1e-4)
+        assert_differs_scaled(_logits(model, first, task_ids=torch.tensor([0, 2, 2]))[1], one[1], ulps)
     kwargs = {"max_new_tokens": 4, "num_beams": 4, "num_return_sequences": 2, "do_sample": False}
     in_batch = model.generate(first["input_ids"], first["attention_mask"], **_task_ids(method, [0, 1, 2]), **kwargs)
     by_itself = model.generate(a, alone["attention_mask"], **_task_ids(method, [0]), **kwargs)
@@ -109,7 +119,7 @@ def test_merged_and_unmerged_agree(method: str) -> None:
         model.merge(task)
         merged = _logits(model, batch, **routing)
         model.unmerge()
-        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+        assert_close_scaled(merged, unmerged)
     assert torch.equal(model.base.model.layers[0].self_attn.q_proj.weight, weight)
 
 
@@ -147,10 +157,10 @@ def test_orchmoe_never_needs_a_task_id(arch: str) -> None:
     out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 3
     ids_ignored = _logits(model, batch, task_ids=torch.tensor([5, 6, 7]))  # out of range, and never read
-    torch.testing.assert_close(ids_ignored, _logits(model, batch))
+    assert torch.equal(ids_ignored, _logits(model, batch))
     with model.routing(input_ids=batch["input_ids"], prompt_mask=batch["attention_mask"]) as state:
         assert state is not None and state.task_probs is not None
-        torch.testing.assert_close(state.task_probs.sum(-1), torch.ones(3))
+        assert_close_scaled(state.task_probs.sum(-1), torch.ones(3))
 
 
 def test_orchmoe_routes_decoder_only_training_from_the_prompt_alone() -> None:
@@ -169,7 +179,7 @@ def test_orchmoe_routes_decoder_only_training_from_the_prompt_alone() -> None:
     with model.routing(input_ids=batch["input_ids"], prompt_mask=prompt) as two:
         pass
     assert one is not None and two is not None
-    torch.testing.assert_close(one.task_probs, two.task_probs)
+    assert_close_scaled(one.task_probs, two.task_probs)
 
 
 @pytest.mark.parametrize("method", ["poly_mu", "mhr_mu"])
@@ -177,20 +187,21 @@ def test_mu_variants_learn_routing_in_training_and_average_at_eval(method: str, 
     model = _adapted("t5", method)
     batch = make_batch(model.base)
     by_task = [_logits(model, batch, task_ids=torch.tensor([t] * 3)) for t in (0, 2, -1)]
-    torch.testing.assert_close(by_task[0], by_task[1])
-    torch.testing.assert_close(by_task[0], by_task[2])
-    torch.testing.assert_close(_logits(model, batch), by_task[0])  # eval needs no task id at all
+    # at eval every route is the same uniform weights buffer, so the very same kernels run: bit-identical
+    assert torch.equal(by_task[0], by_task[1])
+    assert torch.equal(by_task[0], by_task[2])
+    assert torch.equal(_logits(model, batch), by_task[0])  # eval needs no task id at all
     model.train()
     model(**batch, task_ids=torch.tensor([0, 1, 2])).loss.backward()
     assert "routers" in model.parameter_groups()
     model.to_average()
     assert "routers" not in model.parameter_groups() and model.count_parameters()["routers"] == 0
     model.eval()
-    torch.testing.assert_close(_logits(model, batch), by_task[0])
+    assert torch.equal(_logits(model, batch), by_task[0])
     model.save(tmp_path)
     loaded = load_adapted(BUILDERS["t5"](), tmp_path).eval()
     assert loaded.averaged
-    torch.testing.assert_close(_logits(loaded, batch), by_task[0], atol=0, rtol=0)
+    assert torch.equal(_logits(loaded, batch), by_task[0])
 
 
 def test_hyperloader_unseen_task_uses_the_mean_task_embedding() -> None:
@@ -199,9 +210,11 @@ def test_hyperloader_unseen_task_uses_the_mean_task_embedding() -> None:
     with torch.no_grad():
         table = model.hyper.task_embedding
         table[1] = (table[0] + table[2]) / 2  # task 1 now sits exactly at the mean of all three
-    torch.testing.assert_close(model.hyper.task_vectors(torch.tensor([-1, 1])), table[[1, 1]])
-    torch.testing.assert_close(_logits(model, batch, task_ids=torch.tensor([-1] * 3)),
-                               _logits(model, batch, task_ids=torch.tensor([1] * 3)), atol=1e-3, rtol=1e-3)
+    assert_close_scaled(model.hyper.task_vectors(torch.tensor([-1, 1])), table[[1, 1]])
+    # the two task vectors differ by rounding (a mean of three rows against the stored mean of two), and the
+    # hypernetwork and its post-LayerNorm adapters amplify that gap: up to 255 ulps seen
+    assert_close_scaled(_logits(model, batch, task_ids=torch.tensor([-1] * 3)),
+                        _logits(model, batch, task_ids=torch.tensor([1] * 3)), ulps=2 * HYPER_ULPS)
     assert model.count_parameters()["other"] > 0  # the base layer norms, as the HyperLoader code trains them
     assert set(model.parameter_groups()) == {"hypernetwork", "other"}
 
@@ -217,7 +230,8 @@ def test_counts_and_groups_are_consistent() -> None:
         assert sum(t.numel() for t in model.adapter_state_dict().values()) == counts["total_trainable"]
 
 
-@pytest.mark.parametrize(("arch", "method"), [("llama", "poly"), ("llama", "orchmoe"), ("t5", "hyperloader")])
+@pytest.mark.parametrize("method", ROUTED)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_activation_checkpointing_recomputes_with_the_same_routing(arch: str, method: str) -> None:
     grads = []
     for checkpointing in (False, True):
@@ -225,10 +239,11 @@ def test_activation_checkpointing_recomputes_with_the_same_routing(arch: str, me
         if checkpointing:
             model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        torch.manual_seed(0)  # same Gumbel draws in both runs (checkpointing replays the RNG state)
-        model(**make_batch(model.base), **_task_ids(method, [0, 1, 2])).loss.backward()
+        torch.manual_seed(0)  # same Gumbel draws and dropout in both runs (checkpointing replays the RNG state)
+        # checkpointing turns the KV cache off; the plain run must too, or T5's decoder takes another code path
+        model(**make_batch(model.base), **_task_ids(method, [0, 1, 2]), use_cache=False).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for ps in model.parameter_groups().values() for p in ps]))
-    torch.testing.assert_close(grads[0], grads[1])
+    assert torch.equal(grads[0], grads[1])  # a replay of the same kernels on the same inputs
 
 
 @pytest.mark.parametrize("method", ["mhr", "orchmoe", "hyperloader"])

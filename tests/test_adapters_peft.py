@@ -10,6 +10,7 @@ import pytest
 import torch
 from adapter_fixtures import BUILDERS, TASKS, make_batch, perturb
 from peft import LoraConfig, PeftModel, PolyConfig, get_peft_model
+from tolerance import assert_close_scaled
 
 from orchmoe_cli.adapters import AdaptedModel, MethodConfig, attach_adapters, load_adapted
 from orchmoe_cli.errors import OrchmoeError
@@ -56,7 +57,7 @@ def test_poly_and_mhr_match_peft_poly_model(arch: str, heads: int) -> None:
     batch = _inputs(model.base)
     with torch.no_grad():
         expected = theirs.base_model(**batch, task_ids=TASK_IDS).logits  # PolyModel passes task_ids on
-    torch.testing.assert_close(_our_logits(model, batch, TASK_IDS), expected, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(_our_logits(model, batch, TASK_IDS), expected)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -72,7 +73,7 @@ def test_lora_matches_peft_lora(arch: str) -> None:
     batch = _inputs(model.base)
     with torch.no_grad():
         expected = theirs(**batch).logits
-    torch.testing.assert_close(_our_logits(model, batch, TASK_IDS), expected, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(_our_logits(model, batch, TASK_IDS), expected)
 
 
 @pytest.mark.parametrize("method", ["lora", "poly", "mhr"])
@@ -87,7 +88,7 @@ def test_export_loads_in_peft_with_the_same_outputs(arch: str, method: str, tmp_
     batch = _inputs(model.base)
     with torch.no_grad():
         expected = theirs(**batch, **({} if method == "lora" else {"task_ids": TASK_IDS})).logits
-    torch.testing.assert_close(_our_logits(model, batch, TASK_IDS), expected, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(_our_logits(model, batch, TASK_IDS), expected)
 
 
 @pytest.mark.parametrize("method", ["poly_mu", "orchmoe", "hyperloader"])
@@ -123,7 +124,7 @@ def test_import_peft_lora_and_poly_checkpoints(arch: str, kind: str, tmp_path: P
     assert ours.method.name == kind
     if kind != "lora":
         assert ours.task_names == ["task_0", "task_1", "task_2"]
-    torch.testing.assert_close(_our_logits(ours, batch, TASK_IDS), expected, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(_our_logits(ours, batch, TASK_IDS), expected)
 
 
 def test_import_refuses_unsupported_peft_options_and_pickles(tmp_path: Path) -> None:

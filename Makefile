@@ -26,6 +26,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/orchmoe prepare recipes/quickstart.yaml
 	$(BIN)/orchmoe train recipes/quickstart.yaml
 	$(BIN)/orchmoe eval recipes/quickstart.yaml --with-base
+	$(BIN)/orchmoe inspect-routing runs/quickstart --data recipes/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -144,6 +144,48 @@ def train(
         console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
 
 
+@app.command("inspect-routing")
+def inspect_routing(
+    checkpoint: Annotated[Path, typer.Argument(help="Adapter checkpoint, or a run directory (its newest one).",
+                                               show_default=False)],
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Recipe whose data adds SNI categories and, for orchmoe, the classifier's view of every "
+                       "real task (training and held-out); its model is loaded for that.")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only these rows (tasks or abstract-N).")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Only layers matching (e.g. 3 or "
+                                                                       "layers.3.self_attn.q_proj).")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or csv on standard output.")] = "table",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Directory for routing.json, routing.csv and the "
+                                                              "PNG figures (default: routing-<checkpoint> in the "
+                                                              "run directory).")] = None,
+) -> None:
+    """Show which skills each task uses, how tasks cluster by routing, and what OrchMoE's classifier inferred."""
+    if output_format not in ("table", "json", "csv"):
+        raise OrchmoeError(f"--format: '{output_format}' is not one of table, json, csv")
+    recipe = _load(data, [], False) if data is not None else None
+    from orchmoe_cli.routing import default_out_dir, inspect_checkpoint, to_csv, write_report
+    from orchmoe_cli.workflow import find_checkpoint
+
+    path = find_checkpoint(checkpoint, str(checkpoint), "orchmoe train RECIPE")
+    quiet = Console(stderr=True, quiet=output_format != "table")
+    report = inspect_checkpoint(path, recipe, str(data), quiet, tasks=task, layers=layer)
+    written = write_report(report, out or default_out_dir(path))
+    if output_format == "json":
+        import json
+
+        console.print_json(json.dumps(report.as_dict()))
+        return
+    if output_format == "csv":
+        sys.stdout.write(to_csv(report))
+        return
+    from orchmoe_cli.report import routing_summary, routing_table
+
+    console.print(routing_table(report))
+    for line in routing_summary(report):
+        console.print(line, highlight=False)
+    console.print(f"files: {written[0].parent}/ ({', '.join(p.name for p in written)})", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the Typer app, turning user errors into one line and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)

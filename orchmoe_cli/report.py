@@ -115,3 +115,42 @@ def results_markdown(title: str, rows: Sequence[dict], metrics: dict[str, float]
 
 def jsonl(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def routing_table(report: Any) -> Table:
+    """Each row's top skills and nearest training tasks by routing (``orchmoe inspect-routing``)."""
+    view = report.view
+    table = Table(title=f"{report.method} routing · {report.checkpoint}", title_justify="left")
+    table.add_column(view.row_kind)
+    if report.categories:
+        table.add_column("category")
+    if view.probs is not None:
+        table.add_column("top skills (weight)")
+    table.add_column("nearest training tasks (cosine)")
+    for i in report.order:
+        name = view.rows[i]
+        cells = [name + ("" if i in report.training_rows or view.row_kind != "task" else " (held out)")]
+        if report.categories:
+            cells.append(report.categories.get(name, ""))
+        if view.probs is not None:
+            cells.append(", ".join(f"s{s} {w:.2f}" for s, w in report.top_skills(i)))
+        cells.append(", ".join(f"{t} {c:.2f}" for t, c in report.nearest(i)))
+        table.add_row(*cells)
+    return table
+
+
+def routing_summary(report: Any) -> list[str]:
+    """The statistics as a few lines, warnings last."""
+    lines = []
+    if report.overall is not None:
+        o = report.overall
+        lines.append(f"all layers: discreteness {o.discreteness:.3f} (0 one skill per row, 1 uniform) · sparsity "
+                     f"{o.sparsity:.3f} (share of allocations > 0.5) · skill usage {o.skill_usage:.3f} (1 even)")
+    if report.classifier is not None:
+        c = report.classifier
+        lines.append(f"classifier: router entropy {c.router_entropy:.3f} (1 = uniform) · marginal usage "
+                     f"{c.marginal_entropy:.3f} · mean max p {c.mean_max_probability:.3f} · abstract tasks used "
+                     f"{c.used_abstract_tasks}/{len(c.argmax_counts)} · purity by category {c.purity:.3f} · "
+                     f"NMI {c.nmi:.3f}")
+    lines += [f"[yellow]warning:[/yellow] {w}" for w in report.warnings]
+    return lines

@@ -516,6 +516,17 @@ CASES: list[Case] = [
     Case("cli-resume-other-hidden-size", P("train", "--resume", "model.tiny.hidden_size=64"),
          ("{out}/checkpoints/step-000001",), setup=previous_run()),
     Case("cli-run-dir-locked", P("train"), ("{out}", "in use"), "choose another output.dir", setup=live_lock),
+    # ---- inspect-routing CHECKPOINT
+    Case("routing-lora-has-no-routing", ("inspect-routing", "{ck}"), ("{ck}", "lora", "no routing to inspect"),
+         setup=checkpoint()),
+    Case("routing-missing-path", ("inspect-routing", "{tmp}/nothing"), ("{tmp}/nothing", "does not exist"),
+         "train one first"),
+    Case("routing-damaged-adapter", ("inspect-routing", "{ck}"), ("{ck}/" + WEIGHTS, "modified"),
+         setup=checkpoint(flip_last_byte(WEIGHTS))),
+    Case("routing-truncated-adapter-no-manifest", ("inspect-routing", "{ck}"), ("{ck}/" + WEIGHTS, "safetensors"),
+         setup=checkpoint(truncate(WEIGHTS), manifest=False)),
+    Case("routing-unknown-format", ("inspect-routing", "{ck}", "--format", "xml"), ("--format", "xml"),
+         setup=checkpoint()),
 ]
 
 

@@ -107,6 +107,18 @@ class HyperWrapped(WrappedLinear):
             net.route(state)
         return state.computed[key][:, self.site], (inverse if unique.shape[0] > 1 else None)
 
+    def generated(self, state: RoutingState) -> Tensor:
+        """What the hypernetwork generates for this site and each distinct task of ``state`` (tasks, ...)."""
+        previous, self.slot.state = self.slot.state, state
+        try:
+            s, _ = self._routing()
+        finally:
+            self.slot.state = previous
+        return self._generate(s)
+
+    def _generate(self, s: Tensor) -> Tensor:
+        raise NotImplementedError
+
 
 def _pick(generated: Tensor, inverse: Tensor | None) -> Tensor:
     """Per-task tensors (U, ...) -> per-sequence (batch, ...), or (1, ...) when the batch has one task."""
@@ -122,6 +134,11 @@ class HyperLoRALinear(HyperWrapped):
         self.scale = alpha / hyper.stacks[stack].rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
+    def _generate(self, s: Tensor) -> Tensor:
+        """The generated A and B of each task, concatenated: (tasks, d_in * r + r * d_out)."""
+        net = self.hyper.stacks[self.stack]  # type: ignore[attr-defined]
+        return torch.cat([net.lora_a[str(self.in_features)](s), net.lora_b[str(self.out_features)](s)], dim=-1)
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
         s, inverse = self._routing()
@@ -135,6 +152,10 @@ class HyperLoRALinear(HyperWrapped):
 class HyperAdapterLinear(HyperWrapped):
     """A sublayer's output projection followed by a generated bottleneck adapter with post-LayerNorm:
     y + LN(W_U gelu(W_D y + b_D) + b_U), applied before the block's residual add."""
+
+    def _generate(self, s: Tensor) -> Tensor:
+        """The generated adapter of each task (all six generator outputs): (tasks, total)."""
+        return self.hyper.stacks[self.stack].adapter(s)  # type: ignore[attr-defined]
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)

@@ -32,11 +32,12 @@ from orchmoe_cli.adapters.files import (
     check_tensors,
     write_tensors,
 )
+from orchmoe_cli.adapters.hyper import HyperWrapped
 from orchmoe_cli.adapters.inject import build, install, plan
 from orchmoe_cli.adapters.layer import SkillLoRALinear, WrappedLinear
 from orchmoe_cli.adapters.orchmoe import load_balance_loss, supervision_loss
 from orchmoe_cli.adapters.registry import resolve, spec_of
-from orchmoe_cli.adapters.routers import AverageRouter, route_layers
+from orchmoe_cli.adapters.routers import AverageRouter, allocation_probabilities, route_layers
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json
 
@@ -106,15 +107,19 @@ class AdaptedModel(nn.Module):
                                "(ids 0..n-1) and -1 means an unseen task")
         return RoutingState(ids.shape[0], task_ids=ids.to(self._device))
 
-    def _classify(self, input_ids: Tensor | None, prompt_mask: Tensor | None,
-                  category_ids: Tensor | None) -> RoutingState:
-        """OrchMoE's Automatic Task Classification, once per call; also records its auxiliary losses."""
-        if input_ids is None:
-            raise OrchmoeError("orchmoe routes from the prompt: pass input_ids (and prompt_mask)")
+    def _task_logits(self, input_ids: Tensor, prompt_mask: Tensor | None) -> Tensor:
+        """OrchMoE's Automatic Task Classification: abstract-task logits (batch, T) from the prompt alone."""
         mask = torch.ones_like(input_ids) if prompt_mask is None else prompt_mask
         with torch.no_grad():
             embeddings = self.base.get_input_embeddings()(input_ids)
-        logits = self.task_classifier(embeddings, mask.to(embeddings.device))
+        return self.task_classifier(embeddings, mask.to(embeddings.device))
+
+    def _classify(self, input_ids: Tensor | None, prompt_mask: Tensor | None,
+                  category_ids: Tensor | None) -> RoutingState:
+        """The classifier's p(t|x), once per call; also records its auxiliary losses."""
+        if input_ids is None:
+            raise OrchmoeError("orchmoe routes from the prompt: pass input_ids (and prompt_mask)")
+        logits = self._task_logits(input_ids, prompt_mask)
         probs = torch.softmax(logits, dim=-1)
         if self.method.load_balance_weight > 0:
             self._aux["load_balance"] = self.method.load_balance_weight * load_balance_loss(probs)
@@ -233,6 +238,40 @@ class AdaptedModel(nn.Module):
         check_tensors({name: tuple(p.shape) for name, p in own.items()}, tensors, source, self.method.name)
         for name, param in own.items():
             param.copy_(tensors[name])
+
+    # ------------------------------------------------------------------ inspection
+
+    def routing_probabilities(self) -> dict[str, Tensor]:
+        """Eval-mode allocation probabilities per adapted layer, {layer: (rows, heads, skills)}: rows are the
+        training tasks (poly, mhr and their _mu variants) or the abstract tasks (orchmoe). The layers mix
+        skills with these normalised over skills. An error for methods without a learned allocation."""
+        if self.spec.router not in ("task", "orchmoe") or self.averaged:
+            raise OrchmoeError(f"{self.method.name}{' (averaged)' if self.averaged else ''} has no learned "
+                               "task-skill allocation to inspect")
+        return allocation_probabilities(self.adapter_state_dict(), self.method.n_heads or 1, self.method.n_skills,
+                                        self.method.straight_through)
+
+    @torch.no_grad()
+    def task_distribution(self, input_ids: Tensor, prompt_mask: Tensor | None = None) -> Tensor:
+        """OrchMoE: p(abstract task | prompt), (batch, T), exactly as routing computes it."""
+        if self.spec.router != "orchmoe":
+            raise OrchmoeError(f"{self.method.name} has no task classifier; only orchmoe infers abstract tasks")
+        return torch.softmax(self._task_logits(input_ids.to(self._device), prompt_mask), dim=-1)
+
+    @torch.no_grad()
+    def generated_adapters(self, task_ids: Tensor) -> Tensor:
+        """HyperLoader: every generated adapter tensor of each task, flattened, (tasks, features)."""
+        if self.spec.router != "hyper":
+            raise OrchmoeError(f"{self.method.name} generates no adapters; only hyperloader has a hypernetwork")
+        was_training = self.training
+        self.eval()
+        try:
+            state = RoutingState(task_ids.shape[0], task_ids=task_ids.to(self._device))
+            self.hyper.route(state)
+            parts = [module.generated(state) for module in self.base.modules() if isinstance(module, HyperWrapped)]
+        finally:
+            self.train(was_training)
+        return torch.cat([p.reshape(task_ids.shape[0], -1).float() for p in parts], dim=1)
 
     # ------------------------------------------------------------------ evaluation helpers
 

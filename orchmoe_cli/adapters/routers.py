@@ -6,6 +6,9 @@ which lets the layer mix its skills once for the whole batch; otherwise one row 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -140,3 +143,26 @@ def route_layers(routers: list[nn.Module], state: RoutingState) -> None:
             allocs = [r for r in members if isinstance(r, AllocationRouter)]
             weights = route_allocations(allocs, state.task_probs).unbind(0)
             state.computed.update(zip(map(id, allocs), weights, strict=True))
+
+
+ROUTER_TENSORS = (".router.logits", ".router.allocation")  # Poly/MHR task-skill logits, OrchMoE's Z
+
+
+def allocation_probabilities(tensors: Mapping[str, Tensor], n_heads: int, n_skills: int,
+                             straight_through: bool = False) -> dict[str, Tensor]:
+    """Eval-mode allocation probabilities per routed layer, read from adapter tensors alone (no model):
+    {layer: (rows, heads, skills)}, rows being training tasks (Poly/MHR) or abstract tasks (OrchMoE).
+    The layers mix their skills with these normalised over skills."""
+    found = {}
+    for name, tensor in tensors.items():
+        for suffix in ROUTER_TENSORS:
+            if name.endswith(suffix):
+                layer = name[: -len(suffix)].removeprefix("base.")
+                logits = tensor.detach().float().reshape(tensor.shape[0], n_heads, n_skills)
+                found[layer] = relaxed_sigmoid(logits, 1.0, False, straight_through)
+    return {layer: found[layer] for layer in sorted(found, key=_natural_key)}
+
+
+def _natural_key(name: str) -> list[int | str]:
+    """'layers.10.q' after 'layers.9.q': numbers compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

@@ -279,7 +279,12 @@ def _loop(cfg: TrainConfig, source: str, console: Console, accelerator: Accelera
             stats = f"loss {losses['loss']:.3f} · lr {lr:.2e} · {tokens / max(elapsed, 1e-9):,.0f} tok/s"
             progress.update(bar, completed=step, stats=stats)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                logger.log({"step": step, **losses, "lr": lr, "tokens_per_s": tokens / max(elapsed, 1e-9)})
+                diagnostics = unwrapped.routing_diagnostics()
+                if "router_entropy" in diagnostics:
+                    stats += f" · H(t|x) {diagnostics['router_entropy']:.2f}"
+                    progress.update(bar, stats=stats)
+                logger.log({"step": step, **losses, **diagnostics, "lr": lr,
+                            "tokens_per_s": tokens / max(elapsed, 1e-9)})
             if validate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 logger.log({"step": step, **validate(model, step)})
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or interrupt.requested:
@@ -318,7 +323,8 @@ def _write_summary(run_dir: Path, accelerator: Accelerator, model: AdaptedModel,
     atomic_write_text(run_dir / "recipe.yaml", recipe_yaml)
     summary = {"step": step, "interrupted": interrupted, "checkpoint": str(last_path) if last_path else None,
                "processes": accelerator.num_processes, "replicas_in_sync": len(set(checksums)) == 1,
-               "adapter_checksums": checksums, "parameters": model.count_parameters()}
+               "adapter_checksums": checksums, "parameters": model.count_parameters(),
+               "rank": model.method.rank, "lora_scale": model.lora_scale}
     atomic_write_json(run_dir / "train_summary.json", summary)
     if not summary["replicas_in_sync"]:
         raise RuntimeError(f"{run_dir}: processes ended with different adapter weights")

@@ -52,7 +52,8 @@ def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -
     counts = model.count_parameters()
     console.print(
         f"[bold]{recipe.method.name}[/bold] on {recipe.model.name}: {counts['total_trainable']:,} trainable "
-        f"({', '.join(f'{k} {v:,}' for k, v in counts.items() if k not in ('total_trainable', 'base') and v)}), "
+        f"({', '.join(f'{k} {v:,}' for k, v in counts.items() if k not in ('total_trainable', 'base') and v)}; "
+        f"rank {model.method.rank}, scale alpha/r {model.lora_scale:g}), "
         f"{len(model.task_names)} tasks, {len(train_rows)} training rows, {accelerator.num_processes} process(es) "
         f"on {accelerator.device}"
     )

@@ -51,3 +51,18 @@ def test_budget_strings() -> None:
     for bad in ("lots", "0", "1e999", "-5k"):
         with pytest.raises(ValueError):
             parse_budget(bad)
+
+
+def test_equal_budgets_train_at_equal_lora_scale() -> None:
+    """A budget that picks rank 32 for lora and 5 for mhr keeps alpha / rank as written (here 8 / 8 = 1),
+    so the methods differ in routing, not in how strongly their updates are scaled."""
+    methods = {name: MethodConfig(name=name, rank=8, alpha=8, budget="60k", n_skills=4,
+                                  n_heads=2 if name == "mhr" else None) for name in ("lora", "poly", "mhr", "orchmoe")}
+    scales, ranks = {}, {}
+    for name, method in methods.items():
+        model = attach_adapters(BUILDERS["llama"](), method, TASKS)
+        scales[name], ranks[name] = model.lora_scale, model.method.rank
+        assert model.method.alpha == pytest.approx(model.method.rank)  # alpha moved with the rank
+    assert len(set(ranks.values())) > 1 and set(scales.values()) == {1.0}, (ranks, scales)
+    default_alpha = attach_adapters(BUILDERS["llama"](), MethodConfig(name="lora", budget="60k"), TASKS)
+    assert default_alpha.lora_scale == pytest.approx(1 / 8)  # alpha 1 at the written rank 8: scale 1/8

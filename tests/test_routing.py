@@ -179,3 +179,17 @@ def test_routing_probabilities_refuse_methods_without_allocation() -> None:
         model.routing_probabilities()
     with pytest.raises(OrchmoeError, match="no task classifier"):
         model.task_distribution(torch.ones(1, 3, dtype=torch.long))
+
+
+def test_paired_bootstrap_interval() -> None:
+    from orchmoe_cli.compare import paired_bootstrap
+
+    a = {f"i{k}": 50.0 + (k % 5) for k in range(100)}
+    same = paired_bootstrap(a, a)
+    assert same.mean == 0 and same.low == 0 and same.high == 0 and same.n == 100
+    better = paired_bootstrap({k: v + 3.0 for k, v in a.items()}, a)
+    assert better.low == pytest.approx(3.0) and better.high == pytest.approx(3.0)
+    noisy = paired_bootstrap({k: v + (10.0 if int(k[1:]) % 2 else -10.0) for k, v in a.items()}, a)
+    assert noisy.low < 0 < noisy.high  # a gap that is noise includes 0
+    with pytest.raises(ValueError):
+        paired_bootstrap({"x": 1.0}, {"y": 1.0})

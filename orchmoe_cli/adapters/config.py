@@ -56,8 +56,16 @@ class MethodConfig:
     straight_through: bool = _f(False, "round the routing to 0/1 in the forward pass and pass gradients "
                                 "straight through (train and eval)")
     n_abstract_tasks: int = _f(8, "orchmoe: abstract tasks T inferred from the prompt", min=1)
-    load_balance_weight: float = _f(0.01, "orchmoe: weight of the load-balancing loss T * sum_t mean_b(p(t|x))^2 "
-                                    "(1 when abstract tasks are used evenly, T when one takes everything)", min=0.0)
+    mutual_information_weight: float = _f(0.1, "orchmoe: weight of the routing objective -I(x; t) / log T = "
+                                          "-(H(mean_b p(t|x)) - mean_b H(p(t|x))) / log T, which rewards sharp "
+                                          "per-input choices that use every abstract task (0 = off)", min=0.0)
+    load_balance_weight: float = _f(0.0, "orchmoe: weight of the soft load-balancing loss T * sum_t "
+                                    "mean_b(p(t|x))^2 (1 when used evenly, T when one takes all); alone it is "
+                                    "minimised by uniform p(t|x), the collapse, so it is off by default", min=0.0)
+    allocation_init_spread: float = _f(1e-3, "orchmoe: Z starts U(-a, a); Poly's 1e-3 makes abstract tasks "
+                                       "start nearly identical", min=0.0)
+    classifier_temperature: float = _f(1.0, "orchmoe: p(t|x) = softmax(logits / temperature); below 1 sharpens",
+                                       min=0.0, min_exclusive=True)
     task_supervision_weight: float = _f(0.0, "orchmoe: weight of the cross-entropy of p(t|x) against category ids "
                                         "the trainer passes (0 = unsupervised)", min=0.0)
     task_embedding_dim: int = _f(64, "hyperloader: size of task, layer and position embeddings", min=1)
@@ -68,7 +76,8 @@ class MethodConfig:
     train_layer_norms: bool | None = _f(None, "also train the base model's layer norms; default true for "
                                         "hyperloader (its code does), false otherwise")
     budget: str | None = _f(None, "trainable-parameter budget, e.g. 2.5M, 800k or 120000: the rank is chosen so "
-                            "the count lands within 5% of it (an error if no rank can)")
+                            "the count lands within 5% of it (an error if no rank can), and alpha scales with it so "
+                            "the LoRA scale alpha/rank stays what `alpha` and `rank` give")
 
     def __post_init__(self) -> None:
         if self.budget is not None:

@@ -148,7 +148,7 @@ def make_router(spec: MethodSpec, method: MethodConfig, n_tasks: int) -> nn.Modu
         return TaskRouter(n_tasks, heads, skills, method.router_temperature, method.straight_through,
                           spec.average_at_eval)
     return AllocationRouter(method.n_abstract_tasks, heads, skills, method.router_temperature,
-                            method.straight_through)
+                            method.straight_through, method.allocation_init_spread)
 
 
 def _hyper_networks(sites: list[Site], method: MethodConfig, n_tasks: int) -> HyperLoader:
@@ -185,7 +185,7 @@ def build(sites: list[Site], method: MethodConfig, n_tasks: int, hidden_size: in
                                 if s.kind == "hyper_lora" else HyperAdapterLinear(*args))
         return wrappers, extras
     if spec.router == "orchmoe":
-        extras["task_classifier"] = TaskClassifier(hidden_size, method.n_abstract_tasks)
+        extras["task_classifier"] = TaskClassifier(hidden_size, method.n_abstract_tasks, method.classifier_temperature)
     for s in sites:
         wrappers[s.name] = SkillLoRALinear(base_for(s), make_router(spec, method, n_tasks), slot, method.rank,
                                            alpha, method.n_skills, heads, method.dropout)

@@ -9,6 +9,7 @@ method-agnostic operations over the wrappers that ``inject`` installed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,7 @@ from orchmoe_cli.adapters.files import (
 from orchmoe_cli.adapters.hyper import HyperWrapped
 from orchmoe_cli.adapters.inject import build, install, plan
 from orchmoe_cli.adapters.layer import SkillLoRALinear, WrappedLinear
-from orchmoe_cli.adapters.orchmoe import load_balance_loss, supervision_loss
+from orchmoe_cli.adapters.orchmoe import load_balance_loss, mutual_information, supervision_loss
 from orchmoe_cli.adapters.registry import resolve, spec_of
 from orchmoe_cli.adapters.routers import AverageRouter, allocation_probabilities, route_layers
 from orchmoe_cli.errors import OrchmoeError
@@ -57,6 +58,7 @@ class AdaptedModel(nn.Module):
         self.slot = slot
         self.averaged = False  # task routers replaced by the average of skills (to_average)
         self._aux: dict[str, Tensor] = {}
+        self._last_task_probs: Tensor | None = None  # OrchMoE: p(t|x) of the last routed batch, for diagnostics
         self._layers = [m for m in base.modules() if isinstance(m, SkillLoRALinear)]
 
     # ------------------------------------------------------------------ routing
@@ -121,6 +123,9 @@ class AdaptedModel(nn.Module):
             raise OrchmoeError("orchmoe routes from the prompt: pass input_ids (and prompt_mask)")
         logits = self._task_logits(input_ids, prompt_mask)
         probs = torch.softmax(logits, dim=-1)
+        self._last_task_probs = probs.detach()
+        if self.method.mutual_information_weight > 0 and self.training:
+            self._aux["mutual_information"] = -self.method.mutual_information_weight * mutual_information(probs)
         if self.method.load_balance_weight > 0:
             self._aux["load_balance"] = self.method.load_balance_weight * load_balance_loss(probs)
         if category_ids is not None and self.method.task_supervision_weight > 0:
@@ -207,6 +212,11 @@ class AdaptedModel(nn.Module):
             for name, param in layer_norm_parameters(self.base).items():
                 yield f"base.{name}", param
 
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank, the factor every LoRA update is multiplied by (equal budgets compare at equal scale)."""
+        return float(self.method.alpha) / self.method.rank  # type: ignore[arg-type]
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group (adapters, routers, hypernetwork, other), for per-group learning rates."""
         groups: dict[str, list[nn.Parameter]] = {}
@@ -250,6 +260,25 @@ class AdaptedModel(nn.Module):
                                "task-skill allocation to inspect")
         return allocation_probabilities(self.adapter_state_dict(), self.method.n_heads or 1, self.method.n_skills,
                                         self.method.straight_through)
+
+    @torch.no_grad()
+    def routing_diagnostics(self) -> dict[str, float]:
+        """Numbers that show a routing collapse while training (empty for methods that cannot collapse so):
+        OrchMoE's router entropy (mean normalised entropy of p(t|x) over the last batch: 1 = uniform), the
+        normalised entropy of its batch-marginal usage, and the allocation spread (largest difference
+        between two abstract tasks' eval-mode weights for one skill, over layers)."""
+        if self.spec.router != "orchmoe" or self._last_task_probs is None:
+            return {}
+        probs = self._last_task_probs.float().clamp_min(1e-12)
+        n = probs.shape[-1]
+        norm = math.log(n) if n > 1 else 1.0
+        weights = torch.stack(list(self.routing_probabilities().values()))
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return {
+            "router_entropy": float(-(probs * probs.log()).sum(-1).mean() / norm),
+            "marginal_entropy": float(-(probs.mean(0) * probs.mean(0).log()).sum() / norm),
+            "allocation_spread": float((weights.amax(dim=1) - weights.amin(dim=1)).max()),
+        }
 
     @torch.no_grad()
     def task_distribution(self, input_ids: Tensor, prompt_mask: Tensor | None = None) -> Tensor:
@@ -350,8 +379,10 @@ def attach_adapters(base: PreTrainedModel, method: MethodConfig, task_names: lis
     spec = spec_of(method)
     names = _check_task_names(task_names, spec.needs_task_ids, method.name)
     hidden = hidden_size(base)
-    if method.budget is not None:
-        method = dataclasses.replace(method, rank=choose_rank(base, method, len(names)))
+    if method.budget is not None:  # the budget picks the rank; the LoRA scale alpha/r stays as written
+        rank = choose_rank(base, method, len(names))
+        alpha = resolve(method, hidden).alpha * rank / method.rank  # type: ignore[operator]
+        method = dataclasses.replace(method, rank=rank, alpha=alpha)
     resolved = resolve(method, hidden)
     sites = plan(base, resolved)
     slot = RoutingSlot()

@@ -20,9 +20,10 @@ from orchmoe_cli.errors import OrchmoeError
 class TaskClassifier(nn.Module):
     """Prompt embeddings (batch, L, d) and prompt mask (batch, L) -> abstract-task logits (batch, T)."""
 
-    def __init__(self, hidden_size: int, n_abstract_tasks: int) -> None:
+    def __init__(self, hidden_size: int, n_abstract_tasks: int, temperature: float = 1.0) -> None:
         super().__init__()
         self.proj = nn.Linear(hidden_size, n_abstract_tasks)
+        self.temperature = temperature  # logits are divided by it: below 1 sharpens p(t|x)
 
     def forward(self, embeddings: Tensor, prompt_mask: Tensor) -> Tensor:
         x = embeddings.to(self.proj.weight.dtype)
@@ -33,7 +34,7 @@ class TaskClassifier(nn.Module):
         mixed = torch.softmax(scores, dim=-1) @ x + x
         keep_f = keep.unsqueeze(-1).to(x.dtype)
         pooled = (mixed * keep_f).sum(dim=1) / keep_f.sum(dim=1).clamp(min=1.0)
-        return self.proj(pooled)
+        return self.proj(pooled) / self.temperature
 
 
 def load_balance_loss(task_probs: Tensor) -> Tensor:
@@ -43,6 +44,22 @@ def load_balance_loss(task_probs: Tensor) -> Tensor:
     """
     usage = task_probs.mean(dim=0)
     return task_probs.shape[-1] * (usage * usage).sum()
+
+
+def mutual_information(task_probs: Tensor) -> Tensor:
+    """I(x; t) of the batch, normalised by log T: H(batch-marginal of p(t|x)) - mean_x H(p(t|x)).
+
+    0 when every input is uniform (today's collapse) or when every input picks the same abstract task
+    (the other collapse); 1 when inputs pick abstract tasks sharply and use all of them evenly. Maximising
+    it rewards discrimination, which the soft load-balancing term does not (uniform inputs minimise that)."""
+    n = task_probs.shape[-1]
+    if n < 2:
+        return task_probs.new_zeros(())
+    probs = task_probs.float().clamp_min(1e-12)
+    marginal = probs.mean(dim=0)
+    marginal_entropy = -(marginal * marginal.log()).sum()
+    conditional_entropy = -(probs * probs.log()).sum(dim=-1).mean()
+    return (marginal_entropy - conditional_entropy) / math.log(n)
 
 
 def supervision_loss(task_logits: Tensor, category_ids: Tensor) -> Tensor | None:

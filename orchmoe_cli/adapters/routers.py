@@ -101,11 +101,13 @@ class AllocationRouter(nn.Module):
     """
 
     def __init__(self, n_abstract_tasks: int, n_heads: int, n_skills: int, temperature: float = 1.0,
-                 straight_through: bool = False) -> None:
+                 straight_through: bool = False, init_spread: float = 1e-3) -> None:
         super().__init__()
         self.temperature, self.straight_through = temperature, straight_through
         self.allocation = nn.Parameter(torch.empty(n_abstract_tasks, n_heads, n_skills))
-        nn.init.uniform_(self.allocation, -1e-3, 1e-3)
+        # U(-a, a): Poly's 1e-3 leaves the abstract tasks' rows nearly equal, a symmetric start the
+        # classifier gets no gradient to leave; a larger spread gives each abstract task its own mixture
+        nn.init.uniform_(self.allocation, -init_spread, init_spread)
 
     def forward(self, state: RoutingState | None) -> Tensor:
         if state is None or state.task_probs is None:

@@ -6,6 +6,7 @@ user can fix are reported as one red line with exit code 2 (``--debug`` shows th
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -19,6 +20,7 @@ from rich.table import Table
 from orchmoe_cli import __version__
 from orchmoe_cli.data.sni import resolve_source
 from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError
+from orchmoe_cli.fsutil import check_output_dir
 from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
 
 try:  # recent typer vendors click; its usage errors live here
@@ -62,14 +64,21 @@ def _root(
     """Multi-task PEFT with modular adapters, evaluated on Super-NaturalInstructions."""
 
 
-def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool) -> Recipe:
-    """The resolved recipe, with its data location checked before anything heavy is imported."""
+def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool,
+          writes: tuple[str, ...] = ()) -> Recipe:
+    """The resolved recipe, with its data location and the output directories the command ``writes``
+    (dotted fields) checked before anything heavy is imported."""
     recipe = load_recipe(recipe_path, overrides or [])
     if show_config:
         console.print(dump_recipe(recipe), markup=False, highlight=False, end="")
         raise typer.Exit()
     try:
         resolve_source(recipe.data)
+        for field in writes:
+            section, name = field.split(".")
+            value = getattr(getattr(recipe, section), name)
+            if value is not None:
+                check_output_dir(value, field)
     except OrchmoeError as exc:
         raise OrchmoeError(f"{recipe_path}: {exc}") from None
     return recipe
@@ -104,7 +113,7 @@ def eval_command(
     ] = False,
 ) -> None:
     """Generate on held-out tasks and score with the official SNI ROUGE-L / exact match."""
-    loaded = _load(recipe, overrides, show_config)
+    loaded = _load(recipe, overrides, show_config, writes=("output.dir", "eval.output_dir"))
     from orchmoe_cli.report import results_table, task_rows
     from orchmoe_cli.workflow import evaluate
 
@@ -127,7 +136,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
 ) -> None:
     """Train the recipe's adapter method on the training tasks (accelerate; resumable)."""
-    loaded = _load(recipe, overrides, show_config)
+    loaded = _load(recipe, overrides, show_config, writes=("output.dir",))
     from orchmoe_cli.train import train as run_training
 
     outcome = run_training(loaded, str(recipe), console, resume=resume)
@@ -139,7 +148,7 @@ def train(
             f"Resume with: orchmoe train {recipe} {' '.join(overrides or [])} --resume".rstrip(),
             highlight=False, soft_wrap=True,
         )
-        raise typer.Exit(EXIT_INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED)  # already reported: not through typer.Exit, which main reports as interrupted
     if outcome.final_checkpoint is not None:
         console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
 
@@ -186,12 +195,17 @@ def inspect_routing(
     console.print(f"files: {written[0].parent}/ ({', '.join(p.name for p in written)})", highlight=False)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the Typer app, turning user errors into one line and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if not console.is_terminal:  # logs and pipes: do not squeeze result tables into 80 columns
         console.width = max(console.width, 160)
+    signal.signal(signal.SIGTERM, _terminate)  # kill, docker stop, SLURM: as Ctrl-C (train saves first)
     try:
         code = app(args=args, prog_name="orchmoe", standalone_mode=False)
     except OrchmoeError as exc:
@@ -213,4 +227,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    if code == EXIT_INTERRUPTED:  # Typer turns a KeyboardInterrupt into this returned code
+        err_console.print("[yellow]interrupted[/yellow]")
     sys.exit(code if isinstance(code, int) else 0)

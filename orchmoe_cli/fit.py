@@ -9,6 +9,7 @@ writes. Checkpoints are atomic and resume is exact (optimizer, scheduler, RNG, b
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import random
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
 from rich.console import Console
@@ -33,7 +35,7 @@ from orchmoe_cli.adapters.registry import MethodSpec
 from orchmoe_cli.data.collate import TrainCollator
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
+from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, check_output_dir
 from orchmoe_cli.recipe import TrainConfig
 from orchmoe_cli.sampling import TaskBatchSampler
 from orchmoe_cli.train_logging import MetricsLogger, plot_loss_curve
@@ -51,23 +53,46 @@ class FitOutcome:
 
 
 class _Interrupt:
-    """SIGINT sets a flag; the loop saves a checkpoint at the next step boundary and stops."""
+    """SIGINT (Ctrl-C) and SIGTERM (kill, docker stop, SLURM, Kubernetes) set a flag; the loop saves a
+    checkpoint at the next step boundary and stops. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupt:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+# train fields whose values live in the optimizer and scheduler state a checkpoint restores
+_RESTORED_FIELDS = ("lr", "router_lr", "hypernetwork_lr", "weight_decay", "schedule", "warmup_steps", "grad_accum",
+                    "batch_size", "seed", "task_sampling")
+
+
+def preflight(cfg: TrainConfig, run_dir: Path, resume: bool, source: str) -> None:
+    """Checks that need no data or model, run before any heavy work and before anything is written."""
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise OrchmoeError(f"{source}: train.tensorboard: the tensorboard package is not installed; "
+                           "pip install tensorboard, or set train.tensorboard: false")
+    check_output_dir(run_dir, f"{source}: output.dir")
+    existing = ckpt.step_directories(run_dir)
+    if not resume and cfg.resume != "auto" and existing:
+        raise OrchmoeError(f"{run_dir} already holds checkpoints up to {existing[0].name}; pass --resume (or "
+                           "train.resume: auto) to continue them, or choose another output.dir")
+    if resume and not existing:
+        raise OrchmoeError(f"{run_dir}: --resume given but it holds no checkpoint; run without --resume")
 
 
 def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
@@ -170,7 +195,7 @@ def validation_loss(model: Any, batches: Batches, batch_size: int) -> float:
 
 
 def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, accelerator: Accelerator,
-            console: Console, required: bool) -> tuple[int, int, Path | None]:
+            console: Console, required: bool, cfg: TrainConfig) -> tuple[int, int, Path | None]:
     """Restore adapter, optimizer, scheduler and this process's RNG from the newest complete checkpoint.
 
     Returns (step, batch index, checkpoint); (0, 0, None) when there is none and ``required`` is false."""
@@ -182,6 +207,7 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
         if required:
             raise OrchmoeError(f"{run_dir}: --resume given but it holds no complete checkpoint; run without --resume")
         return 0, 0, None
+    _check_unchanged(latest, cfg)
     saved_tasks = read_task_names(latest)
     if saved_tasks != model.task_names:
         differing = next((f"position {i}: '{a}' in the checkpoint, '{b}' now"
@@ -197,6 +223,21 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
     return state.step, int(state.sampler_state["batch_index"]), latest
 
 
+def _check_unchanged(checkpoint: Path, cfg: TrainConfig) -> None:
+    """Resuming restores the optimizer and scheduler as saved: a changed setting they hold would be recorded
+    but not used, so it is refused, naming the field."""
+    saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    train = saved.get("train") if isinstance(saved, dict) else None
+    if not isinstance(train, dict):
+        return
+    for name in _RESTORED_FIELDS:
+        if name in train and train[name] != getattr(cfg, name):
+            raise OrchmoeError(f"train.{name}: {getattr(cfg, name)!r} differs from the {train[name]!r} that "
+                               f"{checkpoint} was trained with, and resuming restores the saved optimizer and "
+                               f"schedule; resume with train.{name}={train[name]} or train afresh in another "
+                               "output.dir")
+
+
 def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, *,
         pad_id: int, causal: bool, recipe_yaml: str, source: str, console: Console,
         val_rows: TaskRows | None = None, resume: bool = False,
@@ -209,8 +250,7 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, ac
     is_main = accelerator.is_main_process
     console = console if is_main else Console(quiet=True)
     run_dir = Path(run_dir)
-    if resume and not (run_dir / ckpt.CHECKPOINTS).is_dir():
-        raise OrchmoeError(f"{run_dir}: --resume given but it holds no checkpoint; run without --resume")
+    preflight(cfg, run_dir, resume, source)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = TaskBatchSampler(rows.task_codes.tolist(), cfg.batch_size * accelerator.num_processes,
@@ -226,7 +266,7 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, ac
         step, batch_index, latest = 0, 0, None
         if resume or cfg.resume == "auto":
             step, batch_index, latest = _resume(run_dir, model, optimizer, scheduler, accelerator, console,
-                                                required=resume)
+                                                required=resume, cfg=cfg)
         if step >= cfg.steps:  # nothing left to train: write nothing
             console.print(f"{latest} is at step {step}, train.steps is {cfg.steps}: nothing to do")
             return FitOutcome(run_dir, latest, step, False, is_main)

@@ -162,6 +162,7 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise OrchmoeError(f"{path}: recipe is not UTF-8 text") from None
     try:
+        _check_nodes(yaml.compose(text, Loader=yaml.SafeLoader), path)
         raw = yaml.safe_load(text)
     except RecursionError:
         raise OrchmoeError(f"{path}: YAML nested too deeply; recipes are flat mappings of sections") from None
@@ -175,6 +176,41 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise OrchmoeError(f"{path}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+MAX_NODES = 10_000  # a recipe has about a hundred; YAML aliases can make a few bytes expand to billions
+
+
+def _check_nodes(root: yaml.Node | None, path: Path) -> None:
+    """Refuse repeated keys (PyYAML silently keeps the last) and documents whose aliases expand past
+    :data:`MAX_NODES`, before anything is built from them. Shared (aliased) nodes are sized once each."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a cycle counts once instead of looping
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    line = key.start_mark.line + 1
+                    if key.value in seen:
+                        raise OrchmoeError(f"{path}: line {line}: key '{key.value}' repeats line {seen[key.value]}; "
+                                           "give each section and field once (YAML would silently drop one)")
+                    seen[key.value] = line
+                total += size(key) + size(value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        if total > MAX_NODES:
+            raise OrchmoeError(f"{path}: line {node.start_mark.line + 1}: the YAML expands to more than "
+                               f"{MAX_NODES:,} values (aliases?); recipes are small mappings of sections")
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

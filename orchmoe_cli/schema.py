@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import field
@@ -57,7 +58,12 @@ def _suggest(word: str, options: Any) -> str:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """The value's type and the start of its repr, never the whole of a huge value."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 40
+    short.maxlist = short.maxdict = 4
+    short.maxlevel = 2
+    text = short.repr(value)
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 

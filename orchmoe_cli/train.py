@@ -16,7 +16,7 @@ from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fit import FitOutcome, fit, make_accelerator
+from orchmoe_cli.fit import FitOutcome, fit, make_accelerator, preflight
 from orchmoe_cli.models import load_model
 from orchmoe_cli.recipe import Recipe, dump_recipe
 from orchmoe_cli.workflow import prepare_data
@@ -40,6 +40,7 @@ def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -
     cfg = recipe.train
     if recipe.method.name == "none":
         raise OrchmoeError(f"{source}: method.name: 'none' has nothing to train; pick lora, poly, mhr, orchmoe, ...")
+    preflight(cfg, Path(recipe.output.dir), resume, source)  # before data, model or any file
     accelerator = make_accelerator(cfg, spec_of(recipe.method))
     console = console if accelerator.is_main_process else Console(quiet=True)
     with accelerator.main_process_first():

@@ -26,7 +26,7 @@ def resolve_checkpoint(recipe: Recipe, source: str) -> Path | None:
     """``eval.checkpoint``: none (the base model), ``latest`` (newest checkpoint of ``output.dir``),
     an adapter directory, or a run directory (its newest complete checkpoint). Verified when it has a manifest."""
     value = recipe.eval.checkpoint
-    if value is None:
+    if value is None or value.strip().lower() in ("none", "null", ""):
         return None
     path = Path(recipe.output.dir) if value == "latest" else Path(value)
     return find_checkpoint(path, f"{source}: eval.checkpoint", f"orchmoe train {source}")
@@ -85,6 +85,11 @@ def evaluate(recipe: Recipe, source: str, console: Console, with_base: bool = Fa
 
             model = load_adapted(loaded.model, run).to(device)
             task_index = model.task_index
+            if recipe.method.name not in ("none", model.method.name):
+                console.print(f"[yellow]warning:[/yellow] {run} holds a {model.method.name} adapter; the recipe's "
+                              f"method section ({recipe.method.name}) is not used and its results record "
+                              f"{model.method.name}", highlight=False)
+            run_recipe = dataclasses.replace(run_recipe, method=model.method)
         model.eval()
         outcomes.append(run_evaluation(run_recipe, model, loaded.tokenizer, loaded.is_encoder_decoder, split,
                                        prepared.manifest["content_hash"], source, console, task_index))

@@ -317,3 +317,14 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
     verify_checkpoint(previous)
     assert latest_checkpoint(tmp_path) == previous
+
+
+def test_checkpoint_directories_get_the_umask(tmp_path: Path) -> None:
+    """Not mkdtemp's 0700: other users of a shared machine can read results under the usual umask 022."""
+    old = os.umask(0o022)
+    try:
+        path = _save(tmp_path, 1)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert (path / "adapter_config.json").stat().st_mode & 0o777 == 0o644

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,34 @@ def test_eval_unknown_task_is_refused(sni_dir: Path, tmp_path: Path, capsys) -> 
     assert run_cli(["eval", str(recipe), "eval.tasks=[task999_nope]"]) == 2
     err = capsys.readouterr().err
     assert "eval.tasks: task999_nope not in the prepared 'test' split" in err
+
+
+def test_checkpoint_none_means_the_base_model(sni_dir: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "out", "tiny-t5")
+    assert run_cli(["eval", str(recipe), "eval.checkpoint=none", "eval.max_instances=1"]) == 0
+    assert (tmp_path / "out" / "eval-base" / "results.json").is_file()
+
+
+def test_edited_adapter_config_is_evaluated_again_and_the_checkpoint_method_recorded(sni_dir: Path,
+                                                                                     tmp_path: Path, capsys) -> None:
+    """The fingerprint covers the adapter config (not only the weights); results name the checkpoint's method."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, out, "tiny-llama", "method:", "  name: poly", "  rank: 2",
+                          "  n_skills: 2", "train:", "  steps: 2", "  batch_size: 2")
+    assert run_cli(["train", str(recipe)]) == 0
+    adapter = tmp_path / "adapter"
+    shutil.copytree(out / "checkpoints" / "step-000002", adapter)
+    (adapter / "manifest.json").unlink()  # a plain adapter directory, free to edit
+    args = ["eval", str(recipe), f"eval.checkpoint={adapter}", "eval.max_instances=1", "method.name=lora"]
+    assert run_cli(args) == 0
+    printed = capsys.readouterr().out
+    assert "holds a poly adapter" in printed
+    results_path = next(out.glob("eval-adapter-*/results.json"))
+    results = json.loads(results_path.read_text())
+    assert results["config"]["method"]["name"] == "poly"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["method"]["alpha"] = 4000.0
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert run_cli(args) == 0
+    assert "reusing the identical evaluation" not in capsys.readouterr().out
+    assert json.loads(results_path.read_text())["fingerprint"] != results["fingerprint"]

@@ -308,3 +308,18 @@ def test_eval_sigkill_then_rerun_gives_the_same_predictions(setup: Setup, refere
     assert json.loads((out / "eval-base" / "results.json").read_text())["n_instances"] == 12
     leftovers = [p.name for p in (out / "eval-base").iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_eval_keeps_predictions_and_says_interrupted(signum: int, setup: Setup, tmp_path: Path) -> None:
+    """Ctrl-C or a scheduler's SIGTERM: exit 130 with an `interrupted` line, the partial predictions kept."""
+    out, log = tmp_path / "out", tmp_path / "stderr.log"
+    recipe = setup.recipe(tmp_path / "recipe.yaml", out)
+    partial = out / "eval-base" / ".predictions.partial.jsonl"
+    with spawn("eval", recipe, log=log) as proc:
+        wait_for(proc, lambda: partial.is_file() and partial.read_bytes().count(b"\n") >= 2, log, poll=0.01)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 130
+    stderr = log.read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].strip() == "interrupted", stderr
+    assert partial.read_bytes().count(b"\n") >= 2 and not (out / "eval-base" / "results.json").exists()

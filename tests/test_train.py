@@ -84,13 +84,15 @@ def test_resume_after_crash_is_bit_identical(sni_dir: Path, tmp_path: Path, monk
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigint_saves_and_exits_130(sni_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_saves_and_exits_130(signum: int, sni_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C, and SIGTERM as kill, docker stop, SLURM and Kubernetes send it: finish the step, save, exit 130."""
     recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="lora", steps=6)
     original = TaskBatchSampler.batch
 
     def interrupt_at_batch_3(self: TaskBatchSampler, index: int) -> list[int]:
         if index == 3:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return original(self, index)
 
     monkeypatch.setattr(TaskBatchSampler, "batch", interrupt_at_batch_3)
@@ -144,3 +146,27 @@ def test_causal_loss_on_answer_positions_equals_full_loss() -> None:
     logits = model(input_ids=input_ids).logits
     full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert_close_scaled(lm_loss(model, batch, causal=True, label_smoothing=0.0), full)
+
+
+def test_resume_at_the_last_step_changes_nothing(sni_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, run, method="lora", steps=2)
+    assert run_cli(["train", str(recipe)]) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_cli(["train", str(recipe), "--resume", "train.steps=1"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_tensorboard_missing_is_one_line_before_anything_is_written(sni_dir: Path, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="lora", tensorboard="true")
+    assert run_cli(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.tensorboard" in err and "pip install tensorboard" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -152,5 +152,9 @@ def routing_summary(report: Any) -> list[str]:
                      f"{c.marginal_entropy:.3f} · mean max p {c.mean_max_probability:.3f} · abstract tasks used "
                      f"{c.used_abstract_tasks}/{len(c.argmax_counts)} · purity by category {c.purity:.3f} · "
                      f"NMI {c.nmi:.3f}")
+    if report.coherence is not None:
+        h = report.coherence
+        lines.append(f"same-category tasks: mean routing similarity {h.within:+.3f} over {h.pairs_within} pairs, "
+                     f"other pairs {h.between:+.3f} (permutation p = {h.p_value:.3f})")
     lines += [f"[yellow]warning:[/yellow] {w}" for w in report.warnings]
     return lines

@@ -58,6 +58,7 @@ class RoutingReport:
     training_rows: list[int]  # rows that are training tasks (nearest-neighbour candidates)
     categories: dict[str, str] = field(default_factory=dict)  # task -> SNI category, when known
     classifier: rs.ClassifierStats | None = None
+    coherence: rs.CategoryCoherence | None = None  # do tasks of one category route alike?
     abstract: RoutingView | None = None  # OrchMoE with data: the allocation Z itself
     task_abstract: np.ndarray | None = None  # OrchMoE with data: mean p(t|x) per real task (tasks, T)
     warnings: list[str] = field(default_factory=list)
@@ -87,6 +88,7 @@ class RoutingReport:
             "statistics": {"overall": self.overall.as_dict() if self.overall else None,
                            "per_layer": {k: v.as_dict() for k, v in self.per_layer.items()}},
             "classifier": self.classifier.as_dict() if self.classifier else None,
+            "category_coherence": self.coherence.as_dict() if self.coherence else None,
             "similarity": self.similarity.round(6).tolist(),
             "similarity_definition": "cosine similarity of routing vectors (skill weights of every layer and head; "
                                      "HyperLoader: generated adapters) centred on their mean over rows",
@@ -159,8 +161,11 @@ def build_report(method: MethodConfig, checkpoint: Path, view: RoutingView, trai
         per_layer = {name: rs.allocation_stats(view.probs[i]) for i, name in enumerate(view.layers)}
         warnings += rs.allocation_warnings(overall, "all layers")
     training_rows = [i for i, name in enumerate(view.rows) if name in training]
+    known = [i for i, name in enumerate(view.rows) if name in categories]
+    coherence = (rs.category_coherence(similarity[np.ix_(known, known)], [categories[view.rows[i]] for i in known])
+                 if len(known) > 2 else None)
     return RoutingReport(method.name, str(checkpoint), view, overall, per_layer, similarity, order, tree,
-                         training_rows, categories, warnings=warnings)
+                         training_rows, categories, coherence=coherence, warnings=warnings)
 
 
 def classifier_view(model: Any, abstract: RoutingView, prompts: dict[str, list[list[int]]],

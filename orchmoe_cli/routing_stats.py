@@ -94,6 +94,41 @@ def cluster_order(vectors: np.ndarray) -> tuple[list[int], np.ndarray | None]:
     return [int(i) for i in leaves_list(tree)], tree
 
 
+@dataclass
+class CategoryCoherence:
+    """Do tasks of one SNI category route alike? Mean similarity of same-category pairs against other pairs,
+    with a permutation p-value (how often shuffled categories give a within-category mean at least as high)."""
+
+    within: float
+    between: float
+    p_value: float
+    pairs_within: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+def category_coherence(similarity: np.ndarray, categories: Sequence[str], permutations: int = 2000,
+                       seed: int = 0) -> CategoryCoherence | None:
+    """None when no two rows share a category (nothing to compare)."""
+    labels = np.asarray(categories)
+    upper = np.triu_indices(len(labels), k=1)
+    values = np.asarray(similarity)[upper]
+
+    def within_mean(perm: np.ndarray) -> float:
+        same = perm[upper[0]] == perm[upper[1]]
+        return float(values[same].mean())
+
+    same = labels[upper[0]] == labels[upper[1]]
+    if not same.any() or same.all():
+        return None
+    observed = within_mean(labels)
+    rng = np.random.default_rng(seed)
+    at_least = sum(within_mean(rng.permutation(labels)) >= observed for _ in range(permutations))
+    return CategoryCoherence(observed, float(values[~same].mean()), (at_least + 1) / (permutations + 1),
+                             int(same.sum()))
+
+
 def nearest(similarity: np.ndarray, row: int, candidates: Sequence[int], k: int = 3) -> list[tuple[int, float]]:
     """The ``k`` candidates most similar to ``row`` (itself excluded), most similar first."""
     scored = [(int(c), float(similarity[row, c])) for c in candidates if c != row]

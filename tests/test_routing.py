@@ -193,3 +193,11 @@ def test_paired_bootstrap_interval() -> None:
     assert noisy.low < 0 < noisy.high  # a gap that is noise includes 0
     with pytest.raises(ValueError):
         paired_bootstrap({"x": 1.0}, {"y": 1.0})
+
+
+def test_category_coherence() -> None:
+    similarity = np.array([[1, 0.9, -0.5, -0.5], [0.9, 1, -0.5, -0.5], [-0.5, -0.5, 1, 0.8], [-0.5, -0.5, 0.8, 1]])
+    coherent = rs.category_coherence(similarity, ["A", "A", "B", "B"], permutations=200)
+    assert coherent is not None and coherent.within == pytest.approx(0.85) and coherent.between == pytest.approx(-0.5)
+    assert coherent.pairs_within == 2 and coherent.p_value < 0.5
+    assert rs.category_coherence(similarity, ["A", "B", "C", "D"]) is None  # no pair shares a category

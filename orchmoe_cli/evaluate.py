@@ -3,7 +3,8 @@
 Instances are generated in batches grouped by task (rows of one task share a routing, and
 prompts of similar length pad less). Predictions are appended to a partial file as they are
 made, so an interrupted evaluation resumes where it stopped; the final artifacts
-(``results.json``, ``predictions.jsonl``, ``results.md``, ``recipe.yaml``) appear atomically.
+(``results.json``, ``predictions.jsonl``, ``results.md``, ``recipe.yaml``) are each replaced atomically,
+``results.json`` last, and other files in the directory are left alone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from orchmoe_cli import report
 from orchmoe_cli.adapters.files import ADAPTER_FILES
 from orchmoe_cli.data.collate import GenerationCollator, pad_token_id
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_directory, disk_error
+from orchmoe_cli.fsutil import disk_error, replace_files
 from orchmoe_cli.metrics import aggregate, score_instance
 from orchmoe_cli.recipe import EvalConfig, Recipe, dump_recipe, recipe_to_dict
 
@@ -287,18 +288,15 @@ def run_evaluation(
         "config": recipe_to_dict(recipe),
         **report.environment_info(),
     }
-    if state.is_main_process:  # the four artifacts replace the directory in one rename, or not at all
+    if state.is_main_process:  # written aside, then renamed into place one by one, results.json last
         predictions = report.jsonl(final_rows)
-        results["predictions_sha256"] = _sha256(predictions)
-        artifacts = {
+        results["predictions_sha256"] = _sha256(predictions)  # a mixed set never passes as finished
+        replace_files(out_dir, {
             "predictions.jsonl": predictions,
             "results.md": report.results_markdown(title, final_rows, metrics),
             "recipe.yaml": dump_recipe(recipe),
             "results.json": json.dumps(results, indent=2, ensure_ascii=False) + "\n",
-        }
-        with atomic_directory(out_dir) as staging:
-            for name, text in artifacts.items():
-                (staging / name).write_text(text, encoding="utf-8")
+        })
     state.wait_for_everyone()
     partial_path.unlink(missing_ok=True)
     return EvalOutcome(eval_label(cfg), metrics, final_rows, out_dir)

@@ -137,6 +137,28 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def replace_files(directory: str | Path, files: dict[str, str]) -> None:
+    """Write ``files`` (name -> text) into a hidden staging folder inside ``directory``, then rename each into
+    place in the given order (put the file that vouches for the others last). Other files in ``directory``
+    are left alone; a full disk while writing replaces nothing."""
+    target = Path(directory)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target))
+    except OSError as exc:
+        raise disk_error(target, exc) from None
+    try:
+        for name, text in files.items():
+            atomic_write_text(staging / name, text)
+        for name in files:
+            os.replace(staging / name, target / name)
+        fsync_dir(target)
+    except OSError as exc:
+        raise disk_error(target, exc) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def read_json(path: str | Path, missing: str = "file not found", damaged: str = "") -> Any:
     """Parse a JSON file; ``missing`` / ``damaged`` finish the one-line error when it is absent or unreadable."""
     path = Path(path)

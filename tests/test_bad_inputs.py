@@ -694,11 +694,11 @@ def test_disk_full_while_eval_writes_results(where: str, shared: Shared, tmp_pat
             return handle
 
         monkeypatch.setattr(Path, "open", open_full)
-    else:  # the final artifacts are written into a staging directory that replaces eval-base/ in one rename
+    else:  # the final artifacts are written into a staging folder, then renamed into eval-base/ one by one
         original_write_text = Path.write_text
 
-        def write_text(self: Path, *args: Any, **kwargs: Any) -> int:
-            if self.name == where and self.parent.name.startswith(f".{results.name}."):
+        def write_text(self: Path, *args: Any, **kwargs: Any) -> int:  # the temp file of artifact `where`
+            if self.name.startswith(f".{where}.") and self.parent.name.startswith(f".{results.name}."):
                 raise _enospc(str(self))
             return original_write_text(self, *args, **kwargs)
 

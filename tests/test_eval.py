@@ -161,3 +161,15 @@ def test_edited_adapter_config_is_evaluated_again_and_the_checkpoint_method_reco
     assert run_cli(args) == 0
     assert "reusing the identical evaluation" not in capsys.readouterr().out
     assert json.loads(results_path.read_text())["fingerprint"] != results["fingerprint"]
+
+
+def test_rerunning_eval_keeps_other_files(sni_dir: Path, tmp_path: Path) -> None:
+    """Only the four artifacts are replaced: a user's notes and plots in eval-base/ survive a re-run."""
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "out", "tiny-t5")
+    assert run_cli(["eval", str(recipe), "eval.max_instances=1"]) == 0
+    results = tmp_path / "out" / "eval-base"
+    (results / "notes.txt").write_text("my notes\n")
+    assert run_cli(["eval", str(recipe), "eval.max_instances=2"]) == 0
+    assert (results / "notes.txt").read_text() == "my notes\n"
+    assert json.loads((results / "results.json").read_text())["n_instances"] == 4
+    assert not [p for p in results.iterdir() if p.name.startswith(".")]

@@ -65,8 +65,9 @@ def _upstream(task: SNITask, instance: Instance, cfg: DataConfig, tokenizer: Any
     name = f"{task.name}. " if cfg.add_task_name else ""
     source = name + definition + "".join(pos) + "".join(neg) + task_input
     ids = tokenizer(source)["input_ids"]
+    # upstream keeps the first ids; orchmoe keeps the last (the instance input and "Output:" survive)
     return source if len(ids) <= cfg.max_source_length else tokenizer.decode(
-        ids[: cfg.max_source_length], skip_special_tokens=True)
+        ids[-cfg.max_source_length :], skip_special_tokens=True)
 
 
 def test_worked_example_from_sni_md(byt5: Any) -> None:
@@ -123,8 +124,19 @@ def test_task_name_is_not_counted_by_the_checks(tmp_path: Path, make_task: Calla
     plain = encode_prompts(task, task.instances[:1], DataConfig(), byt5).prompts[0]
     limit = _nbytes(plain)
     named = encode_prompts(task, task.instances[:1], DataConfig(add_task_name=True, max_source_length=limit), byt5)
-    # Both demonstrations pass the checks; the final truncation does count the name (as upstream).
-    assert named.truncated == [True] and named.prompts[0] == ("task7_demo. " + plain)[:limit]
+    # Both demonstrations pass the checks; the final truncation does count the name (as upstream) and
+    # cuts from the start: the last limit - 1 bytes and EOS remain.
+    assert named.truncated == [True] and named.prompts[0] == ("task7_demo. " + plain).encode()[-(limit - 1):].decode()
+
+
+def test_truncation_keeps_each_instance_input(tmp_path: Path, make_task: Callable, write_task: Callable,
+                                               byt5: Any) -> None:
+    """A definition longer than the limit must not make every prompt of a task the same text."""
+    task = _task(tmp_path, make_task, write_task, Definition=["x" * 300])
+    instances = [Instance(id=str(i), input=f"question {i}", output=["z"]) for i in range(3)]
+    cut = encode_prompts(task, instances, DataConfig(max_source_length=100), byt5)
+    assert all(cut.truncated) and len(set(cut.prompts)) == 3
+    assert all(p.endswith(f"question {i}.\nOutput: ") for i, p in enumerate(cut.prompts))
 
 
 def test_final_truncation(tmp_path: Path, make_task: Callable, write_task: Callable, byt5: Any) -> None:
@@ -133,7 +145,7 @@ def test_final_truncation(tmp_path: Path, make_task: Callable, write_task: Calla
     cfg = DataConfig(max_source_length=50)
     cut = encode_prompts(task, [instance], cfg, byt5)
     assert cut.truncated == [True] and cut.source_ids == [None]
-    assert cut.prompts[0] == ("Definition: " + "x" * 30 + ".\n\nNow complete")[:50]
+    assert cut.prompts[0] == ("y" * 200 + ".\nOutput: ")[-49:]  # the last ids (49 bytes + EOS): Output: stays
     kept = encode_prompts(task, [instance], cfg, byt5, truncate_source=False)
     assert kept.truncated == [False] and kept.prompts[0].endswith("y" * 200 + ".\nOutput: ")
 

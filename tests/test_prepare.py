@@ -41,7 +41,7 @@ def test_encoder_decoder_prepare_manifest_and_rows(sni_dir: Path, tmp_path: Path
     assert not prepared.from_cache and prepared.path.parent == tmp_path / "cache"
     manifest = prepared.manifest
     assert manifest["content_hash"] == prepared.path.name and manifest["tokenizer_id"] == "byt5"
-    assert manifest["is_encoder_decoder"] is True and manifest["encoding"]["truncation_side"] == "right"
+    assert manifest["is_encoder_decoder"] is True and manifest["encoding"]["truncation_side"].startswith("left")
     assert manifest["encoding"]["num_pos_examples"] == 2 and "cache_dir" not in manifest["encoding"]
     assert [t["name"] for t in manifest["tasks"]] == TRAIN + TEST
     assert [t["index"] for t in manifest["tasks"]] == list(range(5))
@@ -141,7 +141,7 @@ def test_language_filter_is_reported(sni_dir: Path, tmp_path: Path, byt5: Any, w
 def test_decoder_only_truncates_prompt_from_the_left(sni_dir: Path, tmp_path: Path, byt5: Any) -> None:
     cfg = _cfg(sni_dir, tmp_path, max_source_length=60, max_target_length=5)
     prepared = prepare(cfg, byt5, "byt5", False, console=_console())
-    assert prepared.manifest["encoding"]["truncation_side"] == "left"
+    assert prepared.manifest["encoding"]["truncation_side"].startswith("left")
     assert prepared.manifest["totals"]["truncated_prompts"] == 30
     for row in prepared.dataset["train"]:
         assert len(row["prompt"]) > 60  # the string is kept whole, the ids are cut

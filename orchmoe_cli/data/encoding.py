@@ -76,9 +76,11 @@ def encode_prompts(task: SNITask, instances: Sequence[Instance], cfg: DataConfig
                    truncate_source: bool = True) -> EncodedPrompts:
     """Tk-Instruct source strings for ``instances`` of ``task``.
 
-    With ``truncate_source`` (upstream, for encoder-decoder models) a source longer than
-    ``max_source_length`` tokens becomes the decode of its first ``max_source_length`` ids; decoder-only
-    models keep the whole string and truncate ids from the left instead, so ``Output: `` survives.
+    Demonstrations that do not fit are dropped first, as upstream. With ``truncate_source`` (encoder-decoder
+    models) a source still longer than ``max_source_length`` tokens becomes the decode of its *last*
+    ``max_source_length`` ids: the start of the definition goes, the instance input and ``Output:`` stay.
+    (Upstream keeps the first ids, which with a long definition makes every prompt of a task the same text.)
+    Decoder-only models keep the whole string and truncate ids from the left the same way.
     """
     limit = cfg.max_source_length
     cache = _Ids(tokenizer)
@@ -100,7 +102,7 @@ def encode_prompts(task: SNITask, instances: Sequence[Instance], cfg: DataConfig
     source_ids: list[list[int] | None] = list(cache.of(sources))
     truncated = [len(ids) > limit for ids in source_ids]  # type: ignore[arg-type]
     for i in (i for i, cut in enumerate(truncated) if cut):
-        sources[i] = tokenizer.decode(source_ids[i][:limit], skip_special_tokens=True)  # type: ignore[index]
+        sources[i] = tokenizer.decode(source_ids[i][-limit:], skip_special_tokens=True)  # type: ignore[index]
         source_ids[i] = None
     return EncodedPrompts(sources, truncated, source_ids)
 

@@ -32,7 +32,7 @@ from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import disk_error
 from orchmoe_cli.recipe import DataConfig
 
-FORMAT_VERSION = 2  # 2: decoder-only answers carry the space that followed "Output:"
+FORMAT_VERSION = 3  # 2: decoder-only answers carry the space after "Output:"; 3: encoder-decoder prompts cut left
 MANIFEST = "manifest.json"
 # DataConfig fields that say where the data is; everything else changes the prepared rows.
 _LOCATION_FIELDS = frozenset({"source", "split_dir", "train_split", "test_split", "cache_dir"})
@@ -178,6 +178,11 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
     totals = manifest["totals"]
     console.print(f"prepared {totals['train_tasks']} train tasks ({totals['train_instances']} instances) and "
                   f"{totals['test_tasks']} test tasks ({totals['test_instances']} instances) in {final}", markup=False)
+    cut = totals.get("truncated_prompts", 0)
+    if cut:
+        console.print(f"[yellow]warning:[/yellow] {cut} prompt(s) longer than data.max_source_length "
+                      f"({cfg.max_source_length} tokens) lost the start of their definition after dropping "
+                      "demonstrations; raise data.max_source_length to keep them whole", highlight=False)
     return dataclasses.replace(load_prepared(final), from_cache=False)
 
 
@@ -283,7 +288,7 @@ def _manifest(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest
         "encoding": {
             **encoding_settings(cfg),
             "prompt_format": "Tk-Instruct DataCollatorForNI",
-            "truncation_side": "right" if tokenize.is_encoder_decoder else "left",
+            "truncation_side": "left: demonstrations dropped first, then the start of the definition cut",
             "answer_spacing": "as upstream" if tokenize.is_encoder_decoder else
             "prompt ids end at 'Output:'; each reference is tokenized with a leading space",
             "train_sample": "per task: random.Random(seed).shuffle(Instances), then the first max_train_instances",

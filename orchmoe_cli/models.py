@@ -196,6 +196,11 @@ def _smollm2_cache(cfg: ModelConfig) -> Path:
 def _hub_or_path(cfg: ModelConfig) -> str:
     if cfg.name == SMOLLM2:
         return str(_smollm2_cache(cfg))
+    close = difflib.get_close_matches(cfg.name, BUILTIN_MODELS, n=1, cutoff=0.8)
+    if close and "/" not in cfg.name and not Path(cfg.name).expanduser().exists():
+        # a mistyped built-in: say so now instead of after the hub's retries (half a minute offline)
+        raise OrchmoeError(f"model.name: '{cfg.name}' is not a built-in (did you mean '{close[0]}'?), a local "
+                           "directory, or an owner/name hub id")
     return cfg.name
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -55,6 +56,24 @@ def find_checkpoint(path: Path, what: str, how_to_train: str = "orchmoe train RE
     return latest
 
 
+def _load_checkpoint(base: Any, checkpoint: Path, recipe: Recipe, source: str, attempts: int = 3) -> tuple[Any, Path]:
+    """Load the adapter; when ``eval.checkpoint`` names a run that a training run is pruning meanwhile, the
+    checkpoint found a moment ago may be gone: look for the newest one again instead of failing."""
+    from orchmoe_cli.adapters import load_adapted
+
+    for _ in range(attempts - 1):
+        try:
+            return load_adapted(base, checkpoint), checkpoint
+        except OrchmoeError:
+            if checkpoint.is_dir():
+                raise
+            newer = resolve_checkpoint(recipe, source)
+            if newer is None or newer == checkpoint:
+                raise
+            checkpoint = newer
+    return load_adapted(base, checkpoint), checkpoint
+
+
 def evaluate(recipe: Recipe, source: str, console: Console, with_base: bool = False) -> list[EvalOutcome]:
     """Evaluate the base model and/or the adapter named by ``eval.checkpoint`` on the recipe's split.
 
@@ -81,9 +100,9 @@ def evaluate(recipe: Recipe, source: str, console: Console, with_base: bool = Fa
         run_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, checkpoint=run and str(run)))
         task_index = None
         if run is not None:
-            from orchmoe_cli.adapters import load_adapted
-
-            model = load_adapted(loaded.model, run).to(device)
+            model, run = _load_checkpoint(loaded.model, run, recipe, source)
+            model = model.to(device)
+            run_recipe = dataclasses.replace(run_recipe, eval=dataclasses.replace(recipe.eval, checkpoint=str(run)))
             task_index = model.task_index
             if recipe.method.name not in ("none", model.method.name):
                 console.print(f"[yellow]warning:[/yellow] {run} holds a {model.method.name} adapter; the recipe's "

@@ -539,6 +539,8 @@ CASES: list[Case] = [
          ("{recipe}", "train.val_instances", "4 instances"), "use a value below 4"),
     Case("ckpt-config-edited-shorter", P("eval", "eval.checkpoint={ck}"), ("{ck}/" + CONFIG, "modified after saving"),
          setup=checkpoint(edit_json(CONFIG, lambda config: config.pop("parameters")))),
+    Case("model-builtin-typo", P("prepare", "model.name=smollm2-135m"), ("model.name", "smollm2-135m"),
+         "did you mean 'smollm2-135m-instruct'"),
     # ---- inspect-routing CHECKPOINT
     Case("routing-lora-has-no-routing", ("inspect-routing", "{ck}"), ("{ck}", "lora", "no routing to inspect"),
          setup=checkpoint()),

@@ -173,3 +173,25 @@ def test_rerunning_eval_keeps_other_files(sni_dir: Path, tmp_path: Path) -> None
     assert (results / "notes.txt").read_text() == "my notes\n"
     assert json.loads((results / "results.json").read_text())["n_instances"] == 4
     assert not [p for p in results.iterdir() if p.name.startswith(".")]
+
+
+def test_latest_checkpoint_pruned_while_loading_falls_back_to_the_next(sni_dir: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """A training run prunes the checkpoint eval.checkpoint=latest just found: load the next newest."""
+    from orchmoe_cli.adapters import loading
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, out, "tiny-t5", "method:", "  name: lora", "  rank: 2",
+                          "train:", "  steps: 2", "  batch_size: 2", "  save_every: 1")
+    assert run_cli(["train", str(recipe)]) == 0
+    real = loading.load_adapted
+
+    def pruned_first(base, checkpoint):  # noqa: ANN001 - the signature of load_adapted
+        if Path(checkpoint).name == "step-000002":
+            shutil.rmtree(checkpoint)
+        return real(base, checkpoint)
+
+    monkeypatch.setattr(loading, "load_adapted", pruned_first)
+    assert run_cli(["eval", str(recipe), "eval.checkpoint=latest", "eval.max_instances=1"]) == 0
+    results = json.loads(next(out.glob("eval-step-000001-*/results.json")).read_text())
+    assert results["checkpoint"].endswith("step-000001")

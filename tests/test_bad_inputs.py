@@ -523,6 +523,9 @@ CASES: list[Case] = [
          "train.lr=0.03", setup=previous_run()),
     Case("resume-with-changed-schedule", P("train", "--resume", "train.schedule=constant"), ("train.schedule",),
          setup=previous_run()),
+    Case("resume-after-training-tasks-reordered", P("train", "--resume"),
+         ("{out}/checkpoints/step-000001", "other tasks", TRAIN_TASKS[2]), "same training tasks",
+         setup=chain(previous_run(), split_file("train_tasks.txt", "\n".join(reversed(TRAIN_TASKS)) + "\n"))),
     Case("recipe-duplicate-section", P("train"), ("{recipe}", "line 14", "'train'", "line 7"),
          setup=recipe_file("data:\n  source: {sni}\nmodel:\n  name: tiny-t5\nmethod:\n  name: lora\ntrain:\n"
                            "  steps: 2\neval:\n  batch_size: 2\noutput:\n  dir: {out}\n\ntrain:\n  lr: 0.1\n")),

@@ -112,6 +112,15 @@ def test_second_run_on_same_output_is_refused(sni_dir: Path, tmp_path: Path, cap
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def _free_port() -> int:
+    """A port nobody listens on, so a second 2-process run on the machine cannot collide with the default 29500."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.skipif(shutil.which("accelerate") is None and not Path(sys.executable).with_name("accelerate").exists(),
                     reason="accelerate launcher not installed")
 def test_two_process_cpu_training(sni_dir: Path, tmp_path: Path) -> None:
@@ -120,7 +129,8 @@ def test_two_process_cpu_training(sni_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "-m", "orchmoe_cli", "train", str(recipe)],
+         "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "orchmoe_cli", "train",
+         str(recipe)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,9 +17,11 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
@@ -214,17 +216,57 @@ def _unknown_model(cfg: ModelConfig, exc: Exception) -> OrchmoeError:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "added_tokens.json", "*.model",
+                    "spiece*", "config.json")
+
+
+def _local_files_digest(directory: Path) -> str:
+    """sha256 over a local model directory's tokenizer (and config) files: editing one must change every cache
+    key built from the tokenizer id, or a stale prepared dataset would be reused."""
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in _TOKENIZER_FILES for p in directory.glob(pattern) if p.is_file()}):
+        digest.update(f"\0{path.name}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _hub_unreachable() -> bool:
+    """True when a hub id cannot be fetched right now: offline mode, or the hub's host does not answer in 3 s.
+    Loading then reads the local cache only and fails at once, instead of after half a minute of retries."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _pretrained_kwargs(cfg: ModelConfig, source: str) -> dict[str, Any]:
+    local = Path(source).expanduser().is_dir()
+    return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+            "local_files_only": not local and _hub_unreachable()}
+
+
 def load_tokenizer(cfg: ModelConfig) -> TokenizerInfo:
     """The tokenizer and architecture kind, without loading weights (enough for `prepare`)."""
     if cfg.name in TINY_MODELS:
         return TokenizerInfo(byte_tokenizer(), "byt5", cfg.name == "tiny-t5")
     source = _hub_or_path(cfg)
+    kwargs = _pretrained_kwargs(cfg, source)
     try:
-        config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise _unknown_model(cfg, exc) from None
     tokenizer_id = cfg.name if cfg.revision is None else f"{cfg.name}@{cfg.revision}"
+    if Path(cfg.name).expanduser().is_dir():
+        tokenizer_id += f"#{_local_files_digest(Path(cfg.name).expanduser())}"
     return TokenizerInfo(_with_pad_token(tokenizer), tokenizer_id, bool(config.is_encoder_decoder))
 
 
@@ -236,9 +278,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         info = load_tokenizer(cfg)
         auto_cls = AutoModelForSeq2SeqLM if info.is_encoder_decoder else AutoModelForCausalLM
         try:
+            source = _hub_or_path(cfg)
             model = auto_cls.from_pretrained(  # safetensors only: pickled .bin weights are never loaded
-                _hub_or_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                dtype=resolve_dtype(cfg.dtype), use_safetensors=True,
+                source, **_pretrained_kwargs(cfg, source), dtype=resolve_dtype(cfg.dtype), use_safetensors=True,
             )
         except (OSError, ValueError) as exc:
             raise _unknown_model(cfg, exc) from None

@@ -544,6 +544,8 @@ CASES: list[Case] = [
          setup=checkpoint(edit_json(CONFIG, lambda config: config.pop("parameters")))),
     Case("model-builtin-typo", P("prepare", "model.name=smollm2-135m"), ("model.name", "smollm2-135m"),
          "did you mean 'smollm2-135m-instruct'"),
+    Case("model-hub-id-unreachable", P("prepare", "model.name=nobody-here/no-such-model"),
+         ("model.name", "nobody-here/no-such-model")),
     # ---- inspect-routing CHECKPOINT
     Case("routing-lora-has-no-routing", ("inspect-routing", "{ck}"), ("{ck}", "lora", "no routing to inspect"),
          setup=checkpoint()),

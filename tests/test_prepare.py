@@ -161,3 +161,20 @@ def test_decoder_only_keeps_a_default_bos(sni_dir: Path, tmp_path: Path, bos_tok
     assert row["reference_ids"][0] == bos_tokenizer(" answer 0", add_special_tokens=False)["input_ids"] + [2]
     manifest = json.loads((prepared.path / "manifest.json").read_text())
     assert manifest["tokenizer_id"] == "bos" and manifest["is_encoder_decoder"] is False
+
+
+def test_local_model_tokenizer_edits_change_the_tokenizer_id(tmp_path: Path) -> None:
+    """A prepared dataset is keyed by the tokenizer id: for a local directory it covers the tokenizer files."""
+    from orchmoe_cli.models import load_model, load_tokenizer
+    from orchmoe_cli.recipe import load_recipe
+
+    tiny = load_model(load_recipe(None, ["model.name=tiny-llama"]).model)
+    local = tmp_path / "model"
+    tiny.model.save_pretrained(local)
+    tiny.tokenizer.save_pretrained(local)
+    cfg = load_recipe(None, [f"model.name={local}"]).model
+    before = load_tokenizer(cfg).tokenizer_id
+    config = json.loads((local / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 77
+    (local / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(cfg).tokenizer_id != before and before.startswith(str(local))

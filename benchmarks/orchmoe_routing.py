@@ -85,9 +85,15 @@ def run_variant(name: str, overrides: list[str], steps: int, instances: int) -> 
                                     "json"))
         diagnostics = [r for r in map(json.loads, (run / "metrics.jsonl").open()) if "allocation_spread" in r]
         out["classifier"] = report["classifier"]
+        out["preferred_by_tasks"] = report["abstract_tasks_preferred_by_tasks"]
         out["allocation_spread"] = diagnostics[-1]["allocation_spread"]
         out["inspect_s"] = round(time.perf_counter() - evaluated, 1)
     return out
+
+
+def _points(result: dict) -> dict[str, float]:
+    """Per-instance ROUGE-L in points (predictions.jsonl holds fractions; the tables hold x 100)."""
+    return {k: 100 * v for k, v in result["scores"].items()}
 
 
 def write_report(done: dict[str, dict]) -> None:
@@ -103,8 +109,8 @@ def write_report(done: dict[str, dict]) -> None:
         "SNI category; allocation spread is the largest difference between two abstract tasks' eval-mode "
         "weights for one skill. ROUGE-L: zero-shot, no task id, the first N instances of each held-out task; "
         "the interval is a 95% paired bootstrap over instances.", "",
-        "| variant | router entropy | marginal usage | abstract tasks used | purity | NMI | allocation spread | "
-        "ROUGE-L | minus LoRA [95% CI] | train s |",
+        "| variant | router entropy | marginal usage | abstract tasks used by prompts / by tasks | purity | NMI | "
+        "allocation spread | ROUGE-L | minus LoRA [95% CI] | train s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (title, _) in VARIANTS.items():
@@ -112,10 +118,10 @@ def write_report(done: dict[str, dict]) -> None:
             continue
         r = done[name]
         c = r.get("classifier")
-        stats = (f"{c['router_entropy']:.3f} | {c['marginal_entropy']:.3f} | {c['used_abstract_tasks']}/"
-                 f"{len(c['argmax_counts'])} | {c['purity']:.3f} | {c['nmi']:.3f} | {r['allocation_spread']:.3f}"
-                 if c else "- | - | - | - | - | -")
-        delta = str(paired_bootstrap(r["scores"], lora["scores"])) if lora and name != "lora" else "-"
+        stats = (f"{c['router_entropy']:.3f} | {c['marginal_entropy']:.3f} | {c['used_abstract_tasks']} / "
+                 f"{r.get('preferred_by_tasks', '?')} of {len(c['argmax_counts'])} | {c['purity']:.3f} | "
+                 f"{c['nmi']:.3f} | {r['allocation_spread']:.3f}" if c else "- | - | - | - | - | -")
+        delta = (str(paired_bootstrap(_points(r), _points(lora))) if lora and name != "lora" else "-")
         lines.append(f"| {name}: {title} | {stats} | {r['rougeL']:.2f} | {delta} | {r['train_s']:.0f} |")
     first = next(iter(done.values()))
     lines += ["", f"{first['steps']} steps of batch 8, {first['instances_per_task']} instances per held-out "

@@ -150,8 +150,9 @@ def routing_summary(report: Any) -> list[str]:
         c = report.classifier
         lines.append(f"classifier: router entropy {c.router_entropy:.3f} (1 = uniform) · marginal usage "
                      f"{c.marginal_entropy:.3f} · mean max p {c.mean_max_probability:.3f} · abstract tasks used "
-                     f"{c.used_abstract_tasks}/{len(c.argmax_counts)} · purity by category {c.purity:.3f} · "
-                     f"NMI {c.nmi:.3f}")
+                     f"{c.used_abstract_tasks}/{len(c.argmax_counts)} by prompts, "
+                     f"{report.abstract_tasks_preferred_by_tasks}/{len(c.argmax_counts)} by tasks · purity by "
+                     f"category {c.purity:.3f} · NMI {c.nmi:.3f}")
     if report.coherence is not None:
         h = report.coherence
         lines.append(f"same-category tasks: mean routing similarity {h.within:+.3f} over {h.pairs_within} pairs, "

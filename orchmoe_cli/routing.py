@@ -71,6 +71,11 @@ class RoutingReport:
         best = np.argsort(-mean)[:k]
         return [(int(s), float(mean[s])) for s in best]
 
+    @property
+    def abstract_tasks_preferred_by_tasks(self) -> int | None:
+        """OrchMoE with data: how many abstract tasks are the most likely one of some real task's prompts."""
+        return None if self.task_abstract is None else len(set(self.task_abstract.argmax(axis=1).tolist()))
+
     def nearest(self, row: int, k: int = 3) -> list[tuple[str, float]]:
         return [(self.view.rows[i], s) for i, s in rs.nearest(self.similarity, row, self.training_rows, k)]
 
@@ -88,6 +93,7 @@ class RoutingReport:
             "statistics": {"overall": self.overall.as_dict() if self.overall else None,
                            "per_layer": {k: v.as_dict() for k, v in self.per_layer.items()}},
             "classifier": self.classifier.as_dict() if self.classifier else None,
+            "abstract_tasks_preferred_by_tasks": self.abstract_tasks_preferred_by_tasks,
             "category_coherence": self.coherence.as_dict() if self.coherence else None,
             "similarity": self.similarity.round(6).tolist(),
             "similarity_definition": "cosine similarity of routing vectors (skill weights of every layer and head; "

@@ -124,6 +124,23 @@ def write_report(done: dict[str, dict]) -> None:
         delta = (str(paired_bootstrap(_points(r), _points(lora))) if lora and name != "lora" else "-")
         lines.append(f"| {name}: {title} | {stats} | {r['rougeL']:.2f} | {delta} | {r['train_s']:.0f} |")
     first = next(iter(done.values()))
+    if lora is not None:
+        verdicts = []
+        for name, r in done.items():
+            if name == "lora":
+                continue
+            d = paired_bootstrap(_points(r), _points(lora))
+            side = "above" if d.low > 0 else "below" if d.high < 0 else "within noise of"
+            verdicts.append(f"{name} {side} LoRA ({d})")
+        beyond = [v for v in verdicts if " within noise of " not in v]
+        reading = ("No variant differs from LoRA by more than the choice of evaluation instances: routing that "
+                   "discriminates (low router entropy, allocations that differ across abstract tasks) does not, at "
+                   "this scale, transfer better than one LoRA of the same size." if not beyond else
+                   f"Beyond noise: {'; '.join(beyond)}.")
+        lines += ["", "**Against LoRA at equal budget and scale, on unseen tasks:** " + "; ".join(verdicts) + ". "
+                  + reading, "", "The defaults (`MethodConfig`, `recipes/quickstart.yaml`, `recipes/sni/orchmoe.yaml`) "
+                  "are those of `mi-0.1`: the routing objective with weight 0.1 and router lr 0.1, the soft balance "
+                  "term off, Z initialised as Poly's U(-1e-3, 1e-3)."]
     lines += ["", f"{first['steps']} steps of batch 8, {first['instances_per_task']} instances per held-out "
               f"task ({len(first['scores'])} in all). Trainable parameters and LoRA scale per variant: "
               + ", ".join(f"{k} {v['trainable']:,} (rank {v['rank']}, scale {v['lora_scale']:g})"

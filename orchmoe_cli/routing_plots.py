@@ -27,7 +27,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     _pyplot().close(fig)
     return path
 
@@ -109,13 +109,13 @@ def plot_dendrogram(report: RoutingReport, path: Path) -> Path:
 def plot_similarity(report: RoutingReport, path: Path) -> Path:
     plt = _pyplot()
     order, rows = report.order, report.view.rows
-    size = 2.5 + ROW_INCHES * len(order)
+    size = 2.5 + 0.7 * ROW_INCHES * len(order)  # a square of cells: smaller rows than the heatmaps need
     fig, ax = plt.subplots(figsize=(size, size))
     matrix = report.similarity[np.ix_(order, order)]
     image = ax.imshow(matrix, cmap="magma", vmin=min(0.0, float(matrix.min())), vmax=1.0, interpolation="nearest")
     labels = [_label(report, rows[i]) for i in order]
-    ax.set_yticks(range(len(order)), labels, fontsize=6)
-    ax.set_xticks(range(len(order)), labels, fontsize=6, rotation=90)
+    ax.set_yticks(range(len(order)), labels, fontsize=4)
+    ax.set_xticks(range(len(order)), labels, fontsize=4, rotation=90)
     what = "generated adapters" if report.view.probs is None else "routing"
     ax.set_title(f"{report.method}: cosine similarity of {what}", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.4)

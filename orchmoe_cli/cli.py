@@ -93,12 +93,13 @@ def prepare(recipe: RecipeArg, overrides: OverridesArg = None, show_config: Show
     prepared = prepare_data(loaded, str(recipe), console)
     manifest = prepared.manifest
     table = Table(title=f"prepared {'(from cache) ' if prepared.from_cache else ''}{prepared.path}", title_justify="left")
-    for column in ("split", "tasks", "instances", "categories"):
-        table.add_column(column, justify="right" if column in ("tasks", "instances") else "left")
+    for column in ("split", "tasks", "instances", "adaptation pool", "categories"):
+        table.add_column(column, justify="left" if column in ("split", "categories") else "right")
     for split in ("train", "test"):
         tasks = [t for t in manifest["tasks"] if t["split"] == split]
         cats = sorted({t["category"] for t in tasks})
-        table.add_row(split, str(len(tasks)), str(sum(t["n_instances"] for t in tasks)),
+        pool = f"{sum(t.get('n_pool', 0) for t in tasks)}" if split == "test" else ""
+        table.add_row(split, str(len(tasks)), str(sum(t["n_instances"] for t in tasks)), pool,
                       f"{len(cats)}: " + ", ".join(cats[:4]) + (" ..." if len(cats) > 4 else ""))
     console.print(table)
 

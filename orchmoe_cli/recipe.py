@@ -35,6 +35,9 @@ class DataConfig:
     languages: list[str] = _f(["English"], "keep tasks whose input, output and instruction languages are all listed")
     max_train_instances: int = _f(100, "training instances per task (random sample with `seed`, as Tk-Instruct)", min=1)
     max_test_instances: int = _f(100, "test instances per task: the first N, as the official evaluation", min=1)
+    max_pool_instances: int = _f(300, "held-out tasks: instances after the evaluation ones kept as an adaptation "
+                                 "pool for few-shot training and validation, never mixed with evaluation rows "
+                                 "(0 = none)", min=0)
     seed: int = _f(42, "seed of the training-instance sample", min=0)
     add_task_name: bool = _f(False, "prefix the prompt with the task name (Tk-Instruct: off)")
     add_definition: bool = _f(True, "include the task definition in the prompt")

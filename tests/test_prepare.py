@@ -48,7 +48,7 @@ def test_encoder_decoder_prepare_manifest_and_rows(sni_dir: Path, tmp_path: Path
     assert [t["split"] for t in manifest["tasks"]] == ["train"] * 3 + ["test"] * 2
     assert manifest["tasks"][1]["category"] == "Title Generation" and manifest["tasks"][1]["n_available"] == 6
     assert manifest["totals"] == {"train_tasks": 3, "test_tasks": 2, "train_instances": 12, "test_instances": 10,
-                                  "truncated_prompts": 0, "filtered_tasks": 0}
+                                  "pool_instances": 2, "truncated_prompts": 0, "filtered_tasks": 0}
     train, test = prepared.dataset["train"], prepared.dataset["test"]
     assert train.column_names == COLUMNS and len(train) == 12 and len(test) == 10
     assert test["id"] == [f"{name}-{i}" for name in TEST for i in range(5)]  # test: the first N, in order
@@ -178,3 +178,18 @@ def test_local_model_tokenizer_edits_change_the_tokenizer_id(tmp_path: Path) -> 
     config["model_max_length"] = 77
     (local / "tokenizer_config.json").write_text(json.dumps(config))
     assert load_tokenizer(cfg).tokenizer_id != before and before.startswith(str(local))
+
+
+def test_held_out_tasks_keep_an_adaptation_pool_apart_from_evaluation(sni_dir: Path, tmp_path: Path,
+                                                                     byt5: Any) -> None:
+    """Instances after the evaluation ones go to the `pool` split; no evaluation id is ever in it."""
+    prepared = prepare(_cfg(sni_dir, tmp_path, max_test_instances=4, max_pool_instances=1), byt5, "byt5", True,
+                       console=_console())
+    pool, test = prepared.dataset["pool"], prepared.dataset["test"]
+    assert pool["id"] == [f"{name}-4" for name in TEST]  # Instances[4:5] of each held-out task
+    assert not set(pool["id"]) & set(test["id"]) and pool.column_names == test.column_names
+    assert [t.get("n_pool") for t in prepared.manifest["tasks"] if t["split"] == "test"] == [1, 1]
+    console = _console()
+    none = prepare(_cfg(sni_dir, tmp_path, max_test_instances=6), byt5, "byt5", True, console=console)
+    assert len(none.dataset["pool"]) == 0  # 6 instances each: nothing beyond the evaluation ones
+    assert "2 held-out task(s) have no instances beyond the evaluation ones" in _output(console)

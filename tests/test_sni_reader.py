@@ -235,14 +235,15 @@ def test_caps(sni_dir: Path, make_task: Callable, write_task: Callable) -> None:
 def test_bundled_sample_reads_and_is_small() -> None:
     cfg = DataConfig()
     layout = resolve_source(cfg)
-    assert len(layout.tasks["train"]) == 12 and len(layout.tasks["test"]) == 4
+    assert len(layout.tasks["train"]) == 12 and len(layout.tasks["test"]) == 5
     readme = (bundled_dir() / "README.md").read_text(encoding="utf-8")
     categories = set()
     for split in ("train", "test"):
-        for task in read_split(layout, split, cfg):
+        for task, pool in read_split(layout, split, cfg):
             assert task.name in readme and matches_languages(task, cfg.languages)
+            assert len(pool) == (100 if split == "test" else 0)  # every bundled held-out task has a pool
             categories.add(task.category)
-    assert len(categories) == 16
-    assert sum(p.stat().st_size for p in bundled_dir().iterdir() if p.is_file()) < 2_000_000
+    assert len(categories) == 17
+    assert sum(p.stat().st_size for p in bundled_dir().iterdir() if p.is_file()) < 3_000_000
     first = read_task(bundled_dir() / "task033_winogrande_answer_generation.json")
-    assert len(first.instances) == 100
+    assert len(first.instances) == 200

@@ -27,12 +27,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from orchmoe_cli import __version__
 from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
-from orchmoe_cli.data.sni import SPLITS, SNITask, SourceLayout, Split, matches_languages, read_split, resolve_source
+from orchmoe_cli.data.sni import SPLITS, SNITask, SourceLayout, matches_languages, read_split, resolve_source
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import disk_error
 from orchmoe_cli.recipe import DataConfig
 
-FORMAT_VERSION = 3  # 2: decoder-only answers carry the space after "Output:"; 3: encoder-decoder prompts cut left
+FORMAT_VERSION = 4  # 2: answers carry the space after "Output:"; 3: encoder-decoder prompts cut left; 4: pool
+POOL = "pool"  # held-out tasks' instances after the evaluation ones: few-shot adaptation data
 MANIFEST = "manifest.json"
 # DataConfig fields that say where the data is; everything else changes the prepared rows.
 _LOCATION_FIELDS = frozenset({"source", "split_dir", "train_split", "test_split", "cache_dir"})
@@ -178,6 +179,11 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
     totals = manifest["totals"]
     console.print(f"prepared {totals['train_tasks']} train tasks ({totals['train_instances']} instances) and "
                   f"{totals['test_tasks']} test tasks ({totals['test_instances']} instances) in {final}", markup=False)
+    no_pool = [t["name"] for t in manifest["tasks"] if t["split"] == "test" and not t.get("n_pool")]
+    if no_pool and cfg.max_pool_instances:
+        console.print(f"{len(no_pool)} held-out task(s) have no instances beyond the evaluation ones, so no "
+                      f"adaptation pool: {', '.join(no_pool[:5])}{' ...' if len(no_pool) > 5 else ''}",
+                      highlight=False, markup=False)
     cut = totals.get("truncated_prompts", 0)
     if cut:
         console.print(f"[yellow]warning:[/yellow] {cut} prompt(s) longer than data.max_source_length "
@@ -196,8 +202,10 @@ def load_prepared(path: str | Path) -> Prepared:
     except (OSError, ValueError) as exc:
         raise OrchmoeError(f"{path}: not a readable prepared dataset ({type(exc).__name__}); prepare the data "
                            "again or delete the directory") from None
-    if not isinstance(dataset, datasets.DatasetDict) or set(dataset) != set(SPLITS):
+    if not isinstance(dataset, datasets.DatasetDict) or not set(SPLITS) <= set(dataset) <= {*SPLITS, POOL}:
         raise OrchmoeError(f"{path}: prepared dataset lacks the train/test splits; prepare the data again")
+    if POOL not in dataset:  # no held-out task had instances beyond its evaluation ones (not saved: 0 rows)
+        dataset[POOL] = dataset["test"].select([])
     return Prepared(path=path, dataset=dataset, manifest=manifest, from_cache=True)
 
 
@@ -225,21 +233,26 @@ def _quiet_datasets() -> Iterator[None]:
 def _build(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: str,
            console: Console) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     """Encode every kept task, one file at a time, into per-split datasets and the manifest."""
-    parts: dict[Split, list[datasets.Dataset]] = {split: [] for split in SPLITS}
+    parts: dict[str, list[datasets.Dataset]] = {split: [] for split in (*SPLITS, POOL)}
     tasks: list[dict[str, Any]] = []
     filtered: list[str] = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("encoding tasks", total=sum(len(layout.tasks[s]) for s in SPLITS))
         for split in SPLITS:
-            for task in read_split(layout, split, cfg):
+            for task, pool in read_split(layout, split, cfg):
                 progress.update(bar, description=f"{split}: {task.name}")
                 if matches_languages(task, cfg.languages):
                     rows, n_truncated = _encode_task(task, len(tasks), cfg, tokenize)
                     parts[split].append(datasets.Dataset.from_dict(rows, features=FEATURES))
+                    if pool:
+                        pool_rows, n_pool_cut = _encode_task(dataclasses.replace(task, instances=pool), len(tasks),
+                                                             cfg, tokenize)
+                        parts[POOL].append(datasets.Dataset.from_dict(pool_rows, features=FEATURES))
+                        n_truncated += n_pool_cut
                     tasks.append({"name": task.name, "index": len(tasks), "split": split, "category": task.category,
                                   "categories": task.categories, "n_instances": len(task.instances),
-                                  "n_available": task.n_available, "n_truncated": n_truncated})
+                                  "n_pool": len(pool), "n_available": task.n_available, "n_truncated": n_truncated})
                 else:
                     filtered.append(task.name)
                 progress.advance(bar)
@@ -249,7 +262,7 @@ def _build(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: s
         if not parts[split]:
             raise OrchmoeError(f"{layout.split_files[split]}: no task left after the language filter "
                                f"(data.languages={cfg.languages}); add languages or list other tasks")
-    dataset = datasets.DatasetDict({s: datasets.concatenate_datasets(parts[s]) for s in SPLITS})
+    dataset = datasets.DatasetDict({s: datasets.concatenate_datasets(parts[s]) for s in (*SPLITS, POOL) if parts[s]})
     return dataset, _manifest(cfg, layout, tokenize, digest, tasks, filtered)
 
 
@@ -293,6 +306,7 @@ def _manifest(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest
             "prompt ids end at 'Output:'; each reference is tokenized with a leading space",
             "train_sample": "per task: random.Random(seed).shuffle(Instances), then the first max_train_instances",
             "test_sample": "per task: the first max_test_instances Instances",
+            "pool_sample": "held-out tasks: Instances[max_test_instances : max_test_instances + max_pool_instances]",
         },
         "source": {
             "description": layout.description,
@@ -306,6 +320,7 @@ def _manifest(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest
             "test_tasks": total("test"),
             "train_instances": total("train", "n_instances"),
             "test_instances": total("test", "n_instances"),
+            "pool_instances": total("test", "n_pool"),
             "truncated_prompts": sum(t["n_truncated"] for t in tasks),
             "filtered_tasks": len(filtered),
         },

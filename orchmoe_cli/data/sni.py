@@ -225,13 +225,24 @@ def read_task(path: Path) -> SNITask:
     )
 
 
-def read_split(layout: SourceLayout, split: Split, cfg: DataConfig) -> Iterator[SNITask]:
-    """Yield the split's tasks in split-file order, validated and capped, one file at a time.
+def read_split(layout: SourceLayout, split: Split, cfg: DataConfig) -> Iterator[tuple[SNITask, list[Instance]]]:
+    """Yield the split's tasks in split-file order, validated and capped, one file at a time, each with its
+    adaptation pool (held-out tasks only: the instances after the evaluation ones, never among them).
 
     The language filter is not applied here, so callers can report what it removes.
     """
     for name in layout.tasks[split]:
-        yield cap_instances(read_task(layout.task_path(name)), split, cfg)
+        task = read_task(layout.task_path(name))
+        yield cap_instances(task, split, cfg), pool_instances(task, split, cfg)
+
+
+def pool_instances(task: SNITask, split: Split, cfg: DataConfig) -> list[Instance]:
+    """A held-out task's ``Instances[max_test_instances : max_test_instances + max_pool_instances]``: the
+    examples few-shot adaptation may learn from (upstream's official evaluation instances come first)."""
+    if split != "test":
+        return []
+    start = cfg.max_test_instances
+    return list(task.instances[start : start + cfg.max_pool_instances])
 
 
 def cap_instances(task: SNITask, split: Split, cfg: DataConfig) -> SNITask:

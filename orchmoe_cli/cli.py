@@ -154,6 +154,45 @@ def train(
         console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
 
 
+def _csv_override(field: str, value: str | None, kind: type) -> list[str]:
+    """``--shots 16,64`` -> ``adapt.shots=[16, 64]`` (checked like any recipe field)."""
+    if value is None:
+        return []
+    try:
+        items = [kind(part.strip()) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise OrchmoeError(f"--{field}: expected a comma-separated list of {kind.__name__}s, got '{value}'") from None
+    return [f"adapt.{field}=[{', '.join(map(str, items))}]"]
+
+
+@app.command()
+def adapt(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    show_config: ShowConfig = False,
+    shots: Annotated[Optional[str], typer.Option("--shots", help="k values, e.g. 16,64 (adapt.shots).")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="seeds, e.g. 13,42,58 (adapt.seeds).")] = None,
+    modes: Annotated[Optional[str], typer.Option("--modes", help="modes, e.g. zero_shot,lora_scratch,mhr_z.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="held-out tasks (default: all with a pool).")] = None,
+    keep_adapters: Annotated[bool, typer.Option("--keep-adapters", help="keep each cell's adapter.")] = False,
+) -> None:
+    """Few-shot adaptation of a trained checkpoint to held-out tasks: every mode x k x seed, resumable."""
+    extra = [*_csv_override("shots", shots, int), *_csv_override("seeds", seeds, int),
+             *_csv_override("modes", modes, str), *_csv_override("tasks", tasks, str)]
+    if keep_adapters:
+        extra.append("adapt.keep_adapters=true")
+    loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes=("output.dir", "adapt.output_dir"))
+    from orchmoe_cli.adapt import RESULTS
+    from orchmoe_cli.adapt import adapt as run_adaptation
+    from orchmoe_cli.adapt_report import read_results, summary_table, write_summary
+
+    out = run_adaptation(loaded, str(recipe), console)
+    summary = write_summary(out, read_results(out / RESULTS))
+    console.print(summary_table(summary))
+    console.print(f"results: {out}/ ({RESULTS}, adapt_summary.md, adapt_summary.json, sample_efficiency.png)",
+                  highlight=False)
+
+
 @app.command("inspect-routing")
 def inspect_routing(
     checkpoint: Annotated[Path, typer.Argument(help="Adapter checkpoint, or a run directory (its newest one).",

@@ -124,7 +124,26 @@ class EvalConfig:
 
 @dataclass
 class AdaptConfig:
-    """Few-shot adaptation to new tasks (fields arrive with `orchmoe adapt`)."""
+    """Few-shot adaptation to held-out tasks (`orchmoe adapt`); every cell starts from the pristine checkpoint."""
+
+    checkpoint: str | None = _f("latest", "the trained checkpoint to adapt, as eval.checkpoint; none = the bare "
+                                "base model (zero_shot and lora_scratch only)")
+    modes: list[str] = _f(["zero_shot", "lora_scratch"], "modes to run: zero_shot, lora_scratch, lora, poly, mhr, "
+                          "poly_z, mhr_z, poly_mu, mhr_mu, orchmoe, hyperloader")
+    shots: list[int] = _f([16], "training examples per task (k), drawn from its adaptation pool with each seed")
+    seeds: list[int] = _f([13], "seeds of the k-shot draw and of training")
+    tasks: list[str] | None = _f(None, "held-out tasks to adapt to (default: every one with an adaptation pool)")
+    steps: int = _f(60, "optimizer steps per cell", min=1)
+    batch_size: int = _f(8, "examples per step", min=1)
+    lr: float = _f(1e-3, "learning rate of skills / adapters / task embeddings", min=0, min_exclusive=True)
+    router_lr: float = _f(0.1, "learning rate of routing (MHR grid on SNI: 0.1-0.5)", min=0, min_exclusive=True)
+    val_instances: int = _f(32, "pool instances (disjoint from the k shots) scored with ROUGE-L for early "
+                            "stopping; fewer when the pool is small; 0 = no early stopping", min=0)
+    eval_every: int = _f(20, "validate every N steps and keep the best (also at the end)", min=1)
+    with_router: bool = _f(False, "orchmoe: also train the classifier and allocations; hyperloader: also the "
+                           "hypernetwork")
+    keep_adapters: bool = _f(False, "keep each cell's adapter (so `orchmoe eval` can score it again)")
+    output_dir: str | None = _f(None, "where cells and results go (default <output.dir>/adapt)")
 
 
 @dataclass

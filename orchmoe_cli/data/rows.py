@@ -65,6 +65,14 @@ class TaskRows:
         batch = self._dataset.select_columns(list(COLUMNS))[wanted]
         return [dict(zip(COLUMNS, values)) for values in zip(*(batch[c] for c in COLUMNS))]
 
+    def select(self, indices: Sequence[int]) -> TaskRows:
+        """The rows at ``indices`` (positions in this view), in that order."""
+        return self._view(np.asarray(indices, dtype=np.int64))
+
+    def positions(self) -> list[int]:
+        """Row numbers of this view in the underlying split (to read other columns of the same rows)."""
+        return self._positions.tolist()
+
     def of_tasks(self, names: Sequence[str]) -> TaskRows:
         """Only the rows of these tasks (e.g. one new task to adapt to)."""
         wanted = [self.task_vocabulary.index(n) for n in names if n in self.task_vocabulary]

@@ -1,0 +1,218 @@
+"""`orchmoe adapt`: few-shot adaptation to held-out tasks, cell by cell (task x mode x k x seed).
+
+Every cell starts from the pristine trained checkpoint (or the bare base model), draws its k training
+examples and a validation slice from the task's adaptation pool (never from the evaluation instances),
+trains with the same ``fit`` as `orchmoe train`, keeps the best validation ROUGE-L, and is scored with the
+same generation and SNI scorer as `orchmoe eval`. Finished cells are appended to ``adapt_results.jsonl``
+and never recomputed; an interrupted cell restarts from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
+from orchmoe_cli.adapters.adaptation import check_mode, prepare_for_adaptation
+from orchmoe_cli.adapters.config import MethodConfig
+from orchmoe_cli.adapters.registry import SPECS
+from orchmoe_cli.data.collate import pad_token_id
+from orchmoe_cli.data.prepare import POOL
+from orchmoe_cli.data.rows import TaskRows
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.evaluate import checkpoint_digest, generate_predictions, run_evaluation
+from orchmoe_cli.fit import fit, make_accelerator
+from orchmoe_cli.fsutil import atomic_write_text
+from orchmoe_cli.metrics import score_instance
+from orchmoe_cli.models import LoadedModel, load_model
+from orchmoe_cli.recipe import Recipe, TrainConfig, dump_recipe
+from orchmoe_cli.workflow import find_checkpoint, prepare_data
+
+RESULTS = "adapt_results.jsonl"
+NO_TRAINING = ("zero_shot",)
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    mode: str
+    shots: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.mode}/k{self.shots}/s{self.seed}"
+
+
+def plan_cells(recipe: Recipe, prepared: Any, source: str) -> list[Cell]:
+    """Every (task, mode, k, seed) to run; one zero_shot cell per task (it draws nothing)."""
+    cfg = recipe.adapt
+    pools = {t["name"]: t.get("n_pool", 0) for t in prepared.manifest["tasks"] if t["split"] == "test"}
+    wanted = cfg.tasks if cfg.tasks is not None else [t for t, n in pools.items() if n > 0]
+    unknown = [t for t in wanted if t not in pools]
+    if unknown:
+        raise OrchmoeError(f"{source}: adapt.tasks: {unknown[0]} is not a held-out task of the prepared data")
+    if any(k < 1 for k in cfg.shots):
+        raise OrchmoeError(f"{source}: adapt.shots: every k must be at least 1, got {cfg.shots}")
+    cells = []
+    for task in wanted:
+        for mode in cfg.modes:
+            if mode in NO_TRAINING:
+                cells.append(Cell(task, mode, 0, 0))
+                continue
+            for k in cfg.shots:
+                if k > pools[task]:
+                    raise OrchmoeError(f"{source}: adapt.shots: k={k} is more than the {pools[task]} pool instances "
+                                       f"of {task}" + ("" if pools[task] else " (it has no adaptation pool)"))
+                cells += [Cell(task, mode, k, seed) for seed in cfg.seeds]
+    return cells
+
+
+def _draw(pool: TaskRows, cell: Cell, val_instances: int) -> tuple[TaskRows, TaskRows | None]:
+    """k training rows and a disjoint validation slice of the task's pool, drawn with the cell's seed."""
+    rows = pool.of_tasks([cell.task])
+    order = list(range(len(rows)))
+    random.Random(f"{cell.seed}:{cell.task}").shuffle(order)
+    n_val = min(val_instances, len(rows) - cell.shots)
+    val = rows.select(order[cell.shots : cell.shots + n_val]) if n_val > 0 else None
+    return rows.select(order[: cell.shots]), val
+
+
+def _build(cell: Cell, base: Any, checkpoint: Path | None, recipe: Recipe, source: str) -> AdaptedModel | Any:
+    """The model a cell starts from, on its own copy of the base model."""
+    fresh = copy.deepcopy(base)
+    if cell.mode == "zero_shot":
+        return fresh if checkpoint is None else load_adapted(fresh, checkpoint)
+    if cell.mode == "lora_scratch":  # the same trainable count as the checkpoint, no multi-task transfer
+        if checkpoint is None:
+            method = MethodConfig(name="lora", rank=8, alpha=8)
+        else:
+            trained = load_adapted(copy.deepcopy(base), checkpoint)
+            count = trained.count_parameters()["total_trainable"]
+            method = MethodConfig(name="lora", rank=8, alpha=8 * trained.lora_scale, budget=str(count),
+                                  target_modules=trained.method.target_modules, dropout=trained.method.dropout)
+        return attach_adapters(fresh, method, [])
+    if checkpoint is None:
+        raise OrchmoeError(f"{source}: adapt.checkpoint: mode {cell.mode} adapts a trained checkpoint; set one")
+    model = load_adapted(fresh, checkpoint)
+    check_mode(cell.mode, model.method.name, source)
+    prepare_for_adaptation(model, cell.mode, cell.task, recipe.adapt.with_router)
+    return model
+
+
+def _validator(model: Any, val_rows: list[dict], loaded: LoadedModel, recipe: Recipe) -> tuple[Any, dict]:
+    """validate(model, step) for fit: ROUGE-L on the validation slice; keeps the best trainable tensors."""
+    best: dict[str, Any] = {"rougeL": -1.0, "step": 0, "state": None}
+    eval_cfg = dataclasses.replace(recipe.eval, batch_size=recipe.adapt.batch_size)
+
+    def validate(_: Any, step: int) -> dict[str, float]:
+        scored: list[dict] = []
+        model.eval()
+        generate_predictions(model, loaded.tokenizer, loaded.is_encoder_decoder, val_rows, eval_cfg,
+                             model.task_index,
+                             lambda rows, preds: scored.extend({**r, **score_instance(p, r["references"])}
+                                                               for r, p in zip(rows, preds)))
+        model.train()
+        rouge = 100 * sum(r["rougeL"] for r in scored) / max(len(scored), 1)
+        if rouge > best["rougeL"]:
+            best.update(rougeL=rouge, step=step, state={n: p.detach().clone() for n, p in
+                                                       model.named_adapter_parameters() if p.requires_grad})
+        return {"val_rougeL": rouge}
+
+    return validate, best
+
+
+def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, checkpoint: Path | None, out: Path,
+             source: str, console: Console) -> dict[str, Any]:
+    """Train (unless zero_shot) and evaluate one cell; returns its result line."""
+    cell_dir = out / "cells" / cell.key.replace("/", "-")
+    shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell restarts cleanly
+    started = time.perf_counter()
+    cfg = recipe.adapt
+    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, router_lr=cfg.router_lr,
+                            hypernetwork_lr=cfg.lr, weight_decay=0.0, warmup_steps=0, schedule="constant",
+                            seed=cell.seed, eval_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 2),
+                            save_every=0, keep_last=1)
+    if cell.mode != "zero_shot":
+        torch.manual_seed(cell.seed)  # the new routing row / fresh LoRA are drawn per seed
+    model = _build(cell, loaded.model, checkpoint, recipe, source)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if cell.mode != "zero_shot" else 0
+    best: dict[str, Any] = {"step": 0, "rougeL": None}
+    steps_run = 0
+    if cell.mode != "zero_shot":
+        accelerator = make_accelerator(train_cfg, SPECS[model.method.name])
+        train_rows, val = _draw(TaskRows(prepared.dataset[POOL]), cell, cfg.val_instances)
+        validate = None
+        if val is not None:
+            pool_split = prepared.dataset[POOL]
+            validate, best = _validator(model, [pool_split[i] for i in val.positions()], loaded, recipe)
+        outcome = fit(model, train_rows, train_cfg, cell_dir / "train", accelerator,
+                      pad_id=pad_token_id(loaded.tokenizer), causal=not loaded.is_encoder_decoder,
+                      recipe_yaml=dump_recipe(recipe), source=source, console=console, validate=validate)
+        steps_run = outcome.step
+        if best.get("state") is not None:  # early stopping: the best validation step's tensors
+            with torch.no_grad():
+                own = dict(model.named_adapter_parameters())
+                for name, value in best.pop("state").items():
+                    own[name].copy_(value)
+        shutil.rmtree(cell_dir / "train" / "checkpoints", ignore_errors=True)
+    adapter = cell_dir / "adapter"
+    if isinstance(model, AdaptedModel):
+        model.save(adapter)
+    eval_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(
+        recipe.eval, tasks=[cell.task], checkpoint=str(adapter) if adapter.exists() else None,
+        output_dir=str(cell_dir)))
+    model.eval()
+    result = run_evaluation(eval_recipe, model, loaded.tokenizer, loaded.is_encoder_decoder,
+                            prepared.dataset["test"], prepared.manifest["content_hash"], source, console,
+                            model.task_index if isinstance(model, AdaptedModel) else None)
+    category = next(t["category"] for t in prepared.manifest["tasks"] if t["name"] == cell.task)
+    line = {**dataclasses.asdict(cell), "key": cell.key, "category": category, "trainable": trainable,
+            "steps_run": steps_run, "best_step": best.get("step", 0), "val_rougeL": best.get("rougeL"),
+            "rougeL": result.metrics["rougeL"], "exact_match": result.metrics["exact_match"],
+            "wall_s": round(time.perf_counter() - started, 1),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "checkpoint_sha256": checkpoint_digest(checkpoint) if checkpoint else None,
+            "scores": {r["id"]: r["rougeL"] for r in result.rows}}
+    if not cfg.keep_adapters:
+        shutil.rmtree(adapter, ignore_errors=True)
+    return line
+
+
+def adapt(recipe: Recipe, source: str, console: Console) -> Path:
+    """Run every cell not yet in ``adapt_results.jsonl``; returns the output directory."""
+    cfg = recipe.adapt
+    out = Path(cfg.output_dir or Path(recipe.output.dir) / "adapt")
+    checkpoint = None
+    if cfg.checkpoint is not None and cfg.checkpoint.strip().lower() not in ("none", "null"):
+        value = Path(recipe.output.dir) if cfg.checkpoint == "latest" else Path(cfg.checkpoint)
+        checkpoint = find_checkpoint(value, f"{source}: adapt.checkpoint", f"orchmoe train {source}")
+    prepared = prepare_data(recipe, source, console)
+    cells = plan_cells(recipe, prepared, source)
+    loaded = load_model(recipe.model)
+    if checkpoint is not None:  # every mode must fit the checkpoint before any cell runs
+        method = load_adapted(copy.deepcopy(loaded.model), checkpoint).method.name
+        for mode in dict.fromkeys(c.mode for c in cells):
+            if mode not in ("zero_shot", "lora_scratch"):
+                check_mode(mode, method, source)
+    results = out / RESULTS
+    done = {json.loads(line)["key"] for line in results.open()} if results.is_file() else set()
+    todo = [c for c in cells if c.key not in done]
+    console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
+    for number, cell in enumerate(todo, 1):
+        console.print(f"[bold]cell {number}/{len(todo)}[/bold] {cell.key}", highlight=False)
+        line = run_cell(cell, recipe, prepared, loaded, checkpoint, out, source, console)
+        with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
+            handle.write(json.dumps(line) + "\n")
+    atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+    return out

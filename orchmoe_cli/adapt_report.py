@@ -1,0 +1,116 @@
+"""Summaries of an adaptation sweep: mean ± std over seeds per mode and k (overall and per task), as a rich
+table, ``adapt_summary.md`` / ``adapt_summary.json``, and a sample-efficiency plot (ROUGE-L against k)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()] if path.is_file() else []
+
+
+def _overall_per_seed(rows: list[dict]) -> dict[tuple[str, int], list[float]]:
+    """(mode, k) -> one overall ROUGE-L per seed: the mean over every evaluation instance of every task."""
+    pooled: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    for row in rows:
+        pooled[(row["mode"], row["shots"], row["seed"])].extend(100 * v for v in row["scores"].values())
+    out: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for (mode, k, _), values in sorted(pooled.items()):
+        out[(mode, k)].append(sum(values) / len(values))
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    overall = {f"{mode}@{k}": dict(zip(("mean", "std"), _mean_std(v)), seeds=len(v), mode=mode, shots=k)
+               for (mode, k), v in _overall_per_seed(rows).items()}
+    by_task: dict[str, dict[str, Any]] = defaultdict(dict)
+    grouped: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for row in rows:
+        grouped[(row["task"], row["mode"], row["shots"])].append(row["rougeL"])
+    for (task, mode, k), values in sorted(grouped.items()):
+        mean, std = _mean_std(values)
+        by_task[task][f"{mode}@{k}"] = {"mean": mean, "std": std, "seeds": len(values)}
+    trainable = {row["mode"]: row["trainable"] for row in rows}
+    return {"overall": overall, "by_task": dict(by_task), "trainable": trainable, "cells": len(rows)}
+
+
+def _label(mode: str, k: int) -> str:
+    return mode if k == 0 else f"{mode} k={k}"
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="adaptation: ROUGE-L on the held-out tasks (mean ± std over seeds)", title_justify="left")
+    columns = sorted(summary["overall"].values(), key=lambda c: (c["shots"], c["mode"]))
+    table.add_column("task")
+    for c in columns:
+        table.add_column(_label(c["mode"], c["shots"]), justify="right")
+    for task, cells in summary["by_task"].items():
+        table.add_row(task, *(f"{cells[k]['mean']:.2f} ± {cells[k]['std']:.2f}" if (k := f"{c['mode']}@{c['shots']}")
+                              in cells else "-" for c in columns))
+    table.add_row("[bold]all[/bold]", *(f"[bold]{c['mean']:.2f} ± {c['std']:.2f}[/bold]" for c in columns))
+    return table
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    columns = sorted(summary["overall"].values(), key=lambda c: (c["shots"], c["mode"]))
+    head = "| task | " + " | ".join(_label(c["mode"], c["shots"]) for c in columns) + " |"
+    lines = ["# Adaptation results", "", "ROUGE-L (SNI official scorer) on each held-out task's evaluation instances, "
+             "mean ± std over seeds. Trainable parameters per mode: "
+             + ", ".join(f"{m} {n:,}" for m, n in summary["trainable"].items()) + ".", "", head,
+             "|---|" + "---:|" * len(columns)]
+    for task, cells in summary["by_task"].items():
+        lines.append(f"| {task} | " + " | ".join(
+            f"{cells[k]['mean']:.2f} ± {cells[k]['std']:.2f}" if (k := f"{c['mode']}@{c['shots']}") in cells else "-"
+            for c in columns) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{c['mean']:.2f} ± {c['std']:.2f}**" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """ROUGE-L against k (log axis), a line per mode with seed error bars; zero-shot as a dashed level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_mode: dict[str, list[dict]] = defaultdict(list)
+    for c in summary["overall"].values():
+        by_mode[c["mode"]].append(c)
+    for mode, cells in sorted(by_mode.items()):
+        cells.sort(key=lambda c: c["shots"])
+        if cells[0]["shots"] == 0:
+            ax.axhline(cells[0]["mean"], linestyle="--", color="grey", label=f"{mode} ({cells[0]['mean']:.1f})")
+            continue
+        ax.errorbar([c["shots"] for c in cells], [c["mean"] for c in cells], yerr=[c["std"] for c in cells],
+                    marker="o", capsize=3, label=mode)
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples per task (k)")
+    ax.set_ylabel("ROUGE-L, held-out tasks")
+    ax.set_title("sample efficiency")
+    ax.legend(fontsize=7)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def write_summary(out: Path, rows: list[dict]) -> dict[str, Any]:
+    summary = summarise(rows)
+    atomic_write_json(out / "adapt_summary.json", summary)
+    atomic_write_text(out / "adapt_summary.md", _markdown(summary))
+    if any(c["shots"] > 0 for c in summary["overall"].values()):
+        plot(summary, out / "sample_efficiency.png")
+    return summary

@@ -1,0 +1,181 @@
+"""`orchmoe adapt` on tiny models: each mode trains exactly what it claims, pools stay apart from evaluation,
+a sweep resumes without recomputing, and bad input is one line with exit 2."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from cli_runner import run_cli
+from orchmoe_cli import adapt as adapt_module
+from orchmoe_cli.adapters import load_adapted
+from orchmoe_cli.adapters.adaptation import prepare_for_adaptation
+from orchmoe_cli.adapters.budget import group_of
+from orchmoe_cli.adapters.registry import SPECS
+from orchmoe_cli.data.collate import pad_token_id
+from orchmoe_cli.data.prepare import POOL
+from orchmoe_cli.data.rows import TaskRows
+from orchmoe_cli.fit import fit, make_accelerator
+from orchmoe_cli.models import load_model
+from orchmoe_cli.recipe import TrainConfig, load_recipe
+from orchmoe_cli.workflow import prepare_data
+
+QUIET = Console(file=io.StringIO())
+NEW_TASK = "task101_delta_rewrite"
+
+
+def _recipe(path: Path, sni: Path, run: Path, method: str) -> Path:
+    path.write_text(f"""\
+data: {{source: {sni}, cache_dir: {run.parent / 'cache'}, num_pos_examples: 0, max_source_length: 96,
+       max_target_length: 16, max_test_instances: 3}}
+model: {{name: tiny-llama, tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64}}}}
+method: {{name: {method}, rank: 4, alpha: 4, n_skills: 2{', n_heads: 2' if method == 'mhr' else ''}}}
+train: {{steps: 3, batch_size: 4, lr: 0.03, router_lr: 0.1}}
+eval: {{max_instances: 2, batch_size: 2, max_new_tokens: 4}}
+adapt: {{steps: 3, batch_size: 2, lr: 0.05, router_lr: 0.5, val_instances: 1, eval_every: 2}}
+output: {{dir: {run}}}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """method -> (recipe, checkpoint) of a 3-step tiny run; held-out tasks keep 3 instances for evaluation
+    and the other 3 as their adaptation pool."""
+    from conftest import _SNI_TEST_TASKS, _SNI_TRAIN_TASKS, _sni_task
+
+    root = tmp_path_factory.mktemp("adapt")
+    sni = root / "sni"
+    (sni / "tasks").mkdir(parents=True)
+    for name in _SNI_TRAIN_TASKS + _SNI_TEST_TASKS:
+        (sni / "tasks" / f"{name}.json").write_text(json.dumps(_sni_task(name)), encoding="utf-8")
+    (sni / "train_tasks.txt").write_text("\n".join(_SNI_TRAIN_TASKS) + "\n", encoding="utf-8")
+    (sni / "test_tasks.txt").write_text("\n".join(_SNI_TEST_TASKS) + "\n", encoding="utf-8")
+    out = {}
+    for method in ("lora", "mhr", "orchmoe", "hyperloader"):
+        recipe = _recipe(root / f"{method}.yaml", sni, root / f"run-{method}", method)
+        assert run_cli(["train", str(recipe)]) == 0
+        out[method] = (recipe, root / f"run-{method}" / "checkpoints" / "step-000003")
+    return out
+
+
+# mode -> checkpoint method, the parameter groups that must change, and whether a task row is added
+MODES = {"lora": ("lora", {"adapters"}), "mhr": ("mhr", {"adapters", "routers"}), "mhr_z": ("mhr", {"routers"}),
+         "mhr_mu": ("mhr", {"adapters"}), "orchmoe": ("orchmoe", {"adapters"}),
+         "hyperloader": ("hyperloader", {"hyper.task_embedding"})}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_each_mode_trains_exactly_what_it_claims(mode: str, trained: dict, tmp_path: Path) -> None:
+    method, changing = MODES[mode]
+    recipe_path, checkpoint = trained[method]
+    recipe = load_recipe(recipe_path)
+    prepared = prepare_data(recipe, "<test>", QUIET)
+    loaded = load_model(recipe.model)
+    model = load_adapted(copy.deepcopy(loaded.model), checkpoint)
+    n_train = len(model.task_names)
+    prepare_for_adaptation(model, mode, NEW_TASK)
+    before = {n: p.detach().clone() for n, p in model.named_adapter_parameters()}
+    rows = TaskRows(prepared.dataset[POOL]).of_tasks([NEW_TASK])
+    cfg = TrainConfig(steps=3, batch_size=2, lr=0.05, router_lr=0.5, hypernetwork_lr=0.05, weight_decay=0.0,
+                      schedule="constant", log_every=1)
+    seen_task_ids = []
+    original_forward = model.forward
+
+    def recording_forward(**batch):  # noqa: ANN003, ANN202 - pass-through
+        seen_task_ids.append(batch.get("task_ids"))
+        return original_forward(**batch)
+
+    model.forward = recording_forward  # type: ignore[method-assign]
+    fit(model, rows, cfg, tmp_path / "cell", make_accelerator(cfg, SPECS[method]), pad_id=pad_token_id(loaded.tokenizer),
+        causal=True, recipe_yaml="{}\n", source="<test>", console=QUIET)
+    for name, param in model.named_adapter_parameters():
+        key = name if name == "hyper.task_embedding" else group_of(name)
+        if key in changing:
+            assert not torch.equal(param, before[name]) or param.numel() == 0, f"{name} did not train"
+        else:
+            assert torch.equal(param, before[name]), f"{name} changed but {mode} freezes it"
+        if name.endswith(".router.logits"):  # the training tasks' routing rows: bit-identical
+            assert torch.equal(param[:n_train], before[name][:n_train]), name
+        if name == "hyper.task_embedding":
+            assert torch.equal(param[:n_train], before[name][:n_train])
+    if mode == "orchmoe":
+        assert seen_task_ids and all(ids is None for ids in seen_task_ids)  # no task id, ever
+    elif mode in ("mhr", "mhr_z", "hyperloader"):
+        assert all(ids is not None and (ids == n_train).all() for ids in seen_task_ids)  # the new task's row
+
+
+def test_lora_scratch_matches_the_checkpoint_count(trained: dict) -> None:
+    recipe_path, checkpoint = trained["mhr"]
+    recipe = load_recipe(recipe_path)
+    base = load_model(recipe.model).model
+    mhr = load_adapted(copy.deepcopy(base), checkpoint).count_parameters()["total_trainable"]
+    cell = adapt_module.Cell(NEW_TASK, "lora_scratch", 2, 1)
+    scratch = adapt_module._build(cell, base, checkpoint, recipe, "<test>")
+    count = scratch.count_parameters()["total_trainable"]
+    assert abs(count - mhr) <= 0.05 * mhr and scratch.method.name == "lora"
+
+
+def test_pool_draws_never_touch_evaluation_instances(trained: dict) -> None:
+    recipe = load_recipe(trained["lora"][0])
+    prepared = prepare_data(recipe, "<test>", QUIET)
+    evaluation = set(prepared.dataset["test"]["id"])
+    pool = prepared.dataset[POOL]
+    for seed in (1, 2, 3):
+        shots, val = adapt_module._draw(TaskRows(pool), adapt_module.Cell(NEW_TASK, "lora", 2, seed), 1)
+        ids = [pool[i]["id"] for i in shots.positions() + (val.positions() if val else [])]
+        assert len(set(ids)) == 3 and not set(ids) & evaluation and all(i.startswith(NEW_TASK) for i in ids)
+
+
+def test_sweep_resumes_and_matches_an_uninterrupted_one(trained: dict, tmp_path: Path, monkeypatch) -> None:
+    recipe, checkpoint = trained["mhr"]
+    args = ["adapt", str(recipe), f"adapt.checkpoint={checkpoint}", "--modes", "zero_shot,mhr_z", "--shots", "2",
+            "--seeds", "1,2", "--tasks", NEW_TASK]
+    assert run_cli([*args, f"adapt.output_dir={tmp_path / 'a'}"]) == 0
+    reference = [json.loads(line) for line in (tmp_path / "a" / "adapt_results.jsonl").open()]
+    assert [r["key"].split("/", 1)[1] for r in reference] == ["zero_shot/k0/s0", "mhr_z/k2/s1", "mhr_z/k2/s2"]
+
+    real = adapt_module.run_cell
+    calls = []
+
+    def interrupted_third(cell, *rest):  # noqa: ANN001, ANN002, ANN202
+        calls.append(cell.key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cell, *rest)
+
+    monkeypatch.setattr(adapt_module, "run_cell", interrupted_third)
+    assert run_cli([*args, f"adapt.output_dir={tmp_path / 'b'}"]) == 130
+    monkeypatch.setattr(adapt_module, "run_cell", lambda cell, *rest: (calls.append(cell.key), real(cell, *rest))[1])
+    assert run_cli([*args, f"adapt.output_dir={tmp_path / 'b'}"]) == 0
+    assert calls[3:] == [reference[2]["key"]]  # only the interrupted cell ran again
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "adapt_results.jsonl").open()]
+    for a, b in zip(reference, resumed, strict=True):
+        assert (a["key"], a["scores"], a["trainable"]) == (b["key"], b["scores"], b["trainable"])
+    assert (tmp_path / "b" / "adapt_summary.md").is_file() and (tmp_path / "b" / "sample_efficiency.png").is_file()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--shots", "0"], "adapt.shots"),
+    (["--shots", "9"], "more than the 3 pool instances"),
+    (["--modes", "frobnicate"], "adapt mode 'frobnicate' is unknown"),
+    (["--modes", "mhr_z"], "needs a mhr or mhr_mu checkpoint"),
+    (["--tasks", "task001_alpha_qa"], "not a held-out task"),
+    (["data.max_pool_instances=0", "--modes", "lora"], "no adaptation pool"),
+    (["model.tiny.hidden_size=64"], "base_model.hidden_size"),
+])
+def test_bad_adaptation_input_is_one_line(extra: list[str], words: str, trained: dict, tmp_path: Path,
+                                          capsys) -> None:
+    recipe, checkpoint = trained["lora"]
+    args = ["adapt", str(recipe), f"adapt.checkpoint={checkpoint}", f"adapt.output_dir={tmp_path / 'out'}",
+            "--modes", "lora", "--shots", "2", "--tasks", NEW_TASK]
+    assert run_cli([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out" / "adapt_results.jsonl").exists()

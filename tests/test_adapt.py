@@ -179,3 +179,37 @@ def test_bad_adaptation_input_is_one_line(extra: list[str], words: str, trained:
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out" / "adapt_results.jsonl").exists()
+
+
+def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_results(trained: dict, tmp_path: Path) -> None:
+    """A sweep killed inside a cell's training: the rerun keeps the finished cell, restarts the killed one
+    from scratch, and ends with the same lines as a sweep that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe, checkpoint = trained["mhr"]
+    args = ["adapt", str(recipe), f"adapt.checkpoint={checkpoint}", "--modes", "mhr", "--shots", "2", "--seeds",
+            "1,2", "--tasks", NEW_TASK, "adapt.steps=40", "adapt.eval_every=40"]
+    assert run_cli([*args, f"adapt.output_dir={tmp_path / 'a'}"]) == 0
+    reference = [json.loads(line) for line in (tmp_path / "a" / "adapt_results.jsonl").open()]
+
+    out = tmp_path / "b"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchmoe_cli", *args, f"adapt.output_dir={out}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    second = out / "cells" / f"{NEW_TASK}-mhr-k2-s2" / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (second.is_file() and second.read_text().count("\n") >= 1):  # step 20 of the second cell's 40
+        assert proc.poll() is None, "the sweep ended before the kill point"
+        assert time.monotonic() < deadline, "the kill point never came"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert len((out / "adapt_results.jsonl").read_text().splitlines()) == 1
+
+    assert run_cli([*args, f"adapt.output_dir={out}"]) == 0
+    resumed = [json.loads(line) for line in (out / "adapt_results.jsonl").open()]
+    assert [(r["key"], r["scores"]) for r in resumed] == [(r["key"], r["scores"]) for r in reference]

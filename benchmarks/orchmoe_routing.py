@@ -138,7 +138,8 @@ def write_report(done: dict[str, dict]) -> None:
                    "this scale, transfer better than one LoRA of the same size." if not beyond else
                    f"Beyond noise: {'; '.join(beyond)}.")
         lines += ["", "**Against LoRA at equal budget and scale, on unseen tasks:** " + "; ".join(verdicts) + ". "
-                  + reading, "", "The defaults (`MethodConfig`, `recipes/quickstart.yaml`, `recipes/sni/orchmoe.yaml`) "
+                  + reading, "",
+                  "The defaults (`MethodConfig`, `recipes/quickstart.yaml`, `recipes/sni/orchmoe.yaml`) "
                   "are those of `mi-0.1`: the routing objective with weight 0.1 and router lr 0.1, the soft balance "
                   "term off, Z initialised as Poly's U(-1e-3, 1e-3)."]
     lines += ["", f"{first['steps']} steps of batch 8, {first['instances_per_task']} instances per held-out "

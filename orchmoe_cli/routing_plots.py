@@ -76,8 +76,8 @@ def plot_layers(report: RoutingReport, path: Path) -> Path:
     n_layers, _, heads, skills = weights.shape
     cols = min(6, n_layers)
     grid_rows = math.ceil(n_layers / cols)
-    fig, axes = plt.subplots(grid_rows, cols, figsize=(1.6 * cols, 0.4 + 0.04 * len(report.order) * grid_rows + grid_rows),
-                             squeeze=False)
+    height = 0.4 + 0.04 * len(report.order) * grid_rows + grid_rows
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(1.6 * cols, height), squeeze=False)
     low, high = float(weights.min()), float(weights.max())
     for index, ax in enumerate(axes.flat):
         if index >= n_layers:

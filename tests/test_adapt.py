@@ -93,8 +93,8 @@ def test_each_mode_trains_exactly_what_it_claims(mode: str, trained: dict, tmp_p
         return original_forward(**batch)
 
     model.forward = recording_forward  # type: ignore[method-assign]
-    fit(model, rows, cfg, tmp_path / "cell", make_accelerator(cfg, SPECS[method]), pad_id=pad_token_id(loaded.tokenizer),
-        causal=True, recipe_yaml="{}\n", source="<test>", console=QUIET)
+    fit(model, rows, cfg, tmp_path / "cell", make_accelerator(cfg, SPECS[method]),
+        pad_id=pad_token_id(loaded.tokenizer), causal=True, recipe_yaml="{}\n", source="<test>", console=QUIET)
     for name, param in model.named_adapter_parameters():
         key = name if name == "hyper.task_embedding" else group_of(name)
         if key in changing:

@@ -80,7 +80,8 @@ def test_defaults_separate_two_different_tasks(tmp_path: Path) -> None:
 
 
 def test_the_old_defaults_stay_uniform(tmp_path: Path) -> None:
-    """The collapse the first checkpoints showed: router_lr 0.01 and only the soft balance term leave p(t|x) uniform."""
+    """The collapse the first checkpoints showed: router_lr 0.01 and the soft balance term alone leave p(t|x)
+    uniform."""
     entropy, _, _, _ = _train_and_classify(tmp_path, ["train.router_lr=0.01", "method.mutual_information_weight=0",
                                                       "method.load_balance_weight=0.01"])
     assert entropy > 0.9, entropy

@@ -61,7 +61,8 @@ def test_uniform_classifier_is_reported_and_separating_one_is_pure() -> None:
     uniform = rs.classifier_stats(np.full((10, 4), 0.25), ["A"] * 10)
     assert uniform.router_entropy == pytest.approx(1.0) and any("uniform" in w for w in uniform.warnings)
     separating = rs.classifier_stats(np.eye(3)[[0, 0, 1, 1, 2, 2]], ["A", "A", "B", "B", "C", "C"])
-    assert separating.router_entropy == pytest.approx(0.0, abs=1e-9) and separating.marginal_entropy == pytest.approx(1)
+    assert separating.router_entropy == pytest.approx(0.0, abs=1e-9)
+    assert separating.marginal_entropy == pytest.approx(1)
     assert separating.purity == 1.0 and separating.nmi == pytest.approx(1.0) and not separating.warnings
 
 
@@ -151,7 +152,8 @@ def test_json_agrees_with_the_table_and_the_model(trained: dict, tmp_path: Path,
     assert list(probabilities) == report["layers"]
     rows = list(csv.DictReader(io.StringIO((tmp_path / "a" / "routing.csv").read_text())))
     first = rows[0]
-    value = probabilities[first["layer"]][model.task_names.index(first["task"]), int(first["head"]), int(first["skill"])]
+    row = model.task_names.index(first["task"])
+    value = probabilities[first["layer"]][row, int(first["head"]), int(first["skill"])]
     assert float(first["probability"]) == pytest.approx(float(value), rel=1e-5)
     assert len(rows) == len(report["layers"]) * len(model.task_names) * model.method.n_heads * model.method.n_skills
 

@@ -33,9 +33,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _common_tasks(rows: list[dict]) -> set[str]:
+    """Tasks every (mode, k) column has: overall numbers compare columns on the same tasks only."""
+    columns: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for row in rows:
+        columns[(row["mode"], row["shots"])].add(row["task"])
+    return set.intersection(*columns.values()) if columns else set()
+
+
 def summarise(rows: list[dict]) -> dict[str, Any]:
+    common = _common_tasks(rows)
     overall = {f"{mode}@{k}": dict(zip(("mean", "std"), _mean_std(v)), seeds=len(v), mode=mode, shots=k)
-               for (mode, k), v in _overall_per_seed(rows).items()}
+               for (mode, k), v in _overall_per_seed([r for r in rows if r["task"] in common]).items()}
     by_task: dict[str, dict[str, Any]] = defaultdict(dict)
     grouped: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for row in rows:
@@ -44,7 +53,8 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
         mean, std = _mean_std(values)
         by_task[task][f"{mode}@{k}"] = {"mean": mean, "std": std, "seeds": len(values)}
     trainable = {row["mode"]: row["trainable"] for row in rows}
-    return {"overall": overall, "by_task": dict(by_task), "trainable": trainable, "cells": len(rows)}
+    return {"overall": overall, "overall_tasks": sorted(common), "by_task": dict(by_task), "trainable": trainable,
+            "cells": len(rows)}
 
 
 def _label(mode: str, k: int) -> str:
@@ -60,7 +70,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for task, cells in summary["by_task"].items():
         table.add_row(task, *(f"{cells[k]['mean']:.2f} ± {cells[k]['std']:.2f}" if (k := f"{c['mode']}@{c['shots']}")
                               in cells else "-" for c in columns))
-    table.add_row("[bold]all[/bold]", *(f"[bold]{c['mean']:.2f} ± {c['std']:.2f}[/bold]" for c in columns))
+    table.add_row(f"[bold]all ({len(summary['overall_tasks'])} common tasks)[/bold]",
+                  *(f"[bold]{c['mean']:.2f} ± {c['std']:.2f}[/bold]" for c in columns))
     return table
 
 
@@ -75,7 +86,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {task} | " + " | ".join(
             f"{cells[k]['mean']:.2f} ± {cells[k]['std']:.2f}" if (k := f"{c['mode']}@{c['shots']}") in cells else "-"
             for c in columns) + " |")
-    lines.append("| **all** | " + " | ".join(f"**{c['mean']:.2f} ± {c['std']:.2f}**" for c in columns) + " |")
+    lines.append(f"| **all ({len(summary['overall_tasks'])} tasks every column has)** | "
+                 + " | ".join(f"**{c['mean']:.2f} ± {c['std']:.2f}**" for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

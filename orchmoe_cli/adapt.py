@@ -159,6 +159,8 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, che
         outcome = fit(model, train_rows, train_cfg, cell_dir / "train", accelerator,
                       pad_id=pad_token_id(loaded.tokenizer), causal=not loaded.is_encoder_decoder,
                       recipe_yaml=dump_recipe(recipe), source=source, console=console, validate=validate)
+        if outcome.interrupted:  # Ctrl-C / SIGTERM: stop the sweep; this cell restarts on the next run
+            raise KeyboardInterrupt
         steps_run = outcome.step
         if best.get("state") is not None:  # early stopping: the best validation step's tensors
             with torch.no_grad():

@@ -213,3 +213,24 @@ def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_results(trained: di
     assert run_cli([*args, f"adapt.output_dir={out}"]) == 0
     resumed = [json.loads(line) for line in (out / "adapt_results.jsonl").open()]
     assert [(r["key"], r["scores"]) for r in resumed] == [(r["key"], r["scores"]) for r in reference]
+
+
+def test_a_signal_inside_a_cell_stops_the_sweep_without_recording_it(trained: dict, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    import signal
+
+    from orchmoe_cli.sampling import TaskBatchSampler
+
+    recipe, checkpoint = trained["mhr"]
+    original = TaskBatchSampler.batch
+
+    def terminate_at_batch_1(self: TaskBatchSampler, index: int) -> list[int]:
+        if index == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, index)
+
+    monkeypatch.setattr(TaskBatchSampler, "batch", terminate_at_batch_1)
+    out = tmp_path / "out"
+    assert run_cli(["adapt", str(recipe), f"adapt.checkpoint={checkpoint}", "--modes", "mhr", "--shots", "2",
+                    "--tasks", NEW_TASK, f"adapt.output_dir={out}"]) == 130
+    assert not (out / "adapt_results.jsonl").exists() or not (out / "adapt_results.jsonl").read_text().strip()

@@ -88,24 +88,35 @@ def _draw(pool: TaskRows, cell: Cell, val_instances: int) -> tuple[TaskRows, Tas
     return rows.select(order[: cell.shots]), val
 
 
-def _build(cell: Cell, base: Any, checkpoint: Path | None, recipe: Recipe, source: str) -> AdaptedModel | Any:
+@dataclass(frozen=True)
+class Trained:
+    """What the cells need to know of the trained checkpoint, read once per sweep."""
+
+    path: Path
+    method: MethodConfig
+    trainable: int
+    lora_scale: float
+
+
+def describe_checkpoint(base: Any, path: Path) -> Trained:
+    model = load_adapted(copy.deepcopy(base), path)
+    return Trained(path, model.method, model.count_parameters()["total_trainable"], model.lora_scale)
+
+
+def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe, source: str) -> AdaptedModel | Any:
     """The model a cell starts from, on its own copy of the base model."""
     fresh = copy.deepcopy(base)
     if cell.mode == "zero_shot":
-        return fresh if checkpoint is None else load_adapted(fresh, checkpoint)
+        return fresh if trained is None else load_adapted(fresh, trained.path)
     if cell.mode == "lora_scratch":  # the same trainable count as the checkpoint, no multi-task transfer
-        if checkpoint is None:
-            method = MethodConfig(name="lora", rank=8, alpha=8)
-        else:
-            trained = load_adapted(copy.deepcopy(base), checkpoint)
-            count = trained.count_parameters()["total_trainable"]
-            method = MethodConfig(name="lora", rank=8, alpha=8 * trained.lora_scale, budget=str(count),
+        method = MethodConfig(name="lora", rank=8, alpha=8)
+        if trained is not None:
+            method = MethodConfig(name="lora", rank=8, alpha=8 * trained.lora_scale, budget=str(trained.trainable),
                                   target_modules=trained.method.target_modules, dropout=trained.method.dropout)
         return attach_adapters(fresh, method, [])
-    if checkpoint is None:
+    if trained is None:
         raise OrchmoeError(f"{source}: adapt.checkpoint: mode {cell.mode} adapts a trained checkpoint; set one")
-    model = load_adapted(fresh, checkpoint)
-    check_mode(cell.mode, model.method.name, source)
+    model = load_adapted(fresh, trained.path)
     prepare_for_adaptation(model, cell.mode, cell.task, recipe.adapt.with_router)
     return model
 
@@ -132,7 +143,7 @@ def _validator(model: Any, val_rows: list[dict], loaded: LoadedModel, recipe: Re
     return validate, best
 
 
-def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, checkpoint: Path | None, out: Path,
+def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, trained: Trained | None, out: Path,
              source: str, console: Console) -> dict[str, Any]:
     """Train (unless zero_shot) and evaluate one cell; returns its result line."""
     cell_dir = out / "cells" / cell.key.replace("/", "-")
@@ -145,7 +156,7 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, che
                             save_every=0, keep_last=1)
     if cell.mode != "zero_shot":
         torch.manual_seed(cell.seed)  # the new routing row / fresh LoRA are drawn per seed
-    model = _build(cell, loaded.model, checkpoint, recipe, source)
+    model = _build(cell, loaded.model, trained, recipe, source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if cell.mode != "zero_shot" else 0
     best: dict[str, Any] = {"step": 0, "rougeL": None}
     steps_run = 0
@@ -183,8 +194,8 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, che
             "steps_run": steps_run, "best_step": best.get("step", 0), "val_rougeL": best.get("rougeL"),
             "rougeL": result.metrics["rougeL"], "exact_match": result.metrics["exact_match"],
             "wall_s": round(time.perf_counter() - started, 1),
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "checkpoint_sha256": checkpoint_digest(checkpoint) if checkpoint else None,
+            "checkpoint": str(trained.path) if trained else None,
+            "checkpoint_sha256": checkpoint_digest(trained.path) if trained else None,
             "scores": {r["id"]: r["rougeL"] for r in result.rows}}
     if not cfg.keep_adapters:
         shutil.rmtree(adapter, ignore_errors=True)
@@ -202,18 +213,17 @@ def adapt(recipe: Recipe, source: str, console: Console) -> Path:
     prepared = prepare_data(recipe, source, console)
     cells = plan_cells(recipe, prepared, source)
     loaded = load_model(recipe.model)
-    if checkpoint is not None:  # every mode must fit the checkpoint before any cell runs
-        method = load_adapted(copy.deepcopy(loaded.model), checkpoint).method.name
-        for mode in dict.fromkeys(c.mode for c in cells):
-            if mode not in ("zero_shot", "lora_scratch"):
-                check_mode(mode, method, source)
+    trained = describe_checkpoint(loaded.model, checkpoint) if checkpoint is not None else None
+    for mode in dict.fromkeys(c.mode for c in cells):  # every mode must fit the checkpoint before any cell runs
+        if mode not in ("zero_shot", "lora_scratch") and trained is not None:
+            check_mode(mode, trained.method.name, source)
     results = out / RESULTS
     done = {json.loads(line)["key"] for line in results.open()} if results.is_file() else set()
     todo = [c for c in cells if c.key not in done]
     console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
     for number, cell in enumerate(todo, 1):
         console.print(f"[bold]cell {number}/{len(todo)}[/bold] {cell.key}", highlight=False)
-        line = run_cell(cell, recipe, prepared, loaded, checkpoint, out, source, console)
+        line = run_cell(cell, recipe, prepared, loaded, trained, out, source, console)
         with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
             handle.write(json.dumps(line) + "\n")
     atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))

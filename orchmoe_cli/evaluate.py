@@ -166,11 +166,11 @@ def checkpoint_digest(checkpoint: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(recipe: Recipe, data_hash: str) -> str:
+def _fingerprint(recipe: Recipe, data_hash: str, adapter_sha256: str | None) -> str:
     """Identifies an evaluation run, so a partial predictions file is only resumed by the same run."""
     relevant = {"model": recipe_to_dict(recipe)["model"], "eval": recipe_to_dict(recipe)["eval"], "data": data_hash}
-    if recipe.eval.checkpoint:
-        relevant["adapter_sha256"] = checkpoint_digest(recipe.eval.checkpoint)
+    if adapter_sha256:
+        relevant["adapter_sha256"] = adapter_sha256
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -227,7 +227,8 @@ def run_evaluation(
     cfg = recipe.eval
     rows = select_instances(split, cfg, source)
     out_dir = eval_output_dir(recipe)
-    fingerprint = _fingerprint(recipe, data_hash)
+    adapter_sha256 = checkpoint_digest(cfg.checkpoint) if cfg.checkpoint else None
+    fingerprint = _fingerprint(recipe, data_hash, adapter_sha256)
     finished = _load_finished(out_dir, fingerprint)
     if finished is not None:
         console.print(f"reusing the identical evaluation in {out_dir}")
@@ -280,7 +281,7 @@ def run_evaluation(
         "n_instances": len(final_rows),
         "model": recipe.model.name,
         "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None,
-        "checkpoint_sha256": checkpoint_digest(cfg.checkpoint) if cfg.checkpoint else None,
+        "checkpoint_sha256": adapter_sha256,
         "split": cfg.split,
         "data_hash": data_hash,
         "fingerprint": fingerprint,

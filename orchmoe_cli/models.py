@@ -13,6 +13,7 @@ Anything else is a local directory or a hub id, loaded with ``AutoModelForSeq2Se
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -230,6 +231,7 @@ def _local_files_digest(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)  # asked for the tokenizer and again for the weights: wait at most once
 def _hub_unreachable() -> bool:
     """True when a hub id cannot be fetched right now: offline mode, or the hub's host does not answer in 3 s.
     Loading then reads the local cache only and fails at once, instead of after half a minute of retries."""

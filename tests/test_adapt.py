@@ -117,7 +117,7 @@ def test_lora_scratch_matches_the_checkpoint_count(trained: dict) -> None:
     base = load_model(recipe.model).model
     mhr = load_adapted(copy.deepcopy(base), checkpoint).count_parameters()["total_trainable"]
     cell = adapt_module.Cell(NEW_TASK, "lora_scratch", 2, 1)
-    scratch = adapt_module._build(cell, base, checkpoint, recipe, "<test>")
+    scratch = adapt_module._build(cell, base, adapt_module.describe_checkpoint(base, checkpoint), recipe, "<test>")
     count = scratch.count_parameters()["total_trainable"]
     assert abs(count - mhr) <= 0.05 * mhr and scratch.method.name == "lora"
 

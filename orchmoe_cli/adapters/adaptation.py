@@ -65,8 +65,7 @@ def _add_task_row(model: AdaptedModel, name: str) -> int:
     if name in model.task_names:
         raise OrchmoeError(f"task '{name}' is already one of the checkpoint's training tasks")
     with torch.no_grad():
-        for layer in model._layers:
-            router = layer.router
+        for router in model.modules():
             if isinstance(router, TaskRouter):
                 row = torch.empty(1, router.logits.shape[1], device=router.logits.device).uniform_(-1e-3, 1e-3)
                 router.logits = nn.Parameter(torch.cat([router.logits.detach(), row.to(router.logits.dtype)]))

@@ -14,6 +14,7 @@ the gamma/beta generators start at zero (not N(0, 1e-2)) so the model starts exa
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ class HyperLoader(nn.Module):
             state.computed[id(stack)] = stack.project(vectors)
 
 
-class HyperWrapped(WrappedLinear):
+class HyperWrapped(WrappedLinear, ABC):
     """A frozen linear whose extra weights come from a stack hypernetwork, per task of the batch."""
 
     def __init__(self, base_layer: nn.Linear, hyper: HyperLoader, stack: str, site: int, slot: RoutingSlot) -> None:
@@ -116,8 +117,9 @@ class HyperWrapped(WrappedLinear):
             self.slot.state = previous
         return self._generate(s)
 
+    @abstractmethod
     def _generate(self, s: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The generator outputs for projected task embeddings ``s`` (tasks, projected_dim), flattened per task."""
 
 
 def _pick(generated: Tensor, inverse: Tensor | None) -> Tensor:

@@ -19,13 +19,12 @@ import torch
 
 from orchmoe_cli import routing_stats as rs
 from orchmoe_cli.adapters.config import MethodConfig
-from orchmoe_cli.adapters.files import CONFIG_FILE, read_json, read_task_names, read_tensors
+from orchmoe_cli.adapters.loading import read_checkpoint
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.adapters.routers import allocation_probabilities
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe, load_recipe
-from orchmoe_cli.schema import build
 
 PROMPTS_PER_TASK = 20  # OrchMoE's per-input view: the first prompts of every task
 
@@ -101,15 +100,6 @@ class RoutingReport:
             "task_abstract_task": None if self.task_abstract is None else self.task_abstract.round(6).tolist(),
             "warnings": self.warnings,
         }
-
-
-def read_adapter(checkpoint: Path) -> tuple[MethodConfig, list[str], dict[str, torch.Tensor]]:
-    """The checkpoint's resolved method, task names and tensors, checked, without any base model."""
-    config = read_json(checkpoint / CONFIG_FILE)
-    if not isinstance(config, dict) or not isinstance(config.get("method"), dict):
-        raise OrchmoeError(f"{checkpoint / CONFIG_FILE}: not an orchmoe adapter config (no 'method' mapping)")
-    method = build(MethodConfig, config["method"], str(checkpoint / CONFIG_FILE), "method.")
-    return method, read_task_names(checkpoint), read_tensors(checkpoint)
 
 
 def allocation_view(method: MethodConfig, tasks: list[str], tensors: dict[str, torch.Tensor],
@@ -268,9 +258,9 @@ def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, source: str, con
                        prompts_per_task: int = PROMPTS_PER_TASK) -> RoutingReport:
     """Build the routing report of ``checkpoint``; ``recipe`` (``--data``) adds categories and, for OrchMoE,
     the classifier's view of every real task."""
-    method, task_names, tensors = read_adapter(checkpoint)
+    saved = read_checkpoint(checkpoint)
+    method, task_names, tensors, averaged = saved.method, saved.tasks, saved.tensors, saved.averaged
     router = spec_of(method).router
-    averaged = bool(read_json(checkpoint / CONFIG_FILE).get("averaged", False))
     if router == "constant" or averaged:
         raise OrchmoeError(f"{checkpoint}: a {method.name}{' (averaged)' if averaged else ''} checkpoint routes "
                            "every input the same way: there is no routing to inspect")

@@ -7,6 +7,7 @@ every tensor's name and shape against what the method would build (computed on t
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,18 @@ from orchmoe_cli.schema import build
 FORMAT_VERSION = 1
 
 
-def _read_own(base: PreTrainedModel, directory: Path,
-              config: dict[str, Any]) -> tuple[MethodConfig, list[str], dict[str, Tensor], bool]:
+@dataclass(frozen=True)
+class SavedAdapter:
+    """A checkpoint's contents as read from its files, checked but not yet attached to any model."""
+
+    method: MethodConfig
+    tasks: list[str]
+    tensors: dict[str, Tensor]
+    averaged: bool
+    base_model: dict[str, Any]  # the summary of the base model it was trained on (empty for peft)
+
+
+def _read_own(directory: Path, config: dict[str, Any]) -> SavedAdapter:
     source = directory / CONFIG_FILE
     if config.get("format") != FORMAT:
         raise OrchmoeError(f"{source}: not an orchmoe adapter checkpoint (format '{config.get('format')}')")
@@ -52,12 +63,35 @@ def _read_own(base: PreTrainedModel, directory: Path,
     summary = config.get("base_model") or {}
     if not isinstance(summary, dict):
         raise OrchmoeError(f"{source}: base_model must be a mapping describing the base model, got {summary!r}")
+    return SavedAdapter(method, read_task_names(directory), read_tensors(directory),
+                        bool(config.get("averaged", False)), summary)
+
+
+def read_checkpoint(checkpoint_dir: str | Path) -> SavedAdapter:
+    """Read an adapter checkpoint (ours, or a peft LoRA / Poly one) without any base model: enough to inspect
+    its routing; ``load_adapted`` also checks it against the base model and attaches it."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise OrchmoeError(f"{directory}: checkpoint directory not found")
+    config = read_json(directory / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise OrchmoeError(f"{directory / CONFIG_FILE}: expected a JSON object")
+    if "peft_type" in config and "format" not in config:
+        method, tasks, tensors = read_peft_checkpoint(directory, config)
+        saved = SavedAdapter(method, tasks, tensors, False, {})
+    else:
+        saved = _read_own(directory, config)
+    if saved.method.name == "none":
+        raise OrchmoeError(f"{directory / CONFIG_FILE}: method.name is 'none'; there are no adapters to load")
+    return saved
+
+
+def _check_base(base: PreTrainedModel, summary: dict[str, Any], directory: Path) -> None:
     actual = base_summary(base)
     for key in ("model_type", "hidden_size"):
         if summary.get(key) is not None and summary[key] != actual[key]:
-            raise OrchmoeError(f"{source}: base_model.{key} is {summary[key]!r} but the given base model has "
-                               f"{actual[key]!r}; load the adapters onto the model they were trained with")
-    return method, read_task_names(directory), read_tensors(directory), bool(config.get("averaged", False))
+            raise OrchmoeError(f"{directory / CONFIG_FILE}: base_model.{key} is {summary[key]!r} but the given base "
+                               f"model has {actual[key]!r}; load the adapters onto the model they were trained with")
 
 
 def _check_tensors(base: PreTrainedModel, method: MethodConfig, tasks: list[str], tensors: dict[str, Tensor],
@@ -76,23 +110,13 @@ def _check_tensors(base: PreTrainedModel, method: MethodConfig, tasks: list[str]
 def load_adapted(base: PreTrainedModel, checkpoint_dir: str | Path) -> AdaptedModel:
     """Attach the adapters saved in ``checkpoint_dir`` (ours, or a peft LoRA / Poly checkpoint) to ``base``."""
     directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        raise OrchmoeError(f"{directory}: checkpoint directory not found")
-    config = read_json(directory / CONFIG_FILE)
-    if not isinstance(config, dict):
-        raise OrchmoeError(f"{directory / CONFIG_FILE}: expected a JSON object")
-    if "peft_type" in config and "format" not in config:
-        method, tasks, tensors = read_peft_checkpoint(directory, config)
-        averaged = False
-    else:
-        method, tasks, tensors, averaged = _read_own(base, directory, config)
-    if method.name == "none":
-        raise OrchmoeError(f"{directory / CONFIG_FILE}: method.name is 'none'; there are no adapters to load")
-    fixed_rank = dataclasses.replace(method, budget=None)  # the saved rank is already the budget's choice
-    _check_tensors(base, fixed_rank, tasks, tensors, averaged, directory)
-    model = attach_adapters(base, fixed_rank, tasks)
-    model.method = dataclasses.replace(model.method, budget=method.budget)
-    if averaged:
+    saved = read_checkpoint(directory)
+    _check_base(base, saved.base_model, directory)
+    fixed_rank = dataclasses.replace(saved.method, budget=None)  # the saved rank is already the budget's choice
+    _check_tensors(base, fixed_rank, saved.tasks, saved.tensors, saved.averaged, directory)
+    model = attach_adapters(base, fixed_rank, saved.tasks)
+    model.method = dataclasses.replace(model.method, budget=saved.method.budget)
+    if saved.averaged:
         model.to_average()
-    model.load_adapter_state_dict(tensors, str(directory / WEIGHTS_FILE))
+    model.load_adapter_state_dict(saved.tensors, str(directory / WEIGHTS_FILE))
     return model

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
 from orchmoe_cli.adapters.adaptation import check_mode, prepare_for_adaptation
@@ -32,7 +33,7 @@ from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.evaluate import checkpoint_digest, generate_predictions, run_evaluation
 from orchmoe_cli.fit import fit, make_accelerator
-from orchmoe_cli.fsutil import atomic_write_text
+from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, read_json
 from orchmoe_cli.metrics import score_instance
 from orchmoe_cli.models import LoadedModel, load_model
 from orchmoe_cli.recipe import Recipe, TrainConfig, dump_recipe
@@ -96,11 +97,42 @@ class Trained:
     method: MethodConfig
     trainable: int
     lora_scale: float
+    sha256: str
 
 
 def describe_checkpoint(base: Any, path: Path) -> Trained:
     model = load_adapted(copy.deepcopy(base), path)
-    return Trained(path, model.method, model.count_parameters()["total_trainable"], model.lora_scale)
+    return Trained(path, model.method, model.count_parameters()["total_trainable"], model.lora_scale,
+                   checkpoint_digest(path))
+
+
+SWEEP = "sweep.json"
+# What makes two sweeps' cells comparable; the grid (tasks, modes, shots, seeds) may grow between runs.
+_SWEEP_SETTINGS = ("steps", "batch_size", "lr", "router_lr", "val_instances", "eval_every", "with_router")
+_EVAL_SETTINGS = ("max_instances", "max_new_tokens", "num_beams")
+
+
+def sweep_identity(recipe: Recipe, trained: Trained | None, data_hash: str) -> dict[str, Any]:
+    """Everything a finished cell's numbers depend on besides its own (task, mode, k, seed)."""
+    return {"checkpoint_sha256": trained.sha256 if trained else None, "model": recipe.model.name, "data": data_hash,
+            **{f"adapt.{name}": getattr(recipe.adapt, name) for name in _SWEEP_SETTINGS},
+            **{f"eval.{name}": getattr(recipe.eval, name) for name in _EVAL_SETTINGS}}
+
+
+def _check_same_sweep(out: Path, identity: dict[str, Any], source: str) -> None:
+    """Refuse to add cells to a results file made with other settings or another checkpoint."""
+    path = out / SWEEP
+    if not path.is_file():
+        if (out / RESULTS).is_file():
+            raise OrchmoeError(f"{source}: adapt.output_dir: {out} has {RESULTS} but no {SWEEP}; its settings are "
+                               "unknown, so choose another adapt.output_dir")
+        return
+    recorded = read_json(path)
+    for name, value in identity.items():
+        if recorded.get(name) != value:
+            what = "another checkpoint" if name == "checkpoint_sha256" else f"{name}={recorded.get(name)!r}"
+            raise OrchmoeError(f"{source}: adapt.output_dir: {out} holds cells made with {what} (this run: "
+                               f"{value!r}); choose another adapt.output_dir or remove it")
 
 
 def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe, source: str) -> AdaptedModel | Any:
@@ -194,8 +226,8 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, tra
             "steps_run": steps_run, "best_step": best.get("step", 0), "val_rougeL": best.get("rougeL"),
             "rougeL": result.metrics["rougeL"], "exact_match": result.metrics["exact_match"],
             "wall_s": round(time.perf_counter() - started, 1),
-            "checkpoint": str(trained.path) if trained else None,
-            "checkpoint_sha256": checkpoint_digest(trained.path) if trained else None,
+            "method": trained.method.name if trained else "base", "checkpoint": str(trained.path) if trained else None,
+            "checkpoint_sha256": trained.sha256 if trained else None,
             "scores": {r["id"]: r["rougeL"] for r in result.rows}}
     if not cfg.keep_adapters:
         shutil.rmtree(adapter, ignore_errors=True)
@@ -217,14 +249,24 @@ def adapt(recipe: Recipe, source: str, console: Console) -> Path:
     for mode in dict.fromkeys(c.mode for c in cells):  # every mode must fit the checkpoint before any cell runs
         if mode not in ("zero_shot", "lora_scratch") and trained is not None:
             check_mode(mode, trained.method.name, source)
+    identity = sweep_identity(recipe, trained, prepared.manifest["content_hash"])
+    _check_same_sweep(out, identity, source)
     results = out / RESULTS
     done = {json.loads(line)["key"] for line in results.open()} if results.is_file() else set()
     todo = [c for c in cells if c.key not in done]
     console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
-    for number, cell in enumerate(todo, 1):
-        console.print(f"[bold]cell {number}/{len(todo)}[/bold] {cell.key}", highlight=False)
-        line = run_cell(cell, recipe, prepared, loaded, trained, out, source, console)
-        with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
-            handle.write(json.dumps(line) + "\n")
+    if todo:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / SWEEP, identity)
+    progress = Progress(TextColumn("[bold]adapt[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    with progress:
+        bar = progress.add_task("", total=len(todo))
+        for cell in todo:
+            progress.update(bar, description=cell.key)
+            line = run_cell(cell, recipe, prepared, loaded, trained, out, source, console)
+            with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
+                handle.write(json.dumps(line) + "\n")
+            progress.advance(bar)
     atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     return out

@@ -18,6 +18,23 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()] if path.is_file() else []
 
 
+def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """The cells of several sweeps (one per trained checkpoint) as one table: zero-shot cells are named after
+    their checkpoint's method (``zero_shot (mhr)``), the only mode two checkpoints share; a cell key twice is
+    an error, since the two sweeps would then be answering the same question differently."""
+    rows = [row for path in paths for row in read_results(path)]
+    methods = {row.get("method") for row in rows if row["mode"] == "zero_shot"}
+    seen: set[tuple[str, str]] = set()
+    for row in rows:
+        if row["mode"] == "zero_shot" and len(methods) > 1:
+            row["mode"] = f"zero_shot ({row.get('method', 'base')})"
+        key = (row["mode"], row["key"])
+        if key in seen:
+            raise ValueError(f"cell {row['key']} ({row['mode']}) is in more than one of {[str(p) for p in paths]}")
+        seen.add(key)
+    return rows
+
+
 def _overall_per_seed(rows: list[dict]) -> dict[tuple[str, int], list[float]]:
     """(mode, k) -> one overall ROUGE-L per seed: the mean over every evaluation instance of every task."""
     pooled: dict[tuple[str, int, int], list[float]] = defaultdict(list)
@@ -102,10 +119,12 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     by_mode: dict[str, list[dict]] = defaultdict(list)
     for c in summary["overall"].values():
         by_mode[c["mode"]].append(c)
+    levels = iter(("grey", "black", "tab:brown", "tab:olive"))
     for mode, cells in sorted(by_mode.items()):
         cells.sort(key=lambda c: c["shots"])
         if cells[0]["shots"] == 0:
-            ax.axhline(cells[0]["mean"], linestyle="--", color="grey", label=f"{mode} ({cells[0]['mean']:.1f})")
+            ax.axhline(cells[0]["mean"], linestyle="--", color=next(levels, "grey"),
+                       label=f"{mode} ({cells[0]['mean']:.1f})")
             continue
         ax.errorbar([c["shots"] for c in cells], [c["mean"] for c in cells], yerr=[c["std"] for c in cells],
                     marker="o", capsize=3, label=mode)

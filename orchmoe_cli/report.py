@@ -129,7 +129,8 @@ def routing_table(report: Any) -> Table:
     table.add_column("nearest training tasks (cosine)")
     for i in report.order:
         name = view.rows[i]
-        cells = [name + ("" if i in report.training_rows or view.row_kind != "task" else " (held out)")]
+        held_out = "" if i in report.training_rows or view.row_kind != "task" else " (held out)"
+        cells = [name + (" (adapted)" if name in report.adapted else held_out)]
         if report.categories:
             cells.append(report.categories.get(name, ""))
         if view.probs is not None:

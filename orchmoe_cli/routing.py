@@ -55,6 +55,7 @@ class RoutingReport:
     order: list[int]
     linkage: np.ndarray | None
     training_rows: list[int]  # rows that are training tasks (nearest-neighbour candidates)
+    adapted: set[str] = field(default_factory=set)  # rows added by `orchmoe adapt --keep-adapters`
     categories: dict[str, str] = field(default_factory=dict)  # task -> SNI category, when known
     classifier: rs.ClassifierStats | None = None
     coherence: rs.CategoryCoherence | None = None  # do tasks of one category route alike?
@@ -83,7 +84,7 @@ class RoutingReport:
         rows = []
         for i, name in enumerate(view.rows):
             rows.append({"name": name, "category": self.categories.get(name),
-                         "training": i in self.training_rows,
+                         "training": i in self.training_rows, "adapted": name in self.adapted,
                          "top_skills": [{"skill": s, "weight": w} for s, w in self.top_skills(i)],
                          "nearest_training_tasks": [{"task": t, "similarity": s} for t, s in self.nearest(i)]})
         return {
@@ -146,7 +147,8 @@ def _subset(view: RoutingView, rows: list[int]) -> RoutingView:
 
 
 def build_report(method: MethodConfig, checkpoint: Path, view: RoutingView, training: set[str],
-                 categories: dict[str, str], tasks: list[str] | None, source: str) -> RoutingReport:
+                 categories: dict[str, str], tasks: list[str] | None, source: str,
+                 adapted: set[str] | None = None) -> RoutingReport:
     """Statistics, similarity and clustering of ``view`` (restricted to ``tasks`` when given)."""
     view = _subset(view, _select_rows(view, tasks, source))
     similarity = rs.cosine_similarity(rs.centred(view.vectors))
@@ -161,7 +163,7 @@ def build_report(method: MethodConfig, checkpoint: Path, view: RoutingView, trai
     coherence = (rs.category_coherence(similarity[np.ix_(known, known)], [categories[view.rows[i]] for i in known])
                  if len(known) > 2 else None)
     return RoutingReport(method.name, str(checkpoint), view, overall, per_layer, similarity, order, tree,
-                         training_rows, categories, coherence=coherence, warnings=warnings)
+                         training_rows, adapted or set(), categories, coherence=coherence, warnings=warnings)
 
 
 def classifier_view(model: Any, abstract: RoutingView, prompts: dict[str, list[list[int]]],
@@ -271,20 +273,21 @@ def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, source: str, con
 
         prepared = prepare_data(recipe, source, console)
         categories = {t["name"]: t["category"] for t in prepared.manifest["tasks"]}
-    training = set(task_names)
+    adapted = set(saved.adapted_tasks)
+    training = set(task_names) - adapted  # rows `orchmoe adapt` added are no nearest-neighbour candidates
     if router == "hyper":
         model, _ = _load_adapted(checkpoint, _model_recipe(checkpoint, recipe, "hyperloader's generated adapters"))
         ids = torch.arange(len(task_names))
         vectors = model.generated_adapters(ids).numpy().astype(np.float64)
         view = RoutingView(list(task_names), "task", [], None, vectors)
-        return build_report(method, checkpoint, view, training, categories, tasks, source)
+        return build_report(method, checkpoint, view, training, categories, tasks, source, adapted)
     view = allocation_view(method, task_names, tensors, layers, str(checkpoint))
     if router != "orchmoe" or prepared is None:
-        return build_report(method, checkpoint, view, training, categories, tasks, source)
+        return build_report(method, checkpoint, view, training, categories, tasks, source, adapted)
     model, pad_id = _load_adapted(checkpoint, recipe)  # type: ignore[arg-type]
     prompts, categories = _first_prompts(prepared, prompts_per_task)
     task_view, task_abstract, per_prompt, owners = classifier_view(model, view, prompts, pad_id)
-    report = build_report(method, checkpoint, task_view, training, categories, tasks, source)
+    report = build_report(method, checkpoint, task_view, training, categories, tasks, source, adapted)
     report.abstract = view
     report.task_abstract = task_abstract[[task_view.rows.index(r) for r in report.view.rows]]
     report.classifier = rs.classifier_stats(per_prompt, [categories[o] for o in owners])

@@ -234,3 +234,73 @@ def test_a_signal_inside_a_cell_stops_the_sweep_without_recording_it(trained: di
     assert run_cli(["adapt", str(recipe), f"adapt.checkpoint={checkpoint}", "--modes", "mhr", "--shots", "2",
                     "--tasks", NEW_TASK, f"adapt.output_dir={out}"]) == 130
     assert not (out / "adapt_results.jsonl").exists() or not (out / "adapt_results.jsonl").read_text().strip()
+
+
+def test_a_sweep_with_other_settings_or_another_checkpoint_is_refused(trained: dict, tmp_path: Path,
+                                                                       capsys) -> None:
+    """Cells of one results file answer one question: a changed setting or checkpoint is one line, exit 2,
+    and the file is untouched; a larger grid with the same settings is welcome."""
+    recipe, checkpoint = trained["mhr"]
+    out = tmp_path / "out"
+    args = ["adapt", str(recipe), "--modes", "zero_shot", "--tasks", NEW_TASK, f"adapt.output_dir={out}"]
+    assert run_cli([*args, f"adapt.checkpoint={checkpoint}"]) == 0
+    before = (out / "adapt_results.jsonl").read_bytes()
+    capsys.readouterr()
+    for extra, words in ([f"adapt.checkpoint={checkpoint}", "adapt.lr=0.01"], "adapt.lr=0.05"), (
+            [f"adapt.checkpoint={trained['lora'][1]}"], "another checkpoint"):
+        assert run_cli([*args, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "adapt.output_dir" in err and len(err.splitlines()) == 1, err
+        assert (out / "adapt_results.jsonl").read_bytes() == before
+    assert run_cli([*args, f"adapt.checkpoint={checkpoint}", "--modes", "zero_shot,mhr_z", "--shots", "2"]) == 0
+    assert len((out / "adapt_results.jsonl").read_text().splitlines()) == 2
+
+
+def test_merged_sweeps_name_each_zero_shot_after_its_checkpoint(tmp_path: Path) -> None:
+    from orchmoe_cli.adapt_report import merge_results, summarise
+
+    def line(mode: str, method: str, seed: int, score: float) -> dict:
+        shots = 0 if mode == "zero_shot" else 4
+        return {"task": NEW_TASK, "mode": mode, "shots": shots, "seed": seed, "method": method, "trainable": 1,
+                "key": f"{NEW_TASK}/{mode}/k{shots}/s{seed}", "rougeL": score, "scores": {"a": score / 100}}
+
+    for name, rows in {"orchmoe": [line("zero_shot", "orchmoe", 0, 10.0), line("orchmoe", "orchmoe", 1, 20.0)],
+                       "mhr": [line("zero_shot", "mhr", 0, 30.0), line("mhr_z", "mhr", 1, 40.0)]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapt_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    merged = summarise(merge_results([tmp_path / "orchmoe" / "adapt_results.jsonl",
+                                      tmp_path / "mhr" / "adapt_results.jsonl"]))
+    assert {k: v["mean"] for k, v in merged["overall"].items()} == pytest.approx(
+        {"zero_shot (orchmoe)@0": 10.0, "orchmoe@4": 20.0, "zero_shot (mhr)@0": 30.0, "mhr_z@4": 40.0})
+    with pytest.raises(ValueError, match="more than one"):
+        merge_results([tmp_path / "mhr" / "adapt_results.jsonl"] * 2)
+
+
+def test_kept_adapters_are_scored_again_by_eval_and_inspected_as_adapted(trained: dict, tmp_path: Path,
+                                                                        capsys) -> None:
+    """--keep-adapters leaves each cell's adapter: `orchmoe eval` scores it again (the same numbers, in its own
+    eval directory), and `inspect-routing` marks the new task and lists its nearest training tasks."""
+    recipe, checkpoint = trained["mhr"]
+    out = tmp_path / "out"
+    assert run_cli(["adapt", str(recipe), f"adapt.checkpoint={checkpoint}", "--modes", "mhr", "--shots", "2",
+                    "--tasks", NEW_TASK, f"adapt.output_dir={out}", "--keep-adapters"]) == 0
+    line = json.loads((out / "adapt_results.jsonl").read_text())
+    adapter = out / "cells" / f"{NEW_TASK}-mhr-k2-s13" / "adapter"
+    assert json.loads((adapter / "tasks.json").read_text())[-1] == NEW_TASK
+    assert run_cli(["eval", str(recipe), f"eval.checkpoint={adapter}", f"eval.tasks=[{NEW_TASK}]",
+                    f"eval.output_dir={tmp_path / 'again'}"]) == 0
+    [again] = (tmp_path / "again").glob("eval-adapter-*")
+    [first] = adapter.parent.glob("eval-adapter-*")
+
+    def predictions(run: Path) -> list[tuple[str, str]]:
+        return [(r["id"], r["prediction"]) for r in map(json.loads, (run / "predictions.jsonl").open())]
+
+    assert predictions(again) == predictions(first)
+    assert json.loads((again / "results.json").read_text())["results"]["rougeL"] == pytest.approx(line["rougeL"])
+    capsys.readouterr()
+    assert run_cli(["inspect-routing", str(adapter), "--format", "json", "--out", str(tmp_path / "routing")]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows[NEW_TASK]["adapted"] and not rows[NEW_TASK]["training"]
+    assert not any(r["adapted"] for name, r in rows.items() if name != NEW_TASK)
+    assert NEW_TASK not in {t["task"] for r in rows.values() for t in r["nearest_training_tasks"]}
+    assert len(rows[NEW_TASK]["nearest_training_tasks"]) > 0

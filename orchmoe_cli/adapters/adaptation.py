@@ -74,6 +74,7 @@ def _add_task_row(model: AdaptedModel, name: str) -> int:
             row = torch.randn(1, table.shape[1], device=table.device, dtype=table.dtype)
             model.hyper.task_embedding = nn.Parameter(torch.cat([table.detach(), row]))
     model.task_names.append(name)
+    model.adapted_tasks.append(name)
     return len(model.task_names) - 1
 
 

@@ -7,7 +7,7 @@ every tensor's name and shape against what the method would build (computed on t
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class SavedAdapter:
     tensors: dict[str, Tensor]
     averaged: bool
     base_model: dict[str, Any]  # the summary of the base model it was trained on (empty for peft)
+    adapted_tasks: list[str] = field(default_factory=list)  # tasks added by `orchmoe adapt`, not trained on
 
 
 def _read_own(directory: Path, config: dict[str, Any]) -> SavedAdapter:
@@ -63,8 +64,12 @@ def _read_own(directory: Path, config: dict[str, Any]) -> SavedAdapter:
     summary = config.get("base_model") or {}
     if not isinstance(summary, dict):
         raise OrchmoeError(f"{source}: base_model must be a mapping describing the base model, got {summary!r}")
-    return SavedAdapter(method, read_task_names(directory), read_tensors(directory),
-                        bool(config.get("averaged", False)), summary)
+    tasks = read_task_names(directory)
+    adapted = config.get("adapted_tasks") or []
+    if not isinstance(adapted, list) or not set(adapted) <= set(tasks):
+        raise OrchmoeError(f"{source}: adapted_tasks must list some of the checkpoint's tasks, got {adapted!r}")
+    return SavedAdapter(method, tasks, read_tensors(directory), bool(config.get("averaged", False)), summary,
+                        adapted)
 
 
 def read_checkpoint(checkpoint_dir: str | Path) -> SavedAdapter:
@@ -119,4 +124,5 @@ def load_adapted(base: PreTrainedModel, checkpoint_dir: str | Path) -> AdaptedMo
     if saved.averaged:
         model.to_average()
     model.load_adapter_state_dict(saved.tensors, str(directory / WEIGHTS_FILE))
+    model.adapted_tasks = list(saved.adapted_tasks)
     return model

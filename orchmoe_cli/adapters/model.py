@@ -57,6 +57,7 @@ class AdaptedModel(nn.Module):
         self.spec = spec_of(method)
         self.slot = slot
         self.averaged = False  # task routers replaced by the average of skills (to_average)
+        self.adapted_tasks: list[str] = []  # rows added by `orchmoe adapt` (not multi-task training tasks)
         self._aux: dict[str, Tensor] = {}
         self._last_task_probs: Tensor | None = None  # OrchMoE: p(t|x) of the last routed batch, for diagnostics
         self._layers = [m for m in base.modules() if isinstance(m, SkillLoRALinear)]
@@ -348,7 +349,7 @@ class AdaptedModel(nn.Module):
         directory = Path(directory)
         config = {
             "format": FORMAT, "format_version": 1, "orchmoe_version": __version__,
-            "method": dataclasses.asdict(self.method), "averaged": self.averaged,
+            "method": dataclasses.asdict(self.method), "averaged": self.averaged, "adapted_tasks": self.adapted_tasks,
             "base_model": base_summary(self.base), "parameters": self.count_parameters(),
         }
         write_tensors(directory / WEIGHTS_FILE, self.adapter_state_dict(), {"format": "pt", "orchmoe": FORMAT})

@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
+# the demo's short adaptation: the first bundled held-out task (orchmoe_cli/data/sample/test_tasks.txt)
+DEMO_ADAPT_TASK := task1342_amazon_us_reviews_title
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -27,6 +29,8 @@ demo: $(DEMO_STAMP)
 	$(BIN)/orchmoe train recipes/quickstart.yaml
 	$(BIN)/orchmoe eval recipes/quickstart.yaml --with-base
 	$(BIN)/orchmoe inspect-routing runs/quickstart --data recipes/quickstart.yaml
+	$(BIN)/orchmoe adapt recipes/quickstart.yaml --shots 16 --seeds 13 --tasks $(DEMO_ADAPT_TASK) \
+	  adapt.steps=20 adapt.val_instances=0 adapt.output_dir=runs/quickstart/adapt-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -256,3 +256,25 @@ def test_bfloat16_base_model(method: str) -> None:
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert all(p.grad is not None and p.grad.dtype == p.dtype for ps in model.parameter_groups().values() for p in ps)
+
+
+@pytest.mark.parametrize("method", [m for m in ROUTED if SPECS[m].router != "hyper"])
+def test_inference_reuses_the_mixed_skills_and_matches_the_autograd_path(method: str) -> None:
+    """Without autograd a layer mixes its skills once per routing context (generation's decoding steps reuse
+    them): the output equals the autograd path exactly, and a new context with new weights mixes afresh."""
+    model = _adapted("llama", method)
+    batch = {k: v for k, v in make_batch(model.base).items() if k != "labels"}
+    routing = _task_ids(method, [0, 1, 2])
+    with torch.enable_grad():
+        expected = model(**batch, **routing).logits.detach()
+    with torch.no_grad(), model.routing(input_ids=batch["input_ids"], prompt_mask=batch["attention_mask"],
+                                        **routing) as state:
+        first = model.base(**batch).logits
+        assert len(state.mixed) == len(model._layers)  # every adapted layer cached its pair
+        again = model.base(**batch).logits
+    assert torch.equal(first, again)
+    assert_close_scaled(first, expected)
+    perturb(model, scale=0.3, seed=1)
+    with torch.enable_grad():
+        changed = model(**batch, **routing).logits.detach()
+    assert_close_scaled(_logits(model, batch, **routing), changed)

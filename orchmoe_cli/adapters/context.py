@@ -27,6 +27,9 @@ class RoutingState:
     # tensors computed once per batch for a module, by id(module): each router's skill weights
     # (1 or batch, h, S), each HyperLoader stack's projected task embeddings (tasks, sites, dim)
     computed: dict[int, Tensor] = field(default_factory=dict)
+    # without autograd (evaluation, generation) each layer's mixed LoRA pair, by id(layer): the routing is
+    # fixed for the whole batch, so decoding steps after the first reuse it instead of mixing again
+    mixed: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @cached_property
     def shared(self) -> bool:

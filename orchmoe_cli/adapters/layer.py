@@ -90,8 +90,13 @@ class SkillLoRALinear(WrappedLinear):
         out = self.base_layer(x)
         if self.merged:
             return out
-        weights = self.router(self.slot.state)
-        a, b = self.mix(weights)
+        state = self.slot.state
+        if state is not None and not torch.is_grad_enabled():
+            if id(self) not in state.mixed:
+                state.mixed[id(self)] = self.mix(self.router(state))
+            a, b = state.mixed[id(self)]
+        else:
+            a, b = self.mix(self.router(state))
         return add_low_rank(out, x if self.dropout is None else self.dropout(x), a, b, self.scale)
 
     def mix(self, weights: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,8 +10,10 @@ Two `orchmoe adapt` sweeps, one per trained checkpoint, task by task, into one r
 
 `lora_scratch` is run once: it starts from the bare base model, and the two checkpoints' trainable counts
 are within 0.5% of each other. Resumable at the level of each cell (that is `orchmoe adapt`'s own rule):
-rerun the same command and finished cells are skipped. After every task the combined table, JSON and
-sample-efficiency plot over all cells so far are rewritten in <out>/ (default docs/results/adapt-quickstart).
+rerun the same command and finished cells are skipped. The two sweeps may run side by side, e.g. one
+thread each on 2 cores (`OMP_NUM_THREADS=1 ... --sweeps orchmoe` and `... --sweeps mhr`). After every task
+the combined table, JSON and sample-efficiency plot over all cells so far are rewritten in <out>/ (default
+docs/results/adapt-quickstart).
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "adapt-quickstart")
     parser.add_argument("--tasks", default=",".join(TASKS), help="held-out tasks, in the order they are run")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS), help="which checkpoints' sweeps to run (two "
+                        "processes with one thread each may run one sweep apiece)")
     args = parser.parse_args()
     out = args.out.resolve()
     if not (REPO / "runs" / "quickstart" / "checkpoints").is_dir():
         sys.exit("runs/quickstart has no checkpoint: run `make demo` first")
-    if not (REPO / "runs" / "quickstart-mhr" / "checkpoints").is_dir():
+    if "mhr" in args.sweeps and not (REPO / "runs" / "quickstart-mhr" / "checkpoints").is_dir():
         orchmoe("train", str(SWEEPS["mhr"]))
     for task in args.tasks.split(","):
-        for name, recipe in SWEEPS.items():
-            orchmoe("adapt", str(recipe), "--tasks", task, f"adapt.output_dir={out / name}")
+        for name in args.sweeps.split(","):
+            orchmoe("adapt", str(SWEEPS[name]), "--tasks", task, f"adapt.output_dir={out / name}")
         summary = write_summary(out, merge_results([out / name / RESULTS for name in SWEEPS]))
         print(f"{summary['cells']} cells so far -> {out}/adapt_summary.md", flush=True)
 

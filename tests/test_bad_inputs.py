@@ -338,6 +338,9 @@ class Case:
     slow: bool = False
 
 
+ADAPT = ("adapt.checkpoint={ck}", "data.max_test_instances=2", "--modes", "lora", "--shots", "1", "--tasks", BROKEN)
+
+
 def P(command: str, *overrides: str) -> tuple[str, ...]:  # noqa: N802 - short row builder
     return (command, "{recipe}", *overrides)
 
@@ -557,6 +560,22 @@ CASES: list[Case] = [
          setup=checkpoint(truncate(WEIGHTS), manifest=False)),
     Case("routing-unknown-format", ("inspect-routing", "{ck}", "--format", "xml"), ("--format", "xml"),
          setup=checkpoint()),
+    # ---- adapt RECIPE: the held-out tasks keep 2 instances for evaluation and 2 as their adaptation pool
+    Case("adapt-zero-shots", P("adapt", *ADAPT, "--shots", "0"), ("{recipe}", "adapt.shots", "at least 1"),
+         setup=checkpoint()),
+    Case("adapt-k-above-the-pool", P("adapt", *ADAPT, "--shots", "3"),
+         ("{recipe}", "adapt.shots", "more than the 2 pool instances"), setup=checkpoint()),
+    Case("adapt-unknown-mode", P("adapt", *ADAPT, "--modes", "frobnicate"),
+         ("{recipe}", "adapt mode 'frobnicate' is unknown"), setup=checkpoint()),
+    Case("adapt-mode-does-not-fit-the-checkpoint", P("adapt", *ADAPT, "--modes", "mhr_z"),
+         ("{recipe}", "'mhr_z' needs a mhr or mhr_mu checkpoint", "lora"), setup=checkpoint()),
+    Case("adapt-task-without-a-pool", P("adapt", "adapt.checkpoint={ck}", "--modes", "lora", "--tasks", BROKEN),
+         ("{recipe}", BROKEN, "no adaptation pool"), setup=checkpoint()),
+    Case("adapt-checkpoint-of-another-base-model", P("adapt", *ADAPT, "model.tiny.hidden_size=64"),
+         ("base_model.hidden_size",), setup=checkpoint()),
+    Case("adapt-results-of-unknown-settings", P("adapt", *ADAPT), ("{recipe}", "adapt.output_dir", "no sweep.json"),
+         setup=lambda env: (env.checkpoint(), (env.out / "adapt").mkdir(parents=True),
+                            (env.out / "adapt" / "adapt_results.jsonl").write_text("{}\n"))),
 ]
 
 

@@ -52,6 +52,9 @@ def test_hyperloader_placement_and_position_ids() -> None:
     assert isinstance(model.base.encoder.block[0].layer[0].SelfAttention.q, HyperLoRALinear)
     with pytest.raises(OrchmoeError, match="already carries a hyperloader adapter"):
         attach_adapters(BUILDERS["llama"](), MethodConfig(name="hyperloader", target_modules=["o_proj"]), TASKS)
+    # explicit LoRA targets in some layers bring the bottleneck adapters to those layers only
+    top = _sites("llama", "hyperloader", target_modules=["layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"])
+    assert all(".layers.1." in name for name in top) and len(top) == 4, top
 
 
 def test_wrappers_keep_the_base_weight_reachable_and_frozen() -> None:

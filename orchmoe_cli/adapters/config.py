@@ -49,7 +49,8 @@ class MethodConfig:
                              "layers' in/out sizes", min=1)
     target_modules: list[str] | None = _f(None, "module names to adapt (last name parts or globs, e.g. q, wi*, "
                                           "self_attn.q_proj); default: the architecture's attention and "
-                                          "feed-forward linears (hyperloader: its LoRA targets, q and v)")
+                                          "feed-forward linears (hyperloader: its LoRA targets, q and v; explicit "
+                                          "targets also confine its bottleneck adapters to their layers)")
     dropout: float = _f(0.0, "dropout on the adapter input (LoRA dropout)", min=0.0)
     router_temperature: float = _f(1.0, "Gumbel-sigmoid temperature of the relaxed Bernoulli routing in training",
                                    min=0.0, min_exclusive=True)

@@ -120,6 +120,9 @@ def plan(base: PreTrainedModel, method: MethodConfig) -> list[Site]:
     family = _family(base, "hyperloader placement")
     lora = select(linears, method.target_modules or family.hyper_lora, explicit)
     attn, ff = (select(linears, [p], False) for p in family.hyper_adapters)
+    if explicit:  # explicit LoRA targets also choose the blocks that get bottleneck adapters (e.g. top layers)
+        blocks = {_position_key(name)[:2] for name in lora}
+        attn, ff = ([n for n in names if _position_key(n)[:2] in blocks] for names in (attn, ff))
     clash = sorted(set(lora) & set(attn + ff))
     if clash:
         raise OrchmoeError(f"method.target_modules: {clash[0]} already carries a hyperloader adapter; "

@@ -1,0 +1,136 @@
+"""`docs/results/study.md` from the study's result files: one table per setting with 95% paired-bootstrap
+intervals, parameter counts and LoRA scales, the sample-efficiency plot, routing figures, wall-clock per
+stage, the machine, the versions and the commands. Only what is on disk is reported; missing pieces are
+listed as missing."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from orchmoe_cli.adapt_report import merge_results, plot, summarise
+from orchmoe_cli.compare import paired_bootstrap
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _scores(predictions: Path) -> dict[str, float]:
+    """Per-instance ROUGE-L in points."""
+    return {r["id"]: 100 * r["rougeL"] for r in map(json.loads, predictions.open(encoding="utf-8"))}
+
+
+def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
+    runs = {p.stem: _read(p) for p in sorted((results / stage).glob("*.json"))}
+    if not runs:
+        return [f"_No {stage} results yet._"]
+    scores = {m: _scores(results / stage / f"{m}.predictions.jsonl") for m in runs}
+    lines = [f"| method | ROUGE-L | EM | minus {reference} [95% CI] | minus base [95% CI] | instances |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for method, run in sorted(runs.items(), key=lambda kv: -kv[1]["results"]["rougeL"]):
+        versus = [str(paired_bootstrap(scores[method], scores[other])) if other in scores and other != method
+                  else "" for other in (reference, "base")]
+        lines.append(f"| {method} | {run['results']['rougeL']:.2f} | {run['results']['exact_match']:.2f} | "
+                     f"{versus[0]} | {versus[1]} | {run['n_instances']} |")
+    return lines
+
+
+def _per_seed_mean(rows: list[dict], mode: str, k: int) -> dict[str, float]:
+    """instance id -> ROUGE-L (points) averaged over the seeds of (mode, k)."""
+    pooled: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["mode"] == mode and row["shots"] == k:
+            for instance, value in row["scores"].items():
+                pooled[instance].append(100 * value)
+    return {i: statistics.fmean(v) for i, v in pooled.items()}
+
+
+def _adaptation_section(results: Path, figures: Path) -> list[str]:
+    paths = sorted((results / "adapt").glob("*/adapt_results.jsonl"))
+    if not paths:
+        return ["_No adaptation results yet._"]
+    rows = merge_results(paths)
+    summary = summarise(rows)
+    common = set(summary["overall_tasks"])
+    rows = [r for r in rows if r["task"] in common]
+    lines = [f"Tasks (one per category, the largest adaptation pool): {', '.join(sorted(common))}.", "",
+             "| mode | k | ROUGE-L (mean ± std over seeds) | seeds | minus lora_scratch at the same k [95% CI] |",
+             "|---|---:|---:|---:|---:|"]
+    for column in sorted(summary["overall"].values(), key=lambda c: (c["shots"], c["mode"])):
+        mode, k = column["mode"], column["shots"]
+        versus = ""
+        if k > 0 and mode != "lora_scratch" and any(r["mode"] == "lora_scratch" and r["shots"] == k for r in rows):
+            versus = str(paired_bootstrap(_per_seed_mean(rows, mode, k), _per_seed_mean(rows, "lora_scratch", k)))
+        lines.append(f"| {mode} | {k} | {column['mean']:.2f} ± {column['std']:.2f} | {column['seeds']} | {versus} |")
+    figures.mkdir(parents=True, exist_ok=True)
+    plot(summary, figures / "sample_efficiency.png")
+    trainable = ", ".join(f"{mode} {n:,}" for mode, n in sorted(summary["trainable"].items()) if n)
+    return [*lines, "", f"Trainable parameters per mode: {trainable}.", "",
+            f"![sample efficiency]({figures.name}/sample_efficiency.png)"]
+
+
+def _training_table(results: Path) -> list[str]:
+    runs = {p.stem: _read(p) for p in sorted((results / "train").glob("*.json"))}
+    lines = ["| method | trainable (adapters / routers / hypernetwork) | rank | LoRA scale alpha/r | train s |",
+             "|---|---:|---:|---:|---:|"]
+    for method, run in runs.items():
+        p = run["parameters"]
+        lines.append(f"| {method} | {p['total_trainable']:,} ({p['adapters']:,} / {p['routers']:,} / "
+                     f"{p['hypernetwork']:,}) | {run['rank']} | {run['lora_scale']:g} | {run['wall_s']:.0f} |")
+    return lines if runs else ["_No training results yet._"]
+
+
+def _wall_clock(results: Path) -> list[str]:
+    total: dict[str, float] = defaultdict(float)
+    for path in results.glob("*/*.json"):
+        total[path.parent.name] += _read(path).get("wall_s", 0.0)
+    for path in results.glob("adapt/*/done.json"):
+        total["adapt"] += _read(path)["wall_s"]
+    return [f"- {stage}: {seconds / 60:.1f} min" for stage, seconds in sorted(total.items())]
+
+
+def _routing_figures(runs: Path, repo: Path, figures: Path) -> list[str]:
+    lines = []
+    for method in ("mhr", "orchmoe"):
+        run = runs / method
+        out = figures / f"routing-{method}"
+        if run.is_dir() and not (out / "heatmap.png").is_file():
+            data = ["--data", str(run / "recipe.yaml")] if method == "orchmoe" else []
+            subprocess.run([sys.executable, "-m", "orchmoe_cli", "inspect-routing", str(run), *data, "--out",
+                            str(out)], cwd=repo, check=True, capture_output=True)
+        if (out / "heatmap.png").is_file():
+            lines.append(f"![{method} routing]({figures.name}/{out.name}/heatmap.png)")
+    return lines or ["_No routing figures yet (they need the trained mhr and orchmoe checkpoints)._"]
+
+
+def write_report(results: Path, scale: str, runs: Path, repo: Path, report: Path | None = None) -> Path:
+    import torch
+    import transformers
+
+    report = report or repo / "docs" / "results" / ("study.md" if scale == "cpu" else f"study-{scale}.md")
+    figures = report.parent / report.stem
+    lines = [f"# Comparison study ({scale} scale)", "",
+             "Generated by `python benchmarks/study/run.py --scale " + scale + "` from the result files in "
+             f"`benchmarks/study/results/{scale}/` (recipe `benchmarks/study/{scale}.yaml`). ROUGE-L is the SNI "
+             "official scorer; every interval is a 95% paired bootstrap over evaluation instances.", "",
+             "## Trained checkpoints (one budget, one LoRA scale)", "", *_training_table(results), "",
+             "## Zero-shot on the held-out tasks (no task id)", "",
+             "Poly and MHR route an unseen task with the average of the training tasks' routing; HyperLoader "
+             "uses the mean task embedding; OrchMoE infers its routing from the prompt.", "",
+             *_evaluation_table(results, "zero-shot", "lora"), "",
+             "## In-distribution: held-back instances of the training tasks", "",
+             *_evaluation_table(results, "in-distribution", "lora"), "",
+             "## Few-shot adaptation", "", *_adaptation_section(results, figures), "",
+             "## Routing", "", *_routing_figures(runs, repo, figures), "",
+             "## Cost", "", *_wall_clock(results), "",
+             f"Machine: {platform.processor() or platform.machine()}, {platform.system()}; Python "
+             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}."]
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report

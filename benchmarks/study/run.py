@@ -1,0 +1,196 @@
+"""The comparison study: every method at one trainable budget on the SNI development set, zero-shot,
+in-distribution and few-shot, with paired-bootstrap intervals; `docs/results/study.md` is generated from the
+small result files this driver writes.
+
+    export ORCHMOE_SNI_DIR=/path/to/natural-instructions     # the 62 + 12 task development set
+    python benchmarks/study/run.py --scale cpu                # about 2 hours on 2 CPU cores
+    python benchmarks/study/run.py --scale cpu --only report  # rewrite the report from the result files
+
+Resumable piece by piece: a training run, an evaluation or an adaptation cell whose result file exists under
+`benchmarks/study/results/<scale>/` is never recomputed (commit those files and a fresh machine continues);
+an interrupted training run resumes from its last checkpoint (`train.resume: auto`), an interrupted
+evaluation from its predictions, an interrupted sweep at its first unfinished cell. Checkpoints live in
+`runs/study-<scale>/` (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+from report import write_report  # noqa: E402
+
+# method -> extra overrides; every method trains at the recipe's budget and LoRA scale
+METHODS: dict[str, list[str]] = {"lora": [], "poly": [], "mhr": ["method.n_heads=4"], "orchmoe": [],
+                                 "hyperloader": []}
+# at CPU scale every method adapts the top six layers only (backpropagation stops there): HyperLoader's LoRA
+# targets are q and v there, which also places its bottleneck adapters there, and its layer norms stay frozen
+SCALE_OVERRIDES: dict[str, dict[str, list[str]]] = {"cpu": {"hyperloader": [
+    'method.target_modules=["layers.2[4-9].self_attn.[qv]_proj"]', "method.train_layer_norms=false"]}}
+# checkpoint method -> its adaptation modes (lora_scratch needs no checkpoint but the budget of one);
+# HyperLoader's new-task-embedding mode runs at GPU scale only, for time
+ADAPT_MODES: dict[str, list[str]] = {"lora": ["lora_scratch", "lora"], "mhr": ["mhr", "mhr_z", "mhr_mu"],
+                                     "orchmoe": ["orchmoe"], "hyperloader": ["hyperloader"]}
+CPU_ADAPTED = ("lora", "mhr", "orchmoe")
+STAGES = ("train", "zero-shot", "in-distribution", "adapt", "report")
+console = Console()
+
+
+@dataclass
+class Piece:
+    stage: str
+    name: str
+    result: Path  # exists once the piece is done
+    run: Callable[[], None]
+
+
+def orchmoe(*args: str) -> None:
+    """One CLI command, its output shown; a failure stops the study with the command's own message."""
+    command = [sys.executable, "-m", "orchmoe_cli", *args]
+    console.print(f"[dim]$ orchmoe {' '.join(args)}[/dim]", highlight=False)
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    if subprocess.run(command, cwd=REPO, env=env, check=False).returncode != 0:
+        raise SystemExit(f"study: `orchmoe {' '.join(args)}` failed; fix it and rerun (finished pieces are kept)")
+
+
+def write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Study:
+    def __init__(self, scale: str, results: Path | None = None, runs: Path | None = None) -> None:
+        self.scale = scale
+        self.recipe = HERE / f"{scale}.yaml"
+        self.results = results or HERE / "results" / scale
+        self.runs = runs or REPO / "runs" / f"study-{scale}"
+
+    def settings(self, method: str) -> list[str]:
+        return [f"method.name={method}", *METHODS.get(method, []),
+                *SCALE_OVERRIDES.get(self.scale, {}).get(method, []), f"output.dir={self.runs / method}"]
+
+    # ------------------------------------------------------------------ pieces
+
+    def train(self, method: str) -> Piece:
+        def run() -> None:
+            started = time.perf_counter()
+            orchmoe("train", str(self.recipe), *self.settings(method))
+            summary = json.loads((self.runs / method / "train_summary.json").read_text())
+            write_json(self.results / "train" / f"{method}.json",
+                       {**summary, "method": method, "wall_s": round(time.perf_counter() - started, 1)})
+        return Piece("train", method, self.results / "train" / f"{method}.json", run)
+
+    def evaluation(self, stage: str, method: str) -> Piece:
+        """Zero-shot on the held-out tasks (no task id), or in-distribution on the training tasks' held-back
+        instances (`train.val_instances`: the first rows of each task, never trained on)."""
+        split = ["eval.split=train", f"eval.max_instances={self.val_instances}"] if stage == "in-distribution" else []
+        checkpoint = "eval.checkpoint=none" if method == "base" else "eval.checkpoint=latest"
+        out = self.results / stage / method
+
+        def run() -> None:
+            started = time.perf_counter()
+            where = self.runs / stage / method
+            orchmoe("eval", str(self.recipe), *self.settings("lora" if method == "base" else method), checkpoint,
+                    *split, f"eval.output_dir={where}")
+            [eval_dir] = [d for d in where.iterdir() if (d / "results.json").is_file()]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(eval_dir / "predictions.jsonl", out.with_suffix(".predictions.jsonl"))
+            results = json.loads((eval_dir / "results.json").read_text())
+            write_json(out.with_suffix(".json"), {"method": method, "results": results["results"],
+                                                  "n_instances": results["n_instances"],
+                                                  "wall_s": round(time.perf_counter() - started, 1)})
+        return Piece(stage, method, out.with_suffix(".json"), run)
+
+    def adaptation(self, method: str, tasks: list[str]) -> Piece:
+        out = self.results / "adapt" / method
+        modes = ADAPT_MODES[method]
+
+        def run() -> None:
+            started = time.perf_counter()
+            orchmoe("adapt", str(self.recipe), *self.settings(method), f"adapt.checkpoint={self.runs / method}",
+                    "--modes", ",".join(["zero_shot", *modes]), "--tasks", ",".join(tasks),
+                    f"adapt.output_dir={out}")
+            write_json(out / "done.json", {"modes": modes, "tasks": tasks,
+                                           "wall_s": round(time.perf_counter() - started, 1)})
+        return Piece("adapt", method, out / "done.json", run)
+
+    @property
+    def val_instances(self) -> int:
+        import yaml
+
+        return int(yaml.safe_load(self.recipe.read_text())["train"]["val_instances"])
+
+    def adaptation_tasks(self) -> list[str]:
+        """One held-out task per SNI category, the one with the largest adaptation pool (ties: split order);
+        a rule that never looks at scores. At GPU scale, every task with a pool."""
+        from orchmoe_cli.recipe import load_recipe
+        from orchmoe_cli.workflow import prepare_data
+
+        prepared = prepare_data(load_recipe(self.recipe), str(self.recipe), console)
+        held_out = [t for t in prepared.manifest["tasks"] if t["split"] == "test" and t.get("n_pool", 0) > 0]
+        if self.scale != "cpu":
+            return [t["name"] for t in held_out]
+        best: dict[str, dict] = {}
+        for task in held_out:
+            if task["category"] not in best or task["n_pool"] > best[task["category"]]["n_pool"]:
+                best[task["category"]] = task
+        return [t["name"] for t in best.values()]
+
+    def pieces(self, stages: tuple[str, ...]) -> list[Piece]:
+        found: list[Piece] = []
+        if "train" in stages:
+            found += [self.train(m) for m in METHODS]
+        for stage in ("zero-shot", "in-distribution"):
+            if stage in stages:
+                found += [self.evaluation(stage, m) for m in ["base", *METHODS]]
+        if "adapt" in stages:
+            tasks = self.adaptation_tasks()
+            found += [self.adaptation(m, tasks) for m in ADAPT_MODES if self.scale != "cpu" or m in CPU_ADAPTED]
+        return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=("cpu", "gpu", "tiny"), default="cpu",
+                        help="tiny: a random tiny model on the bundled sample, to try the plumbing")
+    parser.add_argument("--results", type=Path, help="result files (default benchmarks/study/results/<scale>)")
+    parser.add_argument("--runs", type=Path, help="checkpoints (default runs/study-<scale>)")
+    parser.add_argument("--report", type=Path, help="report file (default docs/results/study.md at cpu scale, "
+                        "study-<scale>.md otherwise)")
+    parser.add_argument("--only", choices=STAGES, help="run one stage (its prerequisites must be done)")
+    args = parser.parse_args()
+    study = Study(args.scale, args.results and args.results.resolve(), args.runs and args.runs.resolve())
+    stages = (args.only,) if args.only else STAGES
+    todo = [p for p in study.pieces(stages) if not p.result.is_file()]
+    progress = Progress(TextColumn("[bold]study[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    with progress:
+        bar = progress.add_task("", total=len(todo))
+        for piece in todo:
+            progress.update(bar, description=f"{piece.stage} {piece.name}")
+            piece.run()
+            progress.advance(bar)
+    if "report" in stages:
+        path = write_report(study.results, study.scale, study.runs, REPO, args.report)
+        console.print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

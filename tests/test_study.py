@@ -1,0 +1,39 @@
+"""The comparison study's driver end to end at its tiny scale: every stage writes its result files, the report
+is generated from them, and a rerun recomputes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
+    command = [sys.executable, str(REPO / "benchmarks" / "study" / "run.py"), "--scale", "tiny", "--results",
+               str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), "--report", str(tmp_path / "study.md")]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = tmp_path / "results"
+    methods = {"lora", "poly", "mhr", "orchmoe", "hyperloader"}
+    assert {p.stem for p in (results / "train").glob("*.json")} == methods
+    for stage in ("zero-shot", "in-distribution"):
+        assert {p.name.split(".")[0] for p in (results / stage).glob("*.predictions.jsonl")} == methods | {"base"}
+    scales = {json.loads(p.read_text())["lora_scale"] for p in (results / "train").glob("*.json")}
+    assert scales == {1.0}  # one LoRA scale for every method
+    modes = {json.loads(line)["mode"] for p in (results / "adapt").glob("*/adapt_results.jsonl") for line in p.open()}
+    assert {"lora_scratch", "lora", "mhr", "mhr_z", "mhr_mu", "orchmoe", "hyperloader", "zero_shot"} <= modes
+    report = (tmp_path / "study.md").read_text()
+    for heading in ("Zero-shot", "In-distribution", "Few-shot adaptation", "Routing", "Cost"):
+        assert f"## {heading}" in report
+    assert (tmp_path / "study" / "sample_efficiency.png").is_file()
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*.json")}
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "$ orchmoe" not in again.stdout  # every piece was done: no command ran again
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*.json")} == before

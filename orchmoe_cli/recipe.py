@@ -96,6 +96,10 @@ class TrainConfig:
         "mixed", "mixed-task batches (uniform over instances), temperature-based task sampling, or one task per batch")
     sampling_temperature: float = _f(10.0, "T of temperature sampling: p(task) ~ n_task^(1/T) (HyperLoader: 10)",
                                      min=0, min_exclusive=True)
+    init_from: str | None = _f(None, "start from this adapter checkpoint (or run directory) instead of fresh "
+                               "adapters: same base model and training tasks; a poly / mhr checkpoint under "
+                               "method.name poly_mu / mhr_mu is first collapsed to the average of its skills "
+                               "(MHR-µ's zero-shot recipe: average, then a few more multi-task steps)")
     val_instances: int = _f(0, "instances per training task held out for validation loss (0 = none)", min=0)
     eval_every: int = _f(0, "validation every N steps (0 = only at the end, if val_instances > 0)", min=0)
     log_every: int = _f(10, "write metrics every N steps", min=1)

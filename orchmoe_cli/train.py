@@ -7,11 +7,13 @@ saved with every checkpoint and are the only map from task name to routing index
 
 from __future__ import annotations
 
+from itertools import zip_longest
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from orchmoe_cli.adapters import attach_adapters
+from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.data.rows import TaskRows
@@ -19,7 +21,7 @@ from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fit import FitOutcome, fit, make_accelerator, preflight
 from orchmoe_cli.models import load_model
 from orchmoe_cli.recipe import Recipe, dump_recipe
-from orchmoe_cli.workflow import prepare_data
+from orchmoe_cli.workflow import find_checkpoint, prepare_data
 
 
 def training_rows(rows: TaskRows, val_instances: int, source: str) -> tuple[TaskRows, TaskRows | None]:
@@ -36,6 +38,23 @@ def training_rows(rows: TaskRows, val_instances: int, source: str) -> tuple[Task
     return train_rows, val_rows
 
 
+def _start_from(base: Any, recipe: Recipe, task_names: list[str], source: str) -> AdaptedModel:
+    """``train.init_from``: the checkpoint's adapters (its rank and routing), averaged for the µ variants."""
+    what = f"{source}: train.init_from"
+    model = load_adapted(base, find_checkpoint(Path(recipe.train.init_from).expanduser(), what))
+    wanted, saved = recipe.method.name, model.method.name
+    if saved != wanted and not (wanted == f"{saved}_mu" and saved in ("poly", "mhr")):
+        raise OrchmoeError(f"{what}: the checkpoint is {saved}, method.name is {wanted}; use {saved} (or "
+                           f"{saved}_mu to average a poly / mhr checkpoint first)")
+    if model.task_names != task_names:
+        first = next((a, b) for a, b in zip_longest(model.task_names, task_names) if a != b)
+        raise OrchmoeError(f"{what}: the checkpoint was trained on other tasks (first difference: {first[0]} "
+                           f"against {first[1]} of the prepared data)")
+    if wanted != saved and not model.averaged:
+        model.to_average()
+    return model
+
+
 def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -> FitOutcome:
     cfg = recipe.train
     if recipe.method.name == "none":
@@ -49,7 +68,10 @@ def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -
     train_rows, val_rows = training_rows(TaskRows(prepared.dataset["train"]), cfg.val_instances, source)
 
     loaded = load_model(recipe.model)
-    model = attach_adapters(loaded.model, recipe.method, task_names)
+    if cfg.init_from is None:
+        model = attach_adapters(loaded.model, recipe.method, task_names)
+    else:
+        model = _start_from(loaded.model, recipe, task_names, source)
     counts = model.count_parameters()
     console.print(
         f"[bold]{recipe.method.name}[/bold] on {recipe.model.name}: {counts['total_trainable']:,} trainable "

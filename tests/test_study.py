@@ -20,7 +20,7 @@ def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert first.returncode == 0, first.stderr[-3000:]
     results = tmp_path / "results"
-    methods = {"lora", "poly", "mhr", "orchmoe", "hyperloader"}
+    methods = {"lora", "poly", "mhr", "orchmoe", "hyperloader", "mhr_mu_avg"}
     assert {p.stem for p in (results / "train").glob("*.json")} == methods
     for stage in ("zero-shot", "in-distribution"):
         assert {p.name.split(".")[0] for p in (results / stage).glob("*.predictions.jsonl")} == methods | {"base"}

@@ -180,3 +180,28 @@ def test_tensorboard_missing_is_one_line_before_anything_is_written(sni_dir: Pat
     err = capsys.readouterr().err.strip()
     assert "train.tensorboard" in err and "pip install tensorboard" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_init_from_continues_a_checkpoint_and_averages_for_mu(sni_dir: Path, tmp_path: Path, capsys) -> None:
+    """train.init_from starts from a checkpoint's adapters; mhr_mu from an mhr checkpoint averages its routing
+    first (MHR-µ), so the new run trains the skills of the average and saves no task routing."""
+    mhr = write_recipe(tmp_path / "mhr.yaml", sni_dir, tmp_path / "mhr", "tiny-llama", "mhr", steps=2)
+    assert run_cli(["train", str(mhr)]) == 0
+    start = final_adapter(tmp_path / "mhr")
+    mu = write_recipe(tmp_path / "mu.yaml", sni_dir, tmp_path / "mu", "tiny-llama", "mhr_mu", steps=2,
+                      init_from=tmp_path / "mhr")
+    assert run_cli(["train", str(mu)]) == 0
+    after = final_adapter(tmp_path / "mu")
+    newest = sorted((tmp_path / "mu" / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((newest / "adapter_config.json").read_text())["averaged"] is True
+    assert set(after) == {k for k in start if "router" not in k}  # the skills, without task routing
+    assert all(after[k].shape == start[k].shape and not torch.equal(after[k], start[k]) for k in after
+               if "lora_A" in k)  # they trained on ...
+    assert all((after[k] - start[k]).norm() < 0.5 * start[k].norm() for k in after if "lora_A" in k)  # ... from there
+    capsys.readouterr()
+    lora = write_recipe(tmp_path / "lora.yaml", sni_dir, tmp_path / "lora", "tiny-llama", "lora", steps=2,
+                        init_from=tmp_path / "mhr")
+    assert run_cli(["train", str(lora)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.init_from" in err and "the checkpoint is mhr" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "lora" / "checkpoints").exists()

@@ -47,6 +47,9 @@ SCALE_OVERRIDES: dict[str, dict[str, list[str]]] = {"cpu": {"hyperloader": [
 ADAPT_MODES: dict[str, list[str]] = {"lora": ["lora_scratch", "lora"], "mhr": ["mhr", "mhr_z", "mhr_mu"],
                                      "orchmoe": ["orchmoe"], "hyperloader": ["hyperloader"]}
 CPU_ADAPTED = ("lora", "mhr", "orchmoe")
+# MHR-µ's zero-shot variant (Caccia et al.): the trained MHR collapsed to the average of its skills, then a few
+# more multi-task steps (a tenth of the training run's)
+MU_RUN = "mhr_mu_avg"
 STAGES = ("train", "zero-shot", "in-distribution", "adapt", "report")
 console = Console()
 
@@ -83,6 +86,8 @@ class Study:
         self.runs = runs or REPO / "runs" / f"study-{scale}"
 
     def settings(self, method: str) -> list[str]:
+        if method == MU_RUN:
+            return [*self.settings("mhr_mu")[:-1], f"output.dir={self.runs / method}"]
         return [f"method.name={method}", *METHODS.get(method, []),
                 *SCALE_OVERRIDES.get(self.scale, {}).get(method, []), f"output.dir={self.runs / method}"]
 
@@ -91,7 +96,13 @@ class Study:
     def train(self, method: str) -> Piece:
         def run() -> None:
             started = time.perf_counter()
-            orchmoe("train", str(self.recipe), *self.settings(method))
+            if method == MU_RUN:
+                import yaml
+
+                steps = max(1, int(yaml.safe_load(self.recipe.read_text())["train"]["steps"]) // 10)
+                orchmoe("train", str(self.recipe), *self.settings(method), f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0")
+            else:
+                orchmoe("train", str(self.recipe), *self.settings(method))
             summary = json.loads((self.runs / method / "train_summary.json").read_text())
             write_json(self.results / "train" / f"{method}.json",
                        {**summary, "method": method, "wall_s": round(time.perf_counter() - started, 1)})
@@ -156,10 +167,10 @@ class Study:
     def pieces(self, stages: tuple[str, ...]) -> list[Piece]:
         found: list[Piece] = []
         if "train" in stages:
-            found += [self.train(m) for m in METHODS]
+            found += [self.train(m) for m in [*METHODS, MU_RUN]]
         for stage in ("zero-shot", "in-distribution"):
             if stage in stages:
-                found += [self.evaluation(stage, m) for m in ["base", *METHODS]]
+                found += [self.evaluation(stage, m) for m in ["base", *METHODS, MU_RUN]]
         if "adapt" in stages:
             tasks = self.adaptation_tasks()
             found += [self.adaptation(m, tasks) for m in ADAPT_MODES if self.scale != "cpu" or m in CPU_ADAPTED]

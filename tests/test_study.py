@@ -24,6 +24,10 @@ def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     assert {p.stem for p in (results / "train").glob("*.json")} == methods
     for stage in ("zero-shot", "in-distribution"):
         assert {p.name.split(".")[0] for p in (results / stage).glob("*.predictions.jsonl")} == methods | {"base"}
+    held_back = _held_back_ids()  # in-distribution = exactly the rows training held back (train.val_instances)
+    for method in methods | {"base"}:
+        predictions = results / "in-distribution" / f"{method}.predictions.jsonl"
+        assert {json.loads(line)["id"] for line in predictions.open()} == held_back
     scales = {json.loads(p.read_text())["lora_scale"] for p in (results / "train").glob("*.json")}
     assert scales == {1.0}  # one LoRA scale for every method
     modes = {json.loads(line)["mode"] for p in (results / "adapt").glob("*/adapt_results.jsonl") for line in p.open()}
@@ -37,3 +41,26 @@ def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert "$ orchmoe" not in again.stdout  # every piece was done: no command ran again
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*.json")} == before
+
+
+def _held_back_ids() -> set[str]:
+    import io
+    import os
+
+    from rich.console import Console
+
+    from orchmoe_cli.data.rows import TaskRows
+    from orchmoe_cli.recipe import load_recipe
+    from orchmoe_cli.train import training_rows
+    from orchmoe_cli.workflow import prepare_data
+
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the driver prepared the data from the repository root
+    try:
+        recipe = load_recipe(REPO / "benchmarks" / "study" / "tiny.yaml")
+        prepared = prepare_data(recipe, "tiny.yaml", Console(file=io.StringIO()))
+    finally:
+        os.chdir(cwd)
+    train = prepared.dataset["train"]
+    _, held = training_rows(TaskRows(train), recipe.train.val_instances, "tiny.yaml")
+    return {train[i]["id"] for i in held.positions()}

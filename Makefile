@@ -30,7 +30,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/orchmoe eval recipes/quickstart.yaml --with-base
 	$(BIN)/orchmoe inspect-routing runs/quickstart --data recipes/quickstart.yaml
 	$(BIN)/orchmoe adapt recipes/quickstart.yaml --shots 16 --seeds 13 --tasks $(DEMO_ADAPT_TASK) \
-	  adapt.steps=20 adapt.val_instances=0 adapt.output_dir=runs/quickstart/adapt-demo
+	  adapt.steps=16 adapt.val_instances=0 eval.max_instances=25 adapt.output_dir=runs/quickstart/adapt-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

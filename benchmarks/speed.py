@@ -331,7 +331,7 @@ def main() -> None:
     parser.add_argument("--batches", default="mixed,single", help="task mix of a training batch")
     parser.add_argument("--generation-model", default="smollm2-135m-instruct", help="model for generation "
                         "(tiny-llama needs no download; none skips generation)")
-    parser.add_argument("--prompts-per-task", type=int, default=0, help="default 10 (--quick 4)")
+    parser.add_argument("--prompts-per-task", type=int, default=0, help="default 10 (--quick 2)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="", help="JSON results (default benchmarks/results/speed[-quick].json)")
@@ -345,8 +345,8 @@ def main() -> None:
         train.extend(run_training(shape, rounds, kinds, device))
     generate = []
     if args.generation_model != "none":
-        per_task = args.prompts_per_task or (4 if args.quick else 10)
-        generate = run_generation(args.generation_model, per_task, 2 if args.quick else 3, device)
+        per_task = args.prompts_per_task or (2 if args.quick else 10)
+        generate = run_generation(args.generation_model, per_task, 1 if args.quick else 3, device)
     print_tables(train, generate)
     out = Path(args.out or f"benchmarks/results/speed{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

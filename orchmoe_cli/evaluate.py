@@ -116,11 +116,12 @@ class StopAtNewline(StoppingCriteria):
             self._tables[tokenizer] = torch.tensor(  # + a last all-false row for ids past the tokenizer's own
                 [[bool(p.strip()), "\n" in p, "\n" in p.lstrip() and bool(p.strip())] for p in pieces]
                 + [[False, False, False]])
+        self.tokenizer = tokenizer
         self.table = self._tables[tokenizer]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        if self.table.device != input_ids.device:
-            self.table = self.table.to(input_ids.device)
+        if self.table.device != input_ids.device:  # moved once per tokenizer, not once per batch
+            self.table = self._tables[self.tokenizer] = self.table.to(input_ids.device)
         answer = input_ids[:, self.prompt_length :].clamp(max=len(self.table) - 1)
         flags = self.table[answer]  # (rows, new tokens, 3)
         text, newline, newline_after_own_text = flags.unbind(-1)

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from rich.console import Console
@@ -34,6 +35,9 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 from report import write_report  # noqa: E402
+
+from orchmoe_cli.fsutil import atomic_write_json  # noqa: E402
+from orchmoe_cli.recipe import Recipe, load_recipe  # noqa: E402
 
 # method -> extra overrides; every method trains at the recipe's budget and LoRA scale
 METHODS: dict[str, list[str]] = {"lora": [], "poly": [], "mhr": ["method.n_heads=4"], "orchmoe": [],
@@ -71,13 +75,6 @@ def orchmoe(*args: str) -> None:
         raise SystemExit(f"study: `orchmoe {' '.join(args)}` failed; fix it and rerun (finished pieces are kept)")
 
 
-def write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class Study:
     def __init__(self, scale: str, results: Path | None = None, runs: Path | None = None) -> None:
         self.scale = scale
@@ -97,21 +94,19 @@ class Study:
         def run() -> None:
             started = time.perf_counter()
             if method == MU_RUN:
-                import yaml
-
-                steps = max(1, int(yaml.safe_load(self.recipe.read_text())["train"]["steps"]) // 10)
+                steps = max(1, self.config.train.steps // 10)
                 orchmoe("train", str(self.recipe), *self.settings(method), f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0")
             else:
                 orchmoe("train", str(self.recipe), *self.settings(method))
             summary = json.loads((self.runs / method / "train_summary.json").read_text())
-            write_json(self.results / "train" / f"{method}.json",
+            atomic_write_json(self.results / "train" / f"{method}.json",
                        {**summary, "method": method, "wall_s": round(time.perf_counter() - started, 1)})
         return Piece("train", method, self.results / "train" / f"{method}.json", run)
 
     def evaluation(self, stage: str, method: str) -> Piece:
         """Zero-shot on the held-out tasks (no task id), or in-distribution on the training tasks' held-back
         instances (`train.val_instances`: the first rows of each task, never trained on)."""
-        split = ["eval.split=train", f"eval.max_instances={self.val_instances}"] if stage == "in-distribution" else []
+        split = ["eval.split=train", f"eval.max_instances={self.config.train.val_instances}"] if stage == "in-distribution" else []
         checkpoint = "eval.checkpoint=none" if method == "base" else "eval.checkpoint=latest"
         out = self.results / stage / method
 
@@ -124,7 +119,7 @@ class Study:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(eval_dir / "predictions.jsonl", out.with_suffix(".predictions.jsonl"))
             results = json.loads((eval_dir / "results.json").read_text())
-            write_json(out.with_suffix(".json"), {"method": method, "results": results["results"],
+            atomic_write_json(out.with_suffix(".json"), {"method": method, "results": results["results"],
                                                   "n_instances": results["n_instances"],
                                                   "wall_s": round(time.perf_counter() - started, 1)})
         return Piece(stage, method, out.with_suffix(".json"), run)
@@ -138,23 +133,21 @@ class Study:
             orchmoe("adapt", str(self.recipe), *self.settings(method), f"adapt.checkpoint={self.runs / method}",
                     "--modes", ",".join(["zero_shot", *modes]), "--tasks", ",".join(tasks),
                     f"adapt.output_dir={out}")
-            write_json(out / "done.json", {"modes": modes, "tasks": tasks,
+            atomic_write_json(out / "done.json", {"modes": modes, "tasks": tasks,
                                            "wall_s": round(time.perf_counter() - started, 1)})
         return Piece("adapt", method, out / "done.json", run)
 
-    @property
-    def val_instances(self) -> int:
-        import yaml
-
-        return int(yaml.safe_load(self.recipe.read_text())["train"]["val_instances"])
+    @cached_property
+    def config(self) -> Recipe:
+        """The scale's recipe, loaded (and checked) once, when a stage needs its settings."""
+        return load_recipe(self.recipe)
 
     def adaptation_tasks(self) -> list[str]:
         """One held-out task per SNI category, the one with the largest adaptation pool (ties: split order);
         a rule that never looks at scores. At GPU scale, every task with a pool."""
-        from orchmoe_cli.recipe import load_recipe
         from orchmoe_cli.workflow import prepare_data
 
-        prepared = prepare_data(load_recipe(self.recipe), str(self.recipe), console)
+        prepared = prepare_data(self.config, str(self.recipe), console)
         held_out = [t for t in prepared.manifest["tasks"] if t["split"] == "test" and t.get("n_pool", 0) > 0]
         if self.scale != "cpu":
             return [t["name"] for t in held_out]

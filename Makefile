@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 # the demo's short adaptation: the first bundled held-out task (orchmoe_cli/data/sample/test_tasks.txt)
 DEMO_ADAPT_TASK := task1342_amazon_us_reviews_title
+# instances per held-out task the demo evaluates (the recipe's 50 for a full run): keeps it under 15 minutes
+DEMO_EVAL_INSTANCES := 20
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -27,10 +29,10 @@ install: $(STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/orchmoe prepare recipes/quickstart.yaml
 	$(BIN)/orchmoe train recipes/quickstart.yaml
-	$(BIN)/orchmoe eval recipes/quickstart.yaml --with-base
+	$(BIN)/orchmoe eval recipes/quickstart.yaml --with-base eval.max_instances=$(DEMO_EVAL_INSTANCES)
 	$(BIN)/orchmoe inspect-routing runs/quickstart --data recipes/quickstart.yaml
 	$(BIN)/orchmoe adapt recipes/quickstart.yaml --shots 16 --seeds 13 --tasks $(DEMO_ADAPT_TASK) \
-	  adapt.steps=16 adapt.val_instances=0 eval.max_instances=25 adapt.output_dir=runs/quickstart/adapt-demo
+	  adapt.steps=16 adapt.batch_size=4 adapt.val_instances=0 eval.max_instances=$(DEMO_EVAL_INSTANCES) adapt.output_dir=runs/quickstart/adapt-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from adapter_fixtures import BUILDERS, METHODS, TASKS, make_batch, perturb
 from tolerance import DEFAULT_ULPS, assert_close_scaled, assert_differs_scaled
 
@@ -278,3 +279,39 @@ def test_inference_reuses_the_mixed_skills_and_matches_the_autograd_path(method:
     with torch.enable_grad():
         changed = model(**batch, **routing).logits.detach()
     assert_close_scaled(_logits(model, batch, **routing), changed)
+
+
+class _RecordsMerged(StoppingCriteria):
+    """Notes at every decoding step whether the model's adapted layers sit folded into the base weights."""
+
+    def __init__(self, model: AdaptedModel) -> None:
+        self.model = model
+        self.seen: list[bool] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        layers = self.model._layers
+        self.seen.append(bool(layers) and all(layer.merged for layer in layers))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_single_routing_batches_generate_merged_and_get_the_exact_weights_back(method: str) -> None:
+    """A batch whose rows all route alike generates with its LoRA folded in (no adapter op per decoding
+    step) and scores as the unmerged path does; mixed batches, OrchMoE and HyperLoader stay unmerged."""
+    model = _adapted("llama", method)
+    batch = make_batch(model.base)
+    ids, mask = batch["input_ids"].flip(1), batch["attention_mask"].flip(1)  # left padding
+    weights = {name: p.detach().clone() for name, p in model.base.named_parameters()}
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    for rows in ([1, 1, 1], [0, 1, 2]):
+        routing = _task_ids(method, rows)
+        record = _RecordsMerged(model)
+        out = model.generate(ids, mask, stopping_criteria=StoppingCriteriaList([record]), **kwargs, **routing)
+        with model.routing(input_ids=ids, prompt_mask=mask, **routing):  # the unmerged path
+            reference = model.base.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        folds = SPECS[method].mergeable and (len(set(rows)) == 1 or SPECS[method].router == "constant")
+        assert record.seen and set(record.seen) == {folds}
+        assert torch.equal(out.sequences, reference.sequences)
+        assert_close_scaled(torch.stack(out.scores), torch.stack(reference.scores))
+        assert not any(layer.merged for layer in model._layers)
+        assert all(torch.equal(p, weights[name]) for name, p in model.base.named_parameters())

@@ -6,6 +6,7 @@ listed as missing."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -110,7 +111,22 @@ def _routing_figures(runs: Path, repo: Path, figures: Path) -> list[str]:
     return lines or ["_No routing figures yet (they need the trained mhr and orchmoe checkpoints)._"]
 
 
-def write_report(results: Path, scale: str, runs: Path, repo: Path, report: Path | None = None) -> Path:
+def _machine() -> str:
+    """CPU model and core count (Linux reads /proc/cpuinfo), and the GPU when torch sees one."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu} ({os.cpu_count()} cores){gpu}, {platform.system()}"
+
+
+def write_report(results: Path, scale: str, runs: Path, repo: Path, commands: list[str],
+                 report: Path | None = None) -> Path:
     import torch
     import transformers
 
@@ -122,15 +138,17 @@ def write_report(results: Path, scale: str, runs: Path, repo: Path, report: Path
              "official scorer; every interval is a 95% paired bootstrap over evaluation instances.", "",
              "## Trained checkpoints (one budget, one LoRA scale)", "", *_training_table(results), "",
              "## Zero-shot on the held-out tasks (no task id)", "",
-             "Poly and MHR route an unseen task with the average of the training tasks' routing; HyperLoader "
-             "uses the mean task embedding; OrchMoE infers its routing from the prompt.", "",
+             ("Poly and MHR route an unseen task with the average of the training tasks' routing; HyperLoader "
+             "uses the mean task embedding; OrchMoE infers its routing from the prompt."), "",
              *_evaluation_table(results, "zero-shot", "lora"), "",
              "## In-distribution: held-back instances of the training tasks", "",
              *_evaluation_table(results, "in-distribution", "lora"), "",
              "## Few-shot adaptation", "", *_adaptation_section(results, figures), "",
              "## Routing", "", *_routing_figures(runs, repo, figures), "",
              "## Cost", "", *_wall_clock(results), "",
-             f"Machine: {platform.processor() or platform.machine()}, {platform.system()}; Python "
-             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}."]
+             (f"Machine: {_machine()}; Python {platform.python_version()}, torch {torch.__version__}, "
+             f"transformers {transformers.__version__}."), "",
+             "## Commands", "", "What the driver ran, piece by piece (`ORCHMOE_SNI_DIR` set to the data):", "",
+             "```bash", *commands, "```"]
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report

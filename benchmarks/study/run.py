@@ -34,10 +34,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
-from report import write_report  # noqa: E402
+from report import write_report
 
-from orchmoe_cli.fsutil import atomic_write_json  # noqa: E402
-from orchmoe_cli.recipe import Recipe, load_recipe  # noqa: E402
+from orchmoe_cli.fsutil import atomic_write_json
+from orchmoe_cli.recipe import Recipe, load_recipe
 
 # method -> extra overrides; every method trains at the recipe's budget and LoRA scale
 METHODS: dict[str, list[str]] = {"lora": [], "poly": [], "mhr": ["method.n_heads=4"], "orchmoe": [],
@@ -46,10 +46,11 @@ METHODS: dict[str, list[str]] = {"lora": [], "poly": [], "mhr": ["method.n_heads
 # targets are q and v there, which also places its bottleneck adapters there, and its layer norms stay frozen
 SCALE_OVERRIDES: dict[str, dict[str, list[str]]] = {"cpu": {"hyperloader": [
     'method.target_modules=["layers.2[4-9].self_attn.[qv]_proj"]', "method.train_layer_norms=false"]}}
-# checkpoint method -> its adaptation modes (lora_scratch needs no checkpoint but the budget of one);
+# checkpoint method -> its adaptation modes (lora_scratch needs no checkpoint but the budget of one), in the
+# order they run: OrchMoE and its two references first, so a run cut short already has that comparison;
 # HyperLoader's new-task-embedding mode runs at GPU scale only, for time
-ADAPT_MODES: dict[str, list[str]] = {"lora": ["lora_scratch", "lora"], "mhr": ["mhr", "mhr_z", "mhr_mu"],
-                                     "orchmoe": ["orchmoe"], "hyperloader": ["hyperloader"]}
+ADAPT_MODES: dict[str, list[str]] = {"orchmoe": ["orchmoe"], "lora": ["lora_scratch", "lora"],
+                                     "mhr": ["mhr", "mhr_z", "mhr_mu"], "hyperloader": ["hyperloader"]}
 CPU_ADAPTED = ("lora", "mhr", "orchmoe")
 # MHR-µ's zero-shot variant (Caccia et al.): the trained MHR collapsed to the average of its skills, then a few
 # more multi-task steps (a tenth of the training run's)
@@ -63,7 +64,13 @@ class Piece:
     stage: str
     name: str
     result: Path  # exists once the piece is done
+    command: list[str]  # the `orchmoe` arguments the piece runs (the report lists them)
     run: Callable[[], None]
+
+
+def shown(args: list[str]) -> str:
+    """An `orchmoe` command as the report prints it: paths inside the repository made relative to it."""
+    return "orchmoe " + " ".join(arg.replace(f"{REPO}/", "") for arg in args)
 
 
 def orchmoe(*args: str) -> None:
@@ -91,17 +98,20 @@ class Study:
     # ------------------------------------------------------------------ pieces
 
     def train(self, method: str) -> Piece:
+        command = ["train", str(self.recipe), *self.settings(method)]
+        if method == MU_RUN:
+            steps = max(1, self.config.train.steps // 10)
+            command += [f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0"]
+
         def run() -> None:
             started = time.perf_counter()
-            if method == MU_RUN:
-                steps = max(1, self.config.train.steps // 10)
-                orchmoe("train", str(self.recipe), *self.settings(method), f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0")
-            else:
-                orchmoe("train", str(self.recipe), *self.settings(method))
+            orchmoe(*command)
             summary = json.loads((self.runs / method / "train_summary.json").read_text())
+            # the checkpoint relative to the runs directory: result files name no machine's paths
+            summary["checkpoint"] = os.path.relpath(summary["checkpoint"], self.runs)
             atomic_write_json(self.results / "train" / f"{method}.json",
-                       {**summary, "method": method, "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece("train", method, self.results / "train" / f"{method}.json", run)
+                              {**summary, "method": method, "wall_s": round(time.perf_counter() - started, 1)})
+        return Piece("train", method, self.results / "train" / f"{method}.json", command, run)
 
     def evaluation(self, stage: str, method: str) -> Piece:
         """Zero-shot on the held-out tasks (no task id), or in-distribution on the training tasks' held-back
@@ -110,11 +120,13 @@ class Study:
         checkpoint = "eval.checkpoint=none" if method == "base" else "eval.checkpoint=latest"
         out = self.results / stage / method
 
+        where = self.runs / stage / method
+        command = ["eval", str(self.recipe), *self.settings("lora" if method == "base" else method), checkpoint,
+                   *split, f"eval.output_dir={where}"]
+
         def run() -> None:
             started = time.perf_counter()
-            where = self.runs / stage / method
-            orchmoe("eval", str(self.recipe), *self.settings("lora" if method == "base" else method), checkpoint,
-                    *split, f"eval.output_dir={where}")
+            orchmoe(*command)
             [eval_dir] = [d for d in where.iterdir() if (d / "results.json").is_file()]
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(eval_dir / "predictions.jsonl", out.with_suffix(".predictions.jsonl"))
@@ -122,20 +134,21 @@ class Study:
             atomic_write_json(out.with_suffix(".json"), {"method": method, "results": results["results"],
                                                   "n_instances": results["n_instances"],
                                                   "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece(stage, method, out.with_suffix(".json"), run)
+        return Piece(stage, method, out.with_suffix(".json"), command, run)
 
     def adaptation(self, method: str, tasks: list[str]) -> Piece:
         out = self.results / "adapt" / method
         modes = ADAPT_MODES[method]
 
+        command = ["adapt", str(self.recipe), *self.settings(method), f"adapt.checkpoint={self.runs / method}",
+                   "--modes", ",".join(["zero_shot", *modes]), "--tasks", ",".join(tasks), f"adapt.output_dir={out}"]
+
         def run() -> None:
             started = time.perf_counter()
-            orchmoe("adapt", str(self.recipe), *self.settings(method), f"adapt.checkpoint={self.runs / method}",
-                    "--modes", ",".join(["zero_shot", *modes]), "--tasks", ",".join(tasks),
-                    f"adapt.output_dir={out}")
+            orchmoe(*command)
             atomic_write_json(out / "done.json", {"modes": modes, "tasks": tasks,
                                            "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece("adapt", method, out / "done.json", run)
+        return Piece("adapt", method, out / "done.json", command, run)
 
     @cached_property
     def config(self) -> Recipe:
@@ -192,7 +205,8 @@ def main() -> None:
             piece.run()
             progress.advance(bar)
     if "report" in stages:
-        path = write_report(study.results, study.scale, study.runs, REPO, args.report)
+        commands = [shown(piece.command) for piece in study.pieces(STAGES[:-1])]
+        path = write_report(study.results, study.scale, study.runs, REPO, commands, args.report)
         console.print(f"report: {path}")
 
 

@@ -4,6 +4,7 @@ is generated from them, and a rerun recomputes nothing."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,21 @@ def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert "$ orchmoe" not in again.stdout  # every piece was done: no command ran again
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*.json")} == before
+
+    # a fresh machine has the committed result files but not the checkpoints: an unfinished piece that reads
+    # one retrains it and goes on only if the adapter is bitwise the recorded one
+    shutil.rmtree(tmp_path / "runs" / "mhr")
+    (results / "adapt" / "mhr" / "done.json").unlink()
+    record = results / "train" / "mhr.json"
+    original = record.read_text()
+    record.write_text(original.replace(json.loads(original)["adapter_checksums"][0], "0" * 64))
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert refused.returncode != 0 and "retrained mhr adapter differs" in refused.stderr + refused.stdout
+    record.write_text(original)
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "$ orchmoe train" in resumed.stdout and (results / "adapt" / "mhr" / "done.json").is_file()
+    assert record.read_text() == original
 
 
 def _held_back_ids() -> set[str]:

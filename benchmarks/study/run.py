@@ -66,6 +66,7 @@ class Piece:
     result: Path  # exists once the piece is done
     command: list[str]  # the `orchmoe` arguments the piece runs (the report lists them)
     run: Callable[[], None]
+    reads: str | None = None  # the trained checkpoint (method) the piece evaluates or adapts
 
 
 def shown(args: list[str]) -> str:
@@ -113,6 +114,22 @@ class Study:
                               {**summary, "method": method, "wall_s": round(time.perf_counter() - started, 1)})
         return Piece("train", method, self.results / "train" / f"{method}.json", command, run)
 
+    def retrain(self, method: str) -> Piece:
+        """A finished training run whose checkpoint this machine lacks (checkpoints are not committed): train it
+        again with the same command, and go on only if the adapter is bitwise the one the results came from."""
+        trained = self.train(method)
+
+        def run() -> None:
+            recorded = json.loads(trained.result.read_text())["adapter_checksums"]
+            orchmoe(*trained.command)
+            summary = json.loads((self.runs / method / "train_summary.json").read_text())
+            if summary["adapter_checksums"] != recorded:
+                shutil.rmtree(self.runs / method)  # not done: the next run retrains and checks again
+                raise SystemExit(
+                    f"study: the retrained {method} adapter differs from the one in {trained.result} (another CPU "
+                    f"or library version?); delete that file and every result of {method} to redo them with it")
+        return Piece("retrain", method, self.runs / method / "train_summary.json", trained.command, run)
+
     def evaluation(self, stage: str, method: str) -> Piece:
         """Zero-shot on the held-out tasks (no task id), or in-distribution on the training tasks' held-back
         instances (`train.val_instances`: the first rows of each task, never trained on)."""
@@ -134,7 +151,7 @@ class Study:
             atomic_write_json(out.with_suffix(".json"), {"method": method, "results": results["results"],
                                                   "n_instances": results["n_instances"],
                                                   "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece(stage, method, out.with_suffix(".json"), command, run)
+        return Piece(stage, method, out.with_suffix(".json"), command, run, None if method == "base" else method)
 
     def adaptation(self, method: str, tasks: list[str]) -> Piece:
         out = self.results / "adapt" / method
@@ -148,7 +165,7 @@ class Study:
             orchmoe(*command)
             atomic_write_json(out / "done.json", {"modes": modes, "tasks": tasks,
                                            "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece("adapt", method, out / "done.json", command, run)
+        return Piece("adapt", method, out / "done.json", command, run, method)
 
     @cached_property
     def config(self) -> Recipe:
@@ -180,7 +197,22 @@ class Study:
         if "adapt" in stages:
             tasks = self.adaptation_tasks()
             found += [self.adaptation(m, tasks) for m in ADAPT_MODES if self.scale != "cpu" or m in CPU_ADAPTED]
-        return found
+        return [*self._retraining(found), *found]
+
+    def _retraining(self, pieces: list[Piece]) -> list[Piece]:
+        """Retrain pieces for the checkpoints that unfinished pieces read and this machine lacks (MHR-µ's run
+        starts from MHR's checkpoint, so MHR comes back first)."""
+        lacking: list[str] = []
+        for piece in pieces:
+            method = piece.reads
+            if piece.result.is_file() or method is None or method in lacking:
+                continue
+            trained = (self.results / "train" / f"{method}.json").is_file()
+            if trained and not (self.runs / method / "train_summary.json").is_file():
+                lacking.append(method)
+        if MU_RUN in lacking and "mhr" not in lacking and not (self.runs / "mhr" / "checkpoints").is_dir():
+            lacking.insert(0, "mhr")
+        return [self.retrain(m) for m in sorted(lacking, key=lambda m: m == MU_RUN)]
 
 
 def main() -> None:
@@ -205,8 +237,10 @@ def main() -> None:
             piece.run()
             progress.advance(bar)
     if "report" in stages:
-        commands = [shown(piece.command) for piece in study.pieces(STAGES[:-1])]
-        path = write_report(study.results, study.scale, study.runs, REPO, commands, args.report)
+        every = [piece for piece in study.pieces(STAGES[:-1]) if piece.stage != "retrain"]
+        missing = [f"{piece.stage} {piece.name}" for piece in every if not piece.result.is_file()]
+        path = write_report(study.results, study.scale, study.runs, REPO, [shown(p.command) for p in every],
+                            missing, args.report)
         console.print(f"report: {path}")
 
 

@@ -33,13 +33,14 @@ def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
     if not runs:
         return [f"_No {stage} results yet._"]
     scores = {m: _scores(results / stage / f"{m}.predictions.jsonl") for m in runs}
-    lines = [f"| method | ROUGE-L | EM | minus {reference} [95% CI] | minus base [95% CI] | instances |",
-             "|---|---:|---:|---:|---:|---:|"]
+    references = (reference, "orchmoe", "base")
+    lines = ["| method | ROUGE-L | EM | " + " | ".join(f"minus {r} [95% CI]" for r in references) + " | instances |",
+             "|---|---:|---:|" + "---:|" * len(references) + "---:|"]
     for method, run in sorted(runs.items(), key=lambda kv: -kv[1]["results"]["rougeL"]):
         versus = [str(paired_bootstrap(scores[method], scores[other])) if other in scores and other != method
-                  else "" for other in (reference, "base")]
+                  else "" for other in references]
         lines.append(f"| {method} | {run['results']['rougeL']:.2f} | {run['results']['exact_match']:.2f} | "
-                     f"{versus[0]} | {versus[1]} | {run['n_instances']} |")
+                     + " | ".join(versus) + f" | {run['n_instances']} |")
     return lines
 
 

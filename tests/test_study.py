@@ -31,7 +31,11 @@ def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
         assert {json.loads(line)["id"] for line in predictions.open()} == held_back
     scales = {json.loads(p.read_text())["lora_scale"] for p in (results / "train").glob("*.json")}
     assert scales == {1.0}  # one LoRA scale for every method
-    modes = {json.loads(line)["mode"] for p in (results / "adapt").glob("*/adapt_results.jsonl") for line in p.open()}
+    rows = [json.loads(line) for p in (results / "adapt").glob("*/adapt_results.jsonl") for line in p.open()]
+    trained = [json.loads(p.read_text()) for p in (results / "train").glob("*.json")]
+    # committed result files name no machine's paths: checkpoints are relative to the runs directory
+    assert not any(Path(r["checkpoint"]).is_absolute() for r in [*rows, *trained] if r.get("checkpoint"))
+    modes = {row["mode"] for row in rows}
     assert {"lora_scratch", "lora", "mhr", "mhr_z", "mhr_mu", "orchmoe", "hyperloader", "zero_shot"} <= modes
     report = (tmp_path / "study.md").read_text()
     for heading in ("Zero-shot", "In-distribution", "Few-shot adaptation", "Routing", "Cost"):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 from report import write_report
 
-from orchmoe_cli.fsutil import atomic_write_json
+from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe, load_recipe
 
 # method -> extra overrides; every method trains at the recipe's budget and LoRA scale
@@ -163,6 +163,12 @@ class Study:
         def run() -> None:
             started = time.perf_counter()
             orchmoe(*command)
+            results = out / "adapt_results.jsonl"
+            rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
+            for row in rows:  # the checkpoint relative to the runs directory, as the training results name it
+                if row.get("checkpoint") and Path(row["checkpoint"]).is_absolute():
+                    row["checkpoint"] = os.path.relpath(row["checkpoint"], self.runs)
+            atomic_write_text(results, "".join(json.dumps(row) + "\n" for row in rows))
             atomic_write_json(out / "done.json", {"modes": modes, "tasks": tasks,
                                            "wall_s": round(time.perf_counter() - started, 1)})
         return Piece("adapt", method, out / "done.json", command, run, method)

@@ -169,6 +169,8 @@ class Study:
                 if row.get("checkpoint") and Path(row["checkpoint"]).is_absolute():
                     row["checkpoint"] = os.path.relpath(row["checkpoint"], self.runs)
             atomic_write_text(results, "".join(json.dumps(row) + "\n" for row in rows))
+            used = out / "recipe.yaml"  # the recipe copy names the paths the driver passed: inside the repository
+            atomic_write_text(used, used.read_text(encoding="utf-8").replace(f"{REPO}/", ""))
             atomic_write_json(out / "done.json", {"modes": modes, "tasks": tasks,
                                            "wall_s": round(time.perf_counter() - started, 1)})
         return Piece("adapt", method, out / "done.json", command, run, method)

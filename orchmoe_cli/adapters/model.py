@@ -174,8 +174,8 @@ class AdaptedModel(nn.Module):
         """While a batch whose rows all route alike generates, its LoRA sits folded into the base weights.
 
         Unmerged, every adapted linear adds two small matmuls per decoding step, and on CPU their dispatch,
-        not their arithmetic, costs up to a third of the bare model's speed; folding costs one pass over the
-        adapted weights per batch, and :meth:`unmerge` restores them exactly. Methods whose routing differs
+        not their arithmetic, costs up to a third of the bare model's speed; folding costs a few passes over the
+        adapted weights per batch (copy, add, restore), and :meth:`unmerge` restores them exactly. Methods whose routing differs
         row by row (OrchMoE) or that generate non-linear adapters (HyperLoader) generate unmerged.
         """
         single = state is None or state.shared

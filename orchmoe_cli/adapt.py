@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
-from orchmoe_cli.adapters.adaptation import check_mode, prepare_for_adaptation
+from orchmoe_cli.adapters.adaptation import check_mode, movable_parameter_count, prepare_for_adaptation
 from orchmoe_cli.adapters.config import MethodConfig
 from orchmoe_cli.adapters.registry import SPECS
 from orchmoe_cli.data.collate import pad_token_id
@@ -189,7 +189,7 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, tra
     if cell.mode != "zero_shot":
         torch.manual_seed(cell.seed)  # the new routing row / fresh LoRA are drawn per seed
     model = _build(cell, loaded.model, trained, recipe, source)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if cell.mode != "zero_shot" else 0
+    trainable = movable_parameter_count(model, cell.mode) if cell.mode != "zero_shot" else 0
     best: dict[str, Any] = {"step": 0, "rougeL": None}
     steps_run = 0
     if cell.mode != "zero_shot":

@@ -119,12 +119,13 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     by_mode: dict[str, list[dict]] = defaultdict(list)
     for c in summary["overall"].values():
         by_mode[c["mode"]].append(c)
-    levels = iter(("grey", "black", "tab:brown", "tab:olive"))
+    # zero-shot levels in greys, told apart by dash pattern, so no level shares a colour with a mode's line
+    levels = iter([("black", "--"), ("dimgrey", ":"), ("grey", "-."), ("darkgrey", (0, (5, 2, 1, 2)))])
     for mode, cells in sorted(by_mode.items()):
         cells.sort(key=lambda c: c["shots"])
         if cells[0]["shots"] == 0:
-            ax.axhline(cells[0]["mean"], linestyle="--", color=next(levels, "grey"),
-                       label=f"{mode} ({cells[0]['mean']:.1f})")
+            colour, dashes = next(levels, ("grey", "--"))
+            ax.axhline(cells[0]["mean"], linestyle=dashes, color=colour, label=f"{mode} ({cells[0]['mean']:.1f})")
             continue
         ax.errorbar([c["shots"] for c in cells], [c["mean"] for c in cells], yerr=[c["std"] for c in cells],
                     marker="o", capsize=3, label=mode)
@@ -136,7 +137,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("ROUGE-L, held-out tasks")
     n_tasks = len(summary["overall_tasks"])
     ax.set_title(f"sample efficiency ({n_tasks} held-out task{'s' if n_tasks != 1 else ''} every mode has)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plot: lines stay visible
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return path

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from orchmoe_cli import report
-from orchmoe_cli.adapters.files import ADAPTER_FILES
+from orchmoe_cli.adapters.files import ADAPTER_FILES, WEIGHTS_FILE, canonical_safetensors
 from orchmoe_cli.data.collate import GenerationCollator, pad_token_id
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import disk_error, replace_files
@@ -174,13 +174,16 @@ def generate_predictions(
 
 
 def checkpoint_digest(checkpoint: str | Path) -> str:
-    """sha256 over every file an adapter checkpoint loads from (config, weights, task names)."""
+    """sha256 over what an adapter checkpoint loads (config, weights, task names). The weights count by content:
+    safetensors writes its metadata in an order that changes from process to process, so the same tensors
+    saved twice need not be the same bytes."""
     digest = hashlib.sha256()
     for name in ADAPTER_FILES:
         path = Path(checkpoint) / name
         if path.is_file():
             digest.update(f"\0{name}\0".encode())
-            digest.update(path.read_bytes())
+            data = path.read_bytes()
+            digest.update(canonical_safetensors(data, path) if name == WEIGHTS_FILE else data)
     return digest.hexdigest()
 
 

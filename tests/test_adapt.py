@@ -15,7 +15,7 @@ from rich.console import Console
 from cli_runner import run_cli
 from orchmoe_cli import adapt as adapt_module
 from orchmoe_cli.adapters import load_adapted
-from orchmoe_cli.adapters.adaptation import prepare_for_adaptation
+from orchmoe_cli.adapters.adaptation import movable_parameter_count, prepare_for_adaptation
 from orchmoe_cli.adapters.budget import group_of
 from orchmoe_cli.adapters.registry import SPECS
 from orchmoe_cli.data.collate import pad_token_id
@@ -105,6 +105,9 @@ def test_each_mode_trains_exactly_what_it_claims(mode: str, trained: dict, tmp_p
             assert torch.equal(param[:n_train], before[name][:n_train]), name
         if name == "hyper.task_embedding":
             assert torch.equal(param[:n_train], before[name][:n_train])
+    moved = sum(int((param != before[name]).sum()) for name, param in model.named_adapter_parameters())
+    movable = movable_parameter_count(model, mode)  # what the results report as the mode's trainable count
+    assert 0.9 * movable <= moved <= movable, (moved, movable)
     if mode == "orchmoe":
         assert seen_task_ids and all(ids is None for ids in seen_task_ids)  # no task id, ever
     elif mode in ("mhr", "mhr_z", "hyperloader"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from tolerance import DEFAULT_ULPS, assert_close_scaled, assert_differs_scaled
 
 from orchmoe_cli.adapters import AdaptedModel, MethodConfig, attach_adapters, load_adapted
 from orchmoe_cli.adapters.registry import SPECS
+from orchmoe_cli.evaluate import checkpoint_digest
 
 ARCHS = list(BUILDERS)
 ROUTED = [m for m in METHODS if SPECS[m].router != "constant"]
@@ -138,6 +140,26 @@ def test_save_and_load_round_trip(arch: str, method: str, tmp_path: Path) -> Non
     batch = make_batch(model.base)
     routing = _task_ids(method, [2, 0, -1])
     assert torch.equal(_logits(model, batch, **routing), _logits(loaded, batch, **routing))
+
+
+def test_checkpoint_digest_counts_weights_by_content_not_header_order(tmp_path: Path) -> None:
+    # safetensors writes its metadata keys in an order that changes between processes: a checkpoint saved
+    # again with the same tensors (a retrained run) must keep its digest, or a resumed sweep refuses it
+    model = _adapted("llama", "mhr")
+    model.save(tmp_path / "a")
+    digest = checkpoint_digest(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    reordered = {"__metadata__": dict(reversed(header.pop("__metadata__").items())), **dict(reversed(header.items()))}
+    text = json.dumps(reordered).encode()
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
+    assert weights.read_bytes() != data and checkpoint_digest(tmp_path / "a") == digest
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).view(-1)[0] += 1.0
+    model.save(tmp_path / "b")
+    assert checkpoint_digest(tmp_path / "b") != digest  # a changed tensor is another checkpoint
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -62,15 +62,18 @@ def _adaptation_section(results: Path, figures: Path) -> list[str]:
     summary = summarise(rows)
     common = set(summary["overall_tasks"])
     rows = [r for r in rows if r["task"] in common]
+    references = ("lora_scratch", "orchmoe")
     lines = [f"Tasks (one per category, the largest adaptation pool): {', '.join(sorted(common))}.", "",
-             "| mode | k | ROUGE-L (mean ± std over seeds) | seeds | minus lora_scratch at the same k [95% CI] |",
-             "|---|---:|---:|---:|---:|"]
+             "| mode | k | ROUGE-L (mean ± std over seeds) | seeds | "
+             + " | ".join(f"minus {r} at the same k [95% CI]" for r in references) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(references)]
+    ran = {(r["mode"], r["shots"]) for r in rows}
     for column in sorted(summary["overall"].values(), key=lambda c: (c["shots"], c["mode"])):
         mode, k = column["mode"], column["shots"]
-        versus = ""
-        if k > 0 and mode != "lora_scratch" and any(r["mode"] == "lora_scratch" and r["shots"] == k for r in rows):
-            versus = str(paired_bootstrap(_per_seed_mean(rows, mode, k), _per_seed_mean(rows, "lora_scratch", k)))
-        lines.append(f"| {mode} | {k} | {column['mean']:.2f} ± {column['std']:.2f} | {column['seeds']} | {versus} |")
+        versus = [str(paired_bootstrap(_per_seed_mean(rows, mode, k), _per_seed_mean(rows, other, k)))
+                  if k > 0 and mode != other and (other, k) in ran else "" for other in references]
+        lines.append(f"| {mode} | {k} | {column['mean']:.2f} ± {column['std']:.2f} | {column['seeds']} | "
+                     + " | ".join(versus) + " |")
     figures.mkdir(parents=True, exist_ok=True)
     plot(summary, figures / "sample_efficiency.png")
     trainable = ", ".join(f"{mode} {n:,}" for mode, n in sorted(summary["trainable"].items()) if n)

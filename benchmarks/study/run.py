@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,11 +48,9 @@ METHODS: dict[str, list[str]] = {"lora": [], "poly": [], "mhr": ["method.n_heads
 SCALE_OVERRIDES: dict[str, dict[str, list[str]]] = {"cpu": {"hyperloader": [
     'method.target_modules=["layers.2[4-9].self_attn.[qv]_proj"]', "method.train_layer_norms=false"]}}
 # checkpoint method -> its adaptation modes (lora_scratch needs no checkpoint but the budget of one), in the
-# order they run: OrchMoE and its two references first, so a run cut short already has that comparison;
-# HyperLoader's new-task-embedding mode runs at GPU scale only, for time
+# order they run: OrchMoE and its two references first, so a run cut short already has that comparison
 ADAPT_MODES: dict[str, list[str]] = {"orchmoe": ["orchmoe"], "lora": ["lora_scratch", "lora"],
                                      "mhr": ["mhr", "mhr_z", "mhr_mu"], "hyperloader": ["hyperloader"]}
-CPU_ADAPTED = ("lora", "mhr", "orchmoe")
 # MHR-µ's zero-shot variant (Caccia et al.): the trained MHR collapsed to the average of its skills, then a few
 # more multi-task steps (a tenth of the training run's)
 MU_RUN = "mhr_mu_avg"
@@ -70,17 +69,18 @@ class Piece:
 
 
 def shown(args: list[str]) -> str:
-    """An `orchmoe` command as the report prints it: paths inside the repository made relative to it."""
-    return "orchmoe " + " ".join(arg.replace(f"{REPO}/", "") for arg in args)
+    """An `orchmoe` command as the report prints it, quoted for the shell so it can be pasted: paths inside the
+    repository made relative to it."""
+    return shlex.join(["orchmoe", *(arg.replace(f"{REPO}/", "") for arg in args)])
 
 
 def orchmoe(*args: str) -> None:
     """One CLI command, its output shown; a failure stops the study with the command's own message."""
-    command = [sys.executable, "-m", "orchmoe_cli", *args]
-    console.print(f"[dim]$ orchmoe {' '.join(args)}[/dim]", highlight=False)
+    line = shlex.join(["orchmoe", *args])
+    console.print(f"$ {line}", style="dim", highlight=False, markup=False)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    if subprocess.run(command, cwd=REPO, env=env, check=False).returncode != 0:
-        raise SystemExit(f"study: `orchmoe {' '.join(args)}` failed; fix it and rerun (finished pieces are kept)")
+    if subprocess.run([sys.executable, "-m", "orchmoe_cli", *args], cwd=REPO, env=env, check=False).returncode:
+        raise SystemExit(f"study: `{line}` failed; fix it and rerun (finished pieces are kept)")
 
 
 class Study:
@@ -204,7 +204,7 @@ class Study:
                 found += [self.evaluation(stage, m) for m in ["base", *METHODS, MU_RUN]]
         if "adapt" in stages:
             tasks = self.adaptation_tasks()
-            found += [self.adaptation(m, tasks) for m in ADAPT_MODES if self.scale != "cpu" or m in CPU_ADAPTED]
+            found += [self.adaptation(m, tasks) for m in ADAPT_MODES]
         return [*self._retraining(found), *found]
 
     def _retraining(self, pieces: list[Piece]) -> list[Piece]:

@@ -96,3 +96,15 @@ def prepare_for_adaptation(model: AdaptedModel, mode: str, task: str, with_route
         mask = torch.zeros_like(model.hyper.task_embedding)
         mask[new_index] = 1.0
         model.hyper.task_embedding.register_hook(lambda grad: grad * mask)  # the training tasks' rows stay fixed
+
+
+def movable_parameter_count(model: nn.Module, mode: str) -> int:
+    """Trainable parameters adaptation can move. A task table (routing logits, task embeddings) trains as one
+    tensor, but in a new-task mode only the new task's row gets gradient, so only that row counts."""
+    spec = MODES.get(mode)  # None for lora_scratch: a fresh LoRA, all of it trains
+    tables: set[int] = set()
+    if spec is not None and spec.new_task and isinstance(model, AdaptedModel):
+        tables = {id(router.logits) for router in model.modules() if isinstance(router, TaskRouter)}
+        if model.spec.router == "hyper":
+            tables.add(id(model.hyper.task_embedding))
+    return sum(p[0].numel() if id(p) in tables else p.numel() for p in model.parameters() if p.requires_grad)

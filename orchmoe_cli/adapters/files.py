@@ -5,6 +5,7 @@ Only JSON and safetensors are ever read; a pickled ``adapter_model.bin`` is refu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,19 @@ def read_tensors(directory: Path) -> dict[str, Tensor]:
     pickled = (" (adapter_model.bin is a pickle and is never loaded)"
                if (directory / "adapter_model.bin").exists() else "")
     return read_safetensors(directory / WEIGHTS_FILE, missing=f"file not found{pickled}")
+
+
+def canonical_safetensors(data: bytes, source: Path) -> bytes:
+    """A safetensors file with its JSON header re-serialised with sorted keys, the tensor bytes unchanged: equal
+    for equal tensors and metadata, whatever order the writer put the header's keys in."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        header = json.loads(data[8:8 + size]) if 0 < size <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise OrchmoeError(f"{source}: not a readable safetensors file (its header is damaged)")
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + data[8 + size:]
 
 
 def read_task_names(directory: Path) -> list[str]:

@@ -40,6 +40,7 @@ from orchmoe_cli.recipe import Recipe, TrainConfig, dump_recipe
 from orchmoe_cli.workflow import find_checkpoint, prepare_data
 
 RESULTS = "adapt_results.jsonl"
+PREDICTIONS = "predictions"  # <cell>.jsonl per cell: prompt digest, prediction, references, scores
 NO_TRAINING = ("zero_shot",)
 
 
@@ -221,6 +222,9 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, tra
     result = run_evaluation(eval_recipe, model, loaded.tokenizer, loaded.is_encoder_decoder,
                             prepared.dataset["test"], prepared.manifest["content_hash"], source, console,
                             model.task_index if isinstance(model, AdaptedModel) else None)
+    # the per-sample predictions behind the cell's score, under a name that does not depend on the machine
+    atomic_write_text(out / PREDICTIONS / f"{cell_dir.name}.jsonl",
+                      (result.output_dir / "predictions.jsonl").read_text(encoding="utf-8"))
     category = next(t["category"] for t in prepared.manifest["tasks"] if t["name"] == cell.task)
     line = {**dataclasses.asdict(cell), "key": cell.key, "category": category, "trainable": trainable,
             "steps_run": steps_run, "best_step": best.get("step", 0), "val_rougeL": best.get("rougeL"),

@@ -182,14 +182,15 @@ def adapt(
     if keep_adapters:
         extra.append("adapt.keep_adapters=true")
     loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes=("output.dir", "adapt.output_dir"))
-    from orchmoe_cli.adapt import RESULTS
+    from orchmoe_cli.adapt import PREDICTIONS, RESULTS
     from orchmoe_cli.adapt import adapt as run_adaptation
     from orchmoe_cli.adapt_report import read_results, summary_table, write_summary
 
     out = run_adaptation(loaded, str(recipe), console)
     summary = write_summary(out, read_results(out / RESULTS))
     console.print(summary_table(summary))
-    console.print(f"results: {out}/ ({RESULTS}, adapt_summary.md, adapt_summary.json, sample_efficiency.png)",
+    console.print(f"results: {out}/ ({RESULTS}, adapt_summary.md, adapt_summary.json, sample_efficiency.png, "
+                  f"{PREDICTIONS}/)",
                   highlight=False)
 
 

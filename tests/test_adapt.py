@@ -143,6 +143,10 @@ def test_sweep_resumes_and_matches_an_uninterrupted_one(trained: dict, tmp_path:
     assert run_cli([*args, f"adapt.output_dir={tmp_path / 'a'}"]) == 0
     reference = [json.loads(line) for line in (tmp_path / "a" / "adapt_results.jsonl").open()]
     assert [r["key"].split("/", 1)[1] for r in reference] == ["zero_shot/k0/s0", "mhr_z/k2/s1", "mhr_z/k2/s2"]
+    for row in reference:  # each cell's per-sample predictions, the scores it reports
+        path = tmp_path / "a" / "predictions" / f"{row['key'].replace('/', '-')}.jsonl"
+        samples = [json.loads(line) for line in path.open()]
+        assert {s["id"]: s["rougeL"] for s in samples} == row["scores"] and all("prediction" in s for s in samples)
 
     real = adapt_module.run_cell
     calls = []

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 from report import write_report
 
+from orchmoe_cli.adapt_report import read_results
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe, load_recipe
 
@@ -164,7 +165,7 @@ class Study:
             started = time.perf_counter()
             orchmoe(*command)
             results = out / "adapt_results.jsonl"
-            rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = read_results(results)
             for row in rows:  # the checkpoint relative to the runs directory, as the training results name it
                 if row.get("checkpoint") and Path(row["checkpoint"]).is_absolute():
                     row["checkpoint"] = os.path.relpath(row["checkpoint"], self.runs)

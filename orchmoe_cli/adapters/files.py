@@ -45,10 +45,10 @@ def read_tensors(directory: Path) -> dict[str, Tensor]:
 def canonical_safetensors(data: bytes, source: Path) -> bytes:
     """A safetensors file with its JSON header re-serialised with sorted keys, the tensor bytes unchanged: equal
     for equal tensors and metadata, whatever order the writer put the header's keys in."""
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    size = int.from_bytes(data[:8], "little")
     try:
-        header = json.loads(data[8:8 + size]) if 0 < size <= len(data) - 8 else None
-    except ValueError:
+        header = json.loads(data[8:8 + size])
+    except ValueError:  # too short, or not JSON
         header = None
     if not isinstance(header, dict):
         raise OrchmoeError(f"{source}: not a readable safetensors file (its header is damaged)")

@@ -175,8 +175,8 @@ class AdaptedModel(nn.Module):
 
         Unmerged, every adapted linear adds two small matmuls per decoding step, and on CPU their dispatch,
         not their arithmetic, costs up to a third of the bare model's speed; folding costs a few passes over the
-        adapted weights per batch (copy, add, restore), and :meth:`unmerge` restores them exactly. Methods whose routing differs
-        row by row (OrchMoE) or that generate non-linear adapters (HyperLoader) generate unmerged.
+        adapted weights per batch (copy, add, restore), and :meth:`unmerge` restores them exactly. Methods whose
+        routing differs row by row (OrchMoE) or that generate non-linear adapters (HyperLoader) generate unmerged.
         """
         single = state is None or state.shared
         if not (self.spec.mergeable and single and not self.training) or any(layer.merged for layer in self._layers):

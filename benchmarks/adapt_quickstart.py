@@ -26,8 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from orchmoe_cli.adapt import RESULTS  # noqa: E402
-from orchmoe_cli.adapt_report import merge_results, write_summary  # noqa: E402
+from orchmoe_cli.analysis.adaptation_report import merge_results, write_summary  # noqa: E402
+from orchmoe_cli.commands.adapt import RESULTS  # noqa: E402
 
 SWEEPS = {"orchmoe": REPO / "recipes" / "quickstart.yaml", "mhr": REPO / "recipes" / "quickstart-mhr.yaml"}
 TASKS = (REPO / "orchmoe_cli" / "data" / "sample" / "test_tasks.txt").read_text().split()

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from orchmoe_cli.compare import paired_bootstrap  # noqa: E402
+from orchmoe_cli.analysis.bootstrap import paired_bootstrap  # noqa: E402
 
 RECIPE = REPO / "recipes" / "sni" / "orchmoe.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "orchmoe_routing"

@@ -45,7 +45,7 @@ COMMON = ("the of and to a in is that for it as with was on be by this are or fr
           "but have one all will each if can has given task sentence answer question text output input")
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 CLI = [sys.executable, "-m", "orchmoe_cli"]
-MODEL_BYTES = ("import json, sys; from orchmoe_cli.recipe import load_recipe; from orchmoe_cli.models import "
+MODEL_BYTES = ("import json, sys; from orchmoe_cli.recipe import load_recipe; from orchmoe_cli.core.base_models import "
                "load_model; m = load_model(load_recipe(sys.argv[1]).model).model; "
                "print(json.dumps(sum(p.numel() * p.element_size() for p in m.parameters())))")
 

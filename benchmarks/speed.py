@@ -38,11 +38,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from orchmoe_cli import evaluate  # noqa: E402
 from orchmoe_cli.adapters import MethodConfig, attach_adapters  # noqa: E402
-from orchmoe_cli.models import load_model  # noqa: E402
+from orchmoe_cli.core import generation  # noqa: E402
+from orchmoe_cli.core.base_models import load_model  # noqa: E402
+from orchmoe_cli.core.prepared import prepare_data  # noqa: E402
 from orchmoe_cli.recipe import load_recipe  # noqa: E402
-from orchmoe_cli.workflow import prepare_data  # noqa: E402
 
 SHAPES = {
     "tiny-llama": {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -243,29 +243,29 @@ class Unmerged:
 
 @contextlib.contextmanager
 def stopping(criterion: type) -> Iterator[None]:
-    original = evaluate.StopAtNewline
-    evaluate.StopAtNewline = criterion
+    original = generation.StopAtNewline
+    generation.StopAtNewline = criterion
     try:
         yield
     finally:
-        evaluate.StopAtNewline = original
+        generation.StopAtNewline = original
 
 
 def generation_variants(base: Any, tasks: list[str]) -> dict[str, tuple[Any, dict[str, int] | None, type]]:
     """name -> (model, task map or None, stopping criterion); adapters start as their methods initialise them."""
     index = {name: i for i, name in enumerate(tasks)}
     found: dict[str, tuple[Any, dict[str, int] | None, type]] = {
-        "bare": (base, None, evaluate.StopAtNewline), "bare, decode-every-row stop": (base, None, DecodeEveryRow)}
+        "bare": (base, None, generation.StopAtNewline), "bare, decode-every-row stop": (base, None, DecodeEveryRow)}
     merged = attach_adapters(sharing_copy(base), MethodConfig(name="poly", rank=RANK, n_skills=SKILLS), tasks)
     merged.merge(0)  # one task's adapter folded into the weights: what a single-task deployment runs
-    found["poly, one task merged"] = (merged.eval(), index, evaluate.StopAtNewline)
+    found["poly, one task merged"] = (merged.eval(), index, generation.StopAtNewline)
     for method, extra in (("poly", {}), ("mhr", {"n_heads": HEADS}), ("orchmoe", {})):
         config = MethodConfig(name=method, rank=RANK, n_skills=SKILLS, **extra)  # type: ignore[arg-type]
         model = attach_adapters(sharing_copy(base), config, tasks).eval()
         label = "orchmoe, per-example routing" if method == "orchmoe" else f"{method}, per-task routing"
-        found[label] = (model, None if method == "orchmoe" else index, evaluate.StopAtNewline)
+        found[label] = (model, None if method == "orchmoe" else index, generation.StopAtNewline)
         if method == "poly":
-            found["poly, per-task routing, unmerged"] = (Unmerged(model), index, evaluate.StopAtNewline)
+            found["poly, per-task routing, unmerged"] = (Unmerged(model), index, generation.StopAtNewline)
     return found
 
 
@@ -291,7 +291,7 @@ def run_generation(model_name: str, per_task: int, rounds: int, device: torch.de
             with stopping(criterion):
                 _sync(device)
                 start = time.perf_counter()
-                evaluate.generate_predictions(counted, loaded.tokenizer, False, rows, recipe.eval, index,
+                generation.generate_predictions(counted, loaded.tokenizer, False, rows, recipe.eval, index,
                                               lambda *_: None)
                 _sync(device)
             if round_index:

@@ -18,9 +18,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchmoe_cli import __version__
-from orchmoe_cli.data.sni import resolve_source
+from orchmoe_cli.commands.common import load_checked
 from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError
-from orchmoe_cli.fsutil import check_output_dir
 from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
 
 try:  # recent typer vendors click; its usage errors live here
@@ -66,31 +65,25 @@ def _root(
 
 def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool,
           writes: tuple[str, ...] = ()) -> Recipe:
-    """The resolved recipe, with its data location and the output directories the command ``writes``
-    (dotted fields) checked before anything heavy is imported."""
-    recipe = load_recipe(recipe_path, overrides or [])
+    """The resolved recipe (checked by :func:`commands.common.load_checked`); ``--show-config`` prints it."""
     if show_config:
-        console.print(dump_recipe(recipe), markup=False, highlight=False, end="")
+        console.print(dump_recipe(load_recipe(recipe_path, overrides or [])), markup=False, highlight=False, end="")
         raise typer.Exit()
     try:
-        resolve_source(recipe.data)
-        for field in writes:
-            section, name = field.split(".")
-            value = getattr(getattr(recipe, section), name)
-            if value is not None:
-                check_output_dir(value, field)
+        return load_checked(recipe_path, overrides or [], writes)
     except OrchmoeError as exc:
+        if exc.message.startswith(f"{recipe_path}: "):
+            raise
         raise OrchmoeError(f"{recipe_path}: {exc}") from None
-    return recipe
 
 
 @app.command()
 def prepare(recipe: RecipeArg, overrides: OverridesArg = None, show_config: ShowConfig = False) -> None:
     """Validate SNI task files and encode them (Tk-Instruct prompts) into a cached Arrow dataset."""
     loaded = _load(recipe, overrides, show_config)
-    from orchmoe_cli.workflow import prepare_data
+    from orchmoe_cli.commands.prepare import prepare as run_prepare
 
-    prepared = prepare_data(loaded, str(recipe), console)
+    prepared = run_prepare(loaded, str(recipe), console)
     manifest = prepared.manifest
     table = Table(title=f"prepared {'(from cache) ' if prepared.from_cache else ''}{prepared.path}", title_justify="left")
     for column in ("split", "tasks", "instances", "adaptation pool", "categories"):
@@ -115,8 +108,9 @@ def eval_command(
 ) -> None:
     """Generate on held-out tasks and score with the official SNI ROUGE-L / exact match."""
     loaded = _load(recipe, overrides, show_config, writes=("output.dir", "eval.output_dir"))
-    from orchmoe_cli.report import results_table, task_rows
-    from orchmoe_cli.workflow import evaluate
+    from orchmoe_cli.analysis.tables import results_table
+    from orchmoe_cli.commands.eval import evaluate
+    from orchmoe_cli.core.results import task_rows
 
     outcomes = evaluate(loaded, str(recipe), console, with_base=with_base)
     if not outcomes:  # a non-main process of a distributed evaluation
@@ -138,7 +132,7 @@ def train(
 ) -> None:
     """Train the recipe's adapter method on the training tasks (accelerate; resumable)."""
     loaded = _load(recipe, overrides, show_config, writes=("output.dir",))
-    from orchmoe_cli.train import train as run_training
+    from orchmoe_cli.commands.train import train as run_training
 
     outcome = run_training(loaded, str(recipe), console, resume=resume)
     if not outcome.is_main_process:
@@ -182,9 +176,9 @@ def adapt(
     if keep_adapters:
         extra.append("adapt.keep_adapters=true")
     loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes=("output.dir", "adapt.output_dir"))
-    from orchmoe_cli.adapt import PREDICTIONS, RESULTS
-    from orchmoe_cli.adapt import adapt as run_adaptation
-    from orchmoe_cli.adapt_report import read_results, summary_table, write_summary
+    from orchmoe_cli.analysis.adaptation_report import read_results, summary_table, write_summary
+    from orchmoe_cli.commands.adapt import PREDICTIONS, RESULTS
+    from orchmoe_cli.commands.adapt import adapt as run_adaptation
 
     out = run_adaptation(loaded, str(recipe), console)
     summary = write_summary(out, read_results(out / RESULTS))
@@ -213,8 +207,9 @@ def inspect_routing(
     if output_format not in ("table", "json", "csv"):
         raise OrchmoeError(f"--format: '{output_format}' is not one of table, json, csv")
     recipe = _load(data, [], False) if data is not None else None
-    from orchmoe_cli.routing import default_out_dir, inspect_checkpoint, to_csv, write_report
-    from orchmoe_cli.workflow import find_checkpoint
+    from orchmoe_cli.analysis.routing_report import to_csv
+    from orchmoe_cli.commands.inspect_routing import default_out_dir, inspect_checkpoint, write_report
+    from orchmoe_cli.core.checkpoint import find_checkpoint
 
     path = find_checkpoint(checkpoint, str(checkpoint), "orchmoe train RECIPE")
     quiet = Console(stderr=True, quiet=output_format != "table")
@@ -228,7 +223,7 @@ def inspect_routing(
     if output_format == "csv":
         sys.stdout.write(to_csv(report))
         return
-    from orchmoe_cli.report import routing_summary, routing_table
+    from orchmoe_cli.analysis.tables import routing_summary, routing_table
 
     console.print(routing_table(report))
     for line in routing_summary(report):

@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from rich.console import Console
 
-from cli_runner import run_cli
-from orchmoe_cli import adapt as adapt_module
 from orchmoe_cli.adapters import load_adapted
 from orchmoe_cli.adapters.adaptation import movable_parameter_count, prepare_for_adaptation
 from orchmoe_cli.adapters.budget import group_of
 from orchmoe_cli.adapters.registry import SPECS
+from orchmoe_cli.commands import adapt as adapt_module
+from orchmoe_cli.core.base_models import load_model
+from orchmoe_cli.core.fit import fit, make_accelerator
+from orchmoe_cli.core.prepared import prepare_data
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.data.prepare import POOL
 from orchmoe_cli.data.rows import TaskRows
-from orchmoe_cli.fit import fit, make_accelerator
-from orchmoe_cli.models import load_model
 from orchmoe_cli.recipe import TrainConfig, load_recipe
-from orchmoe_cli.workflow import prepare_data
 
 QUIET = Console(file=io.StringIO())
 NEW_TASK = "task101_delta_rewrite"
@@ -206,7 +206,7 @@ def test_a_signal_inside_a_cell_stops_the_sweep_without_recording_it(trained: di
                                                                      monkeypatch) -> None:
     import signal
 
-    from orchmoe_cli.sampling import TaskBatchSampler
+    from orchmoe_cli.core.sampling import TaskBatchSampler
 
     recipe, checkpoint = trained["mhr"]
     original = TaskBatchSampler.batch
@@ -244,7 +244,7 @@ def test_a_sweep_with_other_settings_or_another_checkpoint_is_refused(trained: d
 
 
 def test_merged_sweeps_name_each_zero_shot_after_its_checkpoint(tmp_path: Path) -> None:
-    from orchmoe_cli.adapt_report import merge_results, summarise
+    from orchmoe_cli.analysis.adaptation_report import merge_results, summarise
 
     def line(mode: str, method: str, seed: int, score: float) -> dict:
         shots = 0 if mode == "zero_shot" else 4

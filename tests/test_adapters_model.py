@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 from adapter_fixtures import BUILDERS, METHODS, TASKS, make_batch, perturb
 from tolerance import DEFAULT_ULPS, assert_close_scaled, assert_differs_scaled
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from orchmoe_cli.adapters import AdaptedModel, MethodConfig, attach_adapters, load_adapted
 from orchmoe_cli.adapters.registry import SPECS
-from orchmoe_cli.evaluate import checkpoint_digest
+from orchmoe_cli.core.checkpoint import checkpoint_digest
 
 ARCHS = list(BUILDERS)
 ROUTED = [m for m in METHODS if SPECS[m].router != "constant"]

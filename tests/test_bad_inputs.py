@@ -638,7 +638,7 @@ def _one_error_line(code: int, stderr: str) -> str:
 def test_disk_full_while_saving_a_checkpoint(where: str, shared: Shared, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills while step 2 is saved: exit 2, one line, step 1 intact, no temp dir, no lock."""
-    from orchmoe_cli import checkpoint as ckpt
+    from orchmoe_cli.core import checkpoint as ckpt
 
     sni, run = write_sni(tmp_path / "sni"), tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"

@@ -19,9 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orchmoe_cli import checkpoint
-from orchmoe_cli.checkpoint import (
-    RunLock,
+from orchmoe_cli.core import checkpoint
+from orchmoe_cli.core.checkpoint import (
     capture_rng,
     latest_checkpoint,
     load_training_state,
@@ -29,6 +28,7 @@ from orchmoe_cli.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.errors import OrchmoeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,13 +218,13 @@ def test_latest_skips_corrupted_and_temp_dirs(tmp_path: Path, caplog: pytest.Log
     bad = _save(tmp_path, 2)
     _flip_byte(bad / "adapter_config.json")
     (tmp_path / "checkpoints" / ".step-000003.abc.tmp").mkdir()
-    with caplog.at_level(logging.WARNING, logger="orchmoe_cli.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="orchmoe_cli.core.checkpoint"):
         assert latest_checkpoint(tmp_path) == good
     assert "adapter_config.json: was modified after saving" in caplog.text
 
     caplog.clear()
     _flip_byte(good / "recipe.yaml")
-    with caplog.at_level(logging.WARNING, logger="orchmoe_cli.checkpoint"), \
+    with caplog.at_level(logging.WARNING, logger="orchmoe_cli.core.checkpoint"), \
             pytest.raises(OrchmoeError, match=r"step-000002/adapter_config\.json: was modified after saving.*; "
                                               rf"no complete checkpoint left in {tmp_path}$"):
         latest_checkpoint(tmp_path)
@@ -238,7 +238,7 @@ def test_killed_save_leaves_previous_checkpoint_usable(tmp_path: Path) -> None:
         import time
         from pathlib import Path
         import torch
-        from orchmoe_cli.checkpoint import save_checkpoint
+        from orchmoe_cli.core.checkpoint import save_checkpoint
         model = torch.nn.Linear(2, 2)
         optimizer = torch.optim.AdamW(model.parameters())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -295,7 +295,7 @@ def test_run_lock(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     lock_file = tmp_path / ".lock"
     lock_file.write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "started": "earlier"}))
     (tmp_path / "checkpoints" / ".step-000009.xyz.tmp").mkdir(parents=True)
-    with caplog.at_level(logging.WARNING, logger="orchmoe_cli.checkpoint"), RunLock(tmp_path):
+    with caplog.at_level(logging.WARNING, logger="orchmoe_cli.core.run_lock"), RunLock(tmp_path):
         assert json.loads(lock_file.read_text())["pid"] == os.getpid()
         assert _leftovers(tmp_path) == []  # starting a run clears what a killed one left
     assert f"pid {dead.pid}, which is no longer running" in caplog.text

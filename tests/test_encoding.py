@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import string
 from pathlib import Path
 from typing import Any, Callable
@@ -11,7 +10,7 @@ import pytest
 
 from orchmoe_cli.data.encoding import encode_prompts, format_definition, format_example, format_task_input
 from orchmoe_cli.data.sni import Example, Instance, SNITask, bundled_dir, read_task
-from orchmoe_cli.recipe import DataConfig
+from orchmoe_cli.data.config import DataConfig
 
 # sni.md, section 4: def + 2 pos for task1146_country_capital, first test instance.
 WORKED_EXAMPLE = (

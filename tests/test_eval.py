@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from orchmoe_cli import evaluate as evaluate_module
 from cli_runner import run_cli
-from orchmoe_cli.metrics import aggregate
+
+from orchmoe_cli.core import evaluation as evaluate_module
+from orchmoe_cli.core.metrics import aggregate
 
 
 def write_recipe(path: Path, sni: Path, out: Path, model: str, *extra: str) -> Path:
@@ -110,7 +110,7 @@ def test_eval_with_base_after_training(sni_dir: Path, tmp_path: Path, capsys) ->
 
 def test_eval_directories_of_like_named_checkpoints_differ(tmp_path: Path) -> None:
     """step-000100 of two runs must not overwrite each other's results."""
-    from orchmoe_cli.evaluate import eval_output_dir
+    from orchmoe_cli.core.evaluation import eval_output_dir
     from orchmoe_cli.recipe import load_recipe
 
     dirs = {eval_output_dir(load_recipe(None, [f"eval.checkpoint={tmp_path / run / 'step-000100'}",

@@ -28,8 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchmoe_cli.checkpoint import verify_checkpoint
 from orchmoe_cli.cli import main
+from orchmoe_cli.core.checkpoint import verify_checkpoint
 
 TRAIN_TASKS = ("task001_alpha_qa", "task002_beta_title", "task003_gamma_qa")
 TEST_TASKS = ("task101_delta_rewrite", "task102_epsilon_qa")

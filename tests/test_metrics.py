@@ -2,7 +2,7 @@
 
 import pytest
 
-from orchmoe_cli.metrics import aggregate, exact_match, group_name, normalize_answer, rouge_l, score_instance
+from orchmoe_cli.core.metrics import aggregate, exact_match, group_name, normalize_answer, rouge_l, score_instance
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,11 @@ from rich.console import Console
 from orchmoe_cli.adapters import attach_adapters
 from orchmoe_cli.adapters.orchmoe import load_balance_loss, mutual_information
 from orchmoe_cli.adapters.registry import spec_of
+from orchmoe_cli.core.base_models import load_model
+from orchmoe_cli.core.fit import fit, make_accelerator
+from orchmoe_cli.core.training_log import read_metrics
 from orchmoe_cli.data.rows import TaskRows
-from orchmoe_cli.fit import fit, make_accelerator
-from orchmoe_cli.models import load_model
 from orchmoe_cli.recipe import load_recipe
-from orchmoe_cli.train_logging import read_metrics
 
 T = 4
 

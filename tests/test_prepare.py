@@ -16,7 +16,7 @@ from rich.console import Console
 from orchmoe_cli.data import prepare as prepare_module
 from orchmoe_cli.data.prepare import load_prepared, prepare
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.recipe import DataConfig
+from orchmoe_cli.data.config import DataConfig
 
 TRAIN = ["task001_alpha_qa", "task002_beta_title", "task003_gamma_qa"]
 TEST = ["task101_delta_rewrite", "task102_epsilon_qa"]
@@ -165,7 +165,7 @@ def test_decoder_only_keeps_a_default_bos(sni_dir: Path, tmp_path: Path, bos_tok
 
 def test_local_model_tokenizer_edits_change_the_tokenizer_id(tmp_path: Path) -> None:
     """A prepared dataset is keyed by the tokenizer id: for a local directory it covers the tokenizer files."""
-    from orchmoe_cli.models import load_model, load_tokenizer
+    from orchmoe_cli.core.base_models import load_model, load_tokenizer
     from orchmoe_cli.recipe import load_recipe
 
     tiny = load_model(load_recipe(None, ["model.name=tiny-llama"]).model)

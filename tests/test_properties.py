@@ -29,9 +29,9 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from orchmoe_cli.core.metrics import METRICS, aggregate, exact_match, rouge_l, score_instance
 from orchmoe_cli.data.sni import SNITask, read_task
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.metrics import METRICS, aggregate, exact_match, rouge_l, score_instance
 from orchmoe_cli.recipe import Recipe, load_recipe
 
 # ORCHMOE_PROPERTY_EXAMPLES=2000 explores longer (the default keeps each test at a few seconds)

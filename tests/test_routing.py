@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from cli_runner import run_cli
-from orchmoe_cli import routing_stats as rs
 from test_train import write_recipe
+
+from orchmoe_cli.analysis import routing_stats as rs
 
 S = 4  # skills in the hand-built allocations
 
@@ -132,7 +132,7 @@ def test_every_routed_method_produces_every_file(method: str, trained: dict, tmp
 
 def test_json_agrees_with_the_table_and_the_model(trained: dict, tmp_path: Path, capsys) -> None:
     from orchmoe_cli.adapters import load_adapted
-    from orchmoe_cli.models import load_model
+    from orchmoe_cli.core.base_models import load_model
     from orchmoe_cli.recipe import load_recipe
 
     recipe, run = trained["mhr"]
@@ -171,8 +171,8 @@ def test_task_and_layer_filters(trained: dict, tmp_path: Path, capsys) -> None:
 
 def test_routing_probabilities_refuse_methods_without_allocation() -> None:
     from orchmoe_cli.adapters import attach_adapters
+    from orchmoe_cli.core.base_models import load_model
     from orchmoe_cli.errors import OrchmoeError
-    from orchmoe_cli.models import load_model
     from orchmoe_cli.recipe import load_recipe
 
     recipe = load_recipe(None, ["model.name=tiny-llama", "method.name=lora"])
@@ -184,7 +184,7 @@ def test_routing_probabilities_refuse_methods_without_allocation() -> None:
 
 
 def test_paired_bootstrap_interval() -> None:
-    from orchmoe_cli.compare import paired_bootstrap
+    from orchmoe_cli.analysis.bootstrap import paired_bootstrap
 
     a = {f"i{k}": 50.0 + (k % 5) for k in range(100)}
     same = paired_bootstrap(a, a)

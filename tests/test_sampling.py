@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from orchmoe_cli.sampling import TaskBatchSampler
+from orchmoe_cli.core.sampling import TaskBatchSampler
 
 ROW_TASKS = [0] * 40 + [1] * 10 + [2] * 2
 

@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from orchmoe_cli.evaluate import StopAtNewline
-from orchmoe_cli.models import byte_tokenizer
+from orchmoe_cli.core.base_models import byte_tokenizer
+from orchmoe_cli.core.generation import StopAtNewline
 
 
 def _bpe_tokenizer() -> PreTrainedTokenizerFast:

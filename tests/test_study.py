@@ -69,10 +69,10 @@ def _held_back_ids() -> set[str]:
 
     from rich.console import Console
 
+    from orchmoe_cli.commands.train import training_rows
+    from orchmoe_cli.core.prepared import prepare_data
     from orchmoe_cli.data.rows import TaskRows
     from orchmoe_cli.recipe import load_recipe
-    from orchmoe_cli.train import training_rows
-    from orchmoe_cli.workflow import prepare_data
 
     cwd = os.getcwd()
     os.chdir(REPO)  # the driver prepared the data from the repository root

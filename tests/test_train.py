@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from safetensors.torch import load_file
 from tolerance import assert_close_scaled
 
-from cli_runner import run_cli
 from orchmoe_cli.cli import main
-from orchmoe_cli.sampling import TaskBatchSampler
-from orchmoe_cli.train_logging import read_metrics
+from orchmoe_cli.core.sampling import TaskBatchSampler
+from orchmoe_cli.core.training_log import read_metrics
 
 METHODS = ["lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader"]
 
@@ -144,9 +144,9 @@ def test_two_process_cpu_training(sni_dir: Path, tmp_path: Path) -> None:
 def test_causal_loss_on_answer_positions_equals_full_loss() -> None:
     import torch.nn.functional as F
 
-    from orchmoe_cli.models import load_model
+    from orchmoe_cli.core.base_models import load_model
+    from orchmoe_cli.core.fit import lm_loss
     from orchmoe_cli.recipe import load_recipe
-    from orchmoe_cli.fit import lm_loss
 
     model = load_model(load_recipe(None, ["model.name=tiny-llama"]).model).model
     input_ids = torch.randint(3, 300, (3, 12))

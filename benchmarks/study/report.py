@@ -15,8 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from orchmoe_cli.adapt_report import merge_results, plot, summarise
-from orchmoe_cli.compare import paired_bootstrap
+from orchmoe_cli.analysis.adaptation_report import merge_results, plot, summarise
+from orchmoe_cli.analysis.bootstrap import paired_bootstrap
 
 
 def _read(path: Path) -> dict[str, Any]:

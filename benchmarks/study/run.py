@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 from report import write_report
 
-from orchmoe_cli.adapt_report import read_results
+from orchmoe_cli.analysis.adaptation_report import read_results
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe, load_recipe
 
@@ -184,7 +184,7 @@ class Study:
     def adaptation_tasks(self) -> list[str]:
         """One held-out task per SNI category, the one with the largest adaptation pool (ties: split order);
         a rule that never looks at scores. At GPU scale, every task with a pool."""
-        from orchmoe_cli.workflow import prepare_data
+        from orchmoe_cli.core.prepared import prepare_data
 
         prepared = prepare_data(self.config, str(self.recipe), console)
         held_out = [t for t in prepared.manifest["tasks"] if t["split"] == "test" and t.get("n_pool", 0) > 0]

@@ -10,7 +10,7 @@ Each mode names the methods it fits and what it trains (the papers' settings, ``
 - ``lora``: the shared multi-task LoRA trains.
 
 The rows of the training tasks stay bit-identical: they get no gradient, and adaptation runs AdamW
-without weight decay, so an untouched row is never moved (``orchmoe_cli.adapt``).
+without weight decay, so an untouched row is never moved (``orchmoe_cli.commands.adapt``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import string
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+from orchmoe_cli.data.config import DataConfig
 from orchmoe_cli.data.sni import Example, Instance, SNITask
-from orchmoe_cli.recipe import DataConfig
 
 _PUNCTUATION = frozenset(string.punctuation)
 

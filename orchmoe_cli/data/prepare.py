@@ -26,11 +26,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchmoe_cli import __version__
+from orchmoe_cli.data.config import DataConfig
 from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
 from orchmoe_cli.data.sni import SPLITS, SNITask, SourceLayout, matches_languages, read_split, resolve_source
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import disk_error
-from orchmoe_cli.recipe import DataConfig
 
 FORMAT_VERSION = 4  # 2: answers carry the space after "Output:"; 3: encoder-decoder prompts cut left; 4: pool
 POOL = "pool"  # held-out tasks' instances after the evaluation ones: few-shot adaptation data

@@ -18,8 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Literal, NoReturn, Sequence
 
+from orchmoe_cli.data.config import DataConfig
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.recipe import DataConfig
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, Split] = ("train", "test")

@@ -1,4 +1,4 @@
-"""The steps shared by commands: prepare the recipe's data for its model, evaluate models."""
+"""`orchmoe eval`: the base model and/or a trained adapter generate on the recipe's split and are scored."""
 
 from __future__ import annotations
 
@@ -10,17 +10,12 @@ import torch
 from accelerate import PartialState
 from rich.console import Console
 
-from orchmoe_cli.data.prepare import Prepared, prepare
+from orchmoe_cli.core.base_models import load_model
+from orchmoe_cli.core.checkpoint import find_checkpoint
+from orchmoe_cli.core.evaluation import EvalOutcome, run_evaluation
+from orchmoe_cli.core.prepared import prepare_data
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.evaluate import EvalOutcome, run_evaluation
-from orchmoe_cli.models import load_model, load_tokenizer
 from orchmoe_cli.recipe import Recipe
-
-
-def prepare_data(recipe: Recipe, source: str, console: Console) -> Prepared:
-    """Encode the recipe's SNI data with its model's tokenizer (served from the cache when unchanged)."""
-    info = load_tokenizer(recipe.model)
-    return prepare(recipe.data, info.tokenizer, info.tokenizer_id, info.is_encoder_decoder, console=console)
 
 
 def resolve_checkpoint(recipe: Recipe, source: str) -> Path | None:
@@ -31,29 +26,6 @@ def resolve_checkpoint(recipe: Recipe, source: str) -> Path | None:
         return None
     path = Path(recipe.output.dir) if value == "latest" else Path(value)
     return find_checkpoint(path, f"{source}: eval.checkpoint", f"orchmoe train {source}")
-
-
-def find_checkpoint(path: Path, what: str, how_to_train: str = "orchmoe train RECIPE") -> Path:
-    """An adapter directory (verified against its manifest when it has one), or a run directory's newest
-    complete checkpoint; ``what`` starts the one-line error."""
-    from orchmoe_cli import checkpoint as ckpt
-
-    path = path.expanduser()
-    if (path / "adapter_config.json").is_file():
-        if (path / ckpt.MANIFEST).is_file():
-            ckpt.verify_checkpoint(path)
-        return path
-    if not path.exists():
-        raise OrchmoeError(f"{what}: {path} does not exist; train one first ({how_to_train}) or point it at an "
-                           "adapter checkpoint or a run directory")
-    try:
-        latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
-    except OrchmoeError as exc:  # checkpoints exist but none is complete
-        raise OrchmoeError(f"{what}: {exc}") from None
-    if latest is None:
-        raise OrchmoeError(f"{what}: {path} holds no adapter checkpoint; train one first "
-                           f"({how_to_train}) or point it at an adapter directory")
-    return latest
 
 
 def _load_checkpoint(base: Any, checkpoint: Path, recipe: Recipe, source: str, attempts: int = 3) -> tuple[Any, Path]:

@@ -27,17 +27,19 @@ from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
 from orchmoe_cli.adapters.adaptation import check_mode, movable_parameter_count, prepare_for_adaptation
 from orchmoe_cli.adapters.config import MethodConfig
 from orchmoe_cli.adapters.registry import SPECS
+from orchmoe_cli.core.base_models import LoadedModel, load_model
+from orchmoe_cli.core.checkpoint import checkpoint_digest, find_checkpoint
+from orchmoe_cli.core.evaluation import run_evaluation
+from orchmoe_cli.core.fit import fit, make_accelerator
+from orchmoe_cli.core.generation import generate_predictions
+from orchmoe_cli.core.metrics import score_instance
+from orchmoe_cli.core.prepared import prepare_data
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.data.prepare import POOL
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.evaluate import checkpoint_digest, generate_predictions, run_evaluation
-from orchmoe_cli.fit import fit, make_accelerator
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, read_json
-from orchmoe_cli.metrics import score_instance
-from orchmoe_cli.models import LoadedModel, load_model
 from orchmoe_cli.recipe import Recipe, TrainConfig, dump_recipe
-from orchmoe_cli.workflow import find_checkpoint, prepare_data
 
 RESULTS = "adapt_results.jsonl"
 PREDICTIONS = "predictions"  # <cell>.jsonl per cell: prompt digest, prediction, references, scores

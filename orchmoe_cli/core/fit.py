@@ -28,17 +28,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from orchmoe_cli import checkpoint as ckpt
 from orchmoe_cli.adapters import AdaptedModel
 from orchmoe_cli.adapters.files import read_task_names, read_tensors
 from orchmoe_cli.adapters.registry import MethodSpec
+from orchmoe_cli.core import checkpoint as ckpt
+from orchmoe_cli.core.run_lock import RunLock
+from orchmoe_cli.core.sampling import TaskBatchSampler
+from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve
 from orchmoe_cli.data.collate import TrainCollator
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, check_output_dir
 from orchmoe_cli.recipe import TrainConfig
-from orchmoe_cli.sampling import TaskBatchSampler
-from orchmoe_cli.train_logging import MetricsLogger, plot_loss_curve
 
 _LR_FIELD = {"adapters": "lr", "routers": "router_lr", "hypernetwork": "hypernetwork_lr", "other": "lr"}
 
@@ -259,7 +260,7 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, ac
     if validate is None and val_rows is not None and len(val_rows):
         val_batches = Batches(model, val_rows, pad_id, causal, accelerator)
         validate = lambda m, step: {"val_loss": validation_loss(m, val_batches, cfg.batch_size)}  # noqa: E731
-    lock = ckpt.RunLock(run_dir) if is_main else None
+    lock = RunLock(run_dir) if is_main else None
     if lock is not None:
         lock.acquire()
     try:

@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from orchmoe_cli import report
-from orchmoe_cli.adapters.files import ADAPTER_FILES, WEIGHTS_FILE, canonical_safetensors
-from orchmoe_cli.data.collate import GenerationCollator, pad_token_id
+from orchmoe_cli.core import results as report
+from orchmoe_cli.core.checkpoint import checkpoint_digest
+from orchmoe_cli.core.generation import generate_predictions
+from orchmoe_cli.core.metrics import aggregate, score_instance
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import disk_error, replace_files
-from orchmoe_cli.metrics import aggregate, score_instance
 from orchmoe_cli.recipe import EvalConfig, Recipe, dump_recipe, recipe_to_dict
 
 PARTIAL_NAME = ".predictions.partial.jsonl"
@@ -87,104 +84,6 @@ def select_instances(split: Any, cfg: EvalConfig, source: str) -> list[dict[str,
             counts[task] += 1
             chosen[task].append(row)
     return [row for task in wanted for row in chosen[task]]
-
-
-def _task_batches(rows: Sequence[dict], batch_size: int) -> Iterator[list[dict]]:
-    """Batches that never mix tasks, longest prompts first inside a task (less padding, early OOM)."""
-    by_task: dict[str, list[dict]] = {}
-    for row in rows:
-        by_task.setdefault(row["task"], []).append(row)
-    for task_rows in by_task.values():
-        ordered = sorted(task_rows, key=lambda r: -len(r["prompt_ids"]))
-        for start in range(0, len(ordered), batch_size):
-            yield ordered[start : start + batch_size]
-
-
-class StopAtNewline(StoppingCriteria):
-    """Decoder-only models continue past the answer: a row is done at its first newline after some text.
-
-    Checked on token ids through per-vocabulary lookup tables (built once per tokenizer), so a decoding step
-    costs a few tensor ops instead of decoding every row's whole answer again; the result is the same as
-    ``"\\n" in decoded_answer.lstrip()``. Stateless, so beam reordering is harmless."""
-
-    _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
-        self.prompt_length = prompt_length
-        if tokenizer not in self._tables:
-            pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
-            self._tables[tokenizer] = torch.tensor(  # + a last all-false row for ids past the tokenizer's own
-                [[bool(p.strip()), "\n" in p, "\n" in p.lstrip() and bool(p.strip())] for p in pieces]
-                + [[False, False, False]])
-        self.tokenizer = tokenizer
-        self.table = self._tables[tokenizer]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        if self.table.device != input_ids.device:  # moved once per tokenizer, not once per batch
-            self.table = self._tables[self.tokenizer] = self.table.to(input_ids.device)
-        answer = input_ids[:, self.prompt_length :].clamp(max=len(self.table) - 1)
-        flags = self.table[answer]  # (rows, new tokens, 3)
-        text, newline, newline_after_own_text = flags.unbind(-1)
-        text_before = (text.cumsum(1) - text.long()) > 0
-        return (newline_after_own_text | (newline & text_before)).any(1)
-
-
-def _clean(text: str, is_encoder_decoder: bool) -> str:
-    """Decoder-only answers end at the first newline after the answer text."""
-    text = text.strip()
-    if not is_encoder_decoder:
-        text = text.split("\n", 1)[0].strip()
-    return text
-
-
-def generate_predictions(
-    model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: Sequence[dict], cfg: EvalConfig,
-    task_index: Mapping[str, int] | None, on_batch: Callable[[list[dict], list[str]], None],
-    shard: tuple[int, int] = (0, 1),
-) -> None:
-    """Generate for ``rows`` batch by batch, calling ``on_batch(rows, predictions)`` after each.
-
-    ``task_index`` maps task names to the model's routing indices (None: the model reads no task id).
-    ``shard = (rank, world)``: this process takes every world-th batch (data-parallel evaluation)."""
-    device = next(model.parameters()).device
-    pad_id = pad_token_id(tokenizer)
-    collate = GenerationCollator(pad_id, is_encoder_decoder, task_index)
-    gen_kwargs: dict[str, Any] = {
-        "max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
-        "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id,
-    }
-    rank, world = shard
-    for number, batch_rows in enumerate(_task_batches(rows, cfg.batch_size)):
-        if number % world != rank:
-            continue
-        batch = collate(batch_rows)
-        if not is_encoder_decoder:
-            stop = StopAtNewline(tokenizer, batch["input_ids"].shape[1])
-            gen_kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
-        routing = {"task_ids": batch["task_ids"].to(device)} if "task_ids" in batch else {}
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                **routing, **gen_kwargs,
-            )
-        if not is_encoder_decoder:
-            output = output[:, batch["input_ids"].shape[1] :]
-        texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-        on_batch(batch_rows, [_clean(t, is_encoder_decoder) for t in texts])
-
-
-def checkpoint_digest(checkpoint: str | Path) -> str:
-    """sha256 over what an adapter checkpoint loads (config, weights, task names). The weights count by content:
-    safetensors writes its metadata in an order that changes from process to process, so the same tensors
-    saved twice need not be the same bytes."""
-    digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        path = Path(checkpoint) / name
-        if path.is_file():
-            digest.update(f"\0{name}\0".encode())
-            data = path.read_bytes()
-            digest.update(canonical_safetensors(data, path) if name == WEIGHTS_FILE else data)
-    return digest.hexdigest()
 
 
 def _fingerprint(recipe: Recipe, data_hash: str, adapter_sha256: str | None) -> str:

@@ -1,6 +1,6 @@
 """`orchmoe train`: multi-task adapter training on the recipe's training tasks.
 
-Prepare the data, build the adapted model, hand both to :func:`orchmoe_cli.fit.fit` (the loop shared
+Prepare the data, build the adapted model, hand both to :func:`orchmoe_cli.core.fit.fit` (the loop shared
 with few-shot adaptation). The model's task names are the training tasks in split order; they are
 saved with every checkpoint and are the only map from task name to routing index.
 """
@@ -15,13 +15,14 @@ from rich.console import Console
 
 from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
 from orchmoe_cli.adapters.registry import spec_of
+from orchmoe_cli.core.base_models import load_model
+from orchmoe_cli.core.checkpoint import find_checkpoint
+from orchmoe_cli.core.fit import FitOutcome, fit, make_accelerator, preflight
+from orchmoe_cli.core.prepared import prepare_data
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fit import FitOutcome, fit, make_accelerator, preflight
-from orchmoe_cli.models import load_model
 from orchmoe_cli.recipe import Recipe, dump_recipe
-from orchmoe_cli.workflow import find_checkpoint, prepare_data
 
 
 def training_rows(rows: TaskRows, val_instances: int, source: str) -> tuple[TaskRows, TaskRows | None]:

@@ -12,7 +12,7 @@ import numpy as np
 from orchmoe_cli.fsutil import atomic_write
 
 if TYPE_CHECKING:
-    from orchmoe_cli.routing import RoutingReport
+    from orchmoe_cli.analysis.routing_report import RoutingReport
 
 ROW_INCHES = 0.17  # height per labelled row, so 62 task names stay readable
 

@@ -17,14 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchmoe_cli import routing_stats as rs
 from orchmoe_cli.adapters.config import MethodConfig
-from orchmoe_cli.adapters.loading import read_checkpoint
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.adapters.routers import allocation_probabilities
+from orchmoe_cli.analysis import routing_stats as rs
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
-from orchmoe_cli.recipe import Recipe, load_recipe
 
 PROMPTS_PER_TASK = 20  # OrchMoE's per-input view: the first prompts of every task
 
@@ -214,35 +211,7 @@ def to_csv(report: RoutingReport) -> str:
     return out.getvalue()
 
 
-def write_report(report: RoutingReport, out_dir: Path) -> list[Path]:
-    """routing.json, routing.csv and the PNG figures; returns every file written."""
-    from orchmoe_cli import routing_plots
-
-    paths = [out_dir / "routing.json", out_dir / "routing.csv"]
-    atomic_write_json(paths[0], report.as_dict())
-    atomic_write_text(paths[1], to_csv(report))
-    return paths + routing_plots.plot_all(report, out_dir)
-
-
-def default_out_dir(checkpoint: Path) -> Path:
-    """``<run>/routing-<step>`` for a training checkpoint, ``<checkpoint>-routing`` beside any other."""
-    if checkpoint.parent.name == "checkpoints":
-        return checkpoint.parent.parent / f"routing-{checkpoint.name}"
-    return checkpoint.with_name(f"{checkpoint.name}-routing")
-
-
-def _model_recipe(checkpoint: Path, recipe: Recipe | None, why: str) -> Recipe:
-    """The recipe whose base model the checkpoint runs on: ``--data``'s, else the one saved beside it."""
-    if recipe is not None:
-        return recipe
-    saved = checkpoint / "recipe.yaml"
-    if not saved.is_file():
-        raise OrchmoeError(f"{checkpoint}: {why} needs the base model; pass --data RECIPE (the checkpoint has no "
-                           "recipe.yaml naming it)")
-    return load_recipe(saved)
-
-
-def _first_prompts(prepared: Any, per_task: int) -> tuple[dict[str, list[list[int]]], dict[str, str]]:
+def first_prompts(prepared: Any, per_task: int) -> tuple[dict[str, list[list[int]]], dict[str, str]]:
     """The first ``per_task`` prompts of every task of both splits, and each task's category."""
     prompts: dict[str, list[list[int]]] = {}
     categories: dict[str, str] = {}
@@ -253,54 +222,3 @@ def _first_prompts(prepared: Any, per_task: int) -> tuple[dict[str, list[list[in
             if len(rows) < per_task:
                 rows.append(row["prompt_ids"])
     return prompts, categories
-
-
-def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, source: str, console: Any,
-                       tasks: list[str] | None = None, layers: list[str] | None = None,
-                       prompts_per_task: int = PROMPTS_PER_TASK) -> RoutingReport:
-    """Build the routing report of ``checkpoint``; ``recipe`` (``--data``) adds categories and, for OrchMoE,
-    the classifier's view of every real task."""
-    saved = read_checkpoint(checkpoint)
-    method, task_names, tensors, averaged = saved.method, saved.tasks, saved.tensors, saved.averaged
-    router = spec_of(method).router
-    if router == "constant" or averaged:
-        raise OrchmoeError(f"{checkpoint}: a {method.name}{' (averaged)' if averaged else ''} checkpoint routes "
-                           "every input the same way: there is no routing to inspect")
-    categories: dict[str, str] = {}
-    prepared = None
-    if recipe is not None:
-        from orchmoe_cli.workflow import prepare_data
-
-        prepared = prepare_data(recipe, source, console)
-        categories = {t["name"]: t["category"] for t in prepared.manifest["tasks"]}
-    adapted = set(saved.adapted_tasks)
-    training = set(task_names) - adapted  # rows `orchmoe adapt` added are no nearest-neighbour candidates
-    if router == "hyper":
-        model, _ = _load_adapted(checkpoint, _model_recipe(checkpoint, recipe, "hyperloader's generated adapters"))
-        ids = torch.arange(len(task_names))
-        vectors = model.generated_adapters(ids).numpy().astype(np.float64)
-        view = RoutingView(list(task_names), "task", [], None, vectors)
-        return build_report(method, checkpoint, view, training, categories, tasks, source, adapted)
-    view = allocation_view(method, task_names, tensors, layers, str(checkpoint))
-    if router != "orchmoe" or prepared is None:
-        return build_report(method, checkpoint, view, training, categories, tasks, source, adapted)
-    model, pad_id = _load_adapted(checkpoint, recipe)  # type: ignore[arg-type]
-    prompts, categories = _first_prompts(prepared, prompts_per_task)
-    task_view, task_abstract, per_prompt, owners = classifier_view(model, view, prompts, pad_id)
-    report = build_report(method, checkpoint, task_view, training, categories, tasks, source, adapted)
-    report.abstract = view
-    report.task_abstract = task_abstract[[task_view.rows.index(r) for r in report.view.rows]]
-    report.classifier = rs.classifier_stats(per_prompt, [categories[o] for o in owners])
-    report.warnings += report.classifier.warnings
-    return report
-
-
-def _load_adapted(checkpoint: Path, recipe: Recipe) -> tuple[Any, int]:
-    from orchmoe_cli.adapters import load_adapted
-    from orchmoe_cli.data.collate import pad_token_id
-    from orchmoe_cli.models import load_model
-
-    loaded = load_model(recipe.model)
-    model = load_adapted(loaded.model, checkpoint)
-    model.eval()
-    return model, pad_token_id(loaded.tokenizer)

@@ -1,0 +1,98 @@
+"""Batched generation as `eval`, `adapt` and (later) `generate` run it: task-grouped batches, greedy or beam
+search, decoder-only answers cut at their first newline."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from orchmoe_cli.data.collate import GenerationCollator, pad_token_id
+from orchmoe_cli.recipe import EvalConfig
+
+
+def _task_batches(rows: Sequence[dict], batch_size: int) -> Iterator[list[dict]]:
+    """Batches that never mix tasks, longest prompts first inside a task (less padding, early OOM)."""
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    for task_rows in by_task.values():
+        ordered = sorted(task_rows, key=lambda r: -len(r["prompt_ids"]))
+        for start in range(0, len(ordered), batch_size):
+            yield ordered[start : start + batch_size]
+
+
+class StopAtNewline(StoppingCriteria):
+    """Decoder-only models continue past the answer: a row is done at its first newline after some text.
+
+    Checked on token ids through per-vocabulary lookup tables (built once per tokenizer), so a decoding step
+    costs a few tensor ops instead of decoding every row's whole answer again; the result is the same as
+    ``"\\n" in decoded_answer.lstrip()``. Stateless, so beam reordering is harmless."""
+
+    _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.prompt_length = prompt_length
+        if tokenizer not in self._tables:
+            pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+            self._tables[tokenizer] = torch.tensor(  # + a last all-false row for ids past the tokenizer's own
+                [[bool(p.strip()), "\n" in p, "\n" in p.lstrip() and bool(p.strip())] for p in pieces]
+                + [[False, False, False]])
+        self.tokenizer = tokenizer
+        self.table = self._tables[tokenizer]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.table.device != input_ids.device:  # moved once per tokenizer, not once per batch
+            self.table = self._tables[self.tokenizer] = self.table.to(input_ids.device)
+        answer = input_ids[:, self.prompt_length :].clamp(max=len(self.table) - 1)
+        flags = self.table[answer]  # (rows, new tokens, 3)
+        text, newline, newline_after_own_text = flags.unbind(-1)
+        text_before = (text.cumsum(1) - text.long()) > 0
+        return (newline_after_own_text | (newline & text_before)).any(1)
+
+
+def _clean(text: str, is_encoder_decoder: bool) -> str:
+    """Decoder-only answers end at the first newline after the answer text."""
+    text = text.strip()
+    if not is_encoder_decoder:
+        text = text.split("\n", 1)[0].strip()
+    return text
+
+
+def generate_predictions(
+    model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: Sequence[dict], cfg: EvalConfig,
+    task_index: Mapping[str, int] | None, on_batch: Callable[[list[dict], list[str]], None],
+    shard: tuple[int, int] = (0, 1),
+) -> None:
+    """Generate for ``rows`` batch by batch, calling ``on_batch(rows, predictions)`` after each.
+
+    ``task_index`` maps task names to the model's routing indices (None: the model reads no task id).
+    ``shard = (rank, world)``: this process takes every world-th batch (data-parallel evaluation)."""
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    collate = GenerationCollator(pad_id, is_encoder_decoder, task_index)
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "do_sample": False,
+        "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id,
+    }
+    rank, world = shard
+    for number, batch_rows in enumerate(_task_batches(rows, cfg.batch_size)):
+        if number % world != rank:
+            continue
+        batch = collate(batch_rows)
+        if not is_encoder_decoder:
+            stop = StopAtNewline(tokenizer, batch["input_ids"].shape[1])
+            gen_kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
+        routing = {"task_ids": batch["task_ids"].to(device)} if "task_ids" in batch else {}
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                **routing, **gen_kwargs,
+            )
+        if not is_encoder_decoder:
+            output = output[:, batch["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+        on_batch(batch_rows, [_clean(t, is_encoder_decoder) for t in texts])

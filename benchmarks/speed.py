@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from orchmoe_cli.adapters import MethodConfig, attach_adapters  # noqa: E402
 from orchmoe_cli.core import generation  # noqa: E402
 from orchmoe_cli.core.base_models import load_model  # noqa: E402
-from orchmoe_cli.core.prepared import prepare_data  # noqa: E402
+from orchmoe_cli.core.recipe_data import prepare_data  # noqa: E402
 from orchmoe_cli.recipe import load_recipe  # noqa: E402
 
 SHAPES = {
@@ -136,7 +136,7 @@ def train_variants(template: LlamaForCausalLM, batch: dict[str, torch.Tensor], r
 
         def call(model=model, method=method) -> torch.Tensor:
             out = model(**batch, **({} if method == "orchmoe" else routing))  # OrchMoE never reads task ids
-            return out.loss + sum(model.aux_losses().values())
+            return out.loss + sum(out.aux_losses.values())
 
         found[method] = (make_step(model, call, device), model.count_parameters()["total_trainable"],
                          step_memory_mb(model, call, device))
@@ -274,7 +274,7 @@ def run_generation(model_name: str, per_task: int, rounds: int, device: torch.de
     started = time.perf_counter()
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"model.name={model_name}", "data.source=bundled",
                                                                 "eval.max_new_tokens=128"])
-    prepared = prepare_data(recipe, "speed", QUIET)
+    prepared = prepare_data(recipe, QUIET)
     loaded = load_model(recipe.model)
     loaded.model.to(device)
     test = prepared.dataset["test"]

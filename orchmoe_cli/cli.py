@@ -6,6 +6,7 @@ user can fix are reported as one red line with exit code 2 (``--debug`` shows th
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import traceback
@@ -19,7 +20,7 @@ from rich.table import Table
 
 from orchmoe_cli import __version__
 from orchmoe_cli.commands.common import load_checked
-from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError
+from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError, recipe_source
 from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
 
 try:  # recent typer vendors click; its usage errors live here
@@ -65,36 +66,33 @@ def _root(
 
 def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool,
           writes: tuple[str, ...] = ()) -> Recipe:
-    """The resolved recipe (checked by :func:`commands.common.load_checked`); ``--show-config`` prints it."""
+    """The resolved recipe (checked by :func:`commands.common.load_checked`); ``--show-config`` prints it.
+    Called inside the command's ``recipe_source(recipe_path)``, which names the file in field errors."""
     if show_config:
         console.print(dump_recipe(load_recipe(recipe_path, overrides or [])), markup=False, highlight=False, end="")
         raise typer.Exit()
-    try:
-        return load_checked(recipe_path, overrides or [], writes)
-    except OrchmoeError as exc:
-        if exc.message.startswith(f"{recipe_path}: "):
-            raise
-        raise OrchmoeError(f"{recipe_path}: {exc}") from None
+    return load_checked(recipe_path, overrides or [], writes)
 
 
 @app.command()
 def prepare(recipe: RecipeArg, overrides: OverridesArg = None, show_config: ShowConfig = False) -> None:
     """Validate SNI task files and encode them (Tk-Instruct prompts) into a cached Arrow dataset."""
-    loaded = _load(recipe, overrides, show_config)
-    from orchmoe_cli.commands.prepare import prepare as run_prepare
+    with recipe_source(recipe):
+        loaded = _load(recipe, overrides, show_config)
+        from orchmoe_cli.commands.prepare import prepare as run_prepare
 
-    prepared = run_prepare(loaded, str(recipe), console)
-    manifest = prepared.manifest
-    table = Table(title=f"prepared {'(from cache) ' if prepared.from_cache else ''}{prepared.path}", title_justify="left")
-    for column in ("split", "tasks", "instances", "adaptation pool", "categories"):
-        table.add_column(column, justify="left" if column in ("split", "categories") else "right")
-    for split in ("train", "test"):
-        tasks = [t for t in manifest["tasks"] if t["split"] == split]
-        cats = sorted({t["category"] for t in tasks})
-        pool = f"{sum(t.get('n_pool', 0) for t in tasks)}" if split == "test" else ""
-        table.add_row(split, str(len(tasks)), str(sum(t["n_instances"] for t in tasks)), pool,
-                      f"{len(cats)}: " + ", ".join(cats[:4]) + (" ..." if len(cats) > 4 else ""))
-    console.print(table)
+        prepared = run_prepare(loaded, console)
+        manifest = prepared.manifest
+        table = Table(title=f"prepared {'(from cache) ' if prepared.from_cache else ''}{prepared.path}", title_justify="left")
+        for column in ("split", "tasks", "instances", "adaptation pool", "categories"):
+            table.add_column(column, justify="left" if column in ("split", "categories") else "right")
+        for split in ("train", "test"):
+            tasks = [t for t in manifest["tasks"] if t["split"] == split]
+            cats = sorted({t["category"] for t in tasks})
+            pool = f"{sum(t.get('n_pool', 0) for t in tasks)}" if split == "test" else ""
+            table.add_row(split, str(len(tasks)), str(sum(t["n_instances"] for t in tasks)), pool,
+                          f"{len(cats)}: " + ", ".join(cats[:4]) + (" ..." if len(cats) > 4 else ""))
+        console.print(table)
 
 
 @app.command("eval")
@@ -107,20 +105,21 @@ def eval_command(
     ] = False,
 ) -> None:
     """Generate on held-out tasks and score with the official SNI ROUGE-L / exact match."""
-    loaded = _load(recipe, overrides, show_config, writes=("output.dir", "eval.output_dir"))
-    from orchmoe_cli.analysis.tables import results_table
-    from orchmoe_cli.commands.eval import evaluate
-    from orchmoe_cli.core.results import task_rows
+    with recipe_source(recipe):
+        loaded = _load(recipe, overrides, show_config, writes=("output.dir", "eval.output_dir"))
+        from orchmoe_cli.analysis.tables import results_table
+        from orchmoe_cli.commands.eval import evaluate
+        from orchmoe_cli.core.results import task_rows
 
-    outcomes = evaluate(loaded, str(recipe), console, with_base=with_base)
-    if not outcomes:  # a non-main process of a distributed evaluation
-        return
-    columns = {o.label: task_rows(o.rows, o.metrics) for o in outcomes}
-    overall = {o.label: o.metrics for o in outcomes}
-    console.print(results_table(f"{loaded.model.name} on {loaded.eval.split} tasks (SNI official metric)",
-                                columns, overall))
-    for outcome in outcomes:
-        console.print(f"{outcome.label}: results in {outcome.output_dir}/ (results.json, predictions.jsonl, results.md)")
+        outcomes = evaluate(loaded, str(recipe), console, with_base=with_base)
+        if not outcomes:  # a non-main process of a distributed evaluation
+            return
+        columns = {o.label: task_rows(o.rows, o.metrics) for o in outcomes}
+        overall = {o.label: o.metrics for o in outcomes}
+        console.print(results_table(f"{loaded.model.name} on {loaded.eval.split} tasks (SNI official metric)",
+                                    columns, overall))
+        for outcome in outcomes:
+            console.print(f"{outcome.label}: results in {outcome.output_dir}/ (results.json, predictions.jsonl, results.md)")
 
 
 @app.command()
@@ -131,21 +130,22 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
 ) -> None:
     """Train the recipe's adapter method on the training tasks (accelerate; resumable)."""
-    loaded = _load(recipe, overrides, show_config, writes=("output.dir",))
-    from orchmoe_cli.commands.train import train as run_training
+    with recipe_source(recipe):
+        loaded = _load(recipe, overrides, show_config, writes=("output.dir",))
+        from orchmoe_cli.commands.train import train as run_training
 
-    outcome = run_training(loaded, str(recipe), console, resume=resume)
-    if not outcome.is_main_process:
-        return
-    if outcome.interrupted:
-        err_console.print(
-            f"[yellow]interrupted at step {outcome.step}[/yellow]; checkpoint saved to {outcome.final_checkpoint}. "
-            f"Resume with: orchmoe train {recipe} {' '.join(overrides or [])} --resume".rstrip(),
-            highlight=False, soft_wrap=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)  # already reported: not through typer.Exit, which main reports as interrupted
-    if outcome.final_checkpoint is not None:
-        console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
+        outcome = run_training(loaded, console, resume=resume)
+        if not outcome.is_main_process:
+            return
+        if outcome.interrupted:
+            err_console.print(
+                f"[yellow]interrupted at step {outcome.step}[/yellow]; checkpoint saved to {outcome.final_checkpoint}. "
+                f"Resume with: orchmoe train {recipe} {' '.join(overrides or [])} --resume".rstrip(),
+                highlight=False, soft_wrap=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)  # already reported: not through typer.Exit, which main reports as interrupted
+        if outcome.final_checkpoint is not None:
+            console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
 
 
 def _csv_override(field: str, value: str | None, kind: type) -> list[str]:
@@ -171,21 +171,22 @@ def adapt(
     keep_adapters: Annotated[bool, typer.Option("--keep-adapters", help="keep each cell's adapter.")] = False,
 ) -> None:
     """Few-shot adaptation of a trained checkpoint to held-out tasks: every mode x k x seed, resumable."""
-    extra = [*_csv_override("shots", shots, int), *_csv_override("seeds", seeds, int),
-             *_csv_override("modes", modes, str), *_csv_override("tasks", tasks, str)]
-    if keep_adapters:
-        extra.append("adapt.keep_adapters=true")
-    loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes=("output.dir", "adapt.output_dir"))
-    from orchmoe_cli.analysis.adaptation_report import read_results, summary_table, write_summary
-    from orchmoe_cli.commands.adapt import PREDICTIONS, RESULTS
-    from orchmoe_cli.commands.adapt import adapt as run_adaptation
+    with recipe_source(recipe):
+        extra = [*_csv_override("shots", shots, int), *_csv_override("seeds", seeds, int),
+                 *_csv_override("modes", modes, str), *_csv_override("tasks", tasks, str)]
+        if keep_adapters:
+            extra.append("adapt.keep_adapters=true")
+        loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes=("output.dir", "adapt.output_dir"))
+        from orchmoe_cli.analysis.adaptation_report import read_results, summary_table, write_summary
+        from orchmoe_cli.commands.adapt import PREDICTIONS, RESULTS
+        from orchmoe_cli.commands.adapt import adapt as run_adaptation
 
-    out = run_adaptation(loaded, str(recipe), console)
-    summary = write_summary(out, read_results(out / RESULTS))
-    console.print(summary_table(summary))
-    console.print(f"results: {out}/ ({RESULTS}, adapt_summary.md, adapt_summary.json, sample_efficiency.png, "
-                  f"{PREDICTIONS}/)",
-                  highlight=False)
+        out = run_adaptation(loaded, str(recipe), console)
+        summary = write_summary(out, read_results(out / RESULTS))
+        console.print(summary_table(summary))
+        console.print(f"results: {out}/ ({RESULTS}, adapt_summary.md, adapt_summary.json, sample_efficiency.png, "
+                      f"{PREDICTIONS}/)",
+                      highlight=False)
 
 
 @app.command("inspect-routing")
@@ -206,29 +207,30 @@ def inspect_routing(
     """Show which skills each task uses, how tasks cluster by routing, and what OrchMoE's classifier inferred."""
     if output_format not in ("table", "json", "csv"):
         raise OrchmoeError(f"--format: '{output_format}' is not one of table, json, csv")
-    recipe = _load(data, [], False) if data is not None else None
-    from orchmoe_cli.analysis.routing_report import to_csv
-    from orchmoe_cli.commands.inspect_routing import default_out_dir, inspect_checkpoint, write_report
-    from orchmoe_cli.core.checkpoint import find_checkpoint
+    with recipe_source(data) if data is not None else contextlib.nullcontext():  # --data: a recipe
+        recipe = _load(data, [], False) if data is not None else None
+        from orchmoe_cli.analysis.routing_report import to_csv
+        from orchmoe_cli.commands.inspect_routing import default_out_dir, inspect_checkpoint, write_report
+        from orchmoe_cli.core.checkpoint import find_checkpoint
 
-    path = find_checkpoint(checkpoint, str(checkpoint), "orchmoe train RECIPE")
-    quiet = Console(stderr=True, quiet=output_format != "table")
-    report = inspect_checkpoint(path, recipe, str(data), quiet, tasks=task, layers=layer)
-    written = write_report(report, out or default_out_dir(path))
-    if output_format == "json":
-        import json
+        path = find_checkpoint(checkpoint)
+        quiet = Console(stderr=True, quiet=output_format != "table")
+        report = inspect_checkpoint(path, recipe, quiet, tasks=task, layers=layer)
+        written = write_report(report, out or default_out_dir(path))
+        if output_format == "json":
+            import json
 
-        console.print_json(json.dumps(report.as_dict()))
-        return
-    if output_format == "csv":
-        sys.stdout.write(to_csv(report))
-        return
-    from orchmoe_cli.analysis.tables import routing_summary, routing_table
+            console.print_json(json.dumps(report.as_dict()))
+            return
+        if output_format == "csv":
+            sys.stdout.write(to_csv(report))
+            return
+        from orchmoe_cli.analysis.tables import routing_summary, routing_table
 
-    console.print(routing_table(report))
-    for line in routing_summary(report):
-        console.print(line, highlight=False)
-    console.print(f"files: {written[0].parent}/ ({', '.join(p.name for p in written)})", highlight=False)
+        console.print(routing_table(report))
+        for line in routing_summary(report):
+            console.print(line, highlight=False)
+        console.print(f"files: {written[0].parent}/ ({', '.join(p.name for p in written)})", highlight=False)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -3,23 +3,58 @@
 Anything the user can fix (a recipe field, a data file, a checkpoint, an option) raises
 :class:`OrchmoeError` with a single line that names the file and/or field and says what to do.
 The CLI prints it in red and exits with code 2; ``--debug`` shows the traceback instead.
+
+A problem with a recipe field is raised as ``OrchmoeError(text, field="eval.tasks")`` wherever it is found;
+the command wraps its work in :func:`recipe_source`, which names the recipe file once, so no function
+needs the file name only to put it in its messages. Errors about other files (checkpoints, data files)
+name their own file in their text and carry no field.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
 class OrchmoeError(Exception):
-    """A problem with user input, reported as one line and exit code 2."""
+    """A problem with user input, reported as one line and exit code 2.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))  # always a single line
+    ``field`` is the dotted recipe field at fault (``eval.tasks``) and ``source`` the file it was read from,
+    usually filled in later by :func:`recipe_source`. The line reads ``source: field: text``, leaving out
+    the parts that are None.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, source: str | None = None) -> None:
+        super().__init__(message)
+        self.text = message
+        self.field = field
+        self.source = source
+
+    def __str__(self) -> str:
+        parts = [part for part in (self.source, self.field, self.text) if part is not None]
+        return " ".join(": ".join(parts).split())  # always a single line
 
     @property
     def message(self) -> str:
         return str(self)
+
+
+@contextlib.contextmanager
+def recipe_source(path: str | Path) -> Iterator[None]:
+    """Name the recipe file ``path`` in every recipe-field error raised inside the block.
+
+    An :class:`OrchmoeError` with a ``field`` and no ``source`` yet gets ``source = str(path)`` and goes on
+    its way; errors about other files, or already attributed to a file, pass unchanged."""
+    try:
+        yield
+    except OrchmoeError as exc:
+        if exc.field is not None and exc.source is None:
+            exc.source = str(path)
+        raise
 
 
 class FieldError(ValueError):

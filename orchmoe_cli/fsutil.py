@@ -31,18 +31,20 @@ def disk_error(target: Path, exc: OSError) -> OrchmoeError | OSError:
 
 def check_output_dir(path: str | Path, field: str) -> Path:
     """An output directory a command will create or fill: not a file, and creatable and writable where it
-    starts (the nearest existing ancestor), checked before any heavy work. Returns it with ``~`` expanded."""
+    starts (the nearest existing ancestor), checked before any heavy work. Returns it with ``~`` expanded.
+    Errors name the recipe ``field`` that gave it."""
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
-        raise OrchmoeError(f"{field}: {target} is a file; choose a directory")
+        raise OrchmoeError(f"{target} is a file; choose a directory", field=field)
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise OrchmoeError(f"{field}: {existing} is a file, so {target} cannot be created; choose another directory")
+        raise OrchmoeError(f"{existing} is a file, so {target} cannot be created; choose another directory",
+                           field=field)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OrchmoeError(f"{field}: cannot write in {existing} (permission denied or a read-only file system); "
-                           "choose another directory")
+        raise OrchmoeError(f"cannot write in {existing} (permission denied or a read-only file system); "
+                           "choose another directory", field=field)
     return target
 
 

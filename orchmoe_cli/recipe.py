@@ -17,8 +17,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from orchmoe_cli.adapters.config import MethodConfig
-from orchmoe_cli.data.config import DataConfig
+from orchmoe_cli.adapters.method_config import MethodConfig
+from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.errors import FieldError, OrchmoeError
 from orchmoe_cli.schema import build, fields_help
 from orchmoe_cli.schema import help_field as _f

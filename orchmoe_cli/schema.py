@@ -16,7 +16,7 @@ import typing
 from dataclasses import field
 from typing import Any, Literal
 
-from orchmoe_cli.errors import FieldError, OrchmoeError
+from orchmoe_cli.errors import FieldError, OrchmoeError, recipe_source
 
 
 def help_field(default: Any, help: str, **checks: Any) -> Any:
@@ -27,28 +27,34 @@ def help_field(default: Any, help: str, **checks: Any) -> Any:
 
 
 def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly; errors name ``source`` and the dotted field."""
+    """Build dataclass ``cls`` from a mapping, strictly; errors name the dotted field and ``source`` (the file
+    read)."""
+    with recipe_source(source):
+        return _build(cls, raw, prefix)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "recipe"
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise OrchmoeError(f"{source}: {where}: expected a mapping, got {_describe(raw)}")
+        raise OrchmoeError(f"expected a mapping, got {_describe(raw)}", field=where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            raise OrchmoeError(f"{source}: {prefix}{key}: unknown key{_suggest(str(key), fields)}")
+            raise OrchmoeError(f"unknown key{_suggest(str(key), fields)}", field=f"{prefix}{key}")
         dotted = f"{prefix}{key}"
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = build(hint, value, source, dotted + ".")
+            kwargs[key] = _build(hint, value, dotted + ".")
         else:
-            kwargs[key] = _check_value(_coerce(value, hint, source, dotted), fields[key], source, dotted)
+            kwargs[key] = _check_value(_coerce(value, hint, dotted), fields[key], dotted)
     try:
         return cls(**kwargs)
     except FieldError as exc:
-        raise OrchmoeError(f"{source}: {prefix}{exc.field}: {exc.message}") from None
+        raise OrchmoeError(exc.message, field=f"{prefix}{exc.field}") from None
 
 
 def _suggest(word: str, options: Any) -> str:
@@ -67,32 +73,32 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 
-def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
+def _coerce(value: Any, hint: Any, dotted: str) -> Any:
     """Check ``value`` against a type hint, converting only where YAML is known to be ambiguous."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], source, dotted)
+        return _coerce(value, inner[0], dotted)
     if origin is Literal:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_text = f" (did you mean '{close[0]}'?)" if close else ""
-            raise OrchmoeError(f"{source}: {dotted}: '{value}' is not one of {', '.join(map(str, args))}{hint_text}")
+            raise OrchmoeError(f"'{value}' is not one of {', '.join(map(str, args))}{hint_text}", field=dotted)
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise OrchmoeError(f"{source}: {dotted}: expected a list, got {_describe(value)}")
-        return [_coerce(v, args[0], source, f"{dotted}[{i}]") for i, v in enumerate(value)]
+            raise OrchmoeError(f"expected a list, got {_describe(value)}", field=dotted)
+        return [_coerce(v, args[0], f"{dotted}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise OrchmoeError(f"{source}: {dotted}: expected true or false, got {_describe(value)}")
+        raise OrchmoeError(f"expected true or false, got {_describe(value)}", field=dotted)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise OrchmoeError(f"{source}: {dotted}: expected an integer, got {_describe(value)}")
+        raise OrchmoeError(f"expected an integer, got {_describe(value)}", field=dotted)
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -101,27 +107,27 @@ def _coerce(value: Any, hint: Any, source: str, dotted: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise OrchmoeError(f"{source}: {dotted}: expected a number, got {_describe(value)}")
+        raise OrchmoeError(f"expected a number, got {_describe(value)}", field=dotted)
     if hint is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise OrchmoeError(f"{source}: {dotted}: expected a string, got {_describe(value)}")
+        raise OrchmoeError(f"expected a string, got {_describe(value)}", field=dotted)
     raise TypeError(f"unsupported recipe field type {hint!r} at {dotted}")
 
 
-def _check_value(value: Any, spec: dataclasses.Field, source: str, dotted: str) -> Any:
+def _check_value(value: Any, spec: dataclasses.Field, dotted: str) -> Any:
     meta = spec.metadata
     if isinstance(value, float) and not math.isfinite(value):
-        raise OrchmoeError(f"{source}: {dotted}: must be a finite number, got {value}")
+        raise OrchmoeError(f"must be a finite number, got {value}", field=dotted)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, high = meta.get("min"), meta.get("max")
         if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
             bound = f"> {low}" if meta.get("min_exclusive") else f">= {low}"
-            raise OrchmoeError(f"{source}: {dotted}: must be {bound}, got {value}")
+            raise OrchmoeError(f"must be {bound}, got {value}", field=dotted)
         if high is not None and value > high:
-            raise OrchmoeError(f"{source}: {dotted}: must be <= {high}, got {value}")
+            raise OrchmoeError(f"must be <= {high}, got {value}", field=dotted)
     return value
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, T5Config, T5ForConditionalGeneration
 
+from orchmoe_cli.adapters.registry import SPECS
+
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP's barriers in
 # batched matmuls can wait a whole scheduler slice per call (seen: 10 ms per 3x7x64 bmm, 100x slower).
 torch.set_num_threads(1)
 
 VOCAB = 384
 TASKS = ["copy", "reverse", "upper"]
-METHODS = ["lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader"]
+METHODS = list(SPECS)  # every registered method (the registry is the one list)
 
 
 def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:

@@ -6,9 +6,8 @@ import pytest
 from adapter_fixtures import BUILDERS, METHODS, TASKS
 
 from orchmoe_cli.adapters import MethodConfig, attach_adapters
-from orchmoe_cli.adapters.budget import adapter_shapes, count_by_group, hidden_size
-from orchmoe_cli.adapters.config import parse_budget
-from orchmoe_cli.adapters.registry import resolve
+from orchmoe_cli.adapters.budget import adapter_layout, count_by_group, hidden_size, resolve
+from orchmoe_cli.adapters.method_config import parse_budget
 from orchmoe_cli.errors import OrchmoeError
 
 
@@ -17,12 +16,12 @@ from orchmoe_cli.errors import OrchmoeError
 def test_meta_accounting_matches_the_built_model(arch: str, method: str) -> None:
     base = BUILDERS[arch]()
     config = MethodConfig(name=method)  # type: ignore[arg-type]
-    shapes = adapter_shapes(base, resolve(config, hidden_size(base)), len(TASKS))
+    layout = adapter_layout(base, resolve(config, hidden_size(base)), len(TASKS))
     model = attach_adapters(base, config, TASKS)
     state = model.adapter_state_dict()
-    assert {k: tuple(v) for k, v in shapes.items()} == {k: tuple(t.shape) for k, t in state.items()}
+    assert {k: tuple(shape) for k, (shape, _) in layout.items()} == {k: tuple(t.shape) for k, t in state.items()}
     counts = model.count_parameters()
-    assert count_by_group(shapes) == {g: counts[g] for g in ("adapters", "routers", "hypernetwork", "other")}
+    assert count_by_group(layout) == {g: counts[g] for g in ("adapters", "routers", "hypernetwork", "other")}
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -8,18 +8,18 @@ from adapter_fixtures import BUILDERS, TASKS
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from orchmoe_cli.adapters import MethodConfig, attach_adapters
-from orchmoe_cli.adapters.budget import hidden_size
-from orchmoe_cli.adapters.hyper import HyperAdapterLinear, HyperLoRALinear
-from orchmoe_cli.adapters.inject import plan
+from orchmoe_cli.adapters.budget import hidden_size, resolve
+from orchmoe_cli.adapters.hyperloader import HyperAdapterLinear, HyperLoRALinear
 from orchmoe_cli.adapters.layer import SkillLoRALinear
-from orchmoe_cli.adapters.registry import resolve
+from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.errors import OrchmoeError
 
 
 def _sites(arch: str, method: str, **fields: object) -> dict[str, tuple[str, str, int]]:
     base = BUILDERS[arch]()
     resolved = resolve(MethodConfig(name=method, **fields), hidden_size(base))  # type: ignore[arg-type]
-    return {s.name: (s.kind, s.stack, s.position) for s in plan(base, resolved)}
+    spec = spec_of(method)
+    return {s.name: (s.kind, s.stack, s.position) for s in spec.family(spec).plan(base, resolved)}
 
 
 def test_default_targets_cover_attention_and_feed_forward() -> None:

@@ -11,8 +11,9 @@ from torch import nn
 
 from orchmoe_cli.adapters.context import RoutingSlot, RoutingState
 from orchmoe_cli.adapters.layer import SkillLoRALinear, add_low_rank
-from orchmoe_cli.adapters.orchmoe import TaskClassifier, load_balance_loss, supervision_loss
-from orchmoe_cli.adapters.routers import AllocationRouter, AverageRouter, TaskRouter, relaxed_sigmoid
+from orchmoe_cli.adapters.orchmoe import AllocationRouter, TaskClassifier, load_balance_loss, supervision_loss
+from orchmoe_cli.adapters.skill_weights import AverageRouter, relaxed_sigmoid
+from orchmoe_cli.adapters.task_routing import TaskRouter
 from orchmoe_cli.errors import OrchmoeError
 
 

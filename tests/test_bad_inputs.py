@@ -619,6 +619,56 @@ def test_bad_input_is_one_line_and_exit_2(case: Case, shared: Shared, tmp_path: 
     assert snapshot(out) == before, f"{out} changed"
 
 
+# --------------------------------------------------------------------------- recipe-field errors name the file once
+
+# (command line, the dotted field at fault, setup): errors found in different layers (schema, data location,
+# output checks, training, evaluation, adaptation), each raised with only its field; the command adds the file.
+FIELD_ERRORS: list[tuple[tuple[str, ...], str, Callable[[Env], None] | None]] = [
+    (P("train", "train.steps=abc"), "train.steps", None),
+    (P("prepare", "data.source={tmp}/nowhere"), "data.source", None),
+    (P("train", "output.dir={tmp}/afile/run"), "output.dir", lambda env: (env.tmp / "afile").write_text("x")),
+    (P("train", "method.name=none"), "method.name", None),
+    (P("train", "train.val_instances=4"), "train.val_instances", None),
+    (P("eval", "eval.tasks=[task999_nope]"), "eval.tasks", None),
+    (P("eval", "eval.checkpoint={tmp}/nothing"), "eval.checkpoint", None),
+    (P("adapt", *ADAPT, "--tasks", "task999_nope"), "adapt.tasks", checkpoint()),
+    (P("adapt", *ADAPT, "--shots", "3"), "adapt.shots", checkpoint()),
+]
+
+
+@pytest.mark.parametrize(("argv", "field", "setup"), FIELD_ERRORS, ids=[f for _, f, _ in FIELD_ERRORS])
+def test_recipe_field_errors_start_with_the_recipe_once(argv: tuple[str, ...], field: str,
+                                                       setup: Callable[[Env], None] | None, shared: Shared,
+                                                       tmp_path: Path) -> None:
+    """The one line is ``error: RECIPE: FIELD: ...``: the recipe path exactly once, then the dotted field."""
+    sni, out = write_sni(tmp_path / "sni"), tmp_path / "out"
+    env = Env(tmp=tmp_path, sni=sni, out=out, recipe=tmp_path / "recipe.yaml", shared=shared)
+    env.recipe.write_text(recipe_text(sni, shared.cache, out), encoding="utf-8")
+    if setup is not None:
+        setup(env)
+
+    code, stdout, stderr = run_main([env.fill(a) for a in argv])
+
+    line = _one_error_line(code, stderr)
+    assert "Traceback" not in stdout, stdout
+    assert line.startswith(f"error: {env.recipe}: {field}: "), line
+    assert line.count(f"{env.recipe}: ") == 1, line
+
+
+def test_recipe_source_names_only_field_errors_without_a_file() -> None:
+    from orchmoe_cli.errors import OrchmoeError, recipe_source
+
+    def raised(error: OrchmoeError) -> str:
+        with pytest.raises(OrchmoeError) as info, recipe_source("outer.yaml"), recipe_source("r.yaml"):
+            raise error
+        return str(info.value)
+
+    assert raised(OrchmoeError("empty", field="eval.tasks")) == "r.yaml: eval.tasks: empty"
+    assert raised(OrchmoeError("bad\n  key", field="method.x", source="ck/cfg.json")) == "ck/cfg.json: method.x: bad key"
+    assert raised(OrchmoeError("ck/weights: truncated")) == "ck/weights: truncated"  # another file: no field
+    assert str(OrchmoeError("no\nfield")) == OrchmoeError("no field").message == "no field"
+
+
 # --------------------------------------------------------------------------- disk full (ENOSPC)
 
 NO_SPACE = "no space left"

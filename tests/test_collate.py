@@ -13,9 +13,9 @@ import torch
 from rich.console import Console
 
 from orchmoe_cli.data.collate import IGNORE_INDEX, GenerationCollator, TrainCollator, pad_token_id
-from orchmoe_cli.data.prepare import prepare
+from orchmoe_cli.data.data_config import DataConfig
+from orchmoe_cli.data.dataset_cache import prepare
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.data.config import DataConfig
 
 ROWS = [
     {"task": "task_d", "prompt_ids": [11, 12, 13], "reference_ids": [[21, 1]]},

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import pytest
 
+from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.encoding import encode_prompts, format_definition, format_example, format_task_input
 from orchmoe_cli.data.sni import Example, Instance, SNITask, bundled_dir, read_task
-from orchmoe_cli.data.config import DataConfig
 
 # sni.md, section 4: def + 2 pos for task1146_country_capital, first test instance.
 WORKED_EXAMPLE = (

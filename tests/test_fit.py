@@ -13,7 +13,7 @@ from orchmoe_cli.adapters import attach_adapters
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.core.base_models import load_model
 from orchmoe_cli.core.fit import fit, make_accelerator
-from orchmoe_cli.core.prepared import prepare_data
+from orchmoe_cli.core.recipe_data import prepare_data
 from orchmoe_cli.core.training_log import read_metrics
 from orchmoe_cli.data.collate import GenerationCollator, pad_token_id
 from orchmoe_cli.data.rows import TaskRows
@@ -31,7 +31,7 @@ def _setup(sni_dir: Path, tmp_path: Path, method: str) -> tuple:
         "train.steps=8", "train.batch_size=4", "train.lr=0.03", "train.router_lr=0.1", "train.log_every=1",
         "train.schedule=constant",
     ])
-    prepared = prepare_data(recipe, "<test>", QUIET)
+    prepared = prepare_data(recipe, QUIET)
     return recipe, prepared
 
 
@@ -43,12 +43,11 @@ def test_fit_trains_on_a_few_rows_of_one_unseen_task(sni_dir: Path, tmp_path: Pa
     one_task = test_rows.of_tasks([first]).hold_out_first(4)[1]  # the first 4 rows of one test task
     assert len(one_task) == 4 and one_task.task_names == [first]
 
-    accelerator = make_accelerator(recipe.train, spec_of(recipe.method))
+    accelerator = make_accelerator(recipe.train, spec_of(recipe.method.name))
     loaded = load_model(recipe.model)
     model = attach_adapters(loaded.model, recipe.method, ["task001_alpha_qa"])
     outcome = fit(model, one_task, recipe.train, tmp_path / "adapt", accelerator,
-                  pad_id=pad_token_id(loaded.tokenizer), causal=True, recipe_yaml="{}\n", source="<test>",
-                  console=QUIET)
+                  pad_id=pad_token_id(loaded.tokenizer), causal=True, recipe_yaml="{}\n", console=QUIET)
     assert outcome.step == 8 and outcome.final_checkpoint == tmp_path / "adapt" / "checkpoints" / "step-000008"
     losses = [row["lm_loss"] for row in read_metrics(tmp_path / "adapt" / "metrics.jsonl")]
     assert len(losses) == 8 and losses[-1] < losses[0]

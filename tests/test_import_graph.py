@@ -1,9 +1,10 @@
-"""No import cycles among orchmoe_cli's module-level imports.
+"""The package's rooms and the direction of imports between them; no import cycles.
 
-A cycle of imports that run at import time makes importing depend on which module comes first: one
-of them runs against a half-initialised module and fails on a name it has not defined yet. Imports
-deferred into function bodies or ``if TYPE_CHECKING:`` blocks run later (or never), so a cycle
-through one of them cannot break that way; such cycles are printed, not failed.
+Rooms: cli -> commands -> analysis -> core -> recipe -> adapters / data -> base (errors, fsutil, schema); a
+room imports only rooms below it (the recipe schema sits above adapters and data because it assembles their
+config sections). A cycle of imports makes importing depend on which module comes first, or holds only
+because one of its imports waits in a function body; neither is allowed. Imports inside
+``if TYPE_CHECKING:`` never run (they serve annotations) and are not part of any cycle.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Import:
     target: str
     deferred: bool
     line: int
+    typing_only: bool = False  # inside ``if TYPE_CHECKING:``: never executed
 
 
 def package_modules(package: str = PACKAGE) -> dict[str, Path]:
@@ -58,13 +60,15 @@ class _ImportCollector(ast.NodeVisitor):
         self.module, self.modules = module, modules
         self.package = module if is_package else module.rpartition(".")[0]
         self.deferred = False
+        self.typing_only = False
         self.imports: list[Import] = []
 
-    def _defer(self, nodes: list[ast.stmt]) -> None:
+    def _defer(self, nodes: list[ast.stmt], typing_only: bool = False) -> None:
         outer, self.deferred = self.deferred, True
+        outer_typing, self.typing_only = self.typing_only, self.typing_only or typing_only
         for node in nodes:
             self.visit(node)
-        self.deferred = outer
+        self.deferred, self.typing_only = outer, outer_typing
 
     def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         self._defer(node.body)  # a class body, unlike a function's, runs at import: generic_visit covers it
@@ -75,7 +79,7 @@ class _ImportCollector(ast.NodeVisitor):
         if not _is_type_checking(node.test):
             self.generic_visit(node)
             return
-        self._defer(node.body)
+        self._defer(node.body, typing_only=True)
         for statement in node.orelse:  # the else branch does run
             self.visit(statement)
 
@@ -105,7 +109,7 @@ class _ImportCollector(ast.NodeVisitor):
             named = depth == len(parts) and reads_names
             if name not in self.modules or name == self.module or (name in _ancestors(self.module) and not named):
                 continue
-            self.imports.append(Import(self.module, name, self.deferred, line))
+            self.imports.append(Import(self.module, name, self.deferred, line, self.typing_only))
 
 
 def collect_imports(modules: dict[str, Path]) -> list[Import]:
@@ -198,14 +202,51 @@ class K:
                      ("pkg.d", True, 6), ("pkg.sub", False, 8), ("pkg.d", True, 10), ("pkg.c", False, 12)}
 
 
-def test_no_cycles_among_module_level_imports() -> None:
+# room -> the rooms it may import besides itself
+ROOMS = {
+    "cli": {"commands", "analysis", "core", "recipe", "adapters", "data", "base"},
+    "commands": {"analysis", "core", "recipe", "adapters", "data", "base"},
+    "analysis": {"core", "recipe", "adapters", "data", "base"},
+    "core": {"recipe", "adapters", "data", "base"},
+    "recipe": {"adapters", "data", "base"},
+    "adapters": {"base"},
+    "data": {"base"},
+    "base": set(),
+}
+
+
+def room_of(module: str) -> str:
+    """The room of a package module: its subpackage, ``cli`` / ``recipe``, or ``base`` for the small modules."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "base"
+    if parts[1] in ("commands", "analysis", "core", "adapters", "data", "recipe"):
+        return parts[1]
+    return "cli" if parts[1] in ("cli", "__main__") else "base"
+
+
+def test_rooms_exist_and_top_level_holds_only_the_small_modules() -> None:
+    modules = package_modules()
+    for room in ("commands", "core", "analysis", "adapters", "data"):
+        assert f"{PACKAGE}.{room}" in modules, room
+    top = sorted(m.split(".")[1] for m in modules if m.count(".") == 1 and m.split(".")[1] not in ROOMS)
+    assert top == ["__main__", "errors", "fsutil", "schema"], top
+    stems = [m.rsplit(".", 1)[-1] for m in modules if not m.endswith("__init__")]
+    repeated = sorted({s for s in stems if stems.count(s) > 1 and s != "__init__"})
+    assert not repeated, f"two modules share a name: {repeated}"
+
+
+def test_no_room_imports_a_room_above_it() -> None:
+    imports = collect_imports(package_modules())
+    upward = [e for e in imports if room_of(e.target) != room_of(e.source)
+              and room_of(e.target) not in ROOMS[room_of(e.source)]]
+    assert not upward, "imports against the direction cli -> commands -> analysis -> core -> recipe -> " \
+        "adapters/data -> base:\n" + "\n".join(f"{e.source} line {e.line} imports {e.target}" for e in upward)
+
+
+def test_no_import_cycles() -> None:
     modules = package_modules()
     assert f"{PACKAGE}.cli" in modules and f"{PACKAGE}.adapters.model" in modules, sorted(modules)
-    imports = collect_imports(modules)
-    eager = [e for e in imports if not e.deferred]
-    eager_pairs = {(e.source, e.target) for e in eager}
-    for cycle in find_cycles(_graph(imports)):
-        if any(pair not in eager_pairs for pair in pairwise(cycle)):
-            print("import cycle through a deferred import (allowed):", _describe(cycle, imports))
-    cycles = find_cycles(_graph(eager))
-    assert not cycles, "module-level import cycles:\n" + "\n".join(_describe(c, eager) for c in cycles)
+    imports = [e for e in collect_imports(modules) if not e.typing_only]
+    cycles = find_cycles(_graph(imports))
+    assert not cycles, "import cycles:\n" + "\n".join(_describe(c, imports) for c in cycles)

@@ -57,10 +57,10 @@ def _train_and_classify(tmp_path: Path, overrides: list[str]) -> tuple[float, Co
                                 f"method.n_abstract_tasks={T}", "train.steps=40", "train.batch_size=8",
                                 "train.lr=0.01", "train.router_lr=0.1", "train.schedule=constant",
                                 "train.log_every=10", *overrides])
-    accelerator = make_accelerator(recipe.train, spec_of(recipe.method))
+    accelerator = make_accelerator(recipe.train, spec_of(recipe.method.name))
     model = attach_adapters(load_model(recipe.model).model, recipe.method, [])
     fit(model, TaskRows(_two_tasks(64, seed=0)), recipe.train, tmp_path, accelerator, pad_id=0, causal=True,
-        recipe_yaml="{}\n", source="<test>", console=Console(file=io.StringIO()))
+        recipe_yaml="{}\n", console=Console(file=io.StringIO()))
     model.eval()
     held_out = _two_tasks(40, seed=1)
     probs = torch.cat([model.task_distribution(torch.tensor([ids])) for ids in held_out["prompt_ids"]])

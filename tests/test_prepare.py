@@ -13,10 +13,10 @@ import datasets
 import pytest
 from rich.console import Console
 
-from orchmoe_cli.data import prepare as prepare_module
-from orchmoe_cli.data.prepare import load_prepared, prepare
+from orchmoe_cli.data import dataset_cache as prepare_module
+from orchmoe_cli.data.data_config import DataConfig
+from orchmoe_cli.data.dataset_cache import load_prepared, prepare
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.data.config import DataConfig
 
 TRAIN = ["task001_alpha_qa", "task002_beta_title", "task003_gamma_qa"]
 TEST = ["task101_delta_rewrite", "task102_epsilon_qa"]

@@ -169,6 +169,20 @@ def test_task_and_layer_filters(trained: dict, tmp_path: Path, capsys) -> None:
     assert "--task task999_nope" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("with_data", [False, True], ids=["no-data", "data"])
+@pytest.mark.parametrize("option", ["--task", "--layer"])
+def test_selection_errors_name_the_checkpoint(option: str, with_data: bool, trained: dict, tmp_path: Path,
+                                              capsys) -> None:
+    """A --task / --layer that matches nothing is one line naming the checkpoint and the option (never the
+    recipe of --data, which it is not in, and never 'None' when there is no --data)."""
+    recipe, run = trained["poly"]
+    data = ["--data", str(recipe)] if with_data else []
+    assert run_cli(["inspect-routing", str(run), *data, option, "nope", "--out", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # with --data: the data's progress lines first
+    assert (len(lines) == 1 or with_data) and not any("None:" in line for line in lines), lines
+    assert lines[-1].startswith(f"error: {run / 'checkpoints'}/step-") and f"{option} nope" in lines[-1], lines
+
+
 def test_routing_probabilities_refuse_methods_without_allocation() -> None:
     from orchmoe_cli.adapters import attach_adapters
     from orchmoe_cli.core.base_models import load_model

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import pytest
 
 from orchmoe_cli.data import sni
+from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import (
     MAX_TEXT_CHARS,
     bundled_dir,
@@ -19,7 +20,6 @@ from orchmoe_cli.data.sni import (
     resolve_source,
 )
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.data.config import DataConfig
 
 SNI_TRAIN_TASKS = ("task001_alpha_qa", "task002_beta_title", "task003_gamma_qa")  # as written by `sni_dir`
 SNI_TEST_TASKS = ("task101_delta_rewrite", "task102_epsilon_qa")

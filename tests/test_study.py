@@ -70,7 +70,7 @@ def _held_back_ids() -> set[str]:
     from rich.console import Console
 
     from orchmoe_cli.commands.train import training_rows
-    from orchmoe_cli.core.prepared import prepare_data
+    from orchmoe_cli.core.recipe_data import prepare_data
     from orchmoe_cli.data.rows import TaskRows
     from orchmoe_cli.recipe import load_recipe
 
@@ -78,9 +78,9 @@ def _held_back_ids() -> set[str]:
     os.chdir(REPO)  # the driver prepared the data from the repository root
     try:
         recipe = load_recipe(REPO / "benchmarks" / "study" / "tiny.yaml")
-        prepared = prepare_data(recipe, "tiny.yaml", Console(file=io.StringIO()))
+        prepared = prepare_data(recipe, Console(file=io.StringIO()))
     finally:
         os.chdir(cwd)
     train = prepared.dataset["train"]
-    _, held = training_rows(TaskRows(train), recipe.train.val_instances, "tiny.yaml")
+    _, held = training_rows(TaskRows(train), recipe.train.val_instances)
     return {train[i]["id"] for i in held.positions()}

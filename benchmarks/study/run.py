@@ -184,9 +184,9 @@ class Study:
     def adaptation_tasks(self) -> list[str]:
         """One held-out task per SNI category, the one with the largest adaptation pool (ties: split order);
         a rule that never looks at scores. At GPU scale, every task with a pool."""
-        from orchmoe_cli.core.prepared import prepare_data
+        from orchmoe_cli.core.recipe_data import prepare_data
 
-        prepared = prepare_data(self.config, str(self.recipe), console)
+        prepared = prepare_data(self.config, console)
         held_out = [t for t in prepared.manifest["tasks"] if t["split"] == "test" and t.get("n_pool", 0) > 0]
         if self.scale != "cpu":
             return [t["name"] for t in held_out]

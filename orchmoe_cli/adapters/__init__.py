@@ -1,4 +1,4 @@
-"""The adapter family: skill-LoRA layers, routers, hypernetworks and their injection into a base model.
+"""Adapters: the skill-LoRA layer, one module per routing family, the registry, and their injection into a base model.
 
 Public API: ``attach_adapters`` (new adapters on a base model), ``load_adapted`` (a saved orchmoe
 or peft LoRA/Poly checkpoint), and the returned ``AdaptedModel``. They are imported on first use,
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from orchmoe_cli.adapters.config import METHOD_NAMES, MethodConfig
+from orchmoe_cli.adapters.method_config import MethodConfig
 
 if TYPE_CHECKING:
     from orchmoe_cli.adapters.loading import load_adapted
     from orchmoe_cli.adapters.model import AdaptedModel, attach_adapters
 
-__all__ = ["METHOD_NAMES", "AdaptedModel", "MethodConfig", "attach_adapters", "load_adapted"]
+__all__ = ["AdaptedModel", "MethodConfig", "attach_adapters", "load_adapted"]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,9 +12,23 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from orchmoe_cli.errors import OrchmoeError
+
+
+@dataclass
+class RoutingInputs:
+    """What a batch offers routing: task ids for task-routed families, the prompt for OrchMoE (``prompt_mask``:
+    1 on prompt tokens; when None it is derived from ``attention_mask`` and ``labels``), category ids for a
+    supervised routing term."""
+
+    task_ids: Tensor | None = None
+    input_ids: Tensor | None = None
+    prompt_mask: Tensor | None = None
+    category_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    labels: Tensor | None = None
 
 
 @dataclass
@@ -24,12 +38,13 @@ class RoutingState:
     batch_size: int
     task_ids: Tensor | None = None  # (batch,) long; -1 = a task not seen in training
     task_probs: Tensor | None = None  # (batch, T): OrchMoE p(abstract task | prompt)
-    # tensors computed once per batch for a module, by id(module): each router's skill weights
+    # what the family computed once for the batch, per module that reads it: each router's skill weights
     # (1 or batch, h, S), each HyperLoader stack's projected task embeddings (tasks, sites, dim)
-    computed: dict[int, Tensor] = field(default_factory=dict)
-    # without autograd (evaluation, generation) each layer's mixed LoRA pair, by id(layer): the routing is
-    # fixed for the whole batch, so decoding steps after the first reuse it instead of mixing again
-    mixed: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    weights: dict[nn.Module, Tensor] = field(default_factory=dict)
+    # without autograd (evaluation, generation) each layer's mixed LoRA pair: the routing is fixed for the
+    # whole batch, so decoding steps after the first reuse it instead of mixing again; it lives and dies
+    # with the batch's state
+    mixed: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @cached_property
     def shared(self) -> bool:

@@ -92,9 +92,9 @@ class SkillLoRALinear(WrappedLinear):
             return out
         state = self.slot.state
         if state is not None and not torch.is_grad_enabled():
-            if id(self) not in state.mixed:
-                state.mixed[id(self)] = self.mix(self.router(state))
-            a, b = state.mixed[id(self)]
+            if self not in state.mixed:
+                state.mixed[self] = self.mix(self.router(state))
+            a, b = state.mixed[self]
         else:
             a, b = self.mix(self.router(state))
         return add_low_rank(out, x if self.dropout is None else self.dropout(x), a, b, self.scale)

@@ -14,8 +14,8 @@ from typing import Any
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from orchmoe_cli.adapters.budget import adapter_shapes, group_of, hidden_size
-from orchmoe_cli.adapters.config import MethodConfig
+from orchmoe_cli.adapters.budget import adapter_layout, hidden_size, resolve
+from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.files import (
     CONFIG_FILE,
     FORMAT,
@@ -28,8 +28,7 @@ from orchmoe_cli.adapters.files import (
 )
 from orchmoe_cli.adapters.model import AdaptedModel, attach_adapters
 from orchmoe_cli.adapters.peft_interop import read_peft_checkpoint
-from orchmoe_cli.adapters.registry import resolve
-from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.errors import FieldError, OrchmoeError
 from orchmoe_cli.schema import build
 
 FORMAT_VERSION = 1
@@ -72,6 +71,13 @@ def _read_own(directory: Path, config: dict[str, Any]) -> SavedAdapter:
                         adapted)
 
 
+def _method(source: Path, **fields: Any) -> MethodConfig:
+    try:
+        return MethodConfig(**fields)
+    except FieldError as exc:
+        raise OrchmoeError(f"{source}: {exc.field}: {exc.message}") from None
+
+
 def read_checkpoint(checkpoint_dir: str | Path) -> SavedAdapter:
     """Read an adapter checkpoint (ours, or a peft LoRA / Poly one) without any base model: enough to inspect
     its routing; ``load_adapted`` also checks it against the base model and attaches it."""
@@ -82,7 +88,8 @@ def read_checkpoint(checkpoint_dir: str | Path) -> SavedAdapter:
     if not isinstance(config, dict):
         raise OrchmoeError(f"{directory / CONFIG_FILE}: expected a JSON object")
     if "peft_type" in config and "format" not in config:
-        method, tasks, tensors = read_peft_checkpoint(directory, config)
+        fields, tasks, tensors = read_peft_checkpoint(directory, config)
+        method = _method(directory / CONFIG_FILE, **fields)
         saved = SavedAdapter(method, tasks, tensors, False, {})
     else:
         saved = _read_own(directory, config)
@@ -103,11 +110,10 @@ def _check_tensors(base: PreTrainedModel, method: MethodConfig, tasks: list[str]
                    averaged: bool, directory: Path) -> None:
     source = directory / WEIGHTS_FILE
     try:
-        expected = adapter_shapes(base, resolve(method, hidden_size(base)), len(tasks))
+        layout = adapter_layout(base, resolve(method, hidden_size(base)), len(tasks))
     except OrchmoeError as exc:
         raise OrchmoeError(f"{directory / CONFIG_FILE}: {exc}") from None
-    if averaged:
-        expected = {k: v for k, v in expected.items() if group_of(k) != "routers"}
+    expected = {name: shape for name, (shape, group) in layout.items() if not (averaged and group == "routers")}
     check_tensors(expected, tensors, str(source), method.name,
                   "; is this checkpoint for another method or base model?")
 

@@ -1,24 +1,35 @@
-"""OrchMoE's Automatic Task Classification and its auxiliary losses.
+"""OrchMoE (Wang et al., 2024): Automatic Task Classification and Task-Skill Allocation, never a task id.
 
-The classifier reads only the prompt (never a task id): X = the frozen input-embedding rows of
-the prompt tokens, X^ = softmax(X X^T / sqrt(d)) X + X over prompt tokens, a masked mean pool, and
-a linear map to T abstract-task logits. It runs once per forward/generate call; its distribution
-p(t|x) feeds every layer's Task-Skill Allocation (``routers.AllocationRouter``).
+The classifier reads only the prompt: X = the frozen input-embedding rows of the prompt tokens,
+X^ = softmax(X X^T / sqrt(d)) X + X over prompt tokens, a masked mean pool, and a linear map to T
+abstract-task logits. It runs once per forward/generate call; its distribution p(t|x) feeds every layer's
+Task-Skill Allocation (:class:`AllocationRouter`). A mutual-information term keeps the abstract tasks both
+used and distinct; an optional load-balancing and a supervised (category) term can be added.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from orchmoe_cli.adapters.context import RoutingInputs, RoutingState
+from orchmoe_cli.adapters.family import AdaptMode, Routing, RoutingFamily
+from orchmoe_cli.adapters.skill_weights import normalise, relaxed_sigmoid
 from orchmoe_cli.errors import OrchmoeError
+
+if TYPE_CHECKING:
+    from orchmoe_cli.adapters.method_config import MethodConfig
+    from orchmoe_cli.adapters.model import AdaptedModel
 
 
 class TaskClassifier(nn.Module):
     """Prompt embeddings (batch, L, d) and prompt mask (batch, L) -> abstract-task logits (batch, T)."""
+
+    parameter_group = "routers"
 
     def __init__(self, hidden_size: int, n_abstract_tasks: int, temperature: float = 1.0) -> None:
         super().__init__()
@@ -71,3 +82,139 @@ def supervision_loss(task_logits: Tensor, category_ids: Tensor) -> Tensor | None
     if not bool((labels >= 0).any()):
         return None
     return F.cross_entropy(task_logits, labels, ignore_index=-1)
+
+
+class AllocationRouter(nn.Module):
+    """OrchMoE Task-Skill Allocation: per-layer Z (T, h, S) from abstract tasks to skills.
+
+    w(x) = normalise_S( sum_t p(t|x) * relaxed_sigmoid(Z[t]) ), with p(t|x) computed once per batch
+    by the model-level task classifier and carried in the routing state.
+    """
+
+    def __init__(self, n_abstract_tasks: int, n_heads: int, n_skills: int, temperature: float = 1.0,
+                 straight_through: bool = False, init_spread: float = 1e-3) -> None:
+        super().__init__()
+        self.temperature, self.straight_through = temperature, straight_through
+        self.allocation = nn.Parameter(torch.empty(n_abstract_tasks, n_heads, n_skills))
+        # U(-a, a): Poly's 1e-3 leaves the abstract tasks' rows nearly equal, a symmetric start the
+        # classifier gets no gradient to leave; a larger spread gives each abstract task its own mixture
+        nn.init.uniform_(self.allocation, -init_spread, init_spread)
+
+    def forward(self, state: RoutingState | None) -> Tensor:
+        if state is None or state.task_probs is None:
+            raise OrchmoeError("orchmoe routes from the prompt: set routing with input_ids (and prompt_mask)")
+        found = state.weights.get(self)
+        return found if found is not None else route_allocations([self], state.task_probs)[0]
+
+
+def route_allocations(routers: list[AllocationRouter], task_probs: Tensor) -> Tensor:
+    """Weights (layers, batch, h, S) of several allocation routers at once."""
+    first = routers[0]
+    allocation = (first.allocation.unsqueeze(0) if len(routers) == 1
+                  else torch.stack([r.allocation for r in routers]))
+    probs = task_probs.to(allocation.dtype)
+    if first.training:  # one relaxed-Bernoulli draw per sequence, as Poly draws per row
+        logits = allocation.unsqueeze(1).expand(-1, probs.shape[0], -1, -1, -1)
+        sampled = relaxed_sigmoid(logits, first.temperature, True, first.straight_through)
+        return normalise(torch.einsum("bt,lbths->lbhs", probs, sampled))
+    soft = relaxed_sigmoid(allocation, first.temperature, False, first.straight_through)
+    return normalise(torch.einsum("bt,lths->lbhs", probs, soft))
+
+
+def _default_prompt_mask(model: AdaptedModel, inputs: RoutingInputs) -> Tensor | None:
+    """Prompt tokens when the batch does not say: the attention mask, minus labelled target tokens on
+    decoder-only models (so OrchMoE never sees the answer it is trained to produce)."""
+    if inputs.prompt_mask is not None or inputs.input_ids is None:
+        return inputs.prompt_mask
+    mask = inputs.attention_mask
+    mask = torch.ones_like(inputs.input_ids) if mask is None else mask
+    labels = inputs.labels
+    if not model.base.config.is_encoder_decoder and labels is not None and labels.shape == inputs.input_ids.shape:
+        mask = mask * (labels == -100).to(mask.dtype)
+    return mask
+
+
+class OrchMoERouting(RoutingFamily):
+    """orchmoe: p(t|x) from the prompt, then per layer w(x) = normalise_S(sum_t p(t|x) sigmoid(Z_l[t]))."""
+
+    mergeable: ClassVar[bool] = False
+    merge_refusal: ClassVar[str] = "routes each input from its prompt"
+    allocation_tensor: ClassVar[str | None] = "allocation"
+    allocation_rows: ClassVar[str] = "abstract task"
+    classifies_prompts: ClassVar[bool] = True
+    adapt_modes: ClassVar[dict[str, AdaptMode]] = {
+        # no task id, ever: the skills train (with_router: also the classifier and the allocations)
+        "orchmoe": AdaptMode(("orchmoe",), ("adapters",), with_router=("adapters", "routers")),
+    }
+
+    def extras(self, method: MethodConfig, hidden_size: int) -> dict[str, nn.Module]:
+        return {"task_classifier": TaskClassifier(hidden_size, method.n_abstract_tasks,
+                                                  method.classifier_temperature)}
+
+    def make_router(self, method: MethodConfig, n_tasks: int) -> nn.Module:
+        return AllocationRouter(method.n_abstract_tasks, method.n_heads or 1, method.n_skills,
+                                method.router_temperature, method.straight_through, method.allocation_init_spread)
+
+    def task_logits(self, model: AdaptedModel, input_ids: Tensor, prompt_mask: Tensor | None) -> Tensor:
+        """Automatic Task Classification: abstract-task logits (batch, T) from the prompt alone."""
+        mask = torch.ones_like(input_ids) if prompt_mask is None else prompt_mask
+        with torch.no_grad():
+            embeddings = model.base.get_input_embeddings()(input_ids)
+        return model.extras["task_classifier"](embeddings, mask.to(embeddings.device))
+
+    def task_distribution(self, model: AdaptedModel, input_ids: Tensor, prompt_mask: Tensor | None) -> Tensor:
+        """p(abstract task | prompt), (batch, T), exactly as routing computes it."""
+        return torch.softmax(self.task_logits(model, input_ids.to(model.device), prompt_mask), dim=-1)
+
+    def route(self, model: AdaptedModel, inputs: RoutingInputs) -> Routing:
+        """The classifier's p(t|x), once per call, every layer's allocation from it, and the routing losses."""
+        if inputs.input_ids is None:
+            raise OrchmoeError("orchmoe routes from the prompt: pass input_ids (and prompt_mask)")
+        method = model.method
+        logits = self.task_logits(model, inputs.input_ids, _default_prompt_mask(model, inputs))
+        probs = torch.softmax(logits, dim=-1)
+        aux: dict[str, Tensor] = {}
+        if method.mutual_information_weight > 0 and model.training:
+            aux["mutual_information"] = -method.mutual_information_weight * mutual_information(probs)
+        if method.load_balance_weight > 0:
+            aux["load_balance"] = method.load_balance_weight * load_balance_loss(probs)
+        if inputs.category_ids is not None and method.task_supervision_weight > 0:
+            loss = supervision_loss(logits, inputs.category_ids)
+            if loss is not None:
+                aux["task_supervision"] = method.task_supervision_weight * loss
+        state = RoutingState(inputs.input_ids.shape[0], task_probs=probs)
+        for training in (True, False):  # routers in one mode share one batched computation
+            routers = [layer.router for layer in model.layers
+                       if isinstance(layer.router, AllocationRouter) and layer.router.training == training]
+            if routers:
+                state.weights.update(zip(routers, route_allocations(routers, probs).unbind(0), strict=True))
+        return Routing(state, aux, {"task_probs": probs.detach()})
+
+    @torch.no_grad()
+    def diagnostics(self, model: AdaptedModel, record: dict[str, Tensor]) -> dict[str, float]:
+        """Router entropy (mean normalised entropy of p(t|x) over the batch: 1 = uniform), the normalised entropy
+        of its batch-marginal usage, and the allocation spread (largest difference between two abstract tasks'
+        eval-mode weights for one skill, over layers)."""
+        if "task_probs" not in record:
+            return {}
+        probs = record["task_probs"].float().clamp_min(1e-12)
+        n = probs.shape[-1]
+        norm = math.log(n) if n > 1 else 1.0
+        weights = torch.stack(list(model.routing_probabilities().values()))
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return {
+            "router_entropy": float(-(probs * probs.log()).sum(-1).mean() / norm),
+            "marginal_entropy": float(-(probs.mean(0) * probs.mean(0).log()).sum() / norm),
+            "allocation_spread": float((weights.amax(dim=1) - weights.amin(dim=1)).max()),
+        }
+
+    def category_index(self, method: MethodConfig, categories: list[str]) -> dict[str, int] | None:
+        """Category -> abstract-task index for the optional supervised term (None when it is off)."""
+        if method.task_supervision_weight == 0:
+            return None
+        if len(categories) > method.n_abstract_tasks:
+            raise OrchmoeError(
+                f"method.n_abstract_tasks: task supervision maps {len(categories)} training categories onto "
+                f"abstract tasks; set n_abstract_tasks >= {len(categories)} or task_supervision_weight: 0")
+        return {c: i for i, c in enumerate(sorted(categories))}
+

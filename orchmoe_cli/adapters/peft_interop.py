@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from peft import LoraConfig, PolyConfig
 from torch import Tensor
 
-from orchmoe_cli.adapters.config import MethodConfig
 from orchmoe_cli.adapters.files import (
     CONFIG_FILE,
     TASKS_FILE,
@@ -24,7 +23,7 @@ from orchmoe_cli.adapters.files import (
     write_tensors,
 )
 from orchmoe_cli.adapters.layer import SkillLoRALinear
-from orchmoe_cli.errors import FieldError, OrchmoeError
+from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json
 
 if TYPE_CHECKING:
@@ -35,35 +34,16 @@ _LORA_OPTIONS = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "rank_
                  "modules_to_save", "layer_replication")
 
 
-def export_peft(model: AdaptedModel, directory: Path) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ tasks.json) in peft's format."""
-    method = model.method
-    if not model.spec.exportable:
-        raise OrchmoeError(f"{method.name} has no peft equivalent; export_peft supports lora, poly and mhr "
-                           "(save() writes every method's own checkpoint)")
-    if model.averaged or method.straight_through:
-        what = "the average-of-skills routing" if model.averaged else "straight-through routing"
-        raise OrchmoeError(f"{what} has no peft equivalent; export_peft needs learned task routing")
-    layers = {name.removeprefix("base."): m for name, m in model.named_modules() if isinstance(m, SkillLoRALinear)}
-    alpha = float(method.alpha or 1.0)
-    # the task type selects peft's model class; its forward/generate pass Poly's task_ids on
-    task_type = "SEQ_2_SEQ_LM" if model.base.config.is_encoder_decoder else "CAUSAL_LM"
-    tensors: dict[str, Tensor] = {}
-    config: LoraConfig | PolyConfig
-    if method.name == "lora":
-        config = LoraConfig(r=method.rank, lora_alpha=alpha, target_modules=sorted(layers),
-                            lora_dropout=method.dropout, bias="none", task_type=task_type)
-        for name, layer in layers.items():
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[0, 0].T
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[0, 0].T
-    else:
-        config = PolyConfig(r=method.rank, target_modules=sorted(layers), n_tasks=len(model.task_names),
-                            n_skills=method.n_skills, n_splits=method.n_heads or 1, poly_type="poly",
-                            task_type=task_type)
-        for name, layer in layers.items():
-            tensors[f"{PREFIX}{name}.poly_lora_A"] = layer.lora_A
-            tensors[f"{PREFIX}{name}.poly_lora_B"] = layer.lora_B * alpha
-            tensors[f"{PREFIX}{name}.poly_router.module_logits"] = layer.router.logits
+def _layers(model: AdaptedModel) -> dict[str, SkillLoRALinear]:
+    return {name.removeprefix("base."): m for name, m in model.named_modules() if isinstance(m, SkillLoRALinear)}
+
+
+def _task_type(model: AdaptedModel) -> str:
+    """The task type selects peft's model class; its forward/generate pass Poly's task_ids on."""
+    return "SEQ_2_SEQ_LM" if model.base.config.is_encoder_decoder else "CAUSAL_LM"
+
+
+def _write(model: AdaptedModel, directory: Path, config: LoraConfig | PolyConfig, tensors: dict[str, Tensor]) -> None:
     config.base_model_name_or_path = getattr(model.base.config, "_name_or_path", None) or None
     directory.mkdir(parents=True, exist_ok=True)
     write_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
@@ -71,11 +51,34 @@ def export_peft(model: AdaptedModel, directory: Path) -> None:
     config.save_pretrained(str(directory))
 
 
-def _method(source: Path, **fields: Any) -> MethodConfig:
-    try:
-        return MethodConfig(**fields)
-    except FieldError as exc:
-        raise OrchmoeError(f"{source}: {exc.field}: {exc.message}") from None
+def export_lora(model: AdaptedModel, directory: Path) -> None:
+    """A shared LoRA as peft's ``LoraConfig`` checkpoint: A (r, d_in) and B (d_out, r) per layer."""
+    method, layers = model.method, _layers(model)
+    config = LoraConfig(r=method.rank, lora_alpha=float(method.alpha or 1.0), target_modules=sorted(layers),
+                        lora_dropout=method.dropout, bias="none", task_type=_task_type(model))
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[0, 0].T
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[0, 0].T
+    _write(model, directory, config, tensors)
+
+
+def export_poly(model: AdaptedModel, directory: Path) -> None:
+    """Poly / MHR as peft's ``PolyConfig`` checkpoint; alpha is folded into B (peft Poly scales by 1/r)."""
+    method, layers = model.method, _layers(model)
+    if model.averaged or method.straight_through:
+        what = "the average-of-skills routing" if model.averaged else "straight-through routing"
+        raise OrchmoeError(f"{what} has no peft equivalent; export_peft needs learned task routing")
+    alpha = float(method.alpha or 1.0)
+    config = PolyConfig(r=method.rank, target_modules=sorted(layers), n_tasks=len(model.task_names),
+                        n_skills=method.n_skills, n_splits=method.n_heads or 1, poly_type="poly",
+                        task_type=_task_type(model))
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.poly_lora_A"] = layer.lora_A
+        tensors[f"{PREFIX}{name}.poly_lora_B"] = layer.lora_B * alpha
+        tensors[f"{PREFIX}{name}.poly_router.module_logits"] = layer.router.logits
+    _write(model, directory, config, tensors)
 
 
 def _modules(tensors: dict[str, Tensor], suffixes: tuple[str, ...], source: Path) -> list[str]:
@@ -102,8 +105,9 @@ def _number(config: dict[str, Any], key: str, kind: type, source: Path, default:
     return kind(value)
 
 
-def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[MethodConfig, list[str], dict[str, Tensor]]:
-    """(method, task names, tensors named as ``AdaptedModel.adapter_state_dict``) of a peft LoRA/Poly checkpoint."""
+def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, Tensor]]:
+    """(method fields, task names, tensors named as ``AdaptedModel.adapter_state_dict``) of a peft LoRA/Poly
+    checkpoint; the caller builds the method config from the fields (and reports a bad one)."""
     source = directory / CONFIG_FILE
     weights = directory / WEIGHTS_FILE
     raw = read_tensors(directory)
@@ -120,8 +124,8 @@ def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[Metho
             raise OrchmoeError(f"{source}: bias '{config['bias']}' is set; orchmoe imports LoRA without biases")
         modules = _modules(tensors, (".lora_A.weight", ".lora_B.weight"), weights)
         rank = _number(config, "r", int, source)
-        method = _method(source, name="lora", rank=rank, alpha=_number(config, "lora_alpha", float, source),
-                         target_modules=modules, dropout=_number(config, "lora_dropout", float, source, 0.0))
+        method = dict(name="lora", rank=rank, alpha=_number(config, "lora_alpha", float, source),
+                    target_modules=modules, dropout=_number(config, "lora_dropout", float, source, 0.0))
         ours = {}
         for m in modules:
             a, b = tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]
@@ -139,9 +143,9 @@ def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[Metho
         if len(tasks) != n_tasks:
             raise OrchmoeError(f"{directory / TASKS_FILE}: lists {len(tasks)} tasks but n_tasks is {n_tasks}")
         modules = _modules(tensors, (".poly_lora_A", ".poly_lora_B", ".poly_router.module_logits"), weights)
-        method = _method(source, name="mhr" if heads > 1 else "poly", rank=_number(config, "r", int, source),
-                         alpha=1.0, n_skills=_number(config, "n_skills", int, source), n_heads=heads,
-                         target_modules=modules)
+        method = dict(name="mhr" if heads > 1 else "poly", rank=_number(config, "r", int, source),
+                    alpha=1.0, n_skills=_number(config, "n_skills", int, source), n_heads=heads,
+                    target_modules=modules)
         ours = {}
         for m in modules:
             ours[f"base.{m}.lora_A"] = tensors[f"{m}.poly_lora_A"]

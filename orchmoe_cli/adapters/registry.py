@@ -1,65 +1,97 @@
-"""What each recipe method is made of: router kind, defaults, and what it can do.
+"""Method name -> routing family and defaults: the one table every list of methods is derived from.
 
-All methods share the skill-LoRA layer except HyperLoader; they differ in the router that
-produces the (batch, heads, skills) weights. Defaults follow the papers (see docs/methods.md).
+A row names its family through a function that imports it, so reading a recipe never imports torch; the
+family class is imported the first time a model is built. (Rows are code: nothing a recipe or checkpoint
+says is ever imported.) A new method is one family module
+under ``adapters/`` plus one :func:`register` call (see ``adapters/README.md``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
-from orchmoe_cli.adapters.config import MethodConfig
 from orchmoe_cli.errors import OrchmoeError
 
-RouterKind = Literal["constant", "task", "orchmoe", "hyper"]
+if TYPE_CHECKING:
+    from orchmoe_cli.adapters.family import RoutingFamily
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Static facts about a method."""
+    """Static facts about a method: its routing family and the defaults it takes from its paper."""
 
-    router: RouterKind
-    heads: int  # default routing heads
-    average_at_eval: bool  # the mu variants: task router in training, average of skills at eval
-    exportable: bool  # has an exact peft equivalent
-    mergeable: bool  # a fixed routing folds into the base weights
-    may_skip_parameters: bool = False  # a step may leave some trainable tensors unused (DDP must look for them)
+    family_source: type[RoutingFamily] | Callable[[], type[RoutingFamily]]  # the class, or a function importing it
+    heads: int = 1  # default routing heads
+    several_heads: bool | None = False  # False: exactly one head; True: more than one; None: any number
+    heads_variant: str | None = None  # the sibling method with the other head count (poly <-> mhr), for messages
+    average_at_eval: bool = False  # the mu variants: task routing in training, average of skills at evaluation
+    average_of: str | None = None  # the method whose trained checkpoint this one averages (train.init_from)
 
     @property
-    def needs_task_ids(self) -> bool:
-        return self.router in ("task", "hyper")
+    def family(self) -> type[RoutingFamily]:
+        """The family class, imported on first use."""
+        if isinstance(self.family_source, type):
+            return self.family_source
+        return self.family_source()
+
+    @property
+    def may_skip_parameters(self) -> bool:
+        """A step may leave some trainable tensors unused (DDP must look for them)."""
+        return self.family.may_skip_parameters
 
 
-SPECS: dict[str, MethodSpec] = {
-    "lora": MethodSpec("constant", 1, False, True, True),
-    "poly": MethodSpec("task", 1, False, True, True),
-    "mhr": MethodSpec("task", 4, False, True, True),
-    "poly_mu": MethodSpec("task", 1, True, False, True),
-    "mhr_mu": MethodSpec("task", 4, True, False, True),
-    "orchmoe": MethodSpec("orchmoe", 1, False, False, False),
-    # generators of positions a base model lacks (e.g. cross-attention on decoder-only) get no gradient
-    "hyperloader": MethodSpec("hyper", 1, False, False, False, may_skip_parameters=True),
-}
+SPECS: dict[str, MethodSpec] = {}
 
 
-def spec_of(method: MethodConfig) -> MethodSpec:
-    if method.name not in SPECS:
-        raise OrchmoeError(f"method.name: '{method.name}' has no adapters to attach; choose one of {', '.join(SPECS)}")
-    return SPECS[method.name]
+def register(name: str, spec: MethodSpec) -> None:
+    """Add a method; its name becomes valid in recipes and every method list at once."""
+    if name in SPECS or name == "none":
+        raise ValueError(f"method '{name}' is already registered")
+    SPECS[name] = spec
 
 
-def resolve(method: MethodConfig, hidden_size: int) -> MethodConfig:
-    """A copy with every method-dependent default filled in (rank stays as given)."""
-    spec = spec_of(method)
-    hyper = spec.router == "hyper"
-    return dataclasses.replace(
-        method,
-        alpha=method.alpha if method.alpha is not None else (float(method.rank) if hyper else 1.0),
-        n_heads=method.n_heads if method.n_heads is not None else spec.heads,
-        n_skills=1 if spec.router in ("constant", "hyper") else method.n_skills,
-        adapter_bottleneck=method.adapter_bottleneck or max(1, hidden_size // 32),
-        train_layer_norms=method.train_layer_norms if method.train_layer_norms is not None else hyper,
-    )
+def method_names() -> tuple[str, ...]:
+    """Every recipe value of ``method.name``: ``none`` (the base model alone) and the registered methods."""
+    return ("none", *SPECS)
 
+
+def spec_of(name: str) -> MethodSpec:
+    if name not in SPECS:
+        raise OrchmoeError(f"method.name: '{name}' has no adapters to attach; choose one of {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def _constant() -> type[RoutingFamily]:
+    from orchmoe_cli.adapters.constant import ConstantRouting
+
+    return ConstantRouting
+
+
+def _task() -> type[RoutingFamily]:
+    from orchmoe_cli.adapters.task_routing import TaskRouting
+
+    return TaskRouting
+
+
+def _orchmoe() -> type[RoutingFamily]:
+    from orchmoe_cli.adapters.orchmoe import OrchMoERouting
+
+    return OrchMoERouting
+
+
+def _hyperloader() -> type[RoutingFamily]:
+    from orchmoe_cli.adapters.hyperloader import HyperLoaderRouting
+
+    return HyperLoaderRouting
+
+
+register("lora", MethodSpec(_constant))
+register("poly", MethodSpec(_task, heads_variant="mhr"))
+register("mhr", MethodSpec(_task, heads=4, several_heads=True, heads_variant="poly"))
+register("poly_mu", MethodSpec(_task, heads_variant="mhr", average_at_eval=True, average_of="poly"))
+register("mhr_mu", MethodSpec(_task, heads=4, several_heads=True, heads_variant="poly_mu", average_at_eval=True,
+                              average_of="mhr"))
+register("orchmoe", MethodSpec(_orchmoe, several_heads=None))
+register("hyperloader", MethodSpec(_hyperloader))

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchmoe_cli.adapters.config import MethodConfig
+from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.registry import spec_of
-from orchmoe_cli.adapters.routers import allocation_probabilities
+from orchmoe_cli.adapters.skill_weights import allocation_probabilities
 from orchmoe_cli.analysis import routing_stats as rs
 from orchmoe_cli.errors import OrchmoeError
 
@@ -101,39 +101,43 @@ class RoutingReport:
 
 
 def allocation_view(method: MethodConfig, tasks: list[str], tensors: dict[str, torch.Tensor],
-                    layers: list[str] | None, source: str) -> RoutingView:
-    """The learned allocation of a task-id router (rows = tasks) or of OrchMoE (rows = abstract tasks)."""
-    found = allocation_probabilities(tensors, method.n_heads or 1, method.n_skills, method.straight_through)
+                    layers: list[str] | None, checkpoint: str | Path) -> RoutingView:
+    """The learned allocation of a task-id router (rows = tasks) or of OrchMoE (rows = abstract tasks), read
+    from ``checkpoint``'s tensors (the file its errors name)."""
+    family = spec_of(method.name).family
+    assert family.allocation_tensor is not None, f"{method.name} learns no allocation"
+    found = allocation_probabilities(tensors, family.allocation_tensor, method.n_heads or 1, method.n_skills,
+                                     method.straight_through)
     if not found:
-        raise OrchmoeError(f"{source}: {method.name} checkpoint holds no routing tensors; is the file damaged?")
-    chosen = _select_layers(list(found), layers, source)
+        raise OrchmoeError(f"{checkpoint}: {method.name} checkpoint holds no routing tensors; is the file damaged?")
+    chosen = _select_layers(list(found), layers, checkpoint)
     probs = np.stack([found[name].numpy() for name in chosen]).astype(np.float64)
-    orchmoe = spec_of(method).router == "orchmoe"
-    rows = [f"abstract-{t}" for t in range(probs.shape[1])] if orchmoe else list(tasks)
+    by_task = family.allocation_rows == "task"
+    rows = list(tasks) if by_task else [f"{family.allocation_rows.split()[0]}-{t}" for t in range(probs.shape[1])]
     if probs.shape[1] != len(rows):
-        raise OrchmoeError(f"{source}: routing has {probs.shape[1]} task rows but tasks.json names {len(rows)}")
-    return RoutingView(rows, "abstract task" if orchmoe else "task", chosen, probs,
+        raise OrchmoeError(f"{checkpoint}: routing has {probs.shape[1]} task rows but tasks.json names {len(rows)}")
+    return RoutingView(rows, family.allocation_rows, chosen, probs,
                        rs.normalise(probs).transpose(1, 0, 2, 3).reshape(probs.shape[1], -1))
 
 
-def _select_layers(available: list[str], wanted: list[str] | None, source: str) -> list[str]:
+def _select_layers(available: list[str], wanted: list[str] | None, checkpoint: str | Path) -> list[str]:
     """Layers named exactly, or by any part of their name (``--layer 3`` matches ``layers.3.``)."""
     if not wanted:
         return available
     chosen = [name for name in available
               if any(w == name or f".{w}." in f".{name}." or w in name.split(".") for w in wanted)]
     if not chosen:
-        raise OrchmoeError(f"{source}: --layer {', '.join(wanted)} matches none of the {len(available)} routed "
+        raise OrchmoeError(f"{checkpoint}: --layer {', '.join(wanted)} matches none of the {len(available)} routed "
                            f"layers (e.g. {available[0]})")
     return chosen
 
 
-def _select_rows(view: RoutingView, wanted: list[str] | None, source: str) -> list[int]:
+def _select_rows(view: RoutingView, wanted: list[str] | None, checkpoint: str | Path) -> list[int]:
     if not wanted:
         return list(range(len(view.rows)))
     missing = [w for w in wanted if w not in view.rows]
     if missing:
-        raise OrchmoeError(f"{source}: --task {missing[0]} is not a {view.row_kind} of this checkpoint "
+        raise OrchmoeError(f"{checkpoint}: --task {missing[0]} is not a {view.row_kind} of this checkpoint "
                            f"({len(view.rows)} known, e.g. {view.rows[0]})")
     return [view.rows.index(w) for w in wanted]
 
@@ -144,10 +148,10 @@ def _subset(view: RoutingView, rows: list[int]) -> RoutingView:
 
 
 def build_report(method: MethodConfig, checkpoint: Path, view: RoutingView, training: set[str],
-                 categories: dict[str, str], tasks: list[str] | None, source: str,
+                 categories: dict[str, str], tasks: list[str] | None,
                  adapted: set[str] | None = None) -> RoutingReport:
     """Statistics, similarity and clustering of ``view`` (restricted to ``tasks`` when given)."""
-    view = _subset(view, _select_rows(view, tasks, source))
+    view = _subset(view, _select_rows(view, tasks, checkpoint))
     similarity = rs.cosine_similarity(rs.centred(view.vectors))
     order, tree = rs.cluster_order(rs.centred(view.vectors))
     overall, per_layer, warnings = None, {}, []

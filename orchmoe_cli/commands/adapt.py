@@ -25,17 +25,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
 from orchmoe_cli.adapters.adaptation import check_mode, movable_parameter_count, prepare_for_adaptation
-from orchmoe_cli.adapters.config import MethodConfig
-from orchmoe_cli.adapters.registry import SPECS
+from orchmoe_cli.adapters.method_config import MethodConfig
+from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.core.base_models import LoadedModel, load_model
 from orchmoe_cli.core.checkpoint import checkpoint_digest, find_checkpoint
 from orchmoe_cli.core.evaluation import run_evaluation
 from orchmoe_cli.core.fit import fit, make_accelerator
 from orchmoe_cli.core.generation import generate_predictions
 from orchmoe_cli.core.metrics import score_instance
-from orchmoe_cli.core.prepared import prepare_data
+from orchmoe_cli.core.recipe_data import prepare_data
 from orchmoe_cli.data.collate import pad_token_id
-from orchmoe_cli.data.prepare import POOL
+from orchmoe_cli.data.dataset_cache import POOL
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, read_json
@@ -58,16 +58,16 @@ class Cell:
         return f"{self.task}/{self.mode}/k{self.shots}/s{self.seed}"
 
 
-def plan_cells(recipe: Recipe, prepared: Any, source: str) -> list[Cell]:
+def plan_cells(recipe: Recipe, prepared: Any) -> list[Cell]:
     """Every (task, mode, k, seed) to run; one zero_shot cell per task (it draws nothing)."""
     cfg = recipe.adapt
     pools = {t["name"]: t.get("n_pool", 0) for t in prepared.manifest["tasks"] if t["split"] == "test"}
     wanted = cfg.tasks if cfg.tasks is not None else [t for t, n in pools.items() if n > 0]
     unknown = [t for t in wanted if t not in pools]
     if unknown:
-        raise OrchmoeError(f"{source}: adapt.tasks: {unknown[0]} is not a held-out task of the prepared data")
+        raise OrchmoeError(f"{unknown[0]} is not a held-out task of the prepared data", field="adapt.tasks")
     if any(k < 1 for k in cfg.shots):
-        raise OrchmoeError(f"{source}: adapt.shots: every k must be at least 1, got {cfg.shots}")
+        raise OrchmoeError(f"every k must be at least 1, got {cfg.shots}", field="adapt.shots")
     cells = []
     for task in wanted:
         for mode in cfg.modes:
@@ -76,8 +76,8 @@ def plan_cells(recipe: Recipe, prepared: Any, source: str) -> list[Cell]:
                 continue
             for k in cfg.shots:
                 if k > pools[task]:
-                    raise OrchmoeError(f"{source}: adapt.shots: k={k} is more than the {pools[task]} pool instances "
-                                       f"of {task}" + ("" if pools[task] else " (it has no adaptation pool)"))
+                    raise OrchmoeError(f"k={k} is more than the {pools[task]} pool instances of {task}"
+                                       + ("" if pools[task] else " (it has no adaptation pool)"), field="adapt.shots")
                 cells += [Cell(task, mode, k, seed) for seed in cfg.seeds]
     return cells
 
@@ -122,23 +122,23 @@ def sweep_identity(recipe: Recipe, trained: Trained | None, data_hash: str) -> d
             **{f"eval.{name}": getattr(recipe.eval, name) for name in _EVAL_SETTINGS}}
 
 
-def _check_same_sweep(out: Path, identity: dict[str, Any], source: str) -> None:
+def _check_same_sweep(out: Path, identity: dict[str, Any]) -> None:
     """Refuse to add cells to a results file made with other settings or another checkpoint."""
     path = out / SWEEP
     if not path.is_file():
         if (out / RESULTS).is_file():
-            raise OrchmoeError(f"{source}: adapt.output_dir: {out} has {RESULTS} but no {SWEEP}; its settings are "
-                               "unknown, so choose another adapt.output_dir")
+            raise OrchmoeError(f"{out} has {RESULTS} but no {SWEEP}; its settings are unknown, so choose another "
+                               "adapt.output_dir", field="adapt.output_dir")
         return
     recorded = read_json(path)
     for name, value in identity.items():
         if recorded.get(name) != value:
             what = "another checkpoint" if name == "checkpoint_sha256" else f"{name}={recorded.get(name)!r}"
-            raise OrchmoeError(f"{source}: adapt.output_dir: {out} holds cells made with {what} (this run: "
-                               f"{value!r}); choose another adapt.output_dir or remove it")
+            raise OrchmoeError(f"{out} holds cells made with {what} (this run: {value!r}); choose another "
+                               "adapt.output_dir or remove it", field="adapt.output_dir")
 
 
-def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe, source: str) -> AdaptedModel | Any:
+def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe) -> AdaptedModel | Any:
     """The model a cell starts from, on its own copy of the base model."""
     fresh = copy.deepcopy(base)
     if cell.mode == "zero_shot":
@@ -150,7 +150,7 @@ def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe, sourc
                                   target_modules=trained.method.target_modules, dropout=trained.method.dropout)
         return attach_adapters(fresh, method, [])
     if trained is None:
-        raise OrchmoeError(f"{source}: adapt.checkpoint: mode {cell.mode} adapts a trained checkpoint; set one")
+        raise OrchmoeError(f"mode {cell.mode} adapts a trained checkpoint; set one", field="adapt.checkpoint")
     model = load_adapted(fresh, trained.path)
     prepare_for_adaptation(model, cell.mode, cell.task, recipe.adapt.with_router)
     return model
@@ -179,7 +179,7 @@ def _validator(model: Any, val_rows: list[dict], loaded: LoadedModel, recipe: Re
 
 
 def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, trained: Trained | None, out: Path,
-             source: str, console: Console) -> dict[str, Any]:
+             console: Console) -> dict[str, Any]:
     """Train (unless zero_shot) and evaluate one cell; returns its result line."""
     cell_dir = out / "cells" / cell.key.replace("/", "-")
     shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell restarts cleanly
@@ -191,12 +191,12 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, tra
                             save_every=0, keep_last=1)
     if cell.mode != "zero_shot":
         torch.manual_seed(cell.seed)  # the new routing row / fresh LoRA are drawn per seed
-    model = _build(cell, loaded.model, trained, recipe, source)
-    trainable = movable_parameter_count(model, cell.mode) if cell.mode != "zero_shot" else 0
+    model = _build(cell, loaded.model, trained, recipe)
+    trainable = movable_parameter_count(model) if cell.mode != "zero_shot" else 0
     best: dict[str, Any] = {"step": 0, "rougeL": None}
     steps_run = 0
     if cell.mode != "zero_shot":
-        accelerator = make_accelerator(train_cfg, SPECS[model.method.name])
+        accelerator = make_accelerator(train_cfg, spec_of(model.method.name))
         train_rows, val = _draw(TaskRows(prepared.dataset[POOL]), cell, cfg.val_instances)
         validate = None
         if val is not None:
@@ -204,7 +204,7 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, tra
             validate, best = _validator(model, [pool_split[i] for i in val.positions()], loaded, recipe)
         outcome = fit(model, train_rows, train_cfg, cell_dir / "train", accelerator,
                       pad_id=pad_token_id(loaded.tokenizer), causal=not loaded.is_encoder_decoder,
-                      recipe_yaml=dump_recipe(recipe), source=source, console=console, validate=validate)
+                      recipe_yaml=dump_recipe(recipe), console=console, validate=validate)
         if outcome.interrupted:  # Ctrl-C / SIGTERM: stop the sweep; this cell restarts on the next run
             raise KeyboardInterrupt
         steps_run = outcome.step
@@ -222,7 +222,7 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, tra
         output_dir=str(cell_dir)))
     model.eval()
     result = run_evaluation(eval_recipe, model, loaded.tokenizer, loaded.is_encoder_decoder,
-                            prepared.dataset["test"], prepared.manifest["content_hash"], source, console,
+                            prepared.dataset["test"], prepared.manifest["content_hash"], console,
                             model.task_index if isinstance(model, AdaptedModel) else None)
     # the per-sample predictions behind the cell's score, under a name that does not depend on the machine
     atomic_write_text(out / PREDICTIONS / f"{cell_dir.name}.jsonl",
@@ -240,23 +240,24 @@ def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, tra
     return line
 
 
-def adapt(recipe: Recipe, source: str, console: Console) -> Path:
-    """Run every cell not yet in ``adapt_results.jsonl``; returns the output directory."""
+def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path:
+    """Run every cell not yet in ``adapt_results.jsonl``; returns the output directory. ``recipe_path`` is the
+    recipe's file, named where a command line is suggested."""
     cfg = recipe.adapt
     out = Path(cfg.output_dir or Path(recipe.output.dir) / "adapt")
     checkpoint = None
     if cfg.checkpoint is not None and cfg.checkpoint.strip().lower() not in ("none", "null"):
         value = Path(recipe.output.dir) if cfg.checkpoint == "latest" else Path(cfg.checkpoint)
-        checkpoint = find_checkpoint(value, f"{source}: adapt.checkpoint", f"orchmoe train {source}")
-    prepared = prepare_data(recipe, source, console)
-    cells = plan_cells(recipe, prepared, source)
+        checkpoint = find_checkpoint(value, "adapt.checkpoint", f"orchmoe train {recipe_path}")
+    prepared = prepare_data(recipe, console)
+    cells = plan_cells(recipe, prepared)
     loaded = load_model(recipe.model)
     trained = describe_checkpoint(loaded.model, checkpoint) if checkpoint is not None else None
     for mode in dict.fromkeys(c.mode for c in cells):  # every mode must fit the checkpoint before any cell runs
         if mode not in ("zero_shot", "lora_scratch") and trained is not None:
-            check_mode(mode, trained.method.name, source)
+            check_mode(mode, trained.method.name)
     identity = sweep_identity(recipe, trained, prepared.manifest["content_hash"])
-    _check_same_sweep(out, identity, source)
+    _check_same_sweep(out, identity)
     results = out / RESULTS
     done = {json.loads(line)["key"] for line in results.open()} if results.is_file() else set()
     todo = [c for c in cells if c.key not in done]
@@ -270,7 +271,7 @@ def adapt(recipe: Recipe, source: str, console: Console) -> Path:
         bar = progress.add_task("", total=len(todo))
         for cell in todo:
             progress.update(bar, description=cell.key)
-            line = run_cell(cell, recipe, prepared, loaded, trained, out, source, console)
+            line = run_cell(cell, recipe, prepared, loaded, trained, out, console)
             with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
                 handle.write(json.dumps(line) + "\n")
             progress.advance(bar)

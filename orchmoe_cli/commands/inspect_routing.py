@@ -25,7 +25,7 @@ from orchmoe_cli.analysis.routing_report import (
     to_csv,
 )
 from orchmoe_cli.core.base_models import load_model
-from orchmoe_cli.core.prepared import prepare_data
+from orchmoe_cli.core.recipe_data import prepare_data
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
@@ -69,37 +69,37 @@ def _model_recipe(checkpoint: Path, recipe: Recipe | None, why: str) -> Recipe:
     return load_recipe(saved)
 
 
-def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, source: str, console: Any,
+def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, console: Any,
                        tasks: list[str] | None = None, layers: list[str] | None = None,
                        prompts_per_task: int = PROMPTS_PER_TASK) -> RoutingReport:
     """Build the routing report of ``checkpoint``; ``recipe`` (``--data``) adds categories and, for OrchMoE,
     the classifier's view of every real task."""
     saved = read_checkpoint(checkpoint)
     method, task_names, tensors, averaged = saved.method, saved.tasks, saved.tensors, saved.averaged
-    router = spec_of(method).router
-    if router == "constant" or averaged:
+    family = spec_of(method.name).family
+    if (family.allocation_tensor is None and not family.inspects_generated_adapters) or averaged:
         raise OrchmoeError(f"{checkpoint}: a {method.name}{' (averaged)' if averaged else ''} checkpoint routes "
                            "every input the same way: there is no routing to inspect")
     categories: dict[str, str] = {}
     prepared = None
     if recipe is not None:
-        prepared = prepare_data(recipe, source, console)
+        prepared = prepare_data(recipe, console)
         categories = {t["name"]: t["category"] for t in prepared.manifest["tasks"]}
     adapted = set(saved.adapted_tasks)
     training = set(task_names) - adapted  # rows `orchmoe adapt` added are no nearest-neighbour candidates
-    if router == "hyper":
-        model, _ = _load_adapted(checkpoint, _model_recipe(checkpoint, recipe, "hyperloader's generated adapters"))
+    if family.inspects_generated_adapters:
+        model, _ = _load_adapted(checkpoint, _model_recipe(checkpoint, recipe, f"{method.name}'s generated adapters"))
         ids = torch.arange(len(task_names))
         vectors = model.generated_adapters(ids).numpy().astype(np.float64)
         view = RoutingView(list(task_names), "task", [], None, vectors)
-        return build_report(method, checkpoint, view, training, categories, tasks, source, adapted)
-    view = allocation_view(method, task_names, tensors, layers, str(checkpoint))
-    if router != "orchmoe" or prepared is None:
-        return build_report(method, checkpoint, view, training, categories, tasks, source, adapted)
+        return build_report(method, checkpoint, view, training, categories, tasks, adapted)
+    view = allocation_view(method, task_names, tensors, layers, checkpoint)
+    if not family.classifies_prompts or prepared is None:
+        return build_report(method, checkpoint, view, training, categories, tasks, adapted)
     model, pad_id = _load_adapted(checkpoint, recipe)  # type: ignore[arg-type]
     prompts, categories = first_prompts(prepared, prompts_per_task)
     task_view, task_abstract, per_prompt, owners = classifier_view(model, view, prompts, pad_id)
-    report = build_report(method, checkpoint, task_view, training, categories, tasks, source, adapted)
+    report = build_report(method, checkpoint, task_view, training, categories, tasks, adapted)
     report.abstract = view
     report.task_abstract = task_abstract[[task_view.rows.index(r) for r in report.view.rows]]
     report.classifier = rs.classifier_stats(per_prompt, [categories[o] for o in owners])

@@ -14,18 +14,18 @@ from typing import Any
 from rich.console import Console
 
 from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
-from orchmoe_cli.adapters.registry import spec_of
+from orchmoe_cli.adapters.registry import SPECS, spec_of
 from orchmoe_cli.core.base_models import load_model
 from orchmoe_cli.core.checkpoint import find_checkpoint
 from orchmoe_cli.core.fit import FitOutcome, fit, make_accelerator, preflight
-from orchmoe_cli.core.prepared import prepare_data
+from orchmoe_cli.core.recipe_data import prepare_data
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.recipe import Recipe, dump_recipe
 
 
-def training_rows(rows: TaskRows, val_instances: int, source: str) -> tuple[TaskRows, TaskRows | None]:
+def training_rows(rows: TaskRows, val_instances: int) -> tuple[TaskRows, TaskRows | None]:
     """(training rows, validation rows): the first ``train.val_instances`` rows of every task are held out."""
     if val_instances == 0:
         return rows, None
@@ -33,46 +33,49 @@ def training_rows(rows: TaskRows, val_instances: int, source: str) -> tuple[Task
     counts = rows.task_counts()
     emptied = [task for task, n in counts.items() if n <= val_instances]
     if emptied:
-        raise OrchmoeError(f"{source}: train.val_instances: {val_instances} held out per task leaves no training "
-                           f"rows for {len(emptied)} task(s), e.g. {emptied[0]} ({counts[emptied[0]]} instances); "
-                           f"use a value below {min(counts.values())}")
+        raise OrchmoeError(f"{val_instances} held out per task leaves no training rows for {len(emptied)} task(s), "
+                           f"e.g. {emptied[0]} ({counts[emptied[0]]} instances); use a value below "
+                           f"{min(counts.values())}", field="train.val_instances")
     return train_rows, val_rows
 
 
-def _start_from(base: Any, recipe: Recipe, task_names: list[str], source: str) -> AdaptedModel:
+def _start_from(base: Any, recipe: Recipe, task_names: list[str]) -> AdaptedModel:
     """``train.init_from``: the checkpoint's adapters (its rank and routing), averaged for the µ variants."""
-    what = f"{source}: train.init_from"
-    model = load_adapted(base, find_checkpoint(Path(recipe.train.init_from).expanduser(), what))
+    field = "train.init_from"
+    model = load_adapted(base, find_checkpoint(Path(recipe.train.init_from).expanduser(), field))
     wanted, saved = recipe.method.name, model.method.name
-    if saved != wanted and not (wanted == f"{saved}_mu" and saved in ("poly", "mhr")):
-        raise OrchmoeError(f"{what}: the checkpoint is {saved}, method.name is {wanted}; use {saved} (or "
-                           f"{saved}_mu to average a poly / mhr checkpoint first)")
+    averages = spec_of(wanted).average_of == saved  # e.g. mhr_mu starting from a trained mhr
+    if saved != wanted and not averages:
+        variants = [name for name, spec in SPECS.items() if spec.average_of == saved]
+        also = f" (or {' / '.join(variants)} to average the {saved} checkpoint first)" if variants else ""
+        raise OrchmoeError(f"the checkpoint is {saved}, method.name is {wanted}; use {saved}{also}",
+                           field=field)
     if model.task_names != task_names:
         first = next((a, b) for a, b in zip_longest(model.task_names, task_names) if a != b)
-        raise OrchmoeError(f"{what}: the checkpoint was trained on other tasks (first difference: {first[0]} "
-                           f"against {first[1]} of the prepared data)")
+        raise OrchmoeError(f"the checkpoint was trained on other tasks (first difference: {first[0]} against "
+                           f"{first[1]} of the prepared data)", field=field)
     if wanted != saved and not model.averaged:
         model.to_average()
     return model
 
 
-def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -> FitOutcome:
+def train(recipe: Recipe, console: Console, resume: bool = False) -> FitOutcome:
     cfg = recipe.train
     if recipe.method.name == "none":
-        raise OrchmoeError(f"{source}: method.name: 'none' has nothing to train; pick lora, poly, mhr, orchmoe, ...")
-    preflight(cfg, Path(recipe.output.dir), resume, source)  # before data, model or any file
-    accelerator = make_accelerator(cfg, spec_of(recipe.method))
+        raise OrchmoeError("'none' has nothing to train; pick lora, poly, mhr, orchmoe, ...", field="method.name")
+    preflight(cfg, Path(recipe.output.dir), resume)  # before data, model or any file
+    accelerator = make_accelerator(cfg, spec_of(recipe.method.name))
     console = console if accelerator.is_main_process else Console(quiet=True)
     with accelerator.main_process_first():
-        prepared = prepare_data(recipe, source, console)
+        prepared = prepare_data(recipe, console)
     task_names = [t["name"] for t in prepared.manifest["tasks"] if t["split"] == "train"]
-    train_rows, val_rows = training_rows(TaskRows(prepared.dataset["train"]), cfg.val_instances, source)
+    train_rows, val_rows = training_rows(TaskRows(prepared.dataset["train"]), cfg.val_instances)
 
     loaded = load_model(recipe.model)
     if cfg.init_from is None:
         model = attach_adapters(loaded.model, recipe.method, task_names)
     else:
-        model = _start_from(loaded.model, recipe, task_names, source)
+        model = _start_from(loaded.model, recipe, task_names)
     counts = model.count_parameters()
     console.print(
         f"[bold]{recipe.method.name}[/bold] on {recipe.model.name}: {counts['total_trainable']:,} trainable "
@@ -82,5 +85,5 @@ def train(recipe: Recipe, source: str, console: Console, resume: bool = False) -
         f"on {accelerator.device}"
     )
     return fit(model, train_rows, cfg, Path(recipe.output.dir), accelerator, pad_id=pad_token_id(loaded.tokenizer),
-               causal=not loaded.is_encoder_decoder, recipe_yaml=dump_recipe(recipe), source=source,
-               console=console, val_rows=val_rows, resume=resume)
+               causal=not loaded.is_encoder_decoder, recipe_yaml=dump_recipe(recipe), console=console,
+               val_rows=val_rows, resume=resume)

@@ -363,24 +363,30 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer,
     return TrainingState(root, trainer["step"], trainer["sampler_state"], rng, trainer["extra"])
 
 
-def find_checkpoint(path: Path, what: str, how_to_train: str = "orchmoe train RECIPE") -> Path:
+def find_checkpoint(path: Path, field: str | None = None, how_to_train: str = "orchmoe train RECIPE") -> Path:
     """An adapter directory (verified against its manifest when it has one), or a run directory's newest
-    complete checkpoint; ``what`` starts the one-line error."""
+    complete checkpoint. Not finding one is an error of the recipe ``field`` that named ``path`` or, without
+    a field (a command-line argument), an error that starts with ``path`` as given."""
+    given = path
     path = path.expanduser()
+
+    def error(text: str) -> OrchmoeError:
+        return OrchmoeError(text, field=field) if field is not None else OrchmoeError(f"{given}: {text}")
+
     if (path / "adapter_config.json").is_file():
         if (path / MANIFEST).is_file():
             verify_checkpoint(path)
         return path
     if not path.exists():
-        raise OrchmoeError(f"{what}: {path} does not exist; train one first ({how_to_train}) or point it at an "
-                           "adapter checkpoint or a run directory")
+        raise error(f"{path} does not exist; train one first ({how_to_train}) or point it at an adapter checkpoint "
+                    "or a run directory")
     try:
         latest = latest_checkpoint(path) if path.is_dir() else None
     except OrchmoeError as exc:  # checkpoints exist but none is complete
-        raise OrchmoeError(f"{what}: {exc}") from None
+        raise error(str(exc)) from None
     if latest is None:
-        raise OrchmoeError(f"{what}: {path} holds no adapter checkpoint; train one first "
-                           f"({how_to_train}) or point it at an adapter directory")
+        raise error(f"{path} holds no adapter checkpoint; train one first ({how_to_train}) or point it at an "
+                    "adapter directory")
     return latest
 
 

@@ -60,20 +60,20 @@ def eval_output_dir(recipe: Recipe) -> Path:
     return Path(recipe.eval.output_dir or recipe.output.dir) / f"eval-{label}"
 
 
-def select_instances(split: Any, cfg: EvalConfig, source: str) -> list[dict[str, Any]]:
+def select_instances(split: Any, cfg: EvalConfig) -> list[dict[str, Any]]:
     """The first ``max_instances`` rows of every selected task, in task order."""
     tasks_in_split = list(dict.fromkeys(split["task"]))
     wanted = cfg.tasks if cfg.tasks is not None else tasks_in_split
     if not wanted:
-        raise OrchmoeError(f"{source}: eval.tasks: the list is empty; name tasks of the split or leave it out")
+        raise OrchmoeError("the list is empty; name tasks of the split or leave it out", field="eval.tasks")
     repeated = sorted({t for t in wanted if wanted.count(t) > 1})
     if repeated:
-        raise OrchmoeError(f"{source}: eval.tasks: {', '.join(repeated)} listed more than once")
+        raise OrchmoeError(f"{', '.join(repeated)} listed more than once", field="eval.tasks")
     missing = [t for t in wanted if t not in tasks_in_split]
     if missing:
         raise OrchmoeError(
-            f"{source}: eval.tasks: {', '.join(missing)} not in the prepared '{cfg.split}' split "
-            f"(it has {len(tasks_in_split)} tasks, e.g. {', '.join(tasks_in_split[:3])})"
+            f"{', '.join(missing)} not in the prepared '{cfg.split}' split "
+            f"(it has {len(tasks_in_split)} tasks, e.g. {', '.join(tasks_in_split[:3])})", field="eval.tasks"
         )
     counts = dict.fromkeys(wanted, 0)
     chosen: dict[str, list[dict[str, Any]]] = {t: [] for t in wanted}
@@ -140,12 +140,12 @@ def _scored_row(row: dict, prediction: str) -> dict[str, Any]:
 
 def run_evaluation(
     recipe: Recipe, model: Any, tokenizer: Any, is_encoder_decoder: bool, split: Any, data_hash: str,
-    source: str, console: Console, task_index: Mapping[str, int] | None = None,
+    console: Console, task_index: Mapping[str, int] | None = None,
 ) -> EvalOutcome:
     """Generate, score and write the artifacts for one model (base or adapted; ``task_index`` as in
     :func:`generate_predictions`)."""
     cfg = recipe.eval
-    rows = select_instances(split, cfg, source)
+    rows = select_instances(split, cfg)
     out_dir = eval_output_dir(recipe)
     adapter_sha256 = checkpoint_digest(cfg.checkpoint) if cfg.checkpoint else None
     fingerprint = _fingerprint(recipe, data_hash, adapter_sha256)

@@ -82,12 +82,12 @@ _RESTORED_FIELDS = ("lr", "router_lr", "hypernetwork_lr", "weight_decay", "sched
                     "batch_size", "seed", "task_sampling")
 
 
-def preflight(cfg: TrainConfig, run_dir: Path, resume: bool, source: str) -> None:
+def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     """Checks that need no data or model, run before any heavy work and before anything is written."""
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise OrchmoeError(f"{source}: train.tensorboard: the tensorboard package is not installed; "
-                           "pip install tensorboard, or set train.tensorboard: false")
-    check_output_dir(run_dir, f"{source}: output.dir")
+        raise OrchmoeError("the tensorboard package is not installed; pip install tensorboard, or set "
+                           "train.tensorboard: false", field="train.tensorboard")
+    check_output_dir(run_dir, "output.dir")
     existing = ckpt.step_directories(run_dir)
     if not resume and cfg.resume != "auto" and existing:
         raise OrchmoeError(f"{run_dir} already holds checkpoints up to {existing[0].name}; pass --resume (or "
@@ -114,9 +114,11 @@ def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
 
 
 def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW with one parameter group (and learning rate) per kind: skills, routers, hypernetwork."""
+    """AdamW with one parameter group (and learning rate) per kind: skills, routers, hypernetwork. Groups of
+    tables of which only some rows may move (``<group>/rows``) train without weight decay."""
     groups = [
-        {"params": params, "lr": getattr(cfg, _LR_FIELD[name]), "weight_decay": cfg.weight_decay, "name": name}
+        {"params": params, "lr": getattr(cfg, _LR_FIELD[name.partition("/")[0]]), "name": name,
+         "weight_decay": 0.0 if name.endswith("/rows") else cfg.weight_decay}
         for name, params in model.parameter_groups().items() if params
     ]
     if not groups:
@@ -129,8 +131,9 @@ def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.
     return optimizer, scheduler
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool, label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy over target tokens (-100 ignored).
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool, label_smoothing: float) -> tuple[torch.Tensor, Any]:
+    """Mean cross-entropy over target tokens (-100 ignored), and the model's output (it carries the method's
+    auxiliary routing losses and what its diagnostics read).
 
     Decoder-only models compute logits only at positions that predict an answer token: the answer is
     a few tokens of a long prompt, and the vocabulary projection is a large share of a small model's cost.
@@ -139,14 +142,14 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool, label_smoo
     if causal:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         keep = (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)  # position i predicts token i + 1
-        logits = model(**inputs, logits_to_keep=keep).logits
+        output = model(**inputs, logits_to_keep=keep)
         labels = labels[:, keep + 1]
     else:
-        logits = model(**batch).logits
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
-        label_smoothing=label_smoothing,
-    )
+        output = model(**batch)
+    logits = output.logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+    return loss, output
 
 
 def replica_checksum(model: AdaptedModel) -> str:
@@ -188,7 +191,7 @@ def validation_loss(model: Any, batches: Batches, batch_size: int) -> float:
         for start in range(0, len(mine), batch_size):
             batch = batches(mine[start : start + batch_size], random.Random(0))
             rows = batch["input_ids"].shape[0]
-            total += lm_loss(model, batch, batches.causal, 0.0) * rows
+            total += lm_loss(model, batch, batches.causal, 0.0)[0] * rows
             count += rows
     model.train()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
@@ -240,7 +243,7 @@ def _check_unchanged(checkpoint: Path, cfg: TrainConfig) -> None:
 
 
 def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, *,
-        pad_id: int, causal: bool, recipe_yaml: str, source: str, console: Console,
+        pad_id: int, causal: bool, recipe_yaml: str, console: Console,
         val_rows: TaskRows | None = None, resume: bool = False,
         validate: Callable[[Any, int], dict[str, float]] | None = None) -> FitOutcome:
     """Train ``model``'s trainable tensors on ``rows`` for ``cfg.steps`` optimizer steps, checkpointing into
@@ -251,7 +254,7 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, ac
     is_main = accelerator.is_main_process
     console = console if is_main else Console(quiet=True)
     run_dir = Path(run_dir)
-    preflight(cfg, run_dir, resume, source)
+    preflight(cfg, run_dir, resume)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = TaskBatchSampler(rows.task_codes.tolist(), cfg.batch_size * accelerator.num_processes,
@@ -272,14 +275,14 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, ac
             console.print(f"{latest} is at step {step}, train.steps is {cfg.steps}: nothing to do")
             return FitOutcome(run_dir, latest, step, False, is_main)
         prepared, optimizer = accelerator.prepare(model, optimizer)
-        return _loop(cfg, source, console, accelerator, model, prepared, optimizer, scheduler, sampler, batches,
+        return _loop(cfg, console, accelerator, model, prepared, optimizer, scheduler, sampler, batches,
                      validate, step, batch_index, run_dir, recipe_yaml)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _loop(cfg: TrainConfig, source: str, console: Console, accelerator: Accelerator, unwrapped: AdaptedModel,
+def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrapped: AdaptedModel,
           model: Any, optimizer: Any, scheduler: Any, sampler: TaskBatchSampler, batches: Batches,
           validate: Callable[[Any, int], dict[str, float]] | None, step: int, batch_index: int, run_dir: Path,
           recipe_yaml: str) -> FitOutcome:
@@ -301,8 +304,8 @@ def _loop(cfg: TrainConfig, source: str, console: Console, accelerator: Accelera
                 batch_index += 1
                 tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
                 with accelerator.accumulate(model):
-                    token_loss = lm_loss(model, batch, batches.causal, cfg.label_smoothing)
-                    aux = unwrapped.aux_losses()
+                    token_loss, output = lm_loss(model, batch, batches.causal, cfg.label_smoothing)
+                    aux = output.get("aux_losses") or {}
                     loss = token_loss + sum(aux.values(), torch.zeros((), device=token_loss.device))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -314,13 +317,13 @@ def _loop(cfg: TrainConfig, source: str, console: Console, accelerator: Accelera
             scheduler.step()
             step += 1
             if not all(math.isfinite(v) for v in losses.values()):
-                raise OrchmoeError(f"{source}: train: loss became {losses['loss']} at step {step}; lower train.lr")
+                raise OrchmoeError(f"loss became {losses['loss']} at step {step}; lower train.lr", field="train")
             elapsed = time.perf_counter() - started
             lr = scheduler.get_last_lr()[0]
             stats = f"loss {losses['loss']:.3f} · lr {lr:.2e} · {tokens / max(elapsed, 1e-9):,.0f} tok/s"
             progress.update(bar, completed=step, stats=stats)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                diagnostics = unwrapped.routing_diagnostics()
+                diagnostics = unwrapped.routing_diagnostics(output)
                 if "router_entropy" in diagnostics:
                     stats += f" · H(t|x) {diagnostics['router_entropy']:.2f}"
                     progress.update(bar, stats=stats)

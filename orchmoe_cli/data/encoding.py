@@ -15,7 +15,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from orchmoe_cli.data.config import DataConfig
+from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import Example, Instance, SNITask
 
 _PUNCTUATION = frozenset(string.punctuation)

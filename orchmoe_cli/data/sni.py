@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Literal, NoReturn, Sequence
 
-from orchmoe_cli.data.config import DataConfig
+from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.errors import OrchmoeError
 
 Split = Literal["train", "test"]
@@ -98,8 +98,8 @@ def expand_path(value: str, field: str) -> Path:
     def lookup(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
         if name not in os.environ:
-            raise OrchmoeError(f"{field}: environment variable {name} is not set; export {name}=DIR (for SNI: a "
-                               f"clone of https://github.com/allenai/natural-instructions) or pass {field}=DIR")
+            raise OrchmoeError(f"environment variable {name} is not set; export {name}=DIR (for SNI: a clone of "
+                               f"https://github.com/allenai/natural-instructions) or pass {field}=DIR", field=field)
         return os.environ[name]
 
     return Path(_ENV_REFERENCE.sub(lookup, value)).expanduser()
@@ -112,8 +112,8 @@ def resolve_source(cfg: DataConfig) -> SourceLayout:
     else:
         root = expand_path(cfg.source, "data.source")
         if not root.is_dir():
-            raise OrchmoeError(f"data.source: directory '{root}' not found; set data.source to 'bundled' "
-                               "or to a directory of SNI task files")
+            raise OrchmoeError(f"directory '{root}' not found; set data.source to 'bundled' or to a directory of SNI "
+                               "task files", field="data.source")
         description = str(root.resolve())
     task_dir = root / "tasks" if (root / "tasks").is_dir() else root
     split_dir = _split_dir(cfg, root)
@@ -132,15 +132,15 @@ def _split_dir(cfg: DataConfig, root: Path) -> Path:
     if cfg.split_dir is not None:
         split_dir = expand_path(cfg.split_dir, "data.split_dir")
         if not split_dir.is_dir():
-            raise OrchmoeError(f"data.split_dir: directory '{split_dir}' not found; point it at the directory "
-                               f"holding {cfg.train_split} and {cfg.test_split}")
+            raise OrchmoeError(f"directory '{split_dir}' not found; point it at the directory holding "
+                               f"{cfg.train_split} and {cfg.test_split}", field="data.split_dir")
         return split_dir
     candidates = (root, root / "splits" / "default")
     for candidate in candidates:
         if (candidate / cfg.train_split).is_file():
             return candidate
-    raise OrchmoeError(f"data.source: no split file {cfg.train_split} in {candidates[0]} or {candidates[1]}; "
-                       "add the split files there or set data.split_dir")
+    raise OrchmoeError(f"no split file {cfg.train_split} in {candidates[0]} or {candidates[1]}; add the split "
+                       "files there or set data.split_dir", field="data.source")
 
 
 def _read_split_file(path: Path, task_dir: Path) -> list[tuple[int, str]]:

@@ -13,16 +13,26 @@ the gamma/beta generators start at zero (not N(0, 1e-2)) so the model starts exa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
-from orchmoe_cli.adapters.context import RoutingSlot, RoutingState, fold_rows
+from orchmoe_cli.adapters.context import RoutingInputs, RoutingSlot, RoutingState, fold_rows
+from orchmoe_cli.adapters.family import AdaptMode, Routing, RoutingFamily, append_row, checked_task_ids
 from orchmoe_cli.adapters.layer import WrappedLinear, add_low_rank
+from orchmoe_cli.adapters.placement import Site, architecture, linear_layers, select
 from orchmoe_cli.errors import OrchmoeError
+
+if TYPE_CHECKING:
+    from orchmoe_cli.adapters.method_config import MethodConfig
+    from orchmoe_cli.adapters.model import AdaptedModel
 
 
 class StackHyperNetwork(nn.Module):
@@ -67,6 +77,8 @@ class StackHyperNetwork(nn.Module):
 class HyperLoader(nn.Module):
     """Task embeddings (shared by the stacks) and one hypernetwork per stack."""
 
+    parameter_group = "hypernetwork"
+
     def __init__(self, n_tasks: int, embedding_dim: int, stacks: dict[str, StackHyperNetwork]) -> None:
         super().__init__()
         self.task_embedding = nn.Parameter(torch.randn(n_tasks, embedding_dim))
@@ -84,7 +96,7 @@ class HyperLoader(nn.Module):
         unique, _ = state.unique_tasks
         vectors = self.task_vectors(unique)
         for stack in self.stacks.values():
-            state.computed[id(stack)] = stack.project(vectors)
+            state.weights[stack] = stack.project(vectors)
 
 
 class HyperWrapped(WrappedLinear, ABC):
@@ -103,10 +115,10 @@ class HyperWrapped(WrappedLinear, ABC):
             raise OrchmoeError("hyperloader routes by task id: set routing with task_ids (-1 for an unseen task)")
         unique, inverse = state.unique_tasks
         net: HyperLoader = self.hyper  # type: ignore[assignment]
-        key = id(net.stacks[self.stack])
-        if key not in state.computed:
+        stack = net.stacks[self.stack]
+        if stack not in state.weights:
             net.route(state)
-        return state.computed[key][:, self.site], (inverse if unique.shape[0] > 1 else None)
+        return state.weights[stack][:, self.site], (inverse if unique.shape[0] > 1 else None)
 
     def generated(self, state: RoutingState) -> Tensor:
         """What the hypernetwork generates for this site and each distinct task of ``state`` (tasks, ...)."""
@@ -172,3 +184,126 @@ class HyperAdapterLinear(HyperWrapped):
         h = torch.baddbmm(b_up, h, w_up.transpose(1, 2))
         h = F.layer_norm(h, (d,)) * gamma + beta
         return y + h.view_as(y).to(y.dtype)
+
+
+def _position_key(name: str) -> tuple[str, int, str]:
+    """(stack, layer index, name within the layer) of a module inside a stack of numbered blocks."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if index is None:
+        raise OrchmoeError(f"method.target_modules: hyperloader needs modules inside numbered layers, got '{name}'")
+    stack = parts[0] if parts[0] in ("encoder", "decoder") else "decoder"
+    return stack, int(parts[index]), ".".join(parts[index + 1:])
+
+
+def plan_sites(base: PreTrainedModel, method: MethodConfig) -> list[Site]:
+    """Generated LoRA on the LoRA targets (q and v, self- and cross-attention) and generated bottleneck adapters
+    on the output projection of each self-attention and feed-forward sublayer, so each adapter transforms the
+    sublayer output before the block's residual add (T5 ``SelfAttention.o`` / ``DenseReluDense.wo``, Llama
+    ``self_attn.o_proj`` / ``mlp.down_proj``)."""
+    linears = linear_layers(base)
+    explicit = method.target_modules is not None
+    family = architecture(base, "hyperloader placement")
+    lora = select(linears, method.target_modules or family.hyper_lora, explicit)
+    attn, ff = (select(linears, [p], False) for p in family.hyper_adapters)
+    if explicit:  # explicit LoRA targets also choose the blocks that get bottleneck adapters (e.g. top layers)
+        blocks = {_position_key(name)[:2] for name in lora}
+        attn, ff = ([n for n in names if _position_key(n)[:2] in blocks] for names in (attn, ff))
+    clash = sorted(set(lora) & set(attn + ff))
+    if clash:
+        raise OrchmoeError(f"method.target_modules: {clash[0]} already carries a hyperloader adapter; "
+                           "choose other LoRA targets")
+    model_order = {name: i for i, name in enumerate(linears)}
+    positions: dict[tuple[str, str], int] = {}  # LoRA position ids, numbered per stack in model order
+    sites = []
+    for name in sorted(lora + attn + ff, key=model_order.__getitem__):
+        stack, layer, key = _position_key(name)
+        kind = "hyper_lora" if name in lora else "hyper_adapter"
+        if kind == "hyper_adapter":
+            position = 0 if name in ff else 1  # HyperFormer ids: 0 feed-forward adapter, 1 attention adapter
+        else:
+            if (stack, key) not in positions:
+                positions[(stack, key)] = 2 + sum(s == stack for s, _ in positions)
+            position = positions[(stack, key)]
+        sites.append(Site(name, linears[name].in_features, linears[name].out_features, kind, stack, layer, position))
+    return sites
+
+
+def _hyper_networks(sites: list[Site], method: MethodConfig, n_tasks: int) -> HyperLoader:
+    stacks = {}
+    for stack in dict.fromkeys(s.stack for s in sites):
+        mine = [s for s in sites if s.stack == stack]
+        lora = [s for s in mine if s.kind == "hyper_lora"]
+        adapter_dims = sorted({s.d_out for s in mine if s.kind == "hyper_adapter"})
+        if len(adapter_dims) > 1:
+            raise OrchmoeError(f"hyperloader: adapter sites of the {stack} have different sizes {adapter_dims}")
+        stacks[stack] = StackHyperNetwork(
+            sites=[(s.layer, s.position) for s in mine], embedding_dim=method.task_embedding_dim,
+            hidden_dim=method.hidden_dim, projected_dim=method.projected_dim, rank=method.rank,
+            lora_in=sorted({s.d_in for s in lora}), lora_out=sorted({s.d_out for s in lora}),
+            adapter_dim=adapter_dims[0] if adapter_dims else None, bottleneck=method.adapter_bottleneck or 1)
+    return HyperLoader(n_tasks, method.task_embedding_dim, stacks)
+
+
+class HyperLoaderRouting(RoutingFamily):
+    """hyperloader: LoRA and adapters generated per task from [task; layer; position] embeddings."""
+
+    needs_task_ids: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False
+    merge_refusal: ClassVar[str] = "generates non-linear bottleneck adapters"
+    # generators of positions a base model lacks (e.g. cross-attention on decoder-only) get no gradient
+    may_skip_parameters: ClassVar[bool] = True
+    inspects_generated_adapters: ClassVar[bool] = True
+    adapt_modes: ClassVar[dict[str, AdaptMode]] = {
+        # a new task embedding, the hypernetwork frozen (with_router: unfrozen)
+        "hyperloader": AdaptMode(("hyperloader",), ("new_task_row",), new_task=True,
+                                 with_router=("new_task_row", "hypernetwork")),
+    }
+
+    def defaults(self, method: MethodConfig, hidden_size: int) -> dict[str, Any]:
+        """Its code uses alpha = r (scale 1) and trains the base model's layer norms."""
+        return {**super().defaults(method, hidden_size), "alpha": float(method.rank), "train_layer_norms": True}
+
+    def resolve(self, method: MethodConfig, hidden_size: int) -> MethodConfig:
+        return dataclasses.replace(super().resolve(method, hidden_size), n_skills=1)
+
+    def plan(self, base: PreTrainedModel, method: MethodConfig) -> list[Site]:
+        return plan_sites(base, method)
+
+    def build(self, sites: list[Site], method: MethodConfig, n_tasks: int, hidden_size: int, slot: RoutingSlot,
+              base_for: Callable[[Site], nn.Linear]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        assert method.alpha is not None, "build() takes a resolved method"
+        hyper = _hyper_networks(sites, method, n_tasks)
+        order = {stack: [s.name for s in sites if s.stack == stack] for stack in hyper.stacks}
+        wrappers: dict[str, nn.Module] = {}
+        for s in sites:
+            args = (base_for(s), hyper, s.stack, order[s.stack].index(s.name), slot)
+            wrappers[s.name] = (HyperLoRALinear(*args, alpha=method.alpha, dropout=method.dropout)
+                                if s.kind == "hyper_lora" else HyperAdapterLinear(*args))
+        return wrappers, {"hyper": hyper}
+
+    def route(self, model: AdaptedModel, inputs: RoutingInputs) -> Routing:
+        ids = checked_task_ids(model, inputs.task_ids)
+        state = RoutingState(ids.shape[0], task_ids=ids)
+        model.extras["hyper"].route(state)
+        return Routing(state)
+
+    def add_task(self, model: AdaptedModel) -> list[nn.Parameter]:
+        """A task embedding drawn N(0, 1), as at training start."""
+        net = model.extras["hyper"]
+        table = net.task_embedding
+        net.task_embedding = append_row(table, torch.randn(1, table.shape[1], device=table.device, dtype=table.dtype))
+        return [net.task_embedding]
+
+    @torch.no_grad()
+    def generated_adapters(self, model: AdaptedModel, task_ids: Tensor) -> Tensor:
+        """Every generated adapter tensor of each task, flattened, (tasks, features)."""
+        was_training = model.training
+        model.eval()
+        try:
+            state = RoutingState(task_ids.shape[0], task_ids=task_ids.to(model.device))
+            model.extras["hyper"].route(state)
+            parts = [module.generated(state) for module in model.base.modules() if isinstance(module, HyperWrapped)]
+        finally:
+            model.train(was_training)
+        return torch.cat([p.reshape(task_ids.shape[0], -1).float() for p in parts], dim=1)

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchmoe_cli import __version__
-from orchmoe_cli.data.config import DataConfig
+from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
 from orchmoe_cli.data.sni import SPLITS, SNITask, SourceLayout, matches_languages, read_split, resolve_source
 from orchmoe_cli.errors import OrchmoeError

@@ -7,15 +7,15 @@ mttl and peft) but equal to the rank for HyperLoader (scale 1, as its code).
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
 
+from orchmoe_cli.adapters.registry import SPECS, method_names
 from orchmoe_cli.errors import FieldError
 from orchmoe_cli.schema import help_field as _f
 
-METHOD_NAMES = ("none", "lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader")
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([kKmMgGbB]?)\s*$")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 _MAX_BUDGET = 1e15  # far beyond any model; also keeps 1e999 (infinity) out
@@ -36,8 +36,8 @@ def parse_budget(text: str) -> int:
 
 @dataclass
 class MethodConfig:
-    name: Literal["none", "lora", "poly", "mhr", "poly_mu", "mhr_mu", "orchmoe", "hyperloader"] = _f(
-        "none", "adapter method; none = the base model alone (zero-shot baseline)")
+    name: str = _f("none", "adapter method: one of " + ", ".join(method_names()) + "; none = the base model alone "
+                   "(zero-shot baseline)")
     rank: int = _f(8, "LoRA rank of every skill (and of HyperLoader's generated LoRA); ignored when `budget` "
                    "is set, which chooses it", min=1)
     alpha: float | None = _f(None, "LoRA scale numerator: scale = alpha / rank. Default: 1 for lora, poly, mhr, "
@@ -81,6 +81,10 @@ class MethodConfig:
                             "the LoRA scale alpha/rank stays what `alpha` and `rank` give")
 
     def __post_init__(self) -> None:
+        if self.name not in method_names():
+            close = difflib.get_close_matches(self.name, method_names(), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise FieldError("name", f"'{self.name}' is not one of {', '.join(method_names())}{hint}")
         if self.budget is not None:
             try:
                 parse_budget(self.budget)
@@ -90,13 +94,14 @@ class MethodConfig:
             raise FieldError("dropout", f"must be < 1, got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:
             raise FieldError("target_modules", "must name at least one module (or be left out for the default)")
-        heads = self.n_heads
-        if heads is not None and heads > 1 and self.name in ("lora", "poly", "poly_mu", "hyperloader"):
-            alternative = "; use mhr for several heads" if self.name.startswith("poly") else ""
+        spec, heads = SPECS.get(self.name), self.n_heads
+        if spec is None or heads is None or spec.several_heads is None:
+            return
+        if heads > 1 and spec.several_heads is False:
+            alternative = f"; use {spec.heads_variant} for several heads" if spec.heads_variant else ""
             raise FieldError("n_heads", f"{self.name} routes with one head, got {heads}{alternative}")
-        if heads == 1 and self.name in ("mhr", "mhr_mu"):
-            one_head = self.name.replace("mhr", "poly")
-            raise FieldError("n_heads", f"{self.name} needs n_heads > 1 (one head is {one_head})")
+        if heads == 1 and spec.several_heads:
+            raise FieldError("n_heads", f"{self.name} needs n_heads > 1 (one head is {spec.heads_variant})")
 
     @property
     def budget_count(self) -> int | None:

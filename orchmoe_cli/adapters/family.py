@@ -1,0 +1,150 @@
+"""The interface of a routing family: everything one family of methods does differently.
+
+Every method is a base model with wrapped linears reading a per-batch :class:`RoutingState`. A family
+decides which linears are wrapped and with what, which model-level modules it adds (a task classifier, a
+hypernetwork), how a batch's routing is computed and what auxiliary losses it adds, how a new task joins
+it for few-shot adaptation, whether a fixed routing folds into the base weights, how it exports to peft,
+and what ``inspect-routing`` can show of it. :class:`AdaptedModel` calls these hooks and holds no
+family-specific code. The defaults are those of a skill-LoRA family whose layers each own a router.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from orchmoe_cli.adapters.context import RoutingInputs, RoutingSlot, RoutingState
+from orchmoe_cli.adapters.layer import SkillLoRALinear
+from orchmoe_cli.adapters.placement import Site, skill_sites
+from orchmoe_cli.errors import OrchmoeError
+
+if TYPE_CHECKING:
+    from orchmoe_cli.adapters.method_config import MethodConfig
+    from orchmoe_cli.adapters.model import AdaptedModel
+    from orchmoe_cli.adapters.registry import MethodSpec
+
+
+@dataclass(frozen=True)
+class AdaptMode:
+    """How a trained checkpoint of the family is prepared to learn one new task (``orchmoe adapt``)."""
+
+    methods: tuple[str, ...]  # checkpoint methods the mode applies to
+    trains: tuple[str, ...]  # parameter groups that train; "new_task_row": only the new task's row of its tables
+    new_task: bool = False  # the task gets its own row (routing logits, task embedding); the others stay fixed
+    average: bool = False  # collapse task routing to the average of skills first
+    with_router: tuple[str, ...] | None = None  # what trains instead with `adapt.with_router`
+
+
+@dataclass
+class Routing:
+    """A batch's routing as a family computed it: the state layers read, the weighted auxiliary losses to add to
+    the language-model loss, and what diagnostics need of it (detached)."""
+
+    state: RoutingState | None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    record: dict[str, Tensor] = field(default_factory=dict)
+
+
+class RoutingFamily:
+    """One routing family; instances are made per adapted model from its method's registry row."""
+
+    needs_task_ids: ClassVar[bool] = False  # batches carry task ids (indices into the model's task names)
+    mergeable: ClassVar[bool] = True  # a fixed routing folds into the base weights
+    merge_refusal: ClassVar[str] = ""  # why not, when it cannot
+    may_skip_parameters: ClassVar[bool] = False  # a step may leave trainable tensors unused (DDP must look)
+    allocation_tensor: ClassVar[str | None] = None  # router tensor holding a learned allocation to inspect
+    allocation_rows: ClassVar[str] = "task"  # what that allocation's rows are ("task", "abstract task")
+    inspects_generated_adapters: ClassVar[bool] = False  # inspect-routing compares generated adapters instead
+    classifies_prompts: ClassVar[bool] = False  # has p(abstract task | prompt) (inspect-routing --data)
+    adapt_modes: ClassVar[dict[str, AdaptMode]] = {}
+
+    def __init__(self, spec: MethodSpec) -> None:
+        self.spec = spec
+
+    # ------------------------------------------------------------------ building
+
+    def defaults(self, method: MethodConfig, hidden_size: int) -> dict[str, Any]:
+        """Values of the fields a recipe leaves at None, as this family's papers set them."""
+        return {"alpha": 1.0, "n_heads": self.spec.heads, "train_layer_norms": False,
+                "adapter_bottleneck": max(1, hidden_size // 32)}
+
+    def resolve(self, method: MethodConfig, hidden_size: int) -> MethodConfig:
+        """A copy of ``method`` with every default filled in (rank stays as given)."""
+        defaults = self.defaults(method, hidden_size)
+        return dataclasses.replace(method, **{k: v for k, v in defaults.items() if getattr(method, k) is None})
+
+    def plan(self, base: PreTrainedModel, method: MethodConfig) -> list[Site]:
+        """The linears to wrap, with what their wrappers need."""
+        return skill_sites(base, method)
+
+    def extras(self, method: MethodConfig, hidden_size: int) -> dict[str, nn.Module]:
+        """Model-level modules (built before the layers): attribute name -> module."""
+        return {}
+
+    def make_router(self, method: MethodConfig, n_tasks: int) -> nn.Module:
+        """The router of one skill-LoRA layer."""
+        raise NotImplementedError(f"{type(self).__name__} builds skill layers but defines no router")
+
+    def build(self, sites: list[Site], method: MethodConfig, n_tasks: int, hidden_size: int, slot: RoutingSlot,
+              base_for: Callable[[Site], nn.Linear]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        """Wrappers per site name, and the model-level modules. ``method`` is resolved."""
+        assert method.alpha is not None and method.n_heads is not None, "build() takes a resolved method"
+        extras = self.extras(method, hidden_size)
+        wrappers: dict[str, nn.Module] = {
+            s.name: SkillLoRALinear(base_for(s), self.make_router(method, n_tasks), slot, method.rank, method.alpha,
+                                    method.n_skills, method.n_heads, method.dropout) for s in sites}
+        return wrappers, extras
+
+    # ------------------------------------------------------------------ routing
+
+    def route(self, model: AdaptedModel, inputs: RoutingInputs) -> Routing:
+        """The batch's routing; the default routes every input alike (no state)."""
+        return Routing(None)
+
+    def diagnostics(self, model: AdaptedModel, record: dict[str, Tensor]) -> dict[str, float]:
+        """Numbers that show a routing collapse while training (logged with the loss)."""
+        return {}
+
+    def category_index(self, method: MethodConfig, categories: list[str]) -> dict[str, int] | None:
+        """Category -> index when routing also learns from categories, else None."""
+        return None
+
+    # ------------------------------------------------------------------ adaptation, merge, export
+
+    def add_task(self, model: AdaptedModel) -> list[nn.Parameter]:
+        """Give a new task its own row in every task table; returns the tables (their last row is the task's)."""
+        raise OrchmoeError(f"{model.method.name} has no per-task parameters to add a task to")
+
+    def average(self, model: AdaptedModel) -> None:
+        """Replace the routing by the average of skills (Poly-µ / MHR-µ)."""
+        raise OrchmoeError(f"averaging applies to task-routed skill inventories, not {model.method.name}")
+
+    def export_peft(self, model: AdaptedModel, directory: Path) -> None:
+        raise OrchmoeError(f"{model.method.name} has no peft equivalent; export_peft supports lora, poly and mhr "
+                           "(save() writes every method's own checkpoint)")
+
+
+def checked_task_ids(model: AdaptedModel, task_ids: Tensor | None) -> Tensor:
+    """``task_ids`` as a long tensor on the model's device; one line if any is outside -1..n-1."""
+    if task_ids is None:
+        raise OrchmoeError(f"{model.method.name} routes by task id: pass task_ids (indices into the "
+                           "model's task names, -1 for an unseen task)")
+    ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+    bad = (ids < -1) | (ids >= len(model.task_names))
+    if ids.numel() == 0 or bool(bad.any()):
+        shown = ids[bad][0].item() if bool(bad.any()) else "none"
+        raise OrchmoeError(f"task id {shown} is out of range: the model knows {len(model.task_names)} tasks "
+                           "(ids 0..n-1) and -1 means an unseen task")
+    return ids.to(model.device)
+
+
+def append_row(table: nn.Parameter, row: Tensor) -> nn.Parameter:
+    """``table`` with ``row`` appended, as a new parameter (the caller puts it where the table was)."""
+    return nn.Parameter(torch.cat([table.detach(), row.to(table.device, table.dtype)]))

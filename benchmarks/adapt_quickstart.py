@@ -26,8 +26,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from orchmoe_cli.analysis.adaptation_report import merge_results, write_summary  # noqa: E402
-from orchmoe_cli.commands.adapt import RESULTS  # noqa: E402
+from orchmoe_cli.analysis.adaptation_report import (  # noqa: E402
+    RESULTS,  # noqa: E402
+    merge_results,
+    write_summary,
+)
 
 SWEEPS = {"orchmoe": REPO / "recipes" / "quickstart.yaml", "mhr": REPO / "recipes" / "quickstart-mhr.yaml"}
 TASKS = (REPO / "orchmoe_cli" / "data" / "sample" / "test_tasks.txt").read_text().split()

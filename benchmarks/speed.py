@@ -203,8 +203,8 @@ class DecodeEveryRow(StoppingCriteria):
     """The stopping criterion before the id-based one, for comparison: it decodes every row's whole answer at
     every decoding step (quadratic in the answer's length, and host-bound on a GPU)."""
 
-    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+    def __init__(self, newlines: Any, prompt_length: int) -> None:
+        self.tokenizer, self.prompt_length = newlines.tokenizer, prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)

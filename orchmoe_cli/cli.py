@@ -177,8 +177,13 @@ def adapt(
         if keep_adapters:
             extra.append("adapt.keep_adapters=true")
         loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes=("output.dir", "adapt.output_dir"))
-        from orchmoe_cli.analysis.adaptation_report import read_results, summary_table, write_summary
-        from orchmoe_cli.commands.adapt import PREDICTIONS, RESULTS
+        from orchmoe_cli.analysis.adaptation_report import (
+            PREDICTIONS,
+            RESULTS,
+            read_results,
+            summary_table,
+            write_summary,
+        )
         from orchmoe_cli.commands.adapt import adapt as run_adaptation
 
         out = run_adaptation(loaded, str(recipe), console)

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from orchmoe_cli.core.base_models import byte_tokenizer
-from orchmoe_cli.core.generation import StopAtNewline
+from orchmoe_cli.core.generation import NewlineTable, StopAtNewline
 
 
 def _bpe_tokenizer() -> PreTrainedTokenizerFast:
@@ -47,9 +47,9 @@ def test_id_criterion_agrees_with_decoding(make) -> None:  # noqa: ANN001
         width = max(map(len, rows))
         ids = torch.tensor([row + [tokenizer.eos_token_id] * (width - len(row)) for row in rows])
         expected = _reference(tokenizer, ids, prompt_length)
-        got = StopAtNewline(tokenizer, prompt_length)(ids, torch.zeros(len(rows), vocab)).tolist()
+        got = StopAtNewline(NewlineTable(tokenizer), prompt_length)(ids, torch.zeros(len(rows), vocab)).tolist()
         assert got == expected, [tokenizer.decode(r[prompt_length:]) for r in rows]
         outcomes.update(expected)
     assert outcomes == {True, False}  # both kinds of row were checked
     # ids past the tokenizer's own (a model vocabulary padded beyond it) count as no text
-    assert StopAtNewline(tokenizer, 0)(torch.tensor([[vocab + 5]]), torch.zeros(1, 1)).tolist() == [False]
+    assert StopAtNewline(NewlineTable(tokenizer), 0)(torch.tensor([[vocab + 5]]), torch.zeros(1, 1)).tolist() == [False]

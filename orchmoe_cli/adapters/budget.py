@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.context import RoutingSlot
+from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.errors import OrchmoeError
 
@@ -99,11 +99,11 @@ def choose_rank(base: PreTrainedModel, method: MethodConfig, n_tasks: int) -> in
     per_rank, fixed = two - one, 2 * one - two
     tolerance = 0.05 * budget
     if one > budget + tolerance:
-        raise OrchmoeError(f"method.budget: {budget:,} parameters is too small for {method.name} at rank 1, "
-                           f"which trains {one:,} with these targets and sizes")
+        raise OrchmoeError(f"{budget:,} parameters is too small for {method.name} at rank 1, "
+                           f"which trains {one:,} with these targets and sizes", field="method.budget")
     rank = max(1, round((budget - fixed) / per_rank))
     count = fixed + rank * per_rank
     if abs(count - budget) > tolerance:
-        raise OrchmoeError(f"method.budget: no rank lands within 5% of {budget:,} parameters for {method.name}: "
-                           f"rank {rank} trains {count:,} and each rank step adds {per_rank:,}")
+        raise OrchmoeError(f"no rank lands within 5% of {budget:,} parameters for {method.name}: "
+                           f"rank {rank} trains {count:,} and each rank step adds {per_rank:,}", field="method.budget")
     return rank

@@ -191,7 +191,8 @@ def _position_key(name: str) -> tuple[str, int, str]:
     parts = name.split(".")
     index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
     if index is None:
-        raise OrchmoeError(f"method.target_modules: hyperloader needs modules inside numbered layers, got '{name}'")
+        raise OrchmoeError(f"hyperloader needs modules inside numbered layers, got '{name}'",
+                           field="method.target_modules")
     stack = parts[0] if parts[0] in ("encoder", "decoder") else "decoder"
     return stack, int(parts[index]), ".".join(parts[index + 1:])
 
@@ -211,8 +212,8 @@ def plan_sites(base: PreTrainedModel, method: MethodConfig) -> list[Site]:
         attn, ff = ([n for n in names if _position_key(n)[:2] in blocks] for names in (attn, ff))
     clash = sorted(set(lora) & set(attn + ff))
     if clash:
-        raise OrchmoeError(f"method.target_modules: {clash[0]} already carries a hyperloader adapter; "
-                           "choose other LoRA targets")
+        raise OrchmoeError(f"{clash[0]} already carries a hyperloader adapter; "
+                           "choose other LoRA targets", field="method.target_modules")
     model_order = {name: i for i, name in enumerate(linears)}
     positions: dict[tuple[str, str], int] = {}  # LoRA position ids, numbered per stack in model order
     sites = []

@@ -15,7 +15,6 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from orchmoe_cli.adapters.budget import adapter_layout, hidden_size, resolve
-from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.files import (
     CONFIG_FILE,
     FORMAT,
@@ -26,6 +25,7 @@ from orchmoe_cli.adapters.files import (
     read_task_names,
     read_tensors,
 )
+from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.model import AdaptedModel, attach_adapters
 from orchmoe_cli.adapters.peft_interop import read_peft_checkpoint
 from orchmoe_cli.errors import FieldError, OrchmoeError

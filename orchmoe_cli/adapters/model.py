@@ -21,7 +21,6 @@ from transformers.utils import ModelOutput
 
 from orchmoe_cli import __version__
 from orchmoe_cli.adapters.budget import GROUPS, adapter_tensors, choose_rank, hidden_size, layer_norm_parameters
-from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.context import RoutingInputs, RoutingSlot, RoutingState
 from orchmoe_cli.adapters.family import RoutingFamily
 from orchmoe_cli.adapters.files import (
@@ -34,6 +33,7 @@ from orchmoe_cli.adapters.files import (
     write_tensors,
 )
 from orchmoe_cli.adapters.layer import SkillLoRALinear, WrappedLinear
+from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.placement import install
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.adapters.skill_weights import allocation_probabilities

@@ -105,7 +105,8 @@ def _number(config: dict[str, Any], key: str, kind: type, source: Path, default:
     return kind(value)
 
 
-def read_peft_checkpoint(directory: Path, config: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, Tensor]]:
+def read_peft_checkpoint(directory: Path,
+                         config: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, Tensor]]:
     """(method fields, task names, tensors named as ``AdaptedModel.adapter_state_dict``) of a peft LoRA/Poly
     checkpoint; the caller builds the method config from the fields (and reports a bad one)."""
     source = directory / CONFIG_FILE

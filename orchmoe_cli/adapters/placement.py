@@ -66,8 +66,8 @@ def architecture(base: PreTrainedModel, what: str) -> Architecture:
     """The base model's module names; ``what`` says what was looked up, for the error."""
     family = ARCHITECTURES.get(getattr(base.config, "model_type", ""))
     if family is None:
-        raise OrchmoeError(f"method.target_modules: no default {what} for model type "
-                           f"'{base.config.model_type}'; list the modules to adapt")
+        raise OrchmoeError(f"no default {what} for model type "
+                           f"'{base.config.model_type}'; list the modules to adapt", field="method.target_modules")
     return family
 
 
@@ -79,11 +79,11 @@ def select(linears: dict[str, nn.Linear], patterns: list[str] | tuple[str, ...],
             if not any(matches(n, pattern) for n in linears):
                 close = difflib.get_close_matches(pattern.rsplit(".", 1)[-1], available, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise OrchmoeError(f"method.target_modules: '{pattern}' matches no linear layer of this model{hint}; "
-                                   f"available: {', '.join(available)}")
+                raise OrchmoeError(f"'{pattern}' matches no linear layer of this model{hint}; "
+                                   f"available: {', '.join(available)}", field="method.target_modules")
     chosen = [n for n in linears if any(matches(n, p) for p in patterns)]
     if not chosen:
-        raise OrchmoeError(f"method.target_modules: {', '.join(patterns)} match no linear layer of this model")
+        raise OrchmoeError(f"{', '.join(patterns)} match no linear layer of this model", field="method.target_modules")
     return chosen
 
 
@@ -96,8 +96,8 @@ def skill_sites(base: PreTrainedModel, method: MethodConfig) -> list[Site]:
     heads = method.n_heads or 1
     for site in sites:
         if site.d_in % heads or site.d_out % heads:
-            raise OrchmoeError(f"method.n_heads: {heads} must divide the input and output sizes of every adapted "
-                               f"layer; {site.name} maps {site.d_in} -> {site.d_out}")
+            raise OrchmoeError(f"{heads} must divide the input and output sizes of every adapted "
+                               f"layer; {site.name} maps {site.d_in} -> {site.d_out}", field="method.n_heads")
     return sites
 
 

@@ -59,7 +59,8 @@ def method_names() -> tuple[str, ...]:
 
 def spec_of(name: str) -> MethodSpec:
     if name not in SPECS:
-        raise OrchmoeError(f"method.name: '{name}' has no adapters to attach; choose one of {', '.join(SPECS)}")
+        raise OrchmoeError(f"'{name}' has no adapters to attach; choose one of {', '.join(SPECS)}",
+                           field="method.name")
     return SPECS[name]
 
 

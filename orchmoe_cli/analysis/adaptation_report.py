@@ -13,9 +13,26 @@ from rich.table import Table
 
 from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text
 
+RESULTS = "adapt_results.jsonl"  # one line per finished cell: its settings and aggregate scores
+PREDICTIONS = "predictions"  # <cell>.jsonl per cell: prompt digest, prediction, references, scores
+
+
+def cell_file_name(key: str) -> str:
+    """A cell key (task/mode/kK/sS) as one path component."""
+    return key.replace("/", "-")
+
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()] if path.is_file() else []
+    """The cells of a sweep's ``adapt_results.jsonl``, each with ``scores`` (instance id -> ROUGE-L in [0, 1]) read
+    from its ``predictions/<cell>.jsonl``, the one per-instance record (older sweeps kept them in the line)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+    for row in rows:
+        if "scores" not in row:
+            predictions = path.parent / PREDICTIONS / f"{cell_file_name(row['key'])}.jsonl"
+            row["scores"] = {r["id"]: r["rougeL"] for r in map(json.loads, predictions.open(encoding="utf-8"))}
+    return rows
 
 
 def merge_results(paths: list[Path]) -> list[dict[str, Any]]:

@@ -2,9 +2,12 @@
 
 Every cell starts from the pristine trained checkpoint (or the bare base model), draws its k training
 examples and a validation slice from the task's adaptation pool (never from the evaluation instances),
-trains with the same ``fit`` as `orchmoe train`, keeps the best validation ROUGE-L, and is scored with the
-same generation and SNI scorer as `orchmoe eval`. Finished cells are appended to ``adapt_results.jsonl``
-and never recomputed; an interrupted cell restarts from scratch.
+trains in memory with the same ``fit`` as `orchmoe train` (no checkpoints: a cell is minutes), keeps the best
+validation ROUGE-L, and is scored with the same generation and SNI scorer as `orchmoe eval`. Each finished
+cell writes ``predictions/<cell>.jsonl`` (its per-instance scores: the one authoritative record) and appends
+one line to ``adapt_results.jsonl`` (its settings, including the training it ran, and aggregate scores); it is
+never recomputed, and an interrupted cell restarts from scratch. ``--keep-adapters`` keeps each cell's adapter
+with the recipe it ran in ``cells/<cell>/adapter``.
 """
 
 from __future__ import annotations
@@ -27,22 +30,22 @@ from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
 from orchmoe_cli.adapters.adaptation import check_mode, movable_parameter_count, prepare_for_adaptation
 from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.registry import spec_of
+from orchmoe_cli.analysis.adaptation_report import PREDICTIONS, RESULTS, cell_file_name
 from orchmoe_cli.core.base_models import LoadedModel, load_model
 from orchmoe_cli.core.checkpoint import checkpoint_digest, find_checkpoint
-from orchmoe_cli.core.evaluation import run_evaluation
+from orchmoe_cli.core.evaluation import score_rows, select_instances
 from orchmoe_cli.core.fit import fit, make_accelerator
-from orchmoe_cli.core.generation import generate_predictions
-from orchmoe_cli.core.metrics import score_instance
+from orchmoe_cli.core.generation import NewlineTable
+from orchmoe_cli.core.metrics import aggregate
 from orchmoe_cli.core.recipe_data import prepare_data
+from orchmoe_cli.core.results import jsonl
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.data.dataset_cache import POOL
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, read_json
-from orchmoe_cli.recipe import Recipe, TrainConfig, dump_recipe
+from orchmoe_cli.recipe import AdaptConfig, EvalConfig, Recipe, TrainConfig, dump_recipe
 
-RESULTS = "adapt_results.jsonl"
-PREDICTIONS = "predictions"  # <cell>.jsonl per cell: prompt digest, prediction, references, scores
 NO_TRAINING = ("zero_shot",)
 
 
@@ -56,6 +59,11 @@ class Cell:
     @property
     def key(self) -> str:
         return f"{self.task}/{self.mode}/k{self.shots}/s{self.seed}"
+
+    @property
+    def file_name(self) -> str:
+        """The key as one path component (predictions/<file_name>.jsonl, cells/<file_name>/)."""
+        return cell_file_name(self.key)
 
 
 def plan_cells(recipe: Recipe, prepared: Any) -> list[Cell]:
@@ -156,18 +164,15 @@ def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe) -> Ad
     return model
 
 
-def _validator(model: Any, val_rows: list[dict], loaded: LoadedModel, recipe: Recipe) -> tuple[Any, dict]:
+def _validator(model: Any, val_rows: list[dict], loaded: LoadedModel, eval_cfg: EvalConfig,
+               newlines: NewlineTable | None) -> tuple[Any, dict]:
     """validate(model, step) for fit: ROUGE-L on the validation slice; keeps the best trainable tensors."""
     best: dict[str, Any] = {"rougeL": -1.0, "step": 0, "state": None}
-    eval_cfg = dataclasses.replace(recipe.eval, batch_size=recipe.adapt.batch_size)
 
     def validate(_: Any, step: int) -> dict[str, float]:
-        scored: list[dict] = []
         model.eval()
-        generate_predictions(model, loaded.tokenizer, loaded.is_encoder_decoder, val_rows, eval_cfg,
-                             model.task_index,
-                             lambda rows, preds: scored.extend({**r, **score_instance(p, r["references"])}
-                                                               for r, p in zip(rows, preds)))
+        scored = score_rows(model, loaded.tokenizer, loaded.is_encoder_decoder, val_rows, eval_cfg,
+                            model.task_index, newlines)
         model.train()
         rouge = 100 * sum(r["rougeL"] for r in scored) / max(len(scored), 1)
         if rouge > best["rougeL"]:
@@ -178,66 +183,92 @@ def _validator(model: Any, val_rows: list[dict], loaded: LoadedModel, recipe: Re
     return validate, best
 
 
-def run_cell(cell: Cell, recipe: Recipe, prepared: Any, loaded: LoadedModel, trained: Trained | None, out: Path,
-             console: Console) -> dict[str, Any]:
-    """Train (unless zero_shot) and evaluate one cell; returns its result line."""
-    cell_dir = out / "cells" / cell.key.replace("/", "-")
-    shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell restarts cleanly
+def cell_train_config(cell: Cell, cfg: AdaptConfig) -> TrainConfig:
+    """What a cell's training runs with: the adapt section's settings, a constant learning rate, no weight decay
+    (as the papers' few-shot runs), the cell's seed."""
+    return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, router_lr=cfg.router_lr,
+                       hypernetwork_lr=cfg.lr, weight_decay=0.0, warmup_steps=0, schedule="constant",
+                       seed=cell.seed, eval_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 2),
+                       save_every=0, keep_last=1)
+
+
+@dataclass
+class Sweep:
+    """What every cell of one sweep shares: the recipe, the prepared data, the loaded base model, the trained
+    checkpoint (None: the bare base model), the output directory, the tokenizer's newline table."""
+
+    recipe: Recipe
+    prepared: Any
+    loaded: LoadedModel
+    trained: Trained | None
+    out: Path
+    console: Console
+    newlines: NewlineTable | None = None
+
+    def category(self, task: str) -> str:
+        return next(t["category"] for t in self.prepared.manifest["tasks"] if t["name"] == task)
+
+
+def _train_cell(cell: Cell, model: Any, sweep: Sweep, train_cfg: TrainConfig) -> tuple[int, dict[str, Any]]:
+    """Train the cell's model in memory on its k pool rows; returns (steps run, best validation step and score),
+    with the best validation step's tensors put back (early stopping)."""
+    cfg, loaded = sweep.recipe.adapt, sweep.loaded
+    accelerator = make_accelerator(train_cfg, spec_of(model.method.name))
+    pool = sweep.prepared.dataset[POOL]
+    train_rows, val = _draw(TaskRows(pool), cell, cfg.val_instances)
+    validate, best = None, {"step": 0, "rougeL": None}
+    if val is not None:
+        eval_cfg = dataclasses.replace(sweep.recipe.eval, batch_size=cfg.batch_size)
+        validate, best = _validator(model, [pool[i] for i in val.positions()], loaded, eval_cfg, sweep.newlines)
+    outcome = fit(model, train_rows, train_cfg, None, accelerator, pad_id=pad_token_id(loaded.tokenizer),
+                  causal=not loaded.is_encoder_decoder, recipe_yaml="", console=sweep.console, validate=validate)
+    if outcome.interrupted:  # Ctrl-C / SIGTERM: stop the sweep; this cell restarts on the next run
+        raise KeyboardInterrupt
+    if best.get("state") is not None:
+        with torch.no_grad():
+            own = dict(model.named_adapter_parameters())
+            for name, value in best.pop("state").items():
+                own[name].copy_(value)
+    return outcome.step, best
+
+
+def _keep_adapter(cell: Cell, model: AdaptedModel, sweep: Sweep, ran: Recipe) -> None:
+    """``--keep-adapters``: ``cells/<cell>/adapter`` (what `orchmoe eval` and `inspect-routing` load) and the
+    recipe the cell ran (its train section is the cell's training, its eval section the cell's scoring)."""
+    cell_dir = sweep.out / "cells" / cell.file_name
+    shutil.rmtree(cell_dir, ignore_errors=True)  # what an interrupted run of this cell left
+    model.save(cell_dir / "adapter")
+    atomic_write_text(cell_dir / "adapter" / "recipe.yaml", dump_recipe(ran))
+
+
+def run_cell(cell: Cell, sweep: Sweep) -> dict[str, Any]:
+    """Train (unless zero_shot) and evaluate one cell; writes its per-sample predictions (the authoritative
+    per-instance scores) and returns its result line."""
     started = time.perf_counter()
-    cfg = recipe.adapt
-    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, router_lr=cfg.router_lr,
-                            hypernetwork_lr=cfg.lr, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                            seed=cell.seed, eval_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 2),
-                            save_every=0, keep_last=1)
-    if cell.mode != "zero_shot":
+    recipe, loaded, trained = sweep.recipe, sweep.loaded, sweep.trained
+    train_cfg = cell_train_config(cell, recipe.adapt)
+    trains = cell.mode not in NO_TRAINING
+    if trains:
         torch.manual_seed(cell.seed)  # the new routing row / fresh LoRA are drawn per seed
     model = _build(cell, loaded.model, trained, recipe)
-    trainable = movable_parameter_count(model) if cell.mode != "zero_shot" else 0
-    best: dict[str, Any] = {"step": 0, "rougeL": None}
-    steps_run = 0
-    if cell.mode != "zero_shot":
-        accelerator = make_accelerator(train_cfg, spec_of(model.method.name))
-        train_rows, val = _draw(TaskRows(prepared.dataset[POOL]), cell, cfg.val_instances)
-        validate = None
-        if val is not None:
-            pool_split = prepared.dataset[POOL]
-            validate, best = _validator(model, [pool_split[i] for i in val.positions()], loaded, recipe)
-        outcome = fit(model, train_rows, train_cfg, cell_dir / "train", accelerator,
-                      pad_id=pad_token_id(loaded.tokenizer), causal=not loaded.is_encoder_decoder,
-                      recipe_yaml=dump_recipe(recipe), console=console, validate=validate)
-        if outcome.interrupted:  # Ctrl-C / SIGTERM: stop the sweep; this cell restarts on the next run
-            raise KeyboardInterrupt
-        steps_run = outcome.step
-        if best.get("state") is not None:  # early stopping: the best validation step's tensors
-            with torch.no_grad():
-                own = dict(model.named_adapter_parameters())
-                for name, value in best.pop("state").items():
-                    own[name].copy_(value)
-        shutil.rmtree(cell_dir / "train" / "checkpoints", ignore_errors=True)
-    adapter = cell_dir / "adapter"
-    if isinstance(model, AdaptedModel):
-        model.save(adapter)
-    eval_recipe = dataclasses.replace(recipe, eval=dataclasses.replace(
-        recipe.eval, tasks=[cell.task], checkpoint=str(adapter) if adapter.exists() else None,
-        output_dir=str(cell_dir)))
+    steps_run, best = _train_cell(cell, model, sweep, train_cfg) if trains else (0, {"step": 0, "rougeL": None})
+    eval_cfg = dataclasses.replace(recipe.eval, tasks=[cell.task])
     model.eval()
-    result = run_evaluation(eval_recipe, model, loaded.tokenizer, loaded.is_encoder_decoder,
-                            prepared.dataset["test"], prepared.manifest["content_hash"], console,
-                            model.task_index if isinstance(model, AdaptedModel) else None)
-    # the per-sample predictions behind the cell's score, under a name that does not depend on the machine
-    atomic_write_text(out / PREDICTIONS / f"{cell_dir.name}.jsonl",
-                      (result.output_dir / "predictions.jsonl").read_text(encoding="utf-8"))
-    category = next(t["category"] for t in prepared.manifest["tasks"] if t["name"] == cell.task)
-    line = {**dataclasses.asdict(cell), "key": cell.key, "category": category, "trainable": trainable,
-            "steps_run": steps_run, "best_step": best.get("step", 0), "val_rougeL": best.get("rougeL"),
-            "rougeL": result.metrics["rougeL"], "exact_match": result.metrics["exact_match"],
+    scored = score_rows(model, loaded.tokenizer, loaded.is_encoder_decoder,
+                        select_instances(sweep.prepared.dataset["test"], eval_cfg), eval_cfg,
+                        model.task_index if isinstance(model, AdaptedModel) else None, sweep.newlines)
+    atomic_write_text(sweep.out / PREDICTIONS / f"{cell.file_name}.jsonl", jsonl(scored))
+    if recipe.adapt.keep_adapters and isinstance(model, AdaptedModel):
+        _keep_adapter(cell, model, sweep, dataclasses.replace(recipe, train=train_cfg, eval=eval_cfg))
+    metrics = aggregate(scored)
+    return {**dataclasses.asdict(cell), "key": cell.key, "category": sweep.category(cell.task),
+            "trainable": movable_parameter_count(model) if trains else 0, "steps_run": steps_run,
+            "best_step": best.get("step", 0), "val_rougeL": best.get("rougeL"),
+            "rougeL": metrics["rougeL"], "exact_match": metrics["exact_match"],
             "wall_s": round(time.perf_counter() - started, 1),
             "method": trained.method.name if trained else "base", "checkpoint": str(trained.path) if trained else None,
             "checkpoint_sha256": trained.sha256 if trained else None,
-            "scores": {r["id"]: r["rougeL"] for r in result.rows}}
-    if not cfg.keep_adapters:
-        shutil.rmtree(adapter, ignore_errors=True)
-    return line
+            "train": dataclasses.asdict(train_cfg) if trains else None}
 
 
 def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path:
@@ -265,13 +296,15 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path:
     if todo:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / SWEEP, identity)
+    sweep = Sweep(recipe, prepared, loaded, trained, out, console,
+                  None if loaded.is_encoder_decoder else NewlineTable(loaded.tokenizer))
     progress = Progress(TextColumn("[bold]adapt[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:
         bar = progress.add_task("", total=len(todo))
         for cell in todo:
             progress.update(bar, description=cell.key)
-            line = run_cell(cell, recipe, prepared, loaded, trained, out, console)
+            line = run_cell(cell, sweep)
             with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
                 handle.write(json.dumps(line) + "\n")
             progress.advance(bar)

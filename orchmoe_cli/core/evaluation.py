@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from orchmoe_cli.core import results as report
 from orchmoe_cli.core.checkpoint import checkpoint_digest
-from orchmoe_cli.core.generation import generate_predictions
+from orchmoe_cli.core.generation import NewlineTable, generate_predictions
 from orchmoe_cli.core.metrics import aggregate, score_instance
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import disk_error, replace_files
@@ -136,6 +136,20 @@ def _scored_row(row: dict, prediction: str) -> dict[str, Any]:
         "prediction": prediction, "references": list(row["references"]),
         **score_instance(prediction, row["references"]),
     }
+
+
+def score_rows(model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: Sequence[dict], cfg: EvalConfig,
+               task_index: Mapping[str, int] | None, newlines: NewlineTable | None = None) -> list[dict[str, Any]]:
+    """Generate for ``rows`` and score each with the SNI metric, in memory (nothing is written), in the order of
+    ``rows``: a few-shot cell's validation and evaluation."""
+    scored: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def on_batch(batch_rows: list[dict], predictions: list[str]) -> None:
+        for row, prediction in zip(batch_rows, predictions, strict=True):
+            scored[(row["task"], row["id"])] = _scored_row(row, prediction)
+
+    generate_predictions(model, tokenizer, is_encoder_decoder, rows, cfg, task_index, on_batch, newlines=newlines)
+    return [scored[(row["task"], row["id"])] for row in rows]
 
 
 def run_evaluation(

@@ -46,7 +46,7 @@ _LR_FIELD = {"adapters": "lr", "routers": "router_lr", "hypernetwork": "hypernet
 
 @dataclass
 class FitOutcome:
-    run_dir: Path
+    run_dir: Path | None
     final_checkpoint: Path | None
     step: int
     interrupted: bool
@@ -122,7 +122,8 @@ def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.
         for name, params in model.parameter_groups().items() if params
     ]
     if not groups:
-        raise OrchmoeError("method.name: the method has no trainable parameters; choose an adapter method to train")
+        raise OrchmoeError("the method has no trainable parameters; choose an adapter method to train",
+                           field="method.name")
     optimizer = torch.optim.AdamW(groups, fused=True)  # one kernel for all tensors: much faster on CPU too
     if cfg.schedule == "linear":
         scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
@@ -131,7 +132,8 @@ def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.
     return optimizer, scheduler
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool, label_smoothing: float) -> tuple[torch.Tensor, Any]:
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool,
+            label_smoothing: float) -> tuple[torch.Tensor, Any]:
     """Mean cross-entropy over target tokens (-100 ignored), and the model's output (it carries the method's
     auxiliary routing losses and what its diagnostics read).
 
@@ -242,19 +244,21 @@ def _check_unchanged(checkpoint: Path, cfg: TrainConfig) -> None:
                                "output.dir")
 
 
-def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, *,
+def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path | None, accelerator: Accelerator, *,
         pad_id: int, causal: bool, recipe_yaml: str, console: Console,
         val_rows: TaskRows | None = None, resume: bool = False,
         validate: Callable[[Any, int], dict[str, float]] | None = None) -> FitOutcome:
     """Train ``model``'s trainable tensors on ``rows`` for ``cfg.steps`` optimizer steps, checkpointing into
-    ``run_dir/checkpoints`` (resumable, atomic) and logging to ``run_dir/metrics.jsonl``.
+    ``run_dir/checkpoints`` (resumable, atomic) and logging to ``run_dir/metrics.jsonl``. With ``run_dir``
+    None nothing is written: the trained tensors stay in ``model`` (a few-shot cell keeps them in memory).
 
     ``validate(model, step)`` (default: the token loss on ``val_rows``) runs every ``cfg.eval_every`` steps
     and at the end; its numbers are logged. The caller built and seeded the accelerator and the model."""
     is_main = accelerator.is_main_process
     console = console if is_main else Console(quiet=True)
-    run_dir = Path(run_dir)
-    preflight(cfg, run_dir, resume)
+    run_dir = None if run_dir is None else Path(run_dir)
+    if run_dir is not None:
+        preflight(cfg, run_dir, resume)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = TaskBatchSampler(rows.task_codes.tolist(), cfg.batch_size * accelerator.num_processes,
@@ -263,12 +267,12 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, ac
     if validate is None and val_rows is not None and len(val_rows):
         val_batches = Batches(model, val_rows, pad_id, causal, accelerator)
         validate = lambda m, step: {"val_loss": validation_loss(m, val_batches, cfg.batch_size)}  # noqa: E731
-    lock = RunLock(run_dir) if is_main else None
+    lock = RunLock(run_dir) if is_main and run_dir is not None else None
     if lock is not None:
         lock.acquire()
     try:
         step, batch_index, latest = 0, 0, None
-        if resume or cfg.resume == "auto":
+        if run_dir is not None and (resume or cfg.resume == "auto"):
             step, batch_index, latest = _resume(run_dir, model, optimizer, scheduler, accelerator, console,
                                                 required=resume, cfg=cfg)
         if step >= cfg.steps:  # nothing left to train: write nothing
@@ -284,9 +288,11 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path, ac
 
 def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrapped: AdaptedModel,
           model: Any, optimizer: Any, scheduler: Any, sampler: TaskBatchSampler, batches: Batches,
-          validate: Callable[[Any, int], dict[str, float]] | None, step: int, batch_index: int, run_dir: Path,
+          validate: Callable[[Any, int], dict[str, float]] | None, step: int, batch_index: int, run_dir: Path | None,
           recipe_yaml: str) -> FitOutcome:
-    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=cfg.tensorboard)
+    writes = run_dir is not None
+    logger = MetricsLogger(run_dir or Path(), enabled=accelerator.is_main_process and writes,
+                           tensorboard=cfg.tensorboard)
     progress = Progress(
         TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
         TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
@@ -331,14 +337,16 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
                             "tokens_per_s": tokens / max(elapsed, 1e-9)})
             if validate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 logger.log({"step": step, **validate(model, step)})
-            if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or interrupt.requested:
+            if writes and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
+                           or interrupt.requested):
                 last_path = _save(run_dir, step, batch_index, unwrapped, recipe_yaml, optimizer, scheduler,
                                   accelerator, cfg.keep_last)
             if interrupt.requested:
                 interrupted = True
                 break
     logger.close()
-    _write_summary(run_dir, accelerator, unwrapped, step, interrupted, last_path, recipe_yaml)
+    if run_dir is not None:
+        _write_summary(run_dir, accelerator, unwrapped, step, interrupted, last_path, recipe_yaml)
     return FitOutcome(run_dir, last_path, step, interrupted, accelerator.is_main_process)
 
 

@@ -3,7 +3,6 @@ search, decoder-only answers cut at their first newline."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,30 +24,37 @@ def _task_batches(rows: Sequence[dict], batch_size: int) -> Iterator[list[dict]]
             yield ordered[start : start + batch_size]
 
 
+class NewlineTable:
+    """Per vocabulary piece: has text, has a newline, has a newline after its own text. Built once per tokenizer by
+    whoever generates with it (a sweep builds one and passes it to every generation), moved to a device once."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+        self.table = torch.tensor(  # + a last all-false row for ids past the tokenizer's own
+            [[bool(p.strip()), "\n" in p, "\n" in p.lstrip() and bool(p.strip())] for p in pieces]
+            + [[False, False, False]])
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if self.table.device != device:
+            self.table = self.table.to(device)
+        return self.table
+
+
 class StopAtNewline(StoppingCriteria):
     """Decoder-only models continue past the answer: a row is done at its first newline after some text.
 
-    Checked on token ids through per-vocabulary lookup tables (built once per tokenizer), so a decoding step
-    costs a few tensor ops instead of decoding every row's whole answer again; the result is the same as
+    Checked on token ids through the tokenizer's :class:`NewlineTable`, so a decoding step costs a few tensor ops
+    instead of decoding every row's whole answer again; the result is the same as
     ``"\\n" in decoded_answer.lstrip()``. Stateless, so beam reordering is harmless."""
 
-    _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
-        self.prompt_length = prompt_length
-        if tokenizer not in self._tables:
-            pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
-            self._tables[tokenizer] = torch.tensor(  # + a last all-false row for ids past the tokenizer's own
-                [[bool(p.strip()), "\n" in p, "\n" in p.lstrip() and bool(p.strip())] for p in pieces]
-                + [[False, False, False]])
-        self.tokenizer = tokenizer
-        self.table = self._tables[tokenizer]
+    def __init__(self, newlines: NewlineTable, prompt_length: int) -> None:
+        self.newlines, self.prompt_length = newlines, prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        if self.table.device != input_ids.device:  # moved once per tokenizer, not once per batch
-            self.table = self._tables[self.tokenizer] = self.table.to(input_ids.device)
-        answer = input_ids[:, self.prompt_length :].clamp(max=len(self.table) - 1)
-        flags = self.table[answer]  # (rows, new tokens, 3)
+        table = self.newlines.on(input_ids.device)
+        answer = input_ids[:, self.prompt_length :].clamp(max=len(table) - 1)
+        flags = table[answer]  # (rows, new tokens, 3)
         text, newline, newline_after_own_text = flags.unbind(-1)
         text_before = (text.cumsum(1) - text.long()) > 0
         return (newline_after_own_text | (newline & text_before)).any(1)
@@ -65,12 +71,15 @@ def _clean(text: str, is_encoder_decoder: bool) -> str:
 def generate_predictions(
     model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: Sequence[dict], cfg: EvalConfig,
     task_index: Mapping[str, int] | None, on_batch: Callable[[list[dict], list[str]], None],
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] = (0, 1), newlines: NewlineTable | None = None,
 ) -> None:
     """Generate for ``rows`` batch by batch, calling ``on_batch(rows, predictions)`` after each.
 
     ``task_index`` maps task names to the model's routing indices (None: the model reads no task id).
-    ``shard = (rank, world)``: this process takes every world-th batch (data-parallel evaluation)."""
+    ``shard = (rank, world)``: this process takes every world-th batch (data-parallel evaluation).
+    ``newlines``: the tokenizer's table for decoder-only stopping, when the caller generates repeatedly."""
+    if not is_encoder_decoder and newlines is None:
+        newlines = NewlineTable(tokenizer)
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     collate = GenerationCollator(pad_id, is_encoder_decoder, task_index)
@@ -84,7 +93,7 @@ def generate_predictions(
             continue
         batch = collate(batch_rows)
         if not is_encoder_decoder:
-            stop = StopAtNewline(tokenizer, batch["input_ids"].shape[1])
+            stop = StopAtNewline(newlines, batch["input_ids"].shape[1])  # type: ignore[arg-type]
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
         routing = {"task_ids": batch["task_ids"].to(device)} if "task_ids" in batch else {}
         with torch.inference_mode():

@@ -101,8 +101,9 @@ class _Tokenize:
                                    "to learn where an answer ends, choose a tokenizer that defines eos_token")
             self.prefix = _default_prefix(tokenizer)
             if len(self.prefix) >= cfg.max_source_length:
-                raise OrchmoeError(f"data.max_source_length: {cfg.max_source_length} leaves no room for the prompt "
-                                   f"after the tokenizer's {len(self.prefix)} leading special tokens; raise it")
+                raise OrchmoeError(f"{cfg.max_source_length} leaves no room for the prompt "
+                                   f"after the tokenizer's {len(self.prefix)} leading special tokens; raise it",
+                                   field="data.max_source_length")
 
     def prompts(self, encoded: EncodedPrompts) -> tuple[list[list[int]], int]:
         """Ids of each prompt and how many were cut here (decoder-only: from the left)."""
@@ -152,8 +153,8 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OrchmoeError(f"data.cache_dir: cannot create '{root}' ({exc.strerror}); choose a writable "
-                           "directory") from None
+        raise OrchmoeError(f"cannot create '{root}' ({exc.strerror}); choose a writable "
+                           "directory", field="data.cache_dir") from None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", suffix=".tmp", dir=root))
     except OSError as exc:

@@ -156,3 +156,15 @@ def test_unset_data_variable_fails_fast_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, env=env)
     assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and f"{recipe}: data.source: environment variable" in result.stderr
+
+
+def test_readme_methods_table_lists_exactly_the_registered_methods() -> None:
+    """The registry is the one list of methods: the README's table names each of them once, and no other."""
+    import re
+
+    from orchmoe_cli.adapters.registry import method_names
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| `method.name` |"):].split("\n\n", 1)[0].splitlines()[2:]
+    named = [name for row in table for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])]
+    assert sorted(named) == sorted(method_names()), named

@@ -58,15 +58,11 @@ def toy_registered():
         del SPECS[TOY]
 
 
-def test_a_family_defined_outside_the_package_runs_every_command(toy_registered, tmp_path: Path) -> None:
-    from conftest import _SNI_TEST_TASKS, _SNI_TRAIN_TASKS, _sni_task
+def test_a_family_defined_outside_the_package_runs_every_command(toy_registered, sni_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    from conftest import _SNI_TEST_TASKS
 
-    sni = tmp_path / "sni"
-    (sni / "tasks").mkdir(parents=True)
-    for name in _SNI_TRAIN_TASKS + _SNI_TEST_TASKS:
-        (sni / "tasks" / f"{name}.json").write_text(json.dumps(_sni_task(name)), encoding="utf-8")
-    (sni / "train_tasks.txt").write_text("\n".join(_SNI_TRAIN_TASKS) + "\n", encoding="utf-8")
-    (sni / "test_tasks.txt").write_text("\n".join(_SNI_TEST_TASKS) + "\n", encoding="utf-8")
+    sni = sni_dir
     run = tmp_path / "run"
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(f"""\

@@ -187,6 +187,8 @@ def adapt(
         from orchmoe_cli.commands.adapt import adapt as run_adaptation
 
         out = run_adaptation(loaded, str(recipe), console)
+        if out is None:  # another process of `accelerate launch`: the main one reports
+            return
         summary = write_summary(out, read_results(out / RESULTS))
         console.print(summary_table(summary))
         console.print(f"results: {out}/ ({RESULTS}, adapt_summary.md, adapt_summary.json, sample_efficiency.png, "

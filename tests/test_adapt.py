@@ -15,7 +15,7 @@ from cli_runner import run_cli
 from rich.console import Console
 
 from orchmoe_cli.adapters import load_adapted
-from orchmoe_cli.adapters.adaptation import movable_parameter_count, prepare_for_adaptation
+from orchmoe_cli.adapters.few_shot import movable_parameter_count, prepare_for_adaptation
 from orchmoe_cli.adapters.registry import SPECS
 from orchmoe_cli.analysis.adaptation_report import read_results
 from orchmoe_cli.commands import adapt as adapt_module

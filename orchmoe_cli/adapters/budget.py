@@ -32,14 +32,15 @@ def hidden_size(base: PreTrainedModel) -> int:
     return base.get_input_embeddings().embedding_dim
 
 
+def norm_modules(base: nn.Module) -> dict[str, nn.Module]:
+    """The base model's normalisation layers (LayerNorm / RMSNorm of any HF flavour), by name."""
+    return {name: module for name, module in base.named_modules() if type(module).__name__.endswith(_NORM_CLASSES)}
+
+
 def layer_norm_parameters(base: nn.Module) -> dict[str, nn.Parameter]:
-    """The base model's normalisation weights (LayerNorm / RMSNorm of any HF flavour), by name."""
-    found = {}
-    for name, module in base.named_modules():
-        if type(module).__name__.endswith(_NORM_CLASSES):
-            for pname, param in module.named_parameters(recurse=False):
-                found[f"{name}.{pname}"] = param
-    return found
+    """The base model's normalisation weights, by name."""
+    return {f"{name}.{pname}": param for name, module in norm_modules(base).items()
+            for pname, param in module.named_parameters(recurse=False)}
 
 
 def adapter_tensors(wrappers: Iterable[tuple[str, nn.Module]], extras: Mapping[str, nn.Module], base: nn.Module,

@@ -41,10 +41,10 @@ class RoutingState:
     # what the family computed once for the batch, per module that reads it: each router's skill weights
     # (1 or batch, h, S), each HyperLoader stack's projected task embeddings (tasks, sites, dim)
     weights: dict[nn.Module, Tensor] = field(default_factory=dict)
-    # without autograd (evaluation, generation) each layer's mixed LoRA pair: the routing is fixed for the
-    # whole batch, so decoding steps after the first reuse it instead of mixing again; it lives and dies
-    # with the batch's state
-    mixed: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # without autograd (evaluation, generation) each layer's mixed LoRA pair (or generated weights): the routing
+    # is fixed for the whole batch, so decoding steps after the first reuse it instead of mixing again; it lives
+    # and dies with the batch's state
+    mixed: dict[nn.Module, tuple[Tensor, ...]] = field(default_factory=dict)
 
     @cached_property
     def shared(self) -> bool:

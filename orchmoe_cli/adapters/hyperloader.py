@@ -129,6 +129,16 @@ class HyperWrapped(WrappedLinear, ABC):
             self.slot.state = previous
         return self._generate(s)
 
+    def _per_batch(self, make: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """``make()``'s generated weights; without autograd (evaluation, generation) made once per batch and reused at
+        every decoding step: they live on the batch's routing state."""
+        state = self.slot.state
+        if torch.is_grad_enabled() or state is None:
+            return make()
+        if self not in state.mixed:
+            state.mixed[self] = make()
+        return state.mixed[self]
+
     @abstractmethod
     def _generate(self, s: Tensor) -> Tensor:
         """The generator outputs for projected task embeddings ``s`` (tasks, projected_dim), flattened per task."""
@@ -153,13 +163,18 @@ class HyperLoRALinear(HyperWrapped):
         net = self.hyper.stacks[self.stack]  # type: ignore[attr-defined]
         return torch.cat([net.lora_a[str(self.in_features)](s), net.lora_b[str(self.out_features)](s)], dim=-1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+    def _pair(self) -> tuple[Tensor, ...]:
+        """Each sequence's generated A (d_in, r) and B (r, d_out), or one pair when the batch has one task."""
         s, inverse = self._routing()
         net = self.hyper.stacks[self.stack]  # type: ignore[attr-defined]
         d_in, d_out, r = self.in_features, self.out_features, net.rank
         a = _pick(net.lora_a[str(d_in)](s).view(-1, r, d_in).transpose(1, 2), inverse)
         b = _pick(net.lora_b[str(d_out)](s).view(-1, d_out, r).transpose(1, 2), inverse)
+        return a, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        a, b = self._per_batch(self._pair)
         return add_low_rank(out, x if self.dropout is None else self.dropout(x), a, b, self.scale)
 
 
@@ -171,11 +186,15 @@ class HyperAdapterLinear(HyperWrapped):
         """The generated adapter of each task (all six generator outputs): (tasks, total)."""
         return self.hyper.stacks[self.stack].adapter(s)  # type: ignore[attr-defined]
 
+    def _adapter(self) -> tuple[Tensor, ...]:
+        """Each sequence's generated adapter (n, 1, total), or one when the batch has one task."""
+        s, inverse = self._routing()
+        return (_pick(self.hyper.stacks[self.stack].adapter(s), inverse).unsqueeze(1),)  # type: ignore[attr-defined]
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
-        s, inverse = self._routing()
         net = self.hyper.stacks[self.stack]  # type: ignore[attr-defined]
-        generated = _pick(net.adapter(s), inverse).unsqueeze(1)  # (n, 1, total)
+        (generated,) = self._per_batch(self._adapter)
         w_down, b_down, w_up, b_up, gamma, beta = generated.split(net.adapter_sizes, dim=-1)
         n, d = generated.shape[0], self.out_features
         w_down, w_up = w_down.view(n, net.bottleneck, d), w_up.view(n, d, net.bottleneck)

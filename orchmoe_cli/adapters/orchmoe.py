@@ -10,9 +10,12 @@ used and distinct; an optional load-balancing and a supervised (category) term c
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -121,6 +124,16 @@ def route_allocations(routers: list[AllocationRouter], task_probs: Tensor) -> Te
     return normalise(torch.einsum("bt,lths->lbhs", probs, soft))
 
 
+def across_processes(rows: Tensor) -> Tensor:
+    """``rows`` of every data-parallel process, concatenated (this process's own rows keep their gradient, and the
+    gradients that the other processes' copies receive flow back to their owners); ``rows`` in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    with warnings.catch_warnings():  # the public differentiable all_gather; its successors are private for now
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_nn.all_gather(rows))
+
+
 def _default_prompt_mask(model: AdaptedModel, inputs: RoutingInputs) -> Tensor | None:
     """Prompt tokens when the batch does not say: the attention mask, minus labelled target tokens on
     decoder-only models (so OrchMoE never sees the answer it is trained to produce)."""
@@ -167,17 +180,27 @@ class OrchMoERouting(RoutingFamily):
         return torch.softmax(self.task_logits(model, input_ids.to(model.device), prompt_mask), dim=-1)
 
     def route(self, model: AdaptedModel, inputs: RoutingInputs) -> Routing:
-        """The classifier's p(t|x), once per call, every layer's allocation from it, and the routing losses."""
+        """The classifier's p(t|x), once per call, every layer's allocation from it, and the routing losses.
+
+        All of it in float32 with autocast off, so p(t|x) is the same in bf16 training as at evaluation; the batch
+        terms (mutual information, balance) see the whole global batch under data parallelism, so the objective
+        does not change with the number of processes."""
         if inputs.input_ids is None:
             raise OrchmoeError("orchmoe routes from the prompt: pass input_ids (and prompt_mask)")
+        with torch.autocast(inputs.input_ids.device.type, enabled=False):
+            return self._route(model, inputs)
+
+    def _route(self, model: AdaptedModel, inputs: RoutingInputs) -> Routing:
         method = model.method
+        assert inputs.input_ids is not None
         logits = self.task_logits(model, inputs.input_ids, _default_prompt_mask(model, inputs))
         probs = torch.softmax(logits, dim=-1)
+        batch_probs = across_processes(probs) if model.training else probs
         aux: dict[str, Tensor] = {}
         if method.mutual_information_weight > 0 and model.training:
-            aux["mutual_information"] = -method.mutual_information_weight * mutual_information(probs)
+            aux["mutual_information"] = -method.mutual_information_weight * mutual_information(batch_probs)
         if method.load_balance_weight > 0:
-            aux["load_balance"] = method.load_balance_weight * load_balance_loss(probs)
+            aux["load_balance"] = method.load_balance_weight * load_balance_loss(batch_probs)
         if inputs.category_ids is not None and method.task_supervision_weight > 0:
             loss = supervision_loss(logits, inputs.category_ids)
             if loss is not None:

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
-from orchmoe_cli.adapters.adaptation import check_mode, movable_parameter_count, prepare_for_adaptation
+from orchmoe_cli.adapters.few_shot import check_mode, movable_parameter_count, prepare_for_adaptation
 from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.analysis.adaptation_report import PREDICTIONS, RESULTS, cell_file_name
@@ -204,6 +205,7 @@ class Sweep:
     out: Path
     console: Console
     newlines: NewlineTable | None = None
+    state: PartialState = dataclasses.field(default_factory=lambda: PartialState(cpu=not torch.cuda.is_available()))
 
     def category(self, task: str) -> str:
         return next(t["category"] for t in self.prepared.manifest["tasks"] if t["name"] == task)
@@ -250,16 +252,17 @@ def run_cell(cell: Cell, sweep: Sweep) -> dict[str, Any]:
     trains = cell.mode not in NO_TRAINING
     if trains:
         torch.manual_seed(cell.seed)  # the new routing row / fresh LoRA are drawn per seed
-    model = _build(cell, loaded.model, trained, recipe)
+    model = _build(cell, loaded.model, trained, recipe).to(sweep.state.device)
     steps_run, best = _train_cell(cell, model, sweep, train_cfg) if trains else (0, {"step": 0, "rougeL": None})
     eval_cfg = dataclasses.replace(recipe.eval, tasks=[cell.task])
     model.eval()
     scored = score_rows(model, loaded.tokenizer, loaded.is_encoder_decoder,
                         select_instances(sweep.prepared.dataset["test"], eval_cfg), eval_cfg,
                         model.task_index if isinstance(model, AdaptedModel) else None, sweep.newlines)
-    atomic_write_text(sweep.out / PREDICTIONS / f"{cell.file_name}.jsonl", jsonl(scored))
-    if recipe.adapt.keep_adapters and isinstance(model, AdaptedModel):
-        _keep_adapter(cell, model, sweep, dataclasses.replace(recipe, train=train_cfg, eval=eval_cfg))
+    if sweep.state.is_main_process:  # under `accelerate launch` every process trains the cell; one writes
+        atomic_write_text(sweep.out / PREDICTIONS / f"{cell.file_name}.jsonl", jsonl(scored))
+        if recipe.adapt.keep_adapters and isinstance(model, AdaptedModel):
+            _keep_adapter(cell, model, sweep, dataclasses.replace(recipe, train=train_cfg, eval=eval_cfg))
     metrics = aggregate(scored)
     return {**dataclasses.asdict(cell), "key": cell.key, "category": sweep.category(cell.task),
             "trainable": movable_parameter_count(model) if trains else 0, "steps_run": steps_run,
@@ -271,16 +274,21 @@ def run_cell(cell: Cell, sweep: Sweep) -> dict[str, Any]:
             "train": dataclasses.asdict(train_cfg) if trains else None}
 
 
-def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path:
-    """Run every cell not yet in ``adapt_results.jsonl``; returns the output directory. ``recipe_path`` is the
+def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
+    """Run every cell not yet in ``adapt_results.jsonl``; returns the output directory (None in the other processes
+    of `accelerate launch`, which train every cell with the main one but write nothing). ``recipe_path`` is the
     recipe's file, named where a command line is suggested."""
     cfg = recipe.adapt
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main = state.is_main_process
+    console = console if main else Console(quiet=True)
     out = Path(cfg.output_dir or Path(recipe.output.dir) / "adapt")
     checkpoint = None
     if cfg.checkpoint is not None and cfg.checkpoint.strip().lower() not in ("none", "null"):
         value = Path(recipe.output.dir) if cfg.checkpoint == "latest" else Path(cfg.checkpoint)
         checkpoint = find_checkpoint(value, "adapt.checkpoint", f"orchmoe train {recipe_path}")
-    prepared = prepare_data(recipe, console)
+    with state.main_process_first():
+        prepared = prepare_data(recipe, console)
     cells = plan_cells(recipe, prepared)
     loaded = load_model(recipe.model)
     trained = describe_checkpoint(loaded.model, checkpoint) if checkpoint is not None else None
@@ -293,11 +301,11 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path:
     done = {json.loads(line)["key"] for line in results.open()} if results.is_file() else set()
     todo = [c for c in cells if c.key not in done]
     console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
-    if todo:
+    if todo and main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / SWEEP, identity)
     sweep = Sweep(recipe, prepared, loaded, trained, out, console,
-                  None if loaded.is_encoder_decoder else NewlineTable(loaded.tokenizer))
+                  None if loaded.is_encoder_decoder else NewlineTable(loaded.tokenizer), state)
     progress = Progress(TextColumn("[bold]adapt[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:
@@ -305,8 +313,12 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path:
         for cell in todo:
             progress.update(bar, description=cell.key)
             line = run_cell(cell, sweep)
-            with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
-                handle.write(json.dumps(line) + "\n")
+            if main:
+                with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
+                    handle.write(json.dumps(line) + "\n")
             progress.advance(bar)
+    state.wait_for_everyone()
+    if not main:
+        return None
     atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     return out

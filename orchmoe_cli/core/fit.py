@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import os
 import random
 import signal
 import time
@@ -109,6 +110,8 @@ def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
         cpu=not use_cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=spec.may_skip_parameters)],
     )
+    if cfg.deterministic:  # cuBLAS refuses deterministic mode without a fixed workspace (CUDA >= 10.2)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     set_seed(cfg.seed + accelerator.process_index, deterministic=cfg.deterministic)
     return accelerator
 
@@ -223,8 +226,14 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
                            "same training tasks or choose another output.dir")
     state = ckpt.load_training_state(latest, optimizer, scheduler)
     model.load_adapter_state_dict(read_tensors(latest), str(latest))
-    per_rank = state.extra.get("rng_by_rank")
-    ckpt.restore_rng(per_rank[accelerator.process_index] if per_rank else state.rng)
+    per_rank = state.extra.get("rng_by_rank") or [state.rng]
+    if len(per_rank) == accelerator.num_processes:
+        ckpt.restore_rng(per_rank[accelerator.process_index])
+    else:  # each process's stream cannot continue: start distinct ones from (seed, step, rank)
+        set_seed(hash((cfg.seed, state.step, accelerator.process_index)) % 2**32)
+        console.print(f"[yellow]warning:[/yellow] {latest} was saved by {len(per_rank)} process(es) and resumes on "
+                      f"{accelerator.num_processes}: training goes on, but its random draws (dropout, Gumbel noise) "
+                      "and global batches differ from a run that was never interrupted", highlight=False)
     console.print(f"resumed from {latest} at step {state.step}")
     return state.step, int(state.sampler_state["batch_index"]), latest
 
@@ -299,16 +308,17 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
         disable=not accelerator.is_main_process,
     )
     interrupted, last_path = False, None
-    tokens, started = 0, time.perf_counter()
+    tokens, started = torch.zeros((), dtype=torch.long, device=accelerator.device), time.perf_counter()
     with _Interrupt() as interrupt, progress:
         bar = progress.add_task("train", total=cfg.steps, completed=step, stats="")
         model.train()
         while step < cfg.steps:
-            losses: dict[str, float] = {}
+            # kept as tensors: the host reads the device only when it logs or saves, not at every micro-step
+            losses: dict[str, torch.Tensor] = {}
             for _ in range(cfg.grad_accum):
                 batch = batches(batches.mine(sampler.batch(batch_index)), sampler.reference_rng(batch_index))
                 batch_index += 1
-                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                tokens += batch["attention_mask"].sum()
                 with accelerator.accumulate(model):
                     token_loss, output = lm_loss(model, batch, batches.causal, cfg.label_smoothing)
                     aux = output.get("aux_losses") or {}
@@ -319,26 +329,28 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for name, value in {"loss": loss, "lm_loss": token_loss, **aux}.items():
-                    losses[name] = losses.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+                    losses[name] = losses.get(name, 0.0) + value.detach().double() / cfg.grad_accum
             scheduler.step()
             step += 1
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise OrchmoeError(f"loss became {losses['loss']} at step {step}; lower train.lr", field="train")
-            elapsed = time.perf_counter() - started
-            lr = scheduler.get_last_lr()[0]
-            stats = f"loss {losses['loss']:.3f} · lr {lr:.2e} · {tokens / max(elapsed, 1e-9):,.0f} tok/s"
-            progress.update(bar, completed=step, stats=stats)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            progress.update(bar, completed=step)
+            saves = writes and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
+                                or interrupt.requested)
+            logs = step % cfg.log_every == 0 or step == cfg.steps
+            if logs or saves:
+                values = _finite(losses, step)  # never a checkpoint of diverged weights
+            if logs:
+                elapsed = time.perf_counter() - started
+                lr = scheduler.get_last_lr()[0]
+                speed = int(tokens) * accelerator.num_processes / max(elapsed, 1e-9)
                 diagnostics = unwrapped.routing_diagnostics(output)
+                stats = f"loss {values['loss']:.3f} · lr {lr:.2e} · {speed:,.0f} tok/s"
                 if "router_entropy" in diagnostics:
                     stats += f" · H(t|x) {diagnostics['router_entropy']:.2f}"
-                    progress.update(bar, stats=stats)
-                logger.log({"step": step, **losses, **diagnostics, "lr": lr,
-                            "tokens_per_s": tokens / max(elapsed, 1e-9)})
+                progress.update(bar, stats=stats)
+                logger.log({"step": step, **values, **diagnostics, "lr": lr, "tokens_per_s": speed})
             if validate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 logger.log({"step": step, **validate(model, step)})
-            if writes and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
-                           or interrupt.requested):
+            if saves:
                 last_path = _save(run_dir, step, batch_index, unwrapped, recipe_yaml, optimizer, scheduler,
                                   accelerator, cfg.keep_last)
             if interrupt.requested:
@@ -348,6 +360,14 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
     if run_dir is not None:
         _write_summary(run_dir, accelerator, unwrapped, step, interrupted, last_path, recipe_yaml)
     return FitOutcome(run_dir, last_path, step, interrupted, accelerator.is_main_process)
+
+
+def _finite(losses: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """The step's losses as numbers; one line if training diverged."""
+    values = {name: float(value) for name, value in losses.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise OrchmoeError(f"loss became {values['loss']} at step {step} or before; lower train.lr", field="train")
+    return values
 
 
 def _save(run_dir: Path, step: int, batch_index: int, model: AdaptedModel, recipe_yaml: str, optimizer: Any,

@@ -1,0 +1,61 @@
+"""Two CPU processes under `accelerate launch` (gloo), as a multi-GPU run: OrchMoE's batch terms see the global
+batch, a run resumes on another number of processes, and `orchmoe adapt` writes each result once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_runner import run_cli
+from test_train import _free_port, write_recipe
+
+from orchmoe_cli.core.training_log import read_metrics
+
+LAUNCHER = Path(sys.executable).with_name("accelerate")
+pytestmark = pytest.mark.skipif(not LAUNCHER.exists(), reason="accelerate launcher not installed")
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(LAUNCHER), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "orchmoe_cli", *args],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_orchmoe_batch_terms_and_resume_on_another_process_count(sni_dir: Path, tmp_path: Path) -> None:
+    """At one global batch of 4, the mutual-information term of one process and of two (2 rows each) agree: the
+    batch marginal is gathered across processes. A run saved by one process resumes on two."""
+    one = write_recipe(tmp_path / "one.yaml", sni_dir, tmp_path / "one", method="orchmoe", steps=1, batch_size=4,
+                       warmup_steps=0)
+    two = write_recipe(tmp_path / "two.yaml", sni_dir, tmp_path / "two", method="orchmoe", steps=1, batch_size=2,
+                       warmup_steps=0)
+    assert run_cli(["train", str(one)]) == 0
+    launch("train", str(two))
+    [single] = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    [double] = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert single["mutual_information"] == pytest.approx(double["mutual_information"], rel=1e-4, abs=1e-6)
+
+    result = launch("train", str(one), "train.steps=2", "--resume")
+    assert "saved by 1 process(es) and resumes on 2" in result.stdout + result.stderr
+    summary = json.loads((tmp_path / "one" / "train_summary.json").read_text())
+    assert summary["step"] == 2 and summary["processes"] == 2 and summary["replicas_in_sync"]
+
+
+def test_adapt_under_two_processes_writes_each_result_once(sni_dir: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="lora", steps=2)
+    pool = "data.max_test_instances=3"  # the other 3 instances of each held-out task form its adaptation pool
+    assert run_cli(["train", str(recipe), pool]) == 0
+    out = tmp_path / "adapt"
+    launch("adapt", str(recipe), pool, "adapt.checkpoint=latest", "--modes", "zero_shot,lora", "--shots", "2",
+           "--tasks", "task101_delta_rewrite", "adapt.steps=2", "adapt.val_instances=0", "eval.max_instances=2",
+           f"adapt.output_dir={out}")
+    lines = (out / "adapt_results.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["mode"] for line in lines) == ["lora", "zero_shot"]
+    assert len(list((out / "predictions").iterdir())) == 2 and (out / "adapt_summary.md").is_file()

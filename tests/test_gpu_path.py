@@ -1,0 +1,105 @@
+"""What a bf16 GPU run changes, shown on the CPU: folding a LoRA into half-precision weights, trainable norms in
+half precision, OrchMoE's classifier under autocast, adaptation row masks that follow the table, cuBLAS in
+deterministic mode. (The multi-process parts are in ``test_distributed.py``.)"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from adapter_fixtures import TASKS, make_batch, perturb, tiny_llama
+from tolerance import tolerances
+
+from orchmoe_cli.adapters import MethodConfig, attach_adapters
+from orchmoe_cli.adapters.budget import layer_norm_parameters
+from orchmoe_cli.adapters.registry import spec_of
+from orchmoe_cli.core.fit import make_accelerator
+from orchmoe_cli.recipe import TrainConfig
+
+
+def _adapted(method: str, dtype: torch.dtype, **fields: object):  # noqa: ANN202 - an AdaptedModel
+    base = tiny_llama().to(dtype)
+    model = attach_adapters(base, MethodConfig(name=method, rank=4, n_skills=2, **fields), TASKS)  # type: ignore[arg-type]
+    perturb(model, scale=0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "poly", "mhr"])
+def test_a_half_precision_base_generates_unmerged_and_keeps_the_adapter(method: str) -> None:
+    """Folding rounds W0 + dW to bf16, losing most of a small update; so a bf16 base generates unmerged, and its
+    logits stay within bf16 resolution of the fp32 model's, like an unmerged method's."""
+    batch = make_batch(tiny_llama())
+    ids = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+    routing = {} if method == "lora" else {"task_ids": ids}
+    exact = _adapted(method, torch.float32)
+    half = _adapted(method, torch.bfloat16)
+    assert exact.folds_exactly and not half.folds_exactly
+    with torch.no_grad():
+        reference = exact(**batch, **routing).logits
+        with half.routing(**routing) as state, half._merged_for(state):
+            assert not any(layer.merged for layer in half.layers)  # what generation does on this base
+            unmerged = half(**batch, **routing).logits.float()
+        half.merge(0 if routing else None)  # what folding would have done
+        merged = half(**batch, **routing).logits.float()
+        half.unmerge()
+    atol, _ = tolerances(reference, ulps=8 / torch.finfo(torch.float32).eps * torch.finfo(torch.bfloat16).eps)
+    unmerged_error = (unmerged - reference).abs().max().item()
+    assert unmerged_error <= atol, (unmerged_error, atol)  # bf16 resolution of the fp32 logits
+    assert (merged - reference).abs().max().item() >= unmerged_error  # folding only loses
+
+
+def test_trainable_norms_stay_float32_on_a_half_precision_base_and_train() -> None:
+    model = _adapted("hyperloader", torch.bfloat16, task_embedding_dim=8, projected_dim=8, hidden_dim=8)
+    norms = layer_norm_parameters(model.base)
+    assert norms and all(p.dtype == torch.float32 and p.requires_grad for p in norms.values())
+    before = {name: p.detach().clone() for name, p in norms.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = make_batch(model.base)
+    model.train()
+    for _ in range(3):
+        out = model(**batch, task_ids=torch.tensor([0, 1, 2]))
+        assert out.logits.dtype == torch.bfloat16  # the rest of the model still computes in bf16
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    changed = sum(int((p != before[name]).sum()) for name, p in norms.items())
+    total = sum(p.numel() for p in norms.values())
+    assert changed > 0.9 * total, (changed, total)  # in bf16 most entries of a gain near 1 would not move
+
+
+def test_orchmoe_routes_in_float32_under_autocast() -> None:
+    """Training under bf16 autocast and evaluation without it see the same p(t|x)."""
+    model = _adapted("orchmoe", torch.float32)
+    batch = make_batch(model.base)
+    with torch.no_grad():
+        plain = model.task_distribution(batch["input_ids"], batch["attention_mask"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with model.routing(input_ids=batch["input_ids"], prompt_mask=batch["attention_mask"]) as state:
+                autocast = state.task_probs
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+
+
+def test_new_task_rows_stay_fixed_after_the_table_moves() -> None:
+    """The row mask is indices, not a tensor made on the device the table had then: a model moved afterwards (to
+    a GPU, or here to float64) still trains only the new row."""
+    from orchmoe_cli.adapters.few_shot import prepare_for_adaptation
+
+    model = _adapted("poly", torch.float32)
+    prepare_for_adaptation(model, "poly_z", "a_new_task")
+    model.double()
+    batch = make_batch(model.base)
+    model.train()
+    model(**batch, task_ids=torch.full((3,), len(TASKS))).loss.backward()
+    grads = [layer.router.logits.grad for layer in model.layers]
+    assert all(g is not None and g.dtype == torch.float64 for g in grads)
+    assert all(not g[: len(TASKS)].any() and g[len(TASKS)].any() for g in grads)
+
+
+def test_deterministic_mode_sets_the_cublas_workspace(monkeypatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        make_accelerator(TrainConfig(deterministic=True), spec_of("lora"))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from orchmoe_cli.analysis.bootstrap import paired_bootstrap  # noqa: E402
+from orchmoe_cli.analysis.bootstrap import InstanceKey, instance_scores, paired_bootstrap  # noqa: E402
 
 RECIPE = REPO / "recipes" / "sni" / "orchmoe.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "orchmoe_routing"
@@ -73,7 +73,9 @@ def run_variant(name: str, overrides: list[str], steps: int, instances: int) -> 
     evaluated = time.perf_counter()
     eval_dir = max(run.glob("eval-step-*"), key=lambda p: p.stat().st_mtime)
     results = json.loads((eval_dir / "results.json").read_text())
-    scores = {row["id"]: row["rougeL"] for row in map(json.loads, (eval_dir / "predictions.jsonl").open())}
+    scores: dict[str, dict[str, float]] = {}  # task -> instance id -> ROUGE-L: ids repeat across tasks
+    for (task, instance), value in instance_scores(map(json.loads, (eval_dir / "predictions.jsonl").open())).items():
+        scores.setdefault(task, {})[instance] = value
     summary = json.loads((run / "train_summary.json").read_text())
     out = {"variant": name, "overrides": overrides, "steps": steps, "instances_per_task": instances,
            "rougeL": results["results"]["rougeL"], "exact_match": results["results"]["exact_match"],
@@ -91,9 +93,18 @@ def run_variant(name: str, overrides: list[str], steps: int, instances: int) -> 
     return out
 
 
-def _points(result: dict) -> dict[str, float]:
-    """Per-instance ROUGE-L in points (predictions.jsonl holds fractions; the tables hold x 100)."""
-    return {k: 100 * v for k, v in result["scores"].items()}
+def _keyed_by_id_alone(result: dict) -> bool:
+    """A result file written before ``scores`` was {task: {id: ROUGE-L}}: its keys are ids alone."""
+    return not all(isinstance(v, dict) for v in result["scores"].values())
+
+
+def _points(result: dict) -> dict[InstanceKey, float]:
+    """Per-instance ROUGE-L in points keyed by (task, id) (predictions.jsonl holds fractions; the tables hold
+    x 100). A file keyed by id alone records no task: its ids are read as of task "", so it pairs only with
+    another such file (main refuses to mix the two kinds)."""
+    if _keyed_by_id_alone(result):
+        return {("", k): 100 * v for k, v in result["scores"].items()}
+    return {(task, k): 100 * v for task, by_id in result["scores"].items() for k, v in by_id.items()}
 
 
 def write_report(done: dict[str, dict]) -> None:
@@ -143,7 +154,7 @@ def write_report(done: dict[str, dict]) -> None:
                   "are those of `mi-0.1`: the routing objective with weight 0.1 and router lr 0.1, the soft balance "
                   "term off, Z initialised as Poly's U(-1e-3, 1e-3)."]
     lines += ["", f"{first['steps']} steps of batch 8, {first['instances_per_task']} instances per held-out "
-              f"task ({len(first['scores'])} in all). Trainable parameters and LoRA scale per variant: "
+              f"task ({len(_points(first))} in all). Trainable parameters and LoRA scale per variant: "
               + ", ".join(f"{k} {v['trainable']:,} (rank {v['rank']}, scale {v['lora_scale']:g})"
                           for k, v in done.items()) + ".", "", "Commands:", "", "```",
               "ORCHMOE_SNI_DIR=<SNI development set> python benchmarks/orchmoe_routing.py",
@@ -178,6 +189,11 @@ def main() -> None:
                 path.with_suffix(".tmp").replace(path)  # a result file is whole or absent
             progress.advance(bar)
     done = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    old = [name for name, result in done.items() if _keyed_by_id_alone(result)]
+    if old and len(old) < len(done):  # their ids cannot be paired with (task, id) keys
+        files = ", ".join(str(RESULTS / f"{name}.json") for name in old)
+        raise SystemExit(f"{files}: scores keyed by instance id alone "
+                         "(written before they were keyed by task and id); delete them to rerun those variants")
     write_report(done)
     console.print(REPORT.read_text())
 

@@ -75,10 +75,24 @@ def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool,
 
 
 @app.command()
-def prepare(recipe: RecipeArg, overrides: OverridesArg = None, show_config: ShowConfig = False) -> None:
-    """Validate SNI task files and encode them (Tk-Instruct prompts) into a cached Arrow dataset."""
+def prepare(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    show_config: ShowConfig = False,
+    export_table: Annotated[Optional[Path], typer.Option(
+        "--export-table", help="Write the recipe's SNI tasks as one table (.jsonl or .parquet: task, id, instruction, "
+                               "category, split, input, output) instead of preparing them.")] = None,
+) -> None:
+    """Validate the recipe's tasks (SNI task files or a table) and encode them (Tk-Instruct prompts) into a cached
+    Arrow dataset."""
     with recipe_source(recipe):
         loaded = _load(recipe, overrides, show_config)
+        if export_table is not None:
+            from orchmoe_cli.commands.prepare import export_table as run_export
+
+            target = export_table.expanduser()
+            console.print(f"wrote {run_export(loaded, target):,} rows to {target}", highlight=False)
+            return
         from orchmoe_cli.commands.prepare import prepare as run_prepare
 
         prepared = run_prepare(loaded, console)
@@ -107,7 +121,7 @@ def eval_command(
     """Generate on held-out tasks and score with the official SNI ROUGE-L / exact match."""
     with recipe_source(recipe):
         loaded = _load(recipe, overrides, show_config, writes=("output.dir", "eval.output_dir"))
-        from orchmoe_cli.analysis.tables import results_table
+        from orchmoe_cli.analysis.terminal_tables import results_table
         from orchmoe_cli.commands.eval import evaluate
         from orchmoe_cli.core.results import task_rows
 
@@ -232,7 +246,7 @@ def inspect_routing(
         if output_format == "csv":
             sys.stdout.write(to_csv(report))
             return
-        from orchmoe_cli.analysis.tables import routing_summary, routing_table
+        from orchmoe_cli.analysis.terminal_tables import routing_summary, routing_table
 
         console.print(routing_table(report))
         for line in routing_summary(report):

@@ -200,15 +200,15 @@ def test_routing_probabilities_refuse_methods_without_allocation() -> None:
 def test_paired_bootstrap_interval() -> None:
     from orchmoe_cli.analysis.bootstrap import paired_bootstrap
 
-    a = {f"i{k}": 50.0 + (k % 5) for k in range(100)}
+    a = {("t", f"i{k}"): 50.0 + (k % 5) for k in range(100)}  # keyed by (task, id)
     same = paired_bootstrap(a, a)
     assert same.mean == 0 and same.low == 0 and same.high == 0 and same.n == 100
     better = paired_bootstrap({k: v + 3.0 for k, v in a.items()}, a)
     assert better.low == pytest.approx(3.0) and better.high == pytest.approx(3.0)
-    noisy = paired_bootstrap({k: v + (10.0 if int(k[1:]) % 2 else -10.0) for k, v in a.items()}, a)
+    noisy = paired_bootstrap({k: v + (10.0 if int(k[1][1:]) % 2 else -10.0) for k, v in a.items()}, a)
     assert noisy.low < 0 < noisy.high  # a gap that is noise includes 0
     with pytest.raises(ValueError):
-        paired_bootstrap({"x": 1.0}, {"y": 1.0})
+        paired_bootstrap({("t", "x"): 1.0}, {("t", "y"): 1.0})
 
 
 def test_category_coherence() -> None:

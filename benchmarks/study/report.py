@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from orchmoe_cli.analysis.adaptation_report import merge_results, plot, summarise
-from orchmoe_cli.analysis.bootstrap import paired_bootstrap
+from orchmoe_cli.analysis.bootstrap import InstanceKey, instance_scores, paired_bootstrap
 
 
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _scores(predictions: Path) -> dict[str, float]:
-    """Per-instance ROUGE-L in points."""
-    return {r["id"]: 100 * r["rougeL"] for r in map(json.loads, predictions.open(encoding="utf-8"))}
+def _scores(predictions: Path) -> dict[InstanceKey, float]:
+    """Per-instance ROUGE-L in points, keyed by (task, id)."""
+    return instance_scores(map(json.loads, predictions.open(encoding="utf-8")), scale=100)
 
 
 def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
@@ -44,9 +44,10 @@ def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
     return lines
 
 
-def _per_seed_mean(rows: list[dict], mode: str, k: int) -> dict[str, float]:
-    """instance id -> ROUGE-L (points) averaged over the seeds of (mode, k)."""
-    pooled: dict[str, list[float]] = defaultdict(list)
+def _per_seed_mean(rows: list[dict], mode: str, k: int) -> dict[InstanceKey, float]:
+    """(task, id) -> ROUGE-L (points) averaged over the seeds of (mode, k) (``scores`` as ``read_results`` keys
+    them)."""
+    pooled: dict[InstanceKey, list[float]] = defaultdict(list)
     for row in rows:
         if row["mode"] == mode and row["shots"] == k:
             for instance, value in row["scores"].items():

@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 from report import write_report
 
-from orchmoe_cli.analysis.adaptation_report import read_results
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe, load_recipe
 
@@ -165,7 +164,8 @@ class Study:
             started = time.perf_counter()
             orchmoe(*command)
             results = out / "adapt_results.jsonl"
-            rows = read_results(results)
+            # the lines as written (per-instance scores stay in predictions/<cell>.jsonl, keyed by (task, id))
+            rows = [json.loads(line) for line in results.open(encoding="utf-8") if line.strip()]
             for row in rows:  # the checkpoint relative to the runs directory, as the training results name it
                 if row.get("checkpoint") and Path(row["checkpoint"]).is_absolute():
                     row["checkpoint"] = os.path.relpath(row["checkpoint"], self.runs)

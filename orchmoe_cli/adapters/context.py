@@ -36,8 +36,11 @@ class RoutingState:
     """Routing inputs of one batch of ``batch_size`` sequences."""
 
     batch_size: int
-    task_ids: Tensor | None = None  # (batch,) long; -1 = a task not seen in training
+    task_ids: Tensor | None = None  # (batch,) long, on the model's device; -1 = a task not seen in training
     task_probs: Tensor | None = None  # (batch, T): OrchMoE p(abstract task | prompt)
+    # the same ids on the host when they came from there: questions about them (do all rows share a task?) are
+    # answered without waiting for the accelerator
+    host_task_ids: Tensor | None = None
     # what the family computed once for the batch, per module that reads it: each router's skill weights
     # (1 or batch, h, S), each HyperLoader stack's projected task embeddings (tasks, sites, dim)
     weights: dict[nn.Module, Tensor] = field(default_factory=dict)
@@ -51,21 +54,29 @@ class RoutingState:
         """True when every row routes identically, so layers may mix parameters once for the batch."""
         if self.task_probs is not None:
             return self.batch_size == 1
-        if self.task_ids is not None:
-            return bool((self.task_ids == self.task_ids[0]).all())
+        ids = self._ids
+        if ids is not None:
+            return bool((ids == ids[0]).all())
         return True
+
+    @property
+    def _ids(self) -> Tensor | None:
+        return self.host_task_ids if self.host_task_ids is not None else self.task_ids
 
     @cached_property
     def has_unseen_tasks(self) -> bool:
-        return self.task_ids is not None and bool((self.task_ids < 0).any())
+        ids = self._ids
+        return ids is not None and bool((ids < 0).any())
 
     @cached_property
     def unique_tasks(self) -> tuple[Tensor, Tensor]:
         """(distinct task ids, index of each row's task among them): generate once per task, not per row."""
-        if self.task_ids is None:
+        ids = self._ids
+        if ids is None or self.task_ids is None:
             raise OrchmoeError("this method routes by task id: pass task_ids (-1 for an unseen task)")
-        unique, inverse = torch.unique(self.task_ids, return_inverse=True)
-        return unique, inverse
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        device = self.task_ids.device
+        return unique.to(device, non_blocking=True), inverse.to(device, non_blocking=True)
 
 
 def fold_rows(x: Tensor, sequences: int) -> Tensor:

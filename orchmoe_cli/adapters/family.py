@@ -131,8 +131,9 @@ class RoutingFamily:
                            "(save() writes every method's own checkpoint)")
 
 
-def checked_task_ids(model: AdaptedModel, task_ids: Tensor | None) -> Tensor:
-    """``task_ids`` as a long tensor on the model's device; one line if any is outside -1..n-1."""
+def checked_task_ids(model: AdaptedModel, task_ids: Tensor | None) -> RoutingState:
+    """The routing state of a batch routed by ``task_ids``; one line if any is outside -1..n-1. Ids that come from
+    the host are checked there and copied to the model's device without waiting for it."""
     if task_ids is None:
         raise OrchmoeError(f"{model.method.name} routes by task id: pass task_ids (indices into the "
                            "model's task names, -1 for an unseen task)")
@@ -142,7 +143,8 @@ def checked_task_ids(model: AdaptedModel, task_ids: Tensor | None) -> Tensor:
         shown = ids[bad][0].item() if bool(bad.any()) else "none"
         raise OrchmoeError(f"task id {shown} is out of range: the model knows {len(model.task_names)} tasks "
                            "(ids 0..n-1) and -1 means an unseen task")
-    return ids.to(model.device)
+    host = ids if ids.device.type == "cpu" else None
+    return RoutingState(ids.shape[0], task_ids=ids.to(model.device, non_blocking=True), host_task_ids=host)
 
 
 def append_row(table: nn.Parameter, row: Tensor) -> nn.Parameter:

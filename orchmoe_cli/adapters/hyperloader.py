@@ -303,8 +303,7 @@ class HyperLoaderRouting(RoutingFamily):
         return wrappers, {"hyper": hyper}
 
     def route(self, model: AdaptedModel, inputs: RoutingInputs) -> Routing:
-        ids = checked_task_ids(model, inputs.task_ids)
-        state = RoutingState(ids.shape[0], task_ids=ids)
+        state = checked_task_ids(model, inputs.task_ids)
         model.extras["hyper"].route(state)
         return Routing(state)
 

@@ -99,8 +99,7 @@ class TaskRouting(RoutingFamily):
     def route(self, model: AdaptedModel, inputs: RoutingInputs) -> Routing:
         if model.averaged or (inputs.task_ids is None and self.spec.average_at_eval and not model.training):
             return Routing(None)
-        ids = checked_task_ids(model, inputs.task_ids)
-        state = RoutingState(ids.shape[0], task_ids=ids)
+        state = checked_task_ids(model, inputs.task_ids)
         for training in (True, False):  # routers in one mode share one batched computation
             routers = [r for r in _routers(model) if r.routes and r.training == training]
             if routers:

@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
+from orchmoe_cli.analysis.bootstrap import instance_scores
 from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text
 
 RESULTS = "adapt_results.jsonl"  # one line per finished cell: its settings and aggregate scores
@@ -23,15 +24,18 @@ def cell_file_name(key: str) -> str:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """The cells of a sweep's ``adapt_results.jsonl``, each with ``scores`` (instance id -> ROUGE-L in [0, 1]) read
-    from its ``predictions/<cell>.jsonl``, the one per-instance record (older sweeps kept them in the line)."""
+    """The cells of a sweep's ``adapt_results.jsonl``, each with ``scores`` ((task, id) -> ROUGE-L in [0, 1]) read
+    from its ``predictions/<cell>.jsonl``, the one per-instance record. Older sweeps kept them in the line, keyed
+    by id alone: a cell is one task, so such an id is read as (the cell's task, id)."""
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
     for row in rows:
-        if "scores" not in row:
+        if "scores" in row:
+            row["scores"] = {(row["task"], instance): value for instance, value in row["scores"].items()}
+        else:
             predictions = path.parent / PREDICTIONS / f"{cell_file_name(row['key'])}.jsonl"
-            row["scores"] = {r["id"]: r["rougeL"] for r in map(json.loads, predictions.open(encoding="utf-8"))}
+            row["scores"] = instance_scores(map(json.loads, predictions.open(encoding="utf-8")))
     return rows
 
 
@@ -53,13 +57,19 @@ def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def _overall_per_seed(rows: list[dict]) -> dict[tuple[str, int], list[float]]:
-    """(mode, k) -> one overall ROUGE-L per seed: the mean over every evaluation instance of every task."""
-    pooled: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    """(mode, k) -> one overall ROUGE-L per seed: the mean over every evaluation instance ((task, id)) of every
+    task."""
+    pooled: dict[tuple[str, int, int], dict[tuple[str, str], float]] = defaultdict(dict)
     for row in rows:
-        pooled[(row["mode"], row["shots"], row["seed"])].extend(100 * v for v in row["scores"].values())
+        column = pooled[(row["mode"], row["shots"], row["seed"])]
+        for instance, value in row["scores"].items():
+            if instance in column:
+                raise ValueError(f"task {instance[0]}: instance id '{instance[1]}' is in two cells of "
+                                 f"{row['mode']} k={row['shots']} seed {row['seed']}")
+            column[instance] = 100 * value
     out: dict[tuple[str, int], list[float]] = defaultdict(list)
     for (mode, k, _), values in sorted(pooled.items()):
-        out[(mode, k)].append(sum(values) / len(values))
+        out[(mode, k)].append(sum(values.values()) / len(values))
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchmoe_cli.data.sni import resolve_source
+from orchmoe_cli.data.sources import resolve
 from orchmoe_cli.fsutil import check_output_dir
 from orchmoe_cli.recipe import Recipe, load_recipe
 
@@ -14,7 +14,7 @@ def load_checked(recipe_path: Path, overrides: list[str], writes: tuple[str, ...
     """The resolved recipe, with its data location and the output directories the command ``writes``
     (dotted fields) checked."""
     recipe = load_recipe(recipe_path, overrides)
-    resolve_source(recipe.data)
+    resolve(recipe.data)
     for field in writes:
         section, name = field.split(".")
         value = getattr(getattr(recipe, section), name)

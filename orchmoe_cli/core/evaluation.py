@@ -77,10 +77,15 @@ def select_instances(split: Any, cfg: EvalConfig) -> list[dict[str, Any]]:
         )
     counts = dict.fromkeys(wanted, 0)
     chosen: dict[str, list[dict[str, Any]]] = {t: [] for t in wanted}
+    seen: set[tuple[str, str]] = set()
     columns = ["task", "category", "id", "prompt", "prompt_ids", "references"]
     for row in split.select_columns(columns):
         task = row["task"]
         if task in counts and counts[task] < cfg.max_instances:
+            if report.instance_key(row) in seen:  # results are joined by (task, id): a repeat would count twice
+                raise OrchmoeError(f"task {task}: instance id '{row['id']}' is in the prepared '{cfg.split}' split "
+                                   "twice; prepare the data again (instance ids must be unique within a task)")
+            seen.add(report.instance_key(row))
             counts[task] += 1
             chosen[task].append(row)
     return [row for task in wanted for row in chosen[task]]
@@ -94,9 +99,10 @@ def _fingerprint(recipe: Recipe, data_hash: str, adapter_sha256: str | None) -> 
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def _load_partial(out_dir: Path, fingerprint: str) -> dict[str, dict]:
-    """Rows already predicted by an interrupted run of the same evaluation (any number of processes)."""
-    done: dict[str, dict] = {}
+def _load_partial(out_dir: Path, fingerprint: str) -> dict[tuple[str, str], dict]:
+    """Rows already predicted by an interrupted run of the same evaluation (any number of processes), keyed by
+    (task, id): ids repeat across tasks."""
+    done: dict[tuple[str, str], dict] = {}
     for path in sorted(out_dir.glob(".predictions.partial*.jsonl")):
         with path.open(encoding="utf-8") as handle:
             try:
@@ -109,7 +115,7 @@ def _load_partial(out_dir: Path, fingerprint: str) -> dict[str, dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a line cut by the interruption: redo it
-                done[row["id"]] = row
+                done[report.instance_key(row)] = row
     return done
 
 
@@ -172,14 +178,14 @@ def run_evaluation(
     done = _load_partial(out_dir, fingerprint)
     state.wait_for_everyone()  # every process has read the partial files before any rewrites its own
     partial_path = out_dir / partial_name(state.process_index, state.num_processes)
-    todo = [r for r in rows if r["id"] not in done]
+    todo = [r for r in rows if report.instance_key(r) not in done]
     if done:
         console.print(f"resuming: {len(done)} predictions already in {out_dir}, {len(todo)} to go")
     # rewrite the partial file from what survived, then append as we go (a full disk: one clear line)
     try:
         with partial_path.open("w", encoding="utf-8") as handle:
             handle.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-            handle.write(report.jsonl(done[r["id"]] for r in rows if r["id"] in done))
+            handle.write(report.jsonl(done[k] for k in map(report.instance_key, rows) if k in done))
             handle.flush()
             progress = Progress(
                 TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -191,7 +197,7 @@ def run_evaluation(
                 def on_batch(batch_rows: list[dict], predictions: list[str]) -> None:
                     scored = [_scored_row(r, p) for r, p in zip(batch_rows, predictions)]
                     for row in scored:
-                        done[row["id"]] = row
+                        done[report.instance_key(row)] = row
                     handle.write(report.jsonl(scored))
                     handle.flush()
                     progress.update(bar, advance=len(batch_rows), description=f"{eval_label(cfg)} {batch_rows[0]['task']}")
@@ -205,7 +211,7 @@ def run_evaluation(
     if state.num_processes > 1:
         for part in gather_object([done]):
             done.update(part)
-    final_rows = [done[r["id"]] for r in rows]
+    final_rows = [done[report.instance_key(r)] for r in rows]
     metrics = aggregate(final_rows)
     title = f"{recipe.model.name} · {eval_label(cfg)} · {cfg.split} split"
     results = {

@@ -145,8 +145,9 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool,
     """
     labels = batch["labels"]
     if causal:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        keep = (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)  # position i predicts token i + 1
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_positions")}
+        keep = batch.get("answer_positions")
+        keep = answer_positions(labels) if keep is None else keep
         output = model(**inputs, logits_to_keep=keep)
         labels = labels[:, keep + 1]
     else:
@@ -183,7 +184,21 @@ class Batches:
         batch = TrainCollator(self.pad_id, not self.causal, rng, self.model.task_index)(rows)
         if self.category_index is not None:
             batch["category_ids"] = torch.tensor([self.category_index[r["category"]] for r in rows])
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        if self.causal:  # found on the host, so the loss need not ask the accelerator where the answers are
+            batch["answer_positions"] = answer_positions(batch["labels"])
+        return {k: v if k == "task_ids" else to_device(v, self.accelerator.device) for k, v in batch.items()}
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a labelled answer token in some row (position i predicts token i + 1)."""
+    return (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU from pinned memory, without waiting for the copy."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def validation_loss(model: Any, batches: Batches, batch_size: int) -> float:

@@ -95,7 +95,7 @@ def generate_predictions(
         if not is_encoder_decoder:
             stop = StopAtNewline(newlines, batch["input_ids"].shape[1])  # type: ignore[arg-type]
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
-        routing = {"task_ids": batch["task_ids"].to(device)} if "task_ids" in batch else {}
+        routing = {"task_ids": batch["task_ids"]} if "task_ids" in batch else {}  # the model moves them
         with torch.inference_mode():
             output = model.generate(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),

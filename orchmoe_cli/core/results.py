@@ -8,7 +8,7 @@ import json
 import platform
 import subprocess
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,12 @@ def environment_info() -> dict[str, Any]:
         "git_hash": git_hash(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def instance_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    """``(task, id)``: what identifies a per-instance row. Instance ids are unique only within a task (two tasks
+    may both number theirs 0, 1, ...), so every join of per-instance rows or scores is keyed by the pair."""
+    return row["task"], row["id"]
 
 
 def task_rows(rows: Sequence[dict], metrics: dict[str, float]) -> list[dict[str, Any]]:

@@ -1,17 +1,48 @@
-"""The `data` section of a recipe: where the task files are and how prompts are built from them."""
+"""The `data` section of a recipe: where the tasks are (SNI task files or a table) and how prompts are built."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
+from orchmoe_cli.errors import FieldError
 from orchmoe_cli.schema import help_field as _f
 
 
 @dataclass
+class ColumnMap:
+    """Which columns of a table hold what (table sources only)."""
+
+    task: str = _f("task", "column naming each row's task (required)")
+    input: str = _f("input", "column with the instance input (required)")
+    output: str = _f("output", "column with the reference answer: a string or a list of acceptable references "
+                     "(required)")
+    instruction: str = _f("instruction", "column with the task's instruction (the SNI definition), per row or per "
+                          "task: the first non-empty one of a task is used; optional")
+    category: str = _f("category", "column with the task's category (grouped metrics, inspect-routing); optional")
+    id: str = _f("id", "column with an instance id, unique within its task; optional (a stable id is made from "
+                 "task, input and position)")
+    split: str = _f("split", "column saying whether a row's task is held out (see train_value / test_value); "
+                    "optional")
+
+
+@dataclass
 class DataConfig:
-    source: str = _f("bundled", "'bundled' (the SNI sample shipped with orchmoe) or a directory in the upstream "
-                     "layout: task files in <dir>/tasks (or <dir>), split files in <dir> or <dir>/splits/default; "
-                     "~ and $VAR / ${VAR} are expanded (recipes/sni use ${ORCHMOE_SNI_DIR})")
+    source: str = _f("bundled", "'bundled' (the SNI sample shipped with orchmoe); a directory in the upstream SNI "
+                     "layout (task files in <dir>/tasks or <dir>, split files in <dir> or <dir>/splits/default); a "
+                     "table: a .jsonl / .json / .csv / .tsv / .parquet file, a directory of them, or a Hugging Face "
+                     "dataset id (owner/name); ~ and $VAR / ${VAR} are expanded")
+    format: Literal["auto", "sni", "table"] = _f("auto", "sni or table; auto: a directory with tasks/*.json or split "
+                                                 "files is SNI, table files or a hub id are a table")
+    columns: ColumnMap = field(default_factory=ColumnMap, metadata={"help": "table sources: the column map"})
+    train_value: str = _f("train", "table with a split column: the value of training tasks' rows")
+    test_value: str = _f("test", "table with a split column: the value of held-out tasks' rows")
+    heldout_tasks: float | None = _f(None, "table without a split column or task lists: hold out this share of "
+                                     "the tasks (below 1) or this many (1 or more), chosen with `seed` within each "
+                                     "category", min=0, min_exclusive=True)
+    hub_config: str | None = _f(None, "hub table: the dataset configuration (name) to load")
+    hub_split: str = _f("train", "hub table: the split to read rows from")
+    revision: str | None = _f(None, "hub table: the revision (branch, tag or commit) to load")
     split_dir: str | None = _f(None, "directory holding the split files, if not found from `source` (~ and $VAR "
                                "expanded)")
     train_split: str = _f("train_tasks.txt", "file in the split directory listing training tasks, one per line")
@@ -31,3 +62,7 @@ class DataConfig:
     max_source_length: int = _f(1024, "prompt length limit in tokens; demonstrations that do not fit are dropped", min=8)
     max_target_length: int = _f(128, "target length limit in tokens", min=1)
     cache_dir: str = _f(".orchmoe/prepared", "where prepared (encoded) datasets are cached, keyed by a content hash")
+
+    def __post_init__(self) -> None:
+        if self.heldout_tasks is not None and self.heldout_tasks >= 1 and self.heldout_tasks != int(self.heldout_tasks):
+            raise FieldError("heldout_tasks", f"a count of tasks must be whole, got {self.heldout_tasks}")

@@ -28,7 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from orchmoe_cli import __version__
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
-from orchmoe_cli.data.sni import SPLITS, SNITask, SourceLayout, matches_languages, read_split, resolve_source
+from orchmoe_cli.data.sni import SPLITS, SNITask, matches_languages
+from orchmoe_cli.data.sources import TaskSource, resolve
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import disk_error
 
@@ -37,6 +38,9 @@ POOL = "pool"  # held-out tasks' instances after the evaluation ones: few-shot a
 MANIFEST = "manifest.json"
 # DataConfig fields that say where the data is; everything else changes the prepared rows.
 _LOCATION_FIELDS = frozenset({"source", "split_dir", "train_split", "test_split", "cache_dir"})
+# what only a table reads (its source hashes them): SNI data keeps the hash it had before tables existed
+_TABLE_FIELDS = frozenset({"format", "columns", "train_value", "test_value", "heldout_tasks", "hub_config", "hub_split",
+                           "revision"})
 FEATURES = datasets.Features({
     "task": datasets.Value("string"),
     "task_index": datasets.Value("int32"),
@@ -61,22 +65,18 @@ class Prepared:
 
 def encoding_settings(cfg: DataConfig) -> dict[str, Any]:
     """The DataConfig fields that affect the prepared rows (all but the location fields)."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _LOCATION_FIELDS}
+    settings = dataclasses.asdict(cfg)
+    return {name: value for name, value in settings.items() if name not in _LOCATION_FIELDS | _TABLE_FIELDS}
 
 
-def content_hash(cfg: DataConfig, layout: SourceLayout, tokenizer_id: str, is_encoder_decoder: bool) -> str:
-    """sha256 over the settings, tokenizer id, model kind, split files and every listed task file."""
+def content_hash(cfg: DataConfig, layout: TaskSource, tokenizer_id: str, is_encoder_decoder: bool) -> str:
+    """sha256 over the settings, tokenizer id, model kind and the source's own bytes (its files, or a hub
+    dataset's fingerprint)."""
     digest = hashlib.sha256()
     header = {"format": FORMAT_VERSION, "orchmoe": __version__, "settings": encoding_settings(cfg),
               "tokenizer": tokenizer_id, "is_encoder_decoder": is_encoder_decoder}
     digest.update(json.dumps(header, sort_keys=True).encode())
-    files = [(f"split:{split}", layout.split_files[split]) for split in SPLITS]
-    files += [(f"task:{name}", layout.task_path(name)) for split in SPLITS for name in layout.tasks[split]]
-    for label, path in files:
-        digest.update(f"\0{label}\0{path.stat().st_size}\0".encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+    layout.hash_into(digest)
     return digest.hexdigest()
 
 
@@ -142,7 +142,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
             console: Console | None = None) -> Prepared:
     """Encode ``cfg``'s source with ``tokenizer`` into the cache, or reuse an identical earlier result."""
     console = console or Console(stderr=True)
-    layout = resolve_source(cfg)
+    layout = resolve(cfg)
     digest = content_hash(cfg, layout, tokenizer_id, is_encoder_decoder)
     root = Path(cfg.cache_dir).expanduser()
     final = root / digest
@@ -231,7 +231,7 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _build(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: str,
+def _build(cfg: DataConfig, layout: TaskSource, tokenize: _Tokenize, digest: str,
            console: Console) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     """Encode every kept task, one file at a time, into per-split datasets and the manifest."""
     parts: dict[str, list[datasets.Dataset]] = {split: [] for split in (*SPLITS, POOL)}
@@ -241,7 +241,7 @@ def _build(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: s
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("encoding tasks", total=sum(len(layout.tasks[s]) for s in SPLITS))
         for split in SPLITS:
-            for task, pool in read_split(layout, split, cfg):
+            for task, pool in layout.read_split(split, cfg):
                 progress.update(bar, description=f"{split}: {task.name}")
                 if matches_languages(task, cfg.languages):
                     rows, n_truncated = _encode_task(task, len(tasks), cfg, tokenize)
@@ -261,7 +261,7 @@ def _build(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: s
         console.print(f"language filter {cfg.languages}: skipped {len(filtered)} task(s)", markup=False)
     for split in SPLITS:
         if not parts[split]:
-            raise OrchmoeError(f"{layout.split_files[split]}: no task left after the language filter "
+            raise OrchmoeError(f"{layout.split_origin(split)}: no task left after the language filter "
                                f"(data.languages={cfg.languages}); add languages or list other tasks")
     dataset = datasets.DatasetDict({s: datasets.concatenate_datasets(parts[s]) for s in (*SPLITS, POOL) if parts[s]})
     return dataset, _manifest(cfg, layout, tokenize, digest, tasks, filtered)
@@ -287,7 +287,7 @@ def _encode_task(task: SNITask, index: int, cfg: DataConfig, tokenize: _Tokenize
     return rows, sum(encoded.truncated) + n_cut
 
 
-def _manifest(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest: str,
+def _manifest(cfg: DataConfig, layout: TaskSource, tokenize: _Tokenize, digest: str,
               tasks: list[dict[str, Any]], filtered: list[str]) -> dict[str, Any]:
     def total(split: str, key: str | None = None) -> int:
         return sum(t[key] if key else 1 for t in tasks if t["split"] == split)
@@ -309,11 +309,7 @@ def _manifest(cfg: DataConfig, layout: SourceLayout, tokenize: _Tokenize, digest
             "test_sample": "per task: the first max_test_instances Instances",
             "pool_sample": "held-out tasks: Instances[max_test_instances : max_test_instances + max_pool_instances]",
         },
-        "source": {
-            "description": layout.description,
-            "task_dir": str(layout.task_dir),
-            "split_files": {split: str(path) for split, path in layout.split_files.items()},
-        },
+        "source": layout.manifest_source(),
         "language_filter": {"languages": list(cfg.languages), "filtered_tasks": filtered},
         "tasks": tasks,
         "totals": {

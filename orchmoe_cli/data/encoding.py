@@ -84,7 +84,7 @@ def encode_prompts(task: SNITask, instances: Sequence[Instance], cfg: DataConfig
     """
     limit = cfg.max_source_length
     cache = _Ids(tokenizer)
-    definition = format_definition(task) if cfg.add_definition else ""
+    definition = format_definition(task) if cfg.add_definition and task.definition else ""
     pos = [format_example(ex, i + 1, "Positive", cfg.add_explanation)
            for i, ex in enumerate(task.positive_examples[: cfg.num_pos_examples])]
     neg = [format_example(ex, i + 1, "Negative", cfg.add_explanation)

@@ -81,6 +81,27 @@ class SourceLayout:
     def task_path(self, name: str) -> Path:
         return self.task_dir / f"{name}.json"
 
+    def split_origin(self, split: Split) -> str:
+        """What errors about a split's tasks name."""
+        return str(self.split_files[split])
+
+    def read_split(self, split: Split, cfg: DataConfig) -> Iterator[tuple[SNITask, list[Instance]]]:
+        return read_split(self, split, cfg)
+
+    def hash_into(self, digest: Any) -> None:
+        """The bytes of both split files and of every listed task file."""
+        files = [(f"split:{split}", self.split_files[split]) for split in SPLITS]
+        files += [(f"task:{name}", self.task_path(name)) for split in SPLITS for name in self.tasks[split]]
+        for label, path in files:
+            digest.update(f"\0{label}\0{path.stat().st_size}\0".encode())
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+
+    def manifest_source(self) -> dict[str, Any]:
+        return {"description": self.description, "format": "sni", "task_dir": str(self.task_dir),
+                "split_files": {split: str(path) for split, path in self.split_files.items()}}
+
 
 # --------------------------------------------------------------------------- layout
 

@@ -1,0 +1,45 @@
+"""Which reader a recipe's ``data.source`` needs: SNI task files (``sni.py``) or a table (``tables.py``).
+
+Both give the same things to the prepared-data cache: the training and held-out task names, each task's rows
+(capped and with its adaptation pool), what to hash, and what the manifest records. Resolving reads no rows, so
+the command line can check a source before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchmoe_cli.data.data_config import DataConfig
+from orchmoe_cli.data.sni import SourceLayout, expand_path, resolve_source
+from orchmoe_cli.data.tables import TableSource, looks_like_hub_id, table_files
+from orchmoe_cli.errors import OrchmoeError
+
+TaskSource = SourceLayout | TableSource
+
+
+def resolve(cfg: DataConfig) -> TaskSource:
+    """The source ``cfg`` names, of the format it says or that its location shows."""
+    if cfg.source == "bundled" or cfg.format == "sni":
+        return resolve_source(cfg)
+    path = expand_path(cfg.source, "data.source")
+    files = table_files(path)
+    if cfg.format == "auto" and not files and not looks_like_hub_id(cfg.source):
+        if path.is_file():
+            raise OrchmoeError(f"'{path}' is not a table this reader knows (.jsonl, .json, .csv, .tsv, .parquet) "
+                               "nor an SNI directory", field="data.source")
+        return resolve_source(cfg)  # an SNI directory, or its one-line error
+    if cfg.format == "auto" and path.is_dir() and _is_sni(path, cfg):
+        return resolve_source(cfg)
+    if files:
+        return TableSource(cfg, files)
+    if path.exists():
+        raise OrchmoeError(f"'{path}' holds no table file (.jsonl, .json, .csv, .tsv, .parquet)", field="data.source")
+    if not looks_like_hub_id(cfg.source):
+        raise OrchmoeError(f"'{path}' not found; name a table file, a directory of them, or a hub dataset id "
+                           "(owner/name)", field="data.source")
+    return TableSource(cfg, [], hub_id=cfg.source)
+
+
+def _is_sni(path: Path, cfg: DataConfig) -> bool:
+    """An SNI directory has its task files in tasks/ or its split files beside them."""
+    return (path / "tasks").is_dir() or (path / cfg.train_split).is_file() or (path / "splits").is_dir()

@@ -1,0 +1,146 @@
+"""Multi-task tables as a source: the same tasks as SNI files and as a JSONL / Parquet table prepare identically,
+held-out tasks come from a split column, task lists or a seeded rule, every command runs on a table, and bad
+tables get one line each."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytest
+from cli_runner import run_cli
+from rich.console import Console
+
+from orchmoe_cli.data.data_config import ColumnMap, DataConfig
+from orchmoe_cli.data.dataset_cache import prepare
+from orchmoe_cli.data.sni import resolve_source
+from orchmoe_cli.data.sources import resolve
+from orchmoe_cli.data.tables import TableSource, export_table
+from orchmoe_cli.errors import OrchmoeError
+
+QUIET = Console(file=io.StringIO())
+SAME = ("task", "category", "id", "prompt", "prompt_ids", "references", "reference_ids")
+
+
+def _table(sni_dir: Path, path: Path) -> Path:
+    export_table(resolve_source(DataConfig(source=str(sni_dir))), path)
+    return path
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_sni_files_and_a_table_of_them_prepare_identically(suffix: str, sni_dir: Path, tmp_path: Path,
+                                                           byt5: Any) -> None:
+    table = _table(sni_dir, tmp_path / f"tasks{suffix}")
+    settings = {"num_pos_examples": 0, "max_test_instances": 3, "max_train_instances": 4,
+                "cache_dir": str(tmp_path / "cache")}
+    sni = prepare(DataConfig(source=str(sni_dir), **settings), byt5, "byt5", True, console=QUIET)
+    own = prepare(DataConfig(source=str(table), **settings), byt5, "byt5", True, console=QUIET)
+    assert isinstance(resolve(DataConfig(source=str(table))), TableSource)
+    assert own.path != sni.path and own.manifest["source"]["format"] == "table"
+    for split in ("train", "test", "pool"):
+        for column in SAME:
+            assert own.dataset[split][column] == sni.dataset[split][column], (split, column)
+    keys = ("name", "split", "category", "n_instances", "n_pool")
+    assert [{k: t[k] for k in keys} for t in own.manifest["tasks"]] == \
+           [{k: t[k] for k in keys} for t in sni.manifest["tasks"]]
+
+
+def test_held_out_tasks_from_a_seeded_rule_within_categories(sni_dir: Path, tmp_path: Path) -> None:
+    rows = [{k: v for k, v in r.items() if k != "split"} for r in _rows(_table(sni_dir, tmp_path / "t.jsonl"))]
+    path = _write_jsonl(tmp_path / "nosplit.jsonl", rows)
+    chosen = [resolve(DataConfig(source=str(path), heldout_tasks=share, seed=seed)).tasks
+              for share, seed in ((0.4, 1), (0.4, 1), (2, 7))]
+    assert chosen[0] == chosen[1] and len(chosen[0]["test"]) == 2 and len(chosen[2]["test"]) == 2
+    assert set(chosen[0]["train"]) | set(chosen[0]["test"]) == {r["task"] for r in rows}
+    with pytest.raises(OrchmoeError, match="needs held-out tasks"):
+        resolve(DataConfig(source=str(path))).tasks
+
+
+def test_every_command_runs_on_a_parquet_table(sni_dir: Path, tmp_path: Path) -> None:
+    table = _table(sni_dir, tmp_path / "tasks.parquet")
+    run = tmp_path / "run"
+    recipe = tmp_path / "own.yaml"
+    recipe.write_text(f"""\
+data: {{source: {table}, cache_dir: {tmp_path / 'cache'}, num_pos_examples: 0, max_source_length: 96,
+       max_target_length: 16, max_test_instances: 3}}
+model: {{name: tiny-llama, tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64}}}}
+method: {{name: orchmoe, rank: 4, n_skills: 2, n_abstract_tasks: 2}}
+train: {{steps: 2, batch_size: 4}}
+eval: {{max_instances: 2, batch_size: 2, max_new_tokens: 4, checkpoint: latest}}
+adapt: {{steps: 2, batch_size: 2, val_instances: 0, modes: [zero_shot, orchmoe], shots: [2], seeds: [1]}}
+output: {{dir: {run}}}
+""")
+    for command in (["prepare"], ["train"], ["eval"], ["adapt", "--tasks", "task101_delta_rewrite"]):
+        assert run_cli([command[0], str(recipe), *command[1:]]) == 0, command
+    results = json.loads(next(run.glob("eval-step-*/results.json")).read_text())
+    assert results["n_instances"] == 4 and {t["task"] for t in results["tasks"]} == {"task101_delta_rewrite",
+                                                                                   "task102_epsilon_qa"}
+    assert len((run / "adapt" / "adapt_results.jsonl").read_text().splitlines()) == 2
+    assert run_cli(["inspect-routing", str(run), "--data", str(recipe), "--out", str(tmp_path / "r"),
+                    "--format", "json"]) == 0
+    report = json.loads((tmp_path / "r" / "routing.json").read_text())
+    assert report["classifier"] is not None and report["rows"][0]["category"]
+
+
+def _bad(tmp_path: Path, rows: list[dict[str, Any]] | str, **fields: Any) -> str:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), **fields)
+    with pytest.raises(OrchmoeError) as info:
+        resolve(cfg).tasks  # noqa: B018 - reading the rows is what fails
+    return str(info.value)
+
+
+ROW = {"task": "a", "input": "x", "output": "y", "split": "train"}
+
+
+@pytest.mark.parametrize(("rows", "fields", "words"), [
+    ([{k: v for k, v in ROW.items() if k != "output"}], {}, "no column 'output' (columns: task, input, split)"),
+    ([ROW, {**ROW, "task": ""}], {}, "row 1: the task name is empty"),
+    ([ROW, {**ROW, "output": 3}], {}, "row 1: output is a int (3), expected text"),
+    ([ROW, {**ROW, "output": []}], {}, "row 1: output is an empty list"),
+    ([{**ROW, "id": "1"}, {**ROW, "id": "1"}], {}, "rows 0 and 1: task 'a' has instance id '1' twice"),
+    ([ROW, {**ROW, "split": "test"}], {}, "task 'a' is in split 'train' and 'test'"),
+    ([ROW, {**ROW, "task": "b", "split": "dev"}], {}, "split value(s) 'dev' are neither 'train' nor 'test'"),
+    ([ROW, {**ROW, "task": "b"}], {}, "no held-out task"),
+    ("", {}, "cannot be read as a table"),
+    ([{"name": "a", "question": "x", "answer": "y"}], {"columns": ColumnMap(task="name", input="question")},
+     "no column 'output'"),
+])
+def test_bad_tables_get_one_line_naming_file_and_column(rows: Any, fields: dict, words: str, tmp_path: Path) -> None:
+    message = _bad(tmp_path, rows, **fields)
+    assert words in message and str(tmp_path / "bad.jsonl") in message and "\n" not in message, message
+    assert not list((tmp_path / "cache").glob("*/manifest.json"))  # nothing prepared
+
+
+def test_a_hub_id_that_cannot_be_reached_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    cfg = DataConfig(source="nobody-here/no-such-dataset", cache_dir=str(tmp_path / "cache"))
+    source = resolve(cfg)
+    assert isinstance(source, TableSource) and source.hub_id == "nobody-here/no-such-dataset"
+    with pytest.raises(OrchmoeError, match="nobody-here/no-such-dataset: cannot be read as a table"):
+        source.tasks  # noqa: B018
+
+
+def test_a_task_list_splits_a_table(sni_dir: Path, tmp_path: Path) -> None:
+    rows = [{k: v for k, v in r.items() if k != "split"} for r in _rows(_table(sni_dir, tmp_path / "t.jsonl"))]
+    path = _write_jsonl(tmp_path / "plain.jsonl", rows)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train_tasks.txt").write_text("task001_alpha_qa\ntask002_beta_title\n")
+    (lists / "test_tasks.txt").write_text("task101_delta_rewrite\n")
+    tasks = resolve(DataConfig(source=str(path), split_dir=str(lists))).tasks
+    assert tasks == {"train": ("task001_alpha_qa", "task002_beta_title"), "test": ("task101_delta_rewrite",)}

@@ -17,9 +17,9 @@ what needs CUDA (the census, the bf16 comparison) reports "skipped: no GPU", and
 float32 with float64 instead.
 
     benchmarks/gpu_check.sh              # on a machine with a GPU; under 8 minutes on one GPU
-    benchmarks/gpu_check.sh --dry-run    # CPU, about a minute
+    benchmarks/gpu_check.sh --dry-run    # CPU: 30 s on 2 idle cores, about 2 minutes on busy ones
 
-Exit code 0 when no check failed (WARN and SKIP do not fail), 1 otherwise. The table is Markdown, to paste into
+Exit code 0 when no check failed (WARN, INFO and SKIP do not fail), 1 otherwise. The table is Markdown, to paste into
 ``benchmarks/README.md``.
 """
 
@@ -529,9 +529,10 @@ def check_speed(run: Run, budget_s: float) -> None:
     ratios = ", ".join(f"{r['variant']} {r['vs_bare']:.2f}x" for r in rows if r["variant"] != "bare")
     missed = [line.strip()[len("MISSED"):].strip() for line in log.read_text(encoding="utf-8").splitlines()
               if line.strip().startswith("MISSED")]
-    run.add("speed.py --quick generation", WARN if missed else PASS,
-            f"tiny-llama, bare {bare['tokens_per_s']:.0f} tokens/s; {ratios}; {seconds:.0f} s"
-            + (f"; target missed: {'; '.join(missed)}" if missed else ""))
+    # speed.py's targets are set for SmolLM2-135M; on tiny-llama they are indicative only, hence INFO
+    run.add("speed.py --quick generation", INFO,
+            f"tiny-llama, bare {bare['tokens_per_s']:.0f} tokens/s; adapted/bare: {ratios}; {seconds:.0f} s"
+            + (f"; speed.py targets missed (set for SmolLM2-135M): {'; '.join(missed)}" if missed else ""))
 
 
 # --------------------------------------------------------------------------- the table

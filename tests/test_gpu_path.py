@@ -103,3 +103,12 @@ def test_deterministic_mode_sets_the_cublas_workspace(monkeypatch) -> None:
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_deepspeed_and_fsdp_are_refused_in_one_line(variable: str, monkeypatch) -> None:
+    from orchmoe_cli.errors import OrchmoeError
+
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(OrchmoeError, match="is not supported yet; orchmoe trains data-parallel"):
+        make_accelerator(TrainConfig(), spec_of("lora"))

@@ -144,3 +144,30 @@ def test_a_task_list_splits_a_table(sni_dir: Path, tmp_path: Path) -> None:
     (lists / "test_tasks.txt").write_text("task101_delta_rewrite\n")
     tasks = resolve(DataConfig(source=str(path), split_dir=str(lists))).tasks
     assert tasks == {"train": ("task001_alpha_qa", "task002_beta_title"), "test": ("task101_delta_rewrite",)}
+
+
+def test_prepare_says_which_instruction_it_used_and_which_tasks_are_short(tmp_path: Path, byt5: Any) -> None:
+    rows = [{"task": "a", "input": f"x{i}", "output": "y", "split": "train", "instruction": f"Do {i % 2}."}
+            for i in range(4)] + [{"task": "b", "input": "z", "output": "w", "split": "test", "instruction": "B."}]
+    path = _write_jsonl(tmp_path / "t.jsonl", rows)
+    console = Console(file=io.StringIO(), width=300)
+    prepared = prepare(DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), num_pos_examples=0,
+                                  max_test_instances=3), byt5, "byt5", True, console=console)
+    said = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "1 task(s) have rows whose instruction differs from the task's first one" in said and "a (2)" in said
+    assert "1 held-out task(s) have fewer than data.max_test_instances (3)" in said
+    assert all(p.startswith("Definition: Do 0.") for p in prepared.dataset["train"]["prompt"])
+
+
+def test_a_template_of_your_own_builds_the_prompts(sni_dir: Path, tmp_path: Path, byt5: Any) -> None:
+    table = _table(sni_dir, tmp_path / "t.jsonl")
+    cfg = DataConfig(source=str(table), cache_dir=str(tmp_path / "cache"),
+                     template="[{task}] {instruction}\n{input}\nA: ")
+    prepared = prepare(cfg, byt5, "byt5", True, console=QUIET)
+    first = prepared.dataset["test"][0]
+    assert first["prompt"] == f"[{first['task']}] In this task ({first['task']}), you answer a short question\n" \
+                              "Question 0 of task101_delta_rewrite?\nA: "
+    with pytest.raises(OrchmoeError, match=r"template: \{answer\} is not one of instruction, input, task, category"):
+        from orchmoe_cli.recipe import load_recipe
+
+        load_recipe(None, ["data.template='Q: {answer}'"])

@@ -9,6 +9,7 @@ what is here (counting, groups, save, merge) is the same for every method.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -257,6 +258,9 @@ class AdaptedModel(nn.Module):
                                "base weights")
         if any(layer.merged for layer in self.layers):
             raise OrchmoeError("adapters are already merged; call unmerge() first")
+        if not self.folds_exactly:
+            warnings.warn("the base weights are in half precision: folding rounds W0 + dW to it and loses much of a "
+                          "small update (generation does not fold on such bases)", stacklevel=2)
         tid = -1 if task_id is None else int(task_id)
         if not -1 <= tid < len(self.task_names):
             raise OrchmoeError(f"task id {tid} is out of range: the model knows {len(self.task_names)} tasks")

@@ -45,7 +45,7 @@ from orchmoe_cli.data.dataset_cache import POOL
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, read_json
-from orchmoe_cli.recipe import AdaptConfig, EvalConfig, Recipe, TrainConfig, dump_recipe
+from orchmoe_cli.recipe import EvalConfig, Recipe, TrainConfig, dump_recipe
 
 NO_TRAINING = ("zero_shot",)
 
@@ -184,13 +184,15 @@ def _validator(model: Any, val_rows: list[dict], loaded: LoadedModel, eval_cfg: 
     return validate, best
 
 
-def cell_train_config(cell: Cell, cfg: AdaptConfig) -> TrainConfig:
+def cell_train_config(cell: Cell, recipe: Recipe) -> TrainConfig:
     """What a cell's training runs with: the adapt section's settings, a constant learning rate, no weight decay
-    (as the papers' few-shot runs), the cell's seed."""
+    (as the papers' few-shot runs), the cell's seed, and the recipe's precision and determinism."""
+    cfg = recipe.adapt
     return TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, router_lr=cfg.router_lr,
                        hypernetwork_lr=cfg.lr, weight_decay=0.0, warmup_steps=0, schedule="constant",
                        seed=cell.seed, eval_every=cfg.eval_every, log_every=max(1, cfg.eval_every // 2),
-                       save_every=0, keep_last=1)
+                       save_every=0, keep_last=1, mixed_precision=recipe.train.mixed_precision,
+                       deterministic=recipe.train.deterministic)
 
 
 @dataclass
@@ -248,7 +250,7 @@ def run_cell(cell: Cell, sweep: Sweep) -> dict[str, Any]:
     per-instance scores) and returns its result line."""
     started = time.perf_counter()
     recipe, loaded, trained = sweep.recipe, sweep.loaded, sweep.trained
-    train_cfg = cell_train_config(cell, recipe.adapt)
+    train_cfg = cell_train_config(cell, recipe)
     trains = cell.mode not in NO_TRAINING
     if trains:
         torch.manual_seed(cell.seed)  # the new routing row / fresh LoRA are drawn per seed

@@ -102,6 +102,12 @@ def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
 
     CPU-only machines need ``cpu=True`` for real multi-process (gloo) training. Only methods that may
     leave parameters untouched in a step pay DDP's unused-parameter search."""
+    for variable, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP"),
+                           ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            raise OrchmoeError(f"{what} is not supported yet; orchmoe trains data-parallel (DDP): accelerate launch "
+                               "--config_file recipes/accelerate/multi_gpu.yaml --num_processes N -m orchmoe_cli "
+                               "train RECIPE")
     use_cuda = torch.cuda.is_available()
     precision = cfg.mixed_precision
     if precision == "auto":
@@ -113,6 +119,7 @@ def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
     if cfg.deterministic:  # cuBLAS refuses deterministic mode without a fixed workspace (CUDA >= 10.2)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     set_seed(cfg.seed + accelerator.process_index, deterministic=cfg.deterministic)
+    torch.use_deterministic_algorithms(cfg.deterministic)  # also off again after an earlier deterministic run
     return accelerator
 
 

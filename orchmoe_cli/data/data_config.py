@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
 from orchmoe_cli.errors import FieldError
 from orchmoe_cli.schema import help_field as _f
+
+TEMPLATE_FIELDS = ("instruction", "input", "task", "category")
 
 
 @dataclass
@@ -59,10 +62,22 @@ class DataConfig:
     num_pos_examples: int = _f(2, "positive demonstrations in the prompt (official setting: 2)", min=0)
     num_neg_examples: int = _f(0, "negative demonstrations in the prompt", min=0)
     add_explanation: bool = _f(False, "include the demonstrations' explanations")
+    template: str | None = _f(None, "a prompt of your own instead of the Tk-Instruct encoding: a format string over "
+                              "{instruction}, {input}, {task} and {category}, e.g. '{instruction}\\n\\n{input}\\n"
+                              "Answer: ' (no demonstrations; too long prompts lose their start)")
     max_source_length: int = _f(1024, "prompt length limit in tokens; demonstrations that do not fit are dropped", min=8)
     max_target_length: int = _f(128, "target length limit in tokens", min=1)
     cache_dir: str = _f(".orchmoe/prepared", "where prepared (encoded) datasets are cached, keyed by a content hash")
 
     def __post_init__(self) -> None:
-        if self.heldout_tasks is not None and self.heldout_tasks >= 1 and self.heldout_tasks != int(self.heldout_tasks):
+        if self.template is not None:
+            try:
+                names = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+            except ValueError as exc:
+                raise FieldError("template", f"not a format string ({exc})") from None
+            unknown = sorted(names - set(TEMPLATE_FIELDS))
+            if unknown:
+                raise FieldError("template", f"{{{unknown[0]}}} is not one of {', '.join(TEMPLATE_FIELDS)}")
+        share = self.heldout_tasks
+        if share is not None and share >= 1 and share != int(share):
             raise FieldError("heldout_tasks", f"a count of tasks must be whole, got {self.heldout_tasks}")

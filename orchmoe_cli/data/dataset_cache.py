@@ -39,8 +39,8 @@ MANIFEST = "manifest.json"
 # DataConfig fields that say where the data is; everything else changes the prepared rows.
 _LOCATION_FIELDS = frozenset({"source", "split_dir", "train_split", "test_split", "cache_dir"})
 # what only a table reads (its source hashes them): SNI data keeps the hash it had before tables existed
-_TABLE_FIELDS = frozenset({"format", "columns", "train_value", "test_value", "heldout_tasks", "hub_config", "hub_split",
-                           "revision"})
+_TABLE_FIELDS = frozenset({"format", "columns", "train_value", "test_value", "heldout_tasks", "hub_config",
+                           "hub_split", "revision"})
 FEATURES = datasets.Features({
     "task": datasets.Value("string"),
     "task_index": datasets.Value("int32"),
@@ -65,8 +65,11 @@ class Prepared:
 
 def encoding_settings(cfg: DataConfig) -> dict[str, Any]:
     """The DataConfig fields that affect the prepared rows (all but the location fields)."""
-    settings = dataclasses.asdict(cfg)
-    return {name: value for name, value in settings.items() if name not in _LOCATION_FIELDS | _TABLE_FIELDS}
+    settings = {name: value for name, value in dataclasses.asdict(cfg).items()
+                if name not in _LOCATION_FIELDS | _TABLE_FIELDS}
+    if settings["template"] is None:  # the Tk-Instruct encoding: hashes as before templates existed
+        del settings["template"]
+    return settings
 
 
 def content_hash(cfg: DataConfig, layout: TaskSource, tokenizer_id: str, is_encoder_decoder: bool) -> str:
@@ -177,6 +180,8 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for note in layout.notes():
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     totals = manifest["totals"]
     console.print(f"prepared {totals['train_tasks']} train tasks ({totals['train_instances']} instances) and "
                   f"{totals['test_tasks']} test tasks ({totals['test_instances']} instances) in {final}", markup=False)
@@ -185,6 +190,12 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
         console.print(f"{len(no_pool)} held-out task(s) have no instances beyond the evaluation ones, so no "
                       f"adaptation pool: {', '.join(no_pool[:5])}{' ...' if len(no_pool) > 5 else ''}",
                       highlight=False, markup=False)
+    limit = cfg.max_test_instances
+    short = [t["name"] for t in manifest["tasks"] if t["split"] == "test" and t["n_instances"] < limit]
+    if short:
+        console.print(f"{len(short)} held-out task(s) have fewer than data.max_test_instances ({limit}) instances "
+                      f"and are evaluated on all they have: {', '.join(short[:5])}"
+                      f"{' ...' if len(short) > 5 else ''}", highlight=False, markup=False)
     cut = totals.get("truncated_prompts", 0)
     if cut:
         console.print(f"[yellow]warning:[/yellow] {cut} prompt(s) longer than data.max_source_length "

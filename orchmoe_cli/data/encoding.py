@@ -84,6 +84,11 @@ def encode_prompts(task: SNITask, instances: Sequence[Instance], cfg: DataConfig
     """
     limit = cfg.max_source_length
     cache = _Ids(tokenizer)
+    if cfg.template is not None:
+        instruction = task.definition[0] if task.definition else ""
+        sources = [cfg.template.format(instruction=instruction, input=instance.input, task=task.name,
+                                       category=task.category) for instance in instances]
+        return _limited(sources, limit, tokenizer, cache, truncate_source)
     definition = format_definition(task) if cfg.add_definition and task.definition else ""
     pos = [format_example(ex, i + 1, "Positive", cfg.add_explanation)
            for i, ex in enumerate(task.positive_examples[: cfg.num_pos_examples])]
@@ -97,6 +102,11 @@ def encode_prompts(task: SNITask, instances: Sequence[Instance], cfg: DataConfig
     task_name = f"{task.name}. " if cfg.add_task_name else ""
     sources = [task_name + definition + "".join(pos[:kp]) + "".join(neg[:kn]) + inp
                for kp, kn, inp in zip(n_pos, n_neg, inputs)]
+    return _limited(sources, limit, tokenizer, cache, truncate_source)
+
+
+def _limited(sources: list[str], limit: int, tokenizer: Any, cache: _Ids, truncate_source: bool) -> EncodedPrompts:
+    """Sources within ``limit`` tokens: with ``truncate_source`` a longer one becomes the decode of its last ids."""
     if not truncate_source:
         return EncodedPrompts(sources, [False] * len(sources), [None] * len(sources))
     source_ids: list[list[int] | None] = list(cache.of(sources))

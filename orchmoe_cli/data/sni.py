@@ -98,6 +98,9 @@ class SourceLayout:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
 
+    def notes(self) -> list[str]:
+        return []  # the task files' problems are errors
+
     def manifest_source(self) -> dict[str, Any]:
         return {"description": self.description, "format": "sni", "task_dir": str(self.task_dir),
                 "split_files": {split: str(path) for split, path in self.split_files.items()}}

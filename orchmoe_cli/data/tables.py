@@ -80,6 +80,15 @@ class TableSource:
                 "hub_id": self.hub_id, "columns": dict(vars(self.cfg.columns)),
                 "held_out_by": self._load()["held_out_by"]}
 
+    def notes(self) -> list[str]:
+        """What the reader decided that a user should hear: tasks whose rows disagree on the instruction."""
+        mismatched = {name: task["mismatched"] for name, task in self._load()["tasks"].items() if task["mismatched"]}
+        if not mismatched:
+            return []
+        shown = ", ".join(f"{name} ({n})" for name, n in list(mismatched.items())[:3])
+        return [f"{len(mismatched)} task(s) have rows whose instruction differs from the task's first one, which is "
+                f"used for all of them ({sum(mismatched.values())} rows): {shown}"]
+
     def hash_into(self, digest: Any) -> None:
         """The table settings, the bytes of every file (or the hub dataset's fingerprint) and the held-out choice."""
         cfg = self.cfg
@@ -124,8 +133,9 @@ class TableSource:
                                                  split=self.cfg.hub_split, cache_dir=cache)
                 builders = {BUILDERS[p.suffix.lower()] for p in self.files}
                 if len(builders) > 1:
-                    raise OrchmoeError(f"{self.origin}: holds tables of several formats ({', '.join(sorted(builders))});"
-                                       " keep one format per directory", field="data.source")
+                    kinds = ", ".join(sorted(builders))
+                    raise OrchmoeError(f"{self.origin}: holds tables of several formats ({kinds}); keep one format "
+                                       "per directory", field="data.source")
                 builder = builders.pop()
                 options = {"delimiter": "\t"} if all(p.suffix.lower() == ".tsv" for p in self.files) else {}
                 return datasets.load_dataset(builder, data_files=[str(p) for p in self.files], split="train",
@@ -200,13 +210,14 @@ def _group(table: Any, cfg: DataConfig, origin: str) -> dict[str, Any]:
                                        "split": None, "ids": {}})
         position = len(task["rows"])
         text = _text(inputs[row], origin, row, "input")
+        _references(outputs[row], origin, row)  # every row is checked now; instances are built when read
         identifier = (_text(ids[row], origin, row, "id") if ids is not None else
                       hashlib.sha256(f"{name}\0{text}\0{position}".encode()).hexdigest()[:16])
         if identifier in task["ids"]:
             raise OrchmoeError(f"{origin}: rows {task['ids'][identifier]} and {row}: task '{name}' has instance id "
                                f"'{identifier}' twice; ids must be unique within a task", field="data.columns.id")
         task["ids"][identifier] = row
-        task["rows"].append(Instance(identifier, text, _references(outputs[row], origin, row)))
+        task["rows"].append(row)
         if instructions is not None and isinstance(instructions[row], str) and instructions[row].strip():
             if not task["instruction"]:
                 task["instruction"] = instructions[row]
@@ -223,14 +234,20 @@ def _group(table: Any, cfg: DataConfig, origin: str) -> dict[str, Any]:
                 raise OrchmoeError(f"{origin}: rows {task['split'][1]} and {row}: task '{name}' is in split "
                                    f"'{task['split'][0]}' and '{value}'; a task belongs to one split",
                                    field="data.columns.split")
-    return {"tasks": tasks, "has_split": splits is not None, "has_categories": categories is not None}
+    for task in tasks.values():  # the id of each row, in row order; the id index is not needed any more
+        task["ids"] = list(task.pop("ids"))
+    return {"tasks": tasks, "has_split": splits is not None, "has_categories": categories is not None,
+            "inputs": inputs, "outputs": outputs}
 
 
 def _task(loaded: dict[str, Any], name: str, origin: str) -> SNITask:
     task = loaded["tasks"][name]
+    inputs, outputs = loaded["inputs"], loaded["outputs"]
+    instances = [Instance(identifier, inputs[row], _references(outputs[row], origin, row))
+                 for identifier, row in zip(task["ids"], task["rows"], strict=True)]
     return SNITask(name=name, path=Path(origin), categories=[task["category"] or UNCATEGORISED],
                    definition=[task["instruction"]] if task["instruction"] else [], positive_examples=[],
-                   negative_examples=[], instances=task["rows"], languages={}, n_available=len(task["rows"]))
+                   negative_examples=[], instances=instances, languages={}, n_available=len(instances))
 
 
 def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dict[Split, tuple[str, ...]], str]:

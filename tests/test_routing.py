@@ -217,3 +217,15 @@ def test_category_coherence() -> None:
     assert coherent is not None and coherent.within == pytest.approx(0.85) and coherent.between == pytest.approx(-0.5)
     assert coherent.pairs_within == 2 and coherent.p_value < 0.5
     assert rs.category_coherence(similarity, ["A", "B", "C", "D"]) is None  # no pair shares a category
+
+
+def test_classifier_purity_needs_two_categories() -> None:
+    """A table without a category column gives every task one category: purity and NMI would be 1 for any
+    classifier, so they are not reported."""
+    import numpy as np
+
+    from orchmoe_cli.analysis.routing_stats import classifier_stats
+
+    stats = classifier_stats(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), ["uncategorized"] * 3)
+    assert stats.purity is None and stats.nmi is None and stats.purity_by_abstract_task == [None, None]
+    assert stats.used_abstract_tasks == 2

@@ -144,8 +144,11 @@ class ClassifierStats:
     mean_max_probability: float
     argmax_counts: list[int]  # prompts preferring each abstract task
     used_abstract_tasks: int  # abstract tasks some prompt prefers
-    purity: float  # weighted share of the most common category within each abstract task's prompts
-    nmi: float  # normalised mutual information between preferred abstract task and category
+    # weighted share of the most common category within each abstract task's prompts, and the normalised mutual
+    # information between preferred abstract task and category; None when the data names fewer than two
+    # categories (a table without a category column), where both would be 1 for any classifier
+    purity: float | None
+    nmi: float | None
     purity_by_abstract_task: list[float | None]
     warnings: list[str]
 
@@ -189,15 +192,16 @@ def classifier_stats(task_probs: np.ndarray, categories: Sequence[str]) -> Class
     if n_abstract > 1 and router_entropy > 0.95:
         warnings.append(f"p(t|x) is nearly uniform (mean normalised entropy {router_entropy:.3f}): the classifier "
                         "does not separate inputs, so every input gets the same skill mixture")
+    by_category = len(set(categories)) > 1
     return ClassifierStats(
         router_entropy=router_entropy,
         marginal_entropy=float(normalised_entropy(probs.mean(axis=0))),
         mean_max_probability=float(probs.max(axis=1).mean()),
         argmax_counts=[int(c) for c in counts],
         used_abstract_tasks=int((counts > 0).sum()),
-        purity=float(purity),
-        nmi=mutual_information_normalised(preferred.tolist(), list(categories)),
-        purity_by_abstract_task=purity_by,
+        purity=float(purity) if by_category else None,
+        nmi=mutual_information_normalised(preferred.tolist(), list(categories)) if by_category else None,
+        purity_by_abstract_task=purity_by if by_category else [None] * n_abstract,
         warnings=warnings,
     )
 

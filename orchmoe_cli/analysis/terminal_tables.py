@@ -66,8 +66,9 @@ def routing_summary(report: RoutingReport) -> list[str]:
         lines.append(f"classifier: router entropy {c.router_entropy:.3f} (1 = uniform) · marginal usage "
                      f"{c.marginal_entropy:.3f} · mean max p {c.mean_max_probability:.3f} · abstract tasks used "
                      f"{c.used_abstract_tasks}/{len(c.argmax_counts)} by prompts, "
-                     f"{report.abstract_tasks_preferred_by_tasks}/{len(c.argmax_counts)} by tasks · purity by "
-                     f"category {c.purity:.3f} · NMI {c.nmi:.3f}")
+                     f"{report.abstract_tasks_preferred_by_tasks}/{len(c.argmax_counts)} by tasks · "
+                     + (f"purity by category {c.purity:.3f} · NMI {c.nmi:.3f}" if c.purity is not None and
+                        c.nmi is not None else "purity and NMI: none (the data names fewer than two categories)"))
     if report.coherence is not None:
         h = report.coherence
         lines.append(f"same-category tasks: mean routing similarity {h.within:+.3f} over {h.pairs_within} pairs, "

@@ -5,8 +5,18 @@ realistic text lengths, so it shows how the data path scales before anyone downl
 Each phase runs in its own subprocess, reaped with ``os.wait4``, so its peak RSS is its own. The full
 corpus is compared with its first quarter of tasks; the model is tiny-llama, so data handling dominates.
 
+``--format table`` does the same for a multi-task table (``data.source`` a JSONL file, read by
+``orchmoe_cli/data/tables.py``): 1,000 tasks x 1,000 rows of short text (one row per instance: task, a
+~20-word input, a ~3-word output, the task's instruction on every row, one of 20 categories, and a split
+column holding out every tenth task), compared with a quarter of the tasks (250 x 1,000) and a quarter of the
+rows (1,000 x 250), with the recipe defaults that matter (``max_train_instances: 100``,
+``max_test_instances: 100``, ``max_pool_instances: 300``). A "tiny" table (8 tasks x 20 rows) is prepared
+too: its peak RSS is the fixed cost (interpreter, imports, tokenizer) that the growth is measured above.
+
     python benchmarks/scale.py                      # full size (minutes)
     python benchmarks/scale.py --tasks-scale 0.05   # a 5% corpus, for a quick check of the script
+    python benchmarks/scale.py --format table       # 1M-row JSONL table (writes results/scale-table.json)
+    python benchmarks/scale.py --format table --tasks-scale 0.05 --rows-per-task 100   # quick check
 """
 
 from __future__ import annotations

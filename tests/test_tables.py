@@ -171,3 +171,22 @@ def test_a_template_of_your_own_builds_the_prompts(sni_dir: Path, tmp_path: Path
         from orchmoe_cli.recipe import load_recipe
 
         load_recipe(None, ["data.template='Q: {answer}'"])
+
+
+def test_chat_template_wraps_each_prompt_as_a_user_turn(sni_dir: Path, tmp_path: Path, byt5: Any) -> None:
+    from orchmoe_cli.core.base_models import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    cfg = DataConfig(source=str(_table(sni_dir, tmp_path / "t.jsonl")), cache_dir=str(tmp_path / "cache"),
+                     chat_template=True, num_pos_examples=0, max_source_length=64)
+    prepared = prepare(cfg, tokenizer, "bytes", False, console=QUIET)
+    row = prepared.dataset["test"][0]
+    head = tokenizer("<u>", add_special_tokens=False)["input_ids"]
+    tail = tokenizer("</u><a>", add_special_tokens=False)["input_ids"]
+    assert row["prompt_ids"][: len(head)] == head and row["prompt_ids"][-len(tail):] == tail
+    assert len(row["prompt_ids"]) == 64  # the message is cut from the left, the turn's markers stay whole
+    reference = tokenizer(row["references"][0], add_special_tokens=False)["input_ids"]
+    assert row["reference_ids"][0] == reference + [tokenizer.eos_token_id]  # no leading space after the turn
+    with pytest.raises(OrchmoeError, match="data.chat_template: .* encoder-decoder"):
+        prepare(cfg, byt5, "byt5", True, console=QUIET)

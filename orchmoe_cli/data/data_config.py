@@ -65,6 +65,8 @@ class DataConfig:
     template: str | None = _f(None, "a prompt of your own instead of the Tk-Instruct encoding: a format string over "
                               "{instruction}, {input}, {task} and {category}, e.g. '{instruction}\\n\\n{input}\\n"
                               "Answer: ' (no demonstrations; too long prompts lose their start)")
+    chat_template: bool = _f(False, "decoder-only instruct models: wrap each prompt as a user message in the "
+                             "tokenizer's chat template, the answer following its assistant turn")
     max_source_length: int = _f(1024, "prompt length limit in tokens; demonstrations that do not fit are dropped", min=8)
     max_target_length: int = _f(128, "target length limit in tokens", min=1)
     cache_dir: str = _f(".orchmoe/prepared", "where prepared (encoded) datasets are cached, keyed by a content hash")

@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"
 # DataConfig fields that say where the data is; everything else changes the prepared rows.
 _LOCATION_FIELDS = frozenset({"source", "split_dir", "train_split", "test_split", "cache_dir"})
 # what only a table reads (its source hashes them): SNI data keeps the hash it had before tables existed
+_ADDED_LATER = {"template": None, "chat_template": False}
 _TABLE_FIELDS = frozenset({"format", "columns", "train_value", "test_value", "heldout_tasks", "hub_config",
                            "hub_split", "revision"})
 FEATURES = datasets.Features({
@@ -67,8 +68,9 @@ def encoding_settings(cfg: DataConfig) -> dict[str, Any]:
     """The DataConfig fields that affect the prepared rows (all but the location fields)."""
     settings = {name: value for name, value in dataclasses.asdict(cfg).items()
                 if name not in _LOCATION_FIELDS | _TABLE_FIELDS}
-    if settings["template"] is None:  # the Tk-Instruct encoding: hashes as before templates existed
-        del settings["template"]
+    for name, default in _ADDED_LATER.items():  # at their defaults, data hashes as before these fields existed
+        if settings[name] == default:
+            del settings[name]
     return settings
 
 
@@ -98,12 +100,18 @@ class _Tokenize:
         self.tokenizer, self.tokenizer_id, self.cfg = tokenizer, tokenizer_id, cfg
         self.is_encoder_decoder = is_encoder_decoder
         self.prefix: list[int] = []
+        if is_encoder_decoder and cfg.chat_template:
+            raise OrchmoeError("a chat template wraps a decoder-only model's prompt; this model is encoder-decoder",
+                               field="data.chat_template")
         if not is_encoder_decoder:
             if tokenizer.eos_token_id is None:
                 raise OrchmoeError(f"tokenizer {tokenizer_id}: has no EOS token; a decoder-only model needs one "
                                    "to learn where an answer ends, choose a tokenizer that defines eos_token")
             self.prefix = _default_prefix(tokenizer)
-            if len(self.prefix) >= cfg.max_source_length:
+            self.suffix: list[int] = []
+            if cfg.chat_template:
+                self.prefix, self.suffix = _chat_turn(tokenizer, tokenizer_id)
+            if len(self.prefix) + len(self.suffix) >= cfg.max_source_length:
                 raise OrchmoeError(f"{cfg.max_source_length} leaves no room for the prompt "
                                    f"after the tokenizer's {len(self.prefix)} leading special tokens; raise it",
                                    field="data.max_source_length")
@@ -119,16 +127,30 @@ class _Tokenize:
                 for i, ids in zip(todo, fresh["input_ids"]):
                     known[i] = ids
             return [list(ids) for ids in known if ids is not None], 0
-        budget = limit - len(self.prefix)
+        budget = limit - len(self.prefix) - len(self.suffix)
         ids = self.tokenizer([p.rstrip(" ") for p in encoded.prompts], add_special_tokens=False)["input_ids"]
-        return [self.prefix + list(x[-budget:]) for x in ids], sum(len(x) > budget for x in ids)
+        return [self.prefix + list(x[-budget:]) + self.suffix for x in ids], sum(len(x) > budget for x in ids)
 
     def references(self, references: list[str]) -> list[list[int]]:
         limit = self.cfg.max_target_length
         if self.is_encoder_decoder:
             return self.tokenizer(text_target=references, truncation=True, max_length=limit)["input_ids"]
-        ids = self.tokenizer([" " + r for r in references], add_special_tokens=False)["input_ids"]
+        space = "" if self.cfg.chat_template else " "  # an assistant turn starts the answer itself
+        ids = self.tokenizer([space + r for r in references], add_special_tokens=False)["input_ids"]
         return [list(x[: limit - 1]) + [self.tokenizer.eos_token_id] for x in ids]
+
+
+def _chat_turn(tokenizer: Any, tokenizer_id: str) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's chat template puts before and after a user message, up to the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise OrchmoeError(f"tokenizer {tokenizer_id} has no chat template; leave data.chat_template off",
+                           field="data.chat_template")
+    marker = "\u2063"  # a character no template adds, to cut the rendered turn around the message
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+    head, _, tail = rendered.partition(marker)
+    return (tokenizer(head, add_special_tokens=False)["input_ids"],
+            tokenizer(tail, add_special_tokens=False)["input_ids"])
 
 
 def _default_prefix(tokenizer: Any) -> list[int]:

@@ -183,17 +183,228 @@ def fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+# --------------------------------------------------------------------------- --format table
+
+TABLE_TASKS, TABLE_ROWS = 1000, 1000
+TABLE_CATEGORIES = CATEGORIES[:20]
+TABLE_LIMITS = {"max_train_instances": 100, "max_test_instances": 100, "max_pool_instances": 300}
+TINY_TASKS, TINY_ROWS = 8, 20
+RSS_LIMIT_MB = 2048
+
+
+def quarter_rows(n: int) -> int:
+    return max(1, round(n / 4))
+
+
+def table_sizes(n_tasks: int, n_rows: int, quarter: str) -> dict[str, tuple[int, int]]:
+    """size name -> (tasks, rows per task) of each table the run prepares."""
+    sizes = {"full": (n_tasks, n_rows)}
+    if quarter in ("tasks", "both"):
+        sizes["quarter-tasks"] = (quarter_of(n_tasks), n_rows)
+    if quarter in ("rows", "both"):
+        sizes["quarter-rows"] = (n_tasks, quarter_rows(n_rows))
+    sizes["tiny"] = (TINY_TASKS, TINY_ROWS)
+    return sizes
+
+
+def generate_table(root: Path, n_tasks: int, n_rows: int, seed: int = 0) -> dict[str, Path]:
+    """JSONL tables in ``root``, one row per instance, rows of a task together (table order = task order):
+    full (n_tasks x n_rows), quarter-tasks (its first quarter of tasks), quarter-rows (every task's first
+    quarter of rows) and tiny (7 training tasks and 1 held-out task, 20 rows each). One task in every block of
+    ten is held out (split "test"), so every prefix of whole blocks holds out 10%. Skipped if present."""
+    paths = {name: root / f"{name}.jsonl" for name in ("full", "quarter-tasks", "quarter-rows", "tiny")}
+    marker = root / "table.json"
+    spec = {"tasks": n_tasks, "rows_per_task": n_rows, "seed": seed, "version": 1}
+    if marker.is_file() and json.loads(marker.read_text()) == spec and all(p.is_file() for p in paths.values()):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    words = Words(rng)
+    held = {block + rng.randrange(min(10, n_tasks - block)) for block in range(0, n_tasks, 10)}
+    tiny = set([i for i in range(n_tasks) if i not in held][: TINY_TASKS - 1] + [min(held)])
+    n_quarter_tasks, n_quarter_rows = quarter_of(n_tasks), quarter_rows(n_rows)
+    handles = {name: path.open("w", encoding="utf-8", buffering=1 << 20) for name, path in paths.items()}
+    try:
+        for index in range(n_tasks):
+            category = rng.choice(TABLE_CATEGORIES)
+            slug = category.lower().replace(" ", "_").replace(".", "")
+            name = f"task{index:04d}_{rng.choice(words.vocab[60:600])}_{slug}"
+            head = {"task": name, "instruction": words.text(20, 50, mode=30), "category": category,
+                    "split": "test" if index in held else "train"}
+            for row in range(n_rows):
+                line = json.dumps({**head, "input": words.text(15, 25), "output": words.text(1, 5)},
+                                  ensure_ascii=False) + "\n"
+                handles["full"].write(line)
+                if index < n_quarter_tasks:
+                    handles["quarter-tasks"].write(line)
+                if row < n_quarter_rows:
+                    handles["quarter-rows"].write(line)
+                if index in tiny and row < TINY_ROWS:
+                    handles["tiny"].write(line)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    marker.write_text(json.dumps(spec))
+    return paths
+
+
+def write_table_recipe(path: Path, table: Path, work: Path, val_instances: int) -> None:
+    recipe = {
+        "data": {"source": str(table), "format": "table", "num_pos_examples": 0, "max_source_length": 1024,
+                 "max_target_length": 128, **TABLE_LIMITS, "cache_dir": str(work / "cache")},
+        "model": {"name": "tiny-llama"},
+        "method": {"name": "orchmoe", "n_skills": 8, "n_abstract_tasks": 16},
+        "train": {"steps": 2, "batch_size": 8, "log_every": 1, "val_instances": val_instances},
+        "output": {"dir": str(work / "run")},
+    }
+    header = (f"# benchmarks/scale.py --format table: {table.name} on tiny-llama, the recipe defaults for the "
+              "instance caps.\n#\n#   orchmoe prepare THIS && orchmoe train THIS train.steps=2\n")
+    path.write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def encoded_totals(work: Path) -> dict[str, int]:
+    """The prepared manifest's instance counts (what was encoded), if prepare finished."""
+    for manifest in sorted((work / "cache").glob("*/manifest.json")):
+        totals = json.loads(manifest.read_text())["totals"]
+        return {k: totals[k] for k in ("train_tasks", "test_tasks", "train_instances", "test_instances",
+                                       "pool_instances")}
+    return {}
+
+
+def main_table(args: argparse.Namespace, console: Console, root: Path) -> None:
+    n_tasks = max(10, round(TABLE_TASKS * args.tasks_scale))
+    n_rows = args.rows_per_task
+    started = time.perf_counter()
+    tables = generate_table(root / "table", n_tasks, n_rows)
+    elapsed = time.perf_counter() - started
+    size_mb = tables["full"].stat().st_size / 2**20
+    console.print(f"table: {n_tasks} tasks x {n_rows} rows in {tables['full']} ({size_mb:.0f} MB, {elapsed:.0f} s)")
+    rows: list[dict[str, Any]] = []
+    load_start = load_average()
+    console.print(f"load average at start: {load_start}")
+    for size, (tasks, per_task) in table_sizes(n_tasks, n_rows, args.quarter).items():
+        work = root / size
+        shutil.rmtree(work, ignore_errors=True)  # a fresh cache (prepared data and the datasets JSON cache)
+        work.mkdir(parents=True)
+        recipe = work / "recipe.yaml"
+        write_table_recipe(recipe, tables[size], work, args.val_instances)
+        phases = {"prepare": (CLI + ["prepare", str(recipe)], None)}
+        if size != "tiny" and not args.no_train:
+            phases["train"] = (CLI + ["train", str(recipe), "train.steps=2", "model.name=tiny-llama"],
+                               work / "run" / "metrics.jsonl")
+        for phase, (argv, metrics) in phases.items():
+            console.print(f"[bold]{size}[/bold] {phase} ({tasks} x {per_task}) ...")
+            before = load_average()
+            result = run_phase(argv, work / f"{phase}.log", args.timeout, metrics)
+            row = {"size": size, "tasks": tasks, "rows_per_task": per_task, "rows": tasks * per_task,
+                   "phase": phase, **result, "load_before": before, "load_after": load_average()}
+            if phase == "prepare":
+                row["encoded"] = encoded_totals(work)
+            rows.append(row)
+            console.print(f"  {result['status']}: {result['wall_s']} s, peak RSS {result['peak_rss_mb']} MB"
+                          + (f", first step {result['first_step_s']} s" if result["first_step_s"] else ""),
+                          highlight=False)
+            if result["status"] != "ok":
+                for line in (work / f"{phase}.log").read_text(errors="replace").splitlines()[-5:]:
+                    console.print("  " + line, markup=False, highlight=False)
+    load_end = load_average()
+    console.print(f"load average at end: {load_end}")
+    report_table(console, rows, args, n_tasks, n_rows, size_mb, load_start, load_end)
+
+
+def report_table(console: Console, rows: list[dict[str, Any]], args: argparse.Namespace, n_tasks: int, n_rows: int,
+                 size_mb: float, load_start: list[float], load_end: list[float]) -> None:
+    by = {(r["size"], r["phase"]): r for r in rows}
+    table = Table(title=f"orchmoe scale, JSONL table: {n_tasks} tasks x {n_rows} rows, tiny-llama")
+    for column in ("size", "tasks", "rows", "phase", "status", "wall s", "peak RSS MB", "first step s",
+                   "wall full/this", "RSS full/this", "load 1-min before/after"):
+        table.add_column(column, justify="left" if column in ("size", "phase", "status") else "right")
+    for r in rows:
+        full = by.get(("full", r["phase"])) if r["size"] != "full" else None
+        table.add_row(r["size"], str(r["tasks"]), f"{r['rows']:,}", r["phase"], r["status"], fmt(r["wall_s"]),
+                      fmt(r["peak_rss_mb"]), fmt(r["first_step_s"]),
+                      fmt(full["wall_s"] / r["wall_s"], ".2f") if full and r["wall_s"] else "",
+                      fmt(full["peak_rss_mb"] / r["peak_rss_mb"], ".2f") if full else "",
+                      f"{r['load_before'][0]:.2f} / {r['load_after'][0]:.2f}")
+    console.print(table)
+    prep, train, tiny = by.get(("full", "prepare")), by.get(("full", "train")), by.get(("tiny", "prepare"))
+    full_peak = max(r["peak_rss_mb"] for r in rows if r["size"] == "full")
+    targets = [
+        {"target": f"prepare, full table ({n_tasks * n_rows:,} rows) < 120 s", "value": prep["wall_s"],
+         "pass": prep["status"] == "ok" and prep["wall_s"] < 120},
+        {"target": f"peak RSS, full table (prepare and train) < {RSS_LIMIT_MB} MB", "value": full_peak,
+         "pass": all(r["status"] == "ok" for r in rows if r["size"] == "full") and full_peak < RSS_LIMIT_MB},
+    ]
+    for size in ("quarter-tasks", "quarter-rows"):
+        quarter = by.get((size, "prepare"))
+        if quarter is None:
+            continue
+        growth = prep["rows"] / quarter["rows"]
+        ratio = prep["peak_rss_mb"] / quarter["peak_rss_mb"]
+        above = (prep["peak_rss_mb"] - tiny["peak_rss_mb"]) / max(quarter["peak_rss_mb"] - tiny["peak_rss_mb"], 1e-9)
+        targets.append({"target": f"prepare peak RSS grows sub-linearly, full vs {size} ({growth:.0f}x the rows): "
+                                  f"above the tiny table's {tiny['peak_rss_mb']:.0f} MB", "value": round(above, 2),
+                        "raw_ratio": round(ratio, 2), "limit": round(growth, 2), "pass": above < growth})
+    if train is not None:
+        targets.append({"target": "train, full table: first optimizer step < 30 s after launch",
+                        "value": train["first_step_s"],
+                        "pass": train["first_step_s"] is not None and train["first_step_s"] < 30})
+    for t in targets:
+        mark = "[green]pass[/green]" if t["pass"] else "[red]FAIL[/red]"
+        extra = "".join(f" ({k.replace('_', ' ')} {t[k]})" for k in ("raw_ratio", "limit") if k in t)
+        console.print(f"{mark}  {t['target']}: {t['value']}{extra}", highlight=False)
+    console.print(f"load average (1, 5, 15 min) at start {load_start}, at end {load_end}, on {os.cpu_count()} CPUs")
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", *sys.argv]), "format": "table",
+            "machine": platform.processor() or platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": version("torch"), "datasets": version("datasets"),
+            "tasks": n_tasks, "rows_per_task": n_rows, "held_out_tasks": len(range(0, n_tasks, 10)),
+            "categories": len(TABLE_CATEGORIES), "table_mb": round(size_mb, 1), **TABLE_LIMITS,
+            "model": "tiny-llama (byte-level tokenizer)", "val_instances": args.val_instances,
+            "timeout_s": args.timeout, "load_average_start": load_start, "load_average_end": load_end}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": rows, "targets": targets}, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks-scale", type=float, default=1.0, metavar="S",
                         help="shrink both splits by this factor (e.g. 0.05 for a quick check); 1 = the full SNI sizes")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it (reuses its corpus)")
-    parser.add_argument("--timeout", type=float, default=300, metavar="S", help="kill a phase after S seconds")
+    parser.add_argument("--timeout", type=float, metavar="S",
+                        help="kill a phase after S seconds (default 300; --format table: 900)")
     parser.add_argument("--val-instances", type=int, default=5, metavar="N", help="train.val_instances (sni: 5)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"), help="JSON results file")
+    parser.add_argument("--out", type=Path, help="JSON results file (default benchmarks/results/scale.json; "
+                        "--format table: benchmarks/results/scale-table.json)")
+    parser.add_argument("--format", choices=("sni", "table"), default="sni",
+                        help="sni: SNI task files (the default); table: one JSONL table, 1,000 tasks x 1,000 rows")
+    parser.add_argument("--rows-per-task", type=int, default=TABLE_ROWS, metavar="N",
+                        help=f"--format table: rows per task (default {TABLE_ROWS}); --tasks-scale scales the "
+                        f"{TABLE_TASKS} tasks")
+    parser.add_argument("--quarter", choices=("tasks", "rows", "both"), default="both",
+                        help="--format table: the quarter-size run(s): a quarter of the tasks, of each task's rows, "
+                        "or both")
+    parser.add_argument("--no-train", action="store_true", help="--format table: prepare only")
     args = parser.parse_args()
+    table_mode = args.format == "table"
+    if args.timeout is None:
+        args.timeout = 900 if table_mode else 300
+    if args.out is None:
+        args.out = Path("benchmarks/results/scale-table.json" if table_mode else "benchmarks/results/scale.json")
     console = Console(width=None if sys.stdout.isatty() else 130)  # rich falls back to 80 columns in a pipe
     root = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="orchmoe-scale-"))
+    if table_mode:
+        try:
+            main_table(args, console, root)
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        return
     n_train, n_test = max(4, round(N_TRAIN * args.tasks_scale)), max(4, round(N_TEST * args.tasks_scale))
     try:
         started = time.perf_counter()

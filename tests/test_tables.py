@@ -13,6 +13,7 @@ import datasets
 import pytest
 from cli_runner import run_cli
 from rich.console import Console
+from tiny_recipe import tiny_recipe
 
 from orchmoe_cli.data.data_config import ColumnMap, DataConfig
 from orchmoe_cli.data.dataset_cache import prepare
@@ -71,17 +72,11 @@ def test_held_out_tasks_from_a_seeded_rule_within_categories(sni_dir: Path, tmp_
 def test_every_command_runs_on_a_parquet_table(sni_dir: Path, tmp_path: Path) -> None:
     table = _table(sni_dir, tmp_path / "tasks.parquet")
     run = tmp_path / "run"
-    recipe = tmp_path / "own.yaml"
-    recipe.write_text(f"""\
-data: {{source: {table}, cache_dir: {tmp_path / 'cache'}, num_pos_examples: 0, max_source_length: 96,
-       max_target_length: 16, max_test_instances: 3}}
-model: {{name: tiny-llama, tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64}}}}
-method: {{name: orchmoe, rank: 4, n_skills: 2, n_abstract_tasks: 2}}
-train: {{steps: 2, batch_size: 4}}
-eval: {{max_instances: 2, batch_size: 2, max_new_tokens: 4, checkpoint: latest}}
-adapt: {{steps: 2, batch_size: 2, val_instances: 0, modes: [zero_shot, orchmoe], shots: [2], seeds: [1]}}
-output: {{dir: {run}}}
-""")
+    recipe = tiny_recipe(
+        tmp_path / "own.yaml", table, run, "{name: orchmoe, rank: 4, n_skills: 2, n_abstract_tasks: 2}",
+        train="{steps: 2, batch_size: 4}",
+        eval="{max_instances: 2, batch_size: 2, max_new_tokens: 4, checkpoint: latest}",
+        adapt="{steps: 2, batch_size: 2, val_instances: 0, modes: [zero_shot, orchmoe], shots: [2], seeds: [1]}")
     for command in (["prepare"], ["train"], ["eval"], ["adapt", "--tasks", "task101_delta_rewrite"]):
         assert run_cli([command[0], str(recipe), *command[1:]]) == 0, command
     results = json.loads(next(run.glob("eval-step-*/results.json")).read_text())

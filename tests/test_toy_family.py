@@ -14,6 +14,7 @@ from typing import ClassVar
 import pytest
 import torch
 from cli_runner import run_cli
+from tiny_recipe import tiny_recipe
 from torch import Tensor, nn
 
 from orchmoe_cli.adapters.family import AdaptMode, Routing, RoutingFamily
@@ -62,19 +63,12 @@ def test_a_family_defined_outside_the_package_runs_every_command(toy_registered,
                                                                  tmp_path: Path) -> None:
     from conftest import _SNI_TEST_TASKS
 
-    sni = sni_dir
     run = tmp_path / "run"
-    recipe = tmp_path / "toy.yaml"
-    recipe.write_text(f"""\
-data: {{source: {sni}, cache_dir: {tmp_path / 'cache'}, num_pos_examples: 0, max_source_length: 96,
-       max_target_length: 16, max_test_instances: 3}}
-model: {{name: tiny-llama, tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64}}}}
-method: {{name: {TOY}, rank: 4, n_skills: 3}}
-train: {{steps: 3, batch_size: 4, lr: 0.03, router_lr: 0.1}}
-eval: {{max_instances: 2, batch_size: 2, max_new_tokens: 4, checkpoint: latest}}
-adapt: {{steps: 2, batch_size: 2, val_instances: 0, modes: [zero_shot, toy_skills], shots: [2], seeds: [1]}}
-output: {{dir: {run}}}
-""")
+    recipe = tiny_recipe(
+        tmp_path / "toy.yaml", sni_dir, run, f"{{name: {TOY}, rank: 4, n_skills: 3}}",
+        train="{steps: 3, batch_size: 4, lr: 0.03, router_lr: 0.1}",
+        eval="{max_instances: 2, batch_size: 2, max_new_tokens: 4, checkpoint: latest}",
+        adapt="{steps: 2, batch_size: 2, val_instances: 0, modes: [zero_shot, toy_skills], shots: [2], seeds: [1]}")
     assert run_cli(["train", str(recipe)]) == 0
     checkpoint = run / "checkpoints" / "step-000003"
     config = json.loads((checkpoint / "adapter_config.json").read_text())

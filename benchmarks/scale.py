@@ -320,8 +320,8 @@ def report_table(console: Console, rows: list[dict[str, Any]], args: argparse.Na
                  size_mb: float, load_start: list[float], load_end: list[float]) -> None:
     by = {(r["size"], r["phase"]): r for r in rows}
     table = Table(title=f"orchmoe scale, JSONL table: {n_tasks} tasks x {n_rows} rows, tiny-llama")
-    for column in ("size", "tasks", "rows", "phase", "status", "wall s", "peak RSS MB", "first step s",
-                   "wall full/this", "RSS full/this", "load 1-min before/after"):
+    for column in ("size", "tasks", "rows", "phase", "status", "wall s", "peak RSS MB", "1st step s",
+                   "full/this wall", "full/this RSS", "load before/after"):
         table.add_column(column, justify="left" if column in ("size", "phase", "status") else "right")
     for r in rows:
         full = by.get(("full", r["phase"])) if r["size"] != "full" else None

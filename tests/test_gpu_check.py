@@ -50,6 +50,17 @@ def test_the_dry_run_exercises_every_registered_method_on_the_cpu(tmp_path: Path
     assert not any(result == "FAIL" for result, _ in rows.values())
 
 
+def test_the_dry_run_of_one_method_runs_in_the_fast_suite(tmp_path: Path) -> None:
+    """Every part of the script runs on every CI run, for one method (all of them: the slow test above)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--methods", "orchmoe", "--workdir", str(tmp_path / "w")],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    rows = table_rows(done.stdout)
+    assert all(rows[f"{part} orchmoe"][0] == "PASS" for part in ("train", "eval", "deterministic")), rows
+    assert not any(result == "FAIL" for result, _ in rows.values())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_without_a_gpu_the_full_check_refuses_and_points_to_the_dry_run(capsys: pytest.CaptureFixture[str],
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,12 @@
-"""Super-NaturalInstructions data.
+"""Multi-task instruction data: Super-NaturalInstructions task files or a table of your own.
 
-- ``sni``: find, read and validate task and split files (``resolve_source``, ``read_split``, ``read_task``).
-- ``encoding``: the Tk-Instruct prompt format (``encode_prompts``).
+- ``data_config``: the recipe's ``data`` section (``DataConfig``, ``ColumnMap``).
+- ``sources``: which reader a ``data.source`` needs (``resolve``).
+- ``sni``: find, read and validate SNI task and split files (``resolve_source``, ``read_split``, ``read_task``).
+- ``tables``: JSONL / JSON / CSV / TSV / Parquet files or a hub dataset through ``datasets`` (``TableSource``).
+- ``encoding``: the Tk-Instruct prompt format, or a template of your own (``encode_prompts``).
 - ``dataset_cache``: encode once and cache by content hash (``prepare``, ``load_prepared``).
+- ``rows``: prepared rows by task, read batch by batch (``TaskRows``).
 - ``collate``: training and generation batches (``TrainCollator``, ``GenerationCollator``).
 
 Nothing is re-exported here, so that reading and validating data does not import torch or datasets.

@@ -164,8 +164,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _column(table: Any, name: str, origin: str, field_name: str, required: bool) -> list[Any] | None:
-    if name in table.column_names:
-        return table[name]
+    if name in table.column_names:  # the whole column decoded at once: indexing a datasets Column per row is slow
+        return table[name][:]
     if required:
         raise OrchmoeError(f"{origin}: no column '{name}' (columns: {', '.join(table.column_names)}); map yours with "
                            f"data.columns.{field_name}", field=f"data.columns.{field_name}")

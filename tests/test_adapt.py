@@ -183,7 +183,7 @@ def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_results(trained: di
 
     recipe, checkpoint = trained["mhr"]
     args = ["adapt", str(recipe), f"adapt.checkpoint={checkpoint}", "--modes", "mhr", "--shots", "2", "--seeds",
-            "1,2", "--tasks", NEW_TASK, "adapt.steps=200", "adapt.eval_every=200"]
+            "1,2", "--tasks", NEW_TASK, "adapt.steps=120", "adapt.eval_every=120"]
     assert run_cli([*args, f"adapt.output_dir={tmp_path / 'a'}"]) == 0
     reference = read_results(tmp_path / "a" / "adapt_results.jsonl")
 
@@ -197,7 +197,7 @@ def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_results(trained: di
         assert proc.poll() is None, "the sweep ended before the kill point"
         assert time.monotonic() < deadline, "the kill point never came"
         time.sleep(0.01)
-    time.sleep(0.3)  # into the second cell's 200 steps (cells train in memory: nothing on disk shows the step)
+    time.sleep(0.2)  # into the second cell's 120 steps (cells train in memory: nothing on disk shows the step)
     assert proc.poll() is None, "the sweep ended before the kill point"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

@@ -51,13 +51,14 @@ def test_the_dry_run_exercises_every_registered_method_on_the_cpu(tmp_path: Path
 
 
 def test_the_dry_run_of_one_method_runs_in_the_fast_suite(tmp_path: Path) -> None:
-    """Every part of the script runs on every CI run, for one method (all of them: the slow test above)."""
+    """The script's commands run on every CI run, for one method (every part for every method: the slow test)."""
     env = {**os.environ, "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--methods", "orchmoe", "--workdir", str(tmp_path / "w")],
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--methods", "orchmoe", "--skip",
+                           "deterministic,speed", "--workdir", str(tmp_path / "w")],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = table_rows(done.stdout)
-    assert all(rows[f"{part} orchmoe"][0] == "PASS" for part in ("train", "eval", "deterministic")), rows
+    assert all(rows[f"{part} orchmoe"][0] == "PASS" for part in ("train", "eval")), rows
     assert not any(result == "FAIL" for result, _ in rows.values())
 
 

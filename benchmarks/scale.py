@@ -11,7 +11,8 @@ corpus is compared with its first quarter of tasks; the model is tiny-llama, so 
 column holding out every tenth task), compared with a quarter of the tasks (250 x 1,000) and a quarter of the
 rows (1,000 x 250), with the recipe defaults that matter (``max_train_instances: 100``,
 ``max_test_instances: 100``, ``max_pool_instances: 300``). A "tiny" table (8 tasks x 20 rows) is prepared
-too: its peak RSS is the fixed cost (interpreter, imports, tokenizer) that the growth is measured above.
+too: its peak RSS is the fixed cost (interpreter, imports, tokenizer) that the growth is measured above. Train
+is stopped once its first step is logged (``--whole-train`` lets it finish: validation and a checkpoint).
 
     python benchmarks/scale.py                      # full size (minutes)
     python benchmarks/scale.py --tasks-scale 0.05   # a 5% corpus, for a quick check of the script
@@ -149,13 +150,15 @@ def write_recipe(path: Path, corpus: Path, work: Path, quarter: bool, val_instan
     path.write_text(header + yaml.safe_dump(recipe, sort_keys=False))
 
 
-def run_phase(argv: list[str], log: Path, timeout: float, metrics: Path | None = None) -> dict[str, Any]:
-    """Run one child to the end (or kill it at ``timeout``): wall s, its own peak RSS, first-step time."""
+def run_phase(argv: list[str], log: Path, timeout: float, metrics: Path | None = None,
+              stop_at_first_step: bool = False) -> dict[str, Any]:
+    """Run one child to the end (or kill it at ``timeout``, or after its first step if asked): wall s, its own
+    peak RSS, first-step time."""
     started = time.perf_counter()
     first_step = None
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV)
-        timed_out = False
+        timed_out = stopped = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             now = time.perf_counter() - started
@@ -166,11 +169,17 @@ def run_phase(argv: list[str], log: Path, timeout: float, metrics: Path | None =
             if now > timeout and not timed_out:
                 proc.kill()
                 timed_out = True
+            if stop_at_first_step and first_step is not None and not stopped:
+                proc.kill()
+                stopped = True
             time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    if stopped and not timed_out:
+        state = "ok" if proc.returncode in (0, -9) else f"exit {proc.returncode}"
+    else:
+        state = "timed out" if timed_out else ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")
     return {"wall_s": round(now, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: kB
-            "first_step_s": None if first_step is None else round(first_step, 2),
-            "status": "timed out" if timed_out else ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")}
+            "first_step_s": None if first_step is None else round(first_step, 2), "status": state}
 
 
 def cpu_model() -> str:
@@ -306,12 +315,18 @@ def main_table(args: argparse.Namespace, console: Console, root: Path) -> None:
                 continue
             console.print(f"[bold]{size}[/bold] {phase} ({tasks} x {per_task}) ...")
             before = load_average()
-            result = run_phase(argv, work / f"{phase}.log", args.timeout, metrics)
+            result = run_phase(argv, work / f"{phase}.log", args.timeout, metrics,
+                               stop_at_first_step=not args.whole_train)
+            if phase == "train" and not args.whole_train:
+                result["stopped_after_first_step"] = True
             row = {"size": size, "tasks": tasks, "rows_per_task": per_task, "rows": tasks * per_task,
                    "phase": phase, **result, "load_before": before, "load_after": load_average()}
             if phase == "prepare":
                 row["encoded"] = encoded_totals(work)
             rows.append(row)
+            args.out.parent.mkdir(parents=True, exist_ok=True)  # so far, in case the run is cut short
+            args.out.write_text(json.dumps({"partial": True, "command": " ".join(["python", *sys.argv]),
+                                            "load_average_start": load_start, "results": rows}, indent=2) + "\n")
             console.print(f"  {result['status']}: {result['wall_s']} s, peak RSS {result['peak_rss_mb']} MB"
                           + (f", first step {result['first_step_s']} s" if result["first_step_s"] else ""),
                           highlight=False)
@@ -404,6 +419,9 @@ def main() -> None:
                         help="--format table: the quarter-size run(s): a quarter of the tasks, of each task's rows, "
                         "or both")
     parser.add_argument("--no-train", action="store_true", help="--format table: prepare only")
+    parser.add_argument("--whole-train", action="store_true",
+                        help="--format table: let train finish (2 steps, then validation over every training task "
+                        "and a checkpoint: minutes) instead of stopping it after its first step")
     args = parser.parse_args()
     table_mode = args.format == "table"
     if args.timeout is None:

@@ -7,10 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from torch import nn
-
 from orchmoe_cli.adapters.family import AdaptMode, RoutingFamily
-from orchmoe_cli.adapters.skill_weights import AverageRouter
 
 if TYPE_CHECKING:
     from orchmoe_cli.adapters.method_config import MethodConfig
@@ -26,9 +23,6 @@ class ConstantRouting(RoutingFamily):
 
     def resolve(self, method: MethodConfig, hidden_size: int) -> MethodConfig:
         return dataclasses.replace(super().resolve(method, hidden_size), n_skills=1)
-
-    def make_router(self, method: MethodConfig, n_tasks: int) -> nn.Module:
-        return AverageRouter(1, 1)
 
     def export_peft(self, model: AdaptedModel, directory: Path) -> None:
         from orchmoe_cli.adapters.peft_interop import export_lora  # peft is imported only when exporting

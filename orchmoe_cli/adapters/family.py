@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from orchmoe_cli.adapters.context import RoutingInputs, RoutingSlot, RoutingState
 from orchmoe_cli.adapters.layer import SkillLoRALinear
 from orchmoe_cli.adapters.placement import Site, skill_sites
+from orchmoe_cli.adapters.skill_weights import AverageRouter
 from orchmoe_cli.errors import OrchmoeError
 
 if TYPE_CHECKING:
@@ -89,8 +90,9 @@ class RoutingFamily:
         return {}
 
     def make_router(self, method: MethodConfig, n_tasks: int) -> nn.Module:
-        """The router of one skill-LoRA layer."""
-        raise NotImplementedError(f"{type(self).__name__} builds skill layers but defines no router")
+        """The router of one skill-LoRA layer; by default every input mixes the skills evenly (with one skill:
+        a plain LoRA)."""
+        return AverageRouter(method.n_heads or 1, method.n_skills)
 
     def build(self, sites: list[Site], method: MethodConfig, n_tasks: int, hidden_size: int, slot: RoutingSlot,
               base_for: Callable[[Site], nn.Linear]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:

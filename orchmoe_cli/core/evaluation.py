@@ -152,10 +152,10 @@ def score_rows(model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: Seque
 
     def on_batch(batch_rows: list[dict], predictions: list[str]) -> None:
         for row, prediction in zip(batch_rows, predictions, strict=True):
-            scored[(row["task"], row["id"])] = _scored_row(row, prediction)
+            scored[report.instance_key(row)] = _scored_row(row, prediction)
 
     generate_predictions(model, tokenizer, is_encoder_decoder, rows, cfg, task_index, on_batch, newlines=newlines)
-    return [scored[(row["task"], row["id"])] for row in rows]
+    return [scored[report.instance_key(row)] for row in rows]
 
 
 def run_evaluation(

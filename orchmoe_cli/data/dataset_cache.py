@@ -15,11 +15,10 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import datasets
 from rich.console import Console
@@ -30,6 +29,7 @@ from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
 from orchmoe_cli.data.sni import SPLITS, SNITask, matches_languages
 from orchmoe_cli.data.sources import TaskSource, resolve
+from orchmoe_cli.data.tables import quiet_datasets
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import disk_error
 
@@ -188,7 +188,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
         tokenize = _Tokenize(tokenizer, tokenizer_id, is_encoder_decoder, cfg)
         dataset, manifest = _build(cfg, layout, tokenize, digest, console)
         try:
-            with _quiet_datasets():
+            with quiet_datasets():
                 dataset.save_to_disk(str(tmp))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             if final.exists() and _try_load(final) is None:  # a broken leftover, not a valid cache entry
@@ -250,18 +250,6 @@ def _try_load(path: Path) -> Prepared | None:
         return load_prepared(path)
     except OrchmoeError:
         return None
-
-
-@contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Hide the `datasets` save bar; our own progress bar already covers the work."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
 
 
 def _build(cfg: DataConfig, layout: TaskSource, tokenize: _Tokenize, digest: str,

@@ -126,7 +126,7 @@ class TableSource:
         import datasets
 
         cache = str(Path(self.cfg.cache_dir).expanduser() / "tables")
-        with _quiet():
+        with quiet_datasets():
             try:
                 if self.hub_id is not None:
                     return datasets.load_dataset(self.hub_id, name=self.cfg.hub_config, revision=self.cfg.revision,
@@ -150,17 +150,19 @@ class TableSource:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
+    """Hide `datasets`' progress bars and info logs: our own progress bar and messages cover the work."""
     import datasets
 
-    previous = datasets.utils.logging.get_verbosity()
+    verbosity, bars = datasets.utils.logging.get_verbosity(), datasets.is_progress_bar_enabled()
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     try:
         yield
     finally:
-        datasets.utils.logging.set_verbosity(previous)
-        datasets.enable_progress_bars()
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _column(table: Any, name: str, origin: str, field_name: str, required: bool) -> list[Any] | None:
@@ -334,7 +336,7 @@ def export_table(layout: Any, path: Path) -> int:
                       "input": i.input, "output": list(i.output)} for i in task.instances]
     path.parent.mkdir(parents=True, exist_ok=True)
     table = datasets.Dataset.from_list(rows)
-    with _quiet():
+    with quiet_datasets():
         if path.suffix.lower() == ".parquet":
             table.to_parquet(str(path))
         else:

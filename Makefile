@@ -34,11 +34,14 @@ demo: $(DEMO_STAMP)
 	$(BIN)/orchmoe adapt recipes/quickstart.yaml --shots 16 --seeds 13 --tasks $(DEMO_ADAPT_TASK) \
 	  adapt.steps=16 adapt.batch_size=4 adapt.val_instances=0 eval.max_instances=$(DEMO_EVAL_INSTANCES) adapt.output_dir=runs/quickstart/adapt-demo
 
+# one worker per core (at most 4), one thread each: the suite is many small models and subprocesses
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxprocesses 4
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(PYTEST) -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) .orchmoe runs .pytest_cache

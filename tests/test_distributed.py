@@ -30,14 +30,18 @@ def launch(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_orchmoe_batch_terms_and_resume_on_another_process_count(sni_dir: Path, tmp_path: Path) -> None:
-    """At one global batch of 4, the mutual-information term of one process and of two (2 rows each) agree: the
-    batch marginal is gathered across processes. A run saved by one process resumes on two."""
+    """Two processes train with replicas in sync; at one global batch of 4, the mutual-information term of one
+    process and of two (2 rows each) agree: the batch marginal is gathered across processes. A run saved by one
+    process resumes on two."""
     one = write_recipe(tmp_path / "one.yaml", sni_dir, tmp_path / "one", method="orchmoe", steps=1, batch_size=4,
                        warmup_steps=0)
     two = write_recipe(tmp_path / "two.yaml", sni_dir, tmp_path / "two", method="orchmoe", steps=1, batch_size=2,
                        warmup_steps=0)
     assert run_cli(["train", str(one)]) == 0
     launch("train", str(two))
+    two_summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
+    assert two_summary["processes"] == 2 and two_summary["replicas_in_sync"]
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-000001"]
     [single] = read_metrics(tmp_path / "one" / "metrics.jsonl")
     [double] = read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert single["mutual_information"] == pytest.approx(double["mutual_information"], rel=1e-4, abs=1e-6)

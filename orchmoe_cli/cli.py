@@ -7,6 +7,7 @@ user can fix are reported as one red line with exit code 2 (``--debug`` shows th
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import traceback
@@ -252,6 +253,96 @@ def inspect_routing(
         for line in routing_summary(report):
             console.print(line, highlight=False)
         console.print(f"files: {written[0].parent}/ ({', '.join(p.name for p in written)})", highlight=False)
+
+
+CheckpointArg = Annotated[str, typer.Argument(
+    help="Adapter checkpoint, a run directory (its newest checkpoint), or none (the base model; needs --recipe).",
+    show_default=False)]
+RecipeOption = Annotated[Optional[Path], typer.Option(
+    "--recipe", help="Recipe to use instead of the one saved with the checkpoint (model, prompt format, eval.*).")]
+_OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_]+)+=")  # section.field=value among prompts is an override
+
+
+def _prompts_and_overrides(words: list[str]) -> tuple[list[str], list[str]]:
+    overrides = [w for w in words if _OVERRIDE.match(w)]
+    return [w for w in words if not _OVERRIDE.match(w)], overrides
+
+
+@app.command()
+def generate(
+    checkpoint: CheckpointArg,
+    words: Annotated[Optional[list[str]], typer.Argument(
+        help="Prompts to answer, and dotted recipe overrides (eval.num_beams=4).", show_default=False)] = None,
+    input_file: Annotated[Optional[str], typer.Option(
+        "--input", help="JSONL / CSV / TSV rows with an input field (and optional instruction, task, id), or text "
+                        "with one prompt per line; - reads standard input.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="JSONL file to write (default: standard "
+                                                                   "output).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Task-routed methods: route as this training "
+                                                               "task (default: the average of skills).")] = None,
+    instruction: Annotated[Optional[str], typer.Option(
+        "--instruction", help="The task definition to put in every prompt (rows may carry their own).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the text as it is, without the training prompt "
+                                                    "format.")] = False,
+    route_only: Annotated[bool, typer.Option(
+        "--route-only", help="Only say how each prompt is routed (OrchMoE: its abstract task and exported adapter "
+                             "name), for a multi-LoRA server.")] = False,
+    recipe: RecipeOption = None,
+) -> None:
+    """Answer free-text prompts with a trained checkpoint (or the base model), as JSONL."""
+    prompts, overrides = _prompts_and_overrides(words or [])
+    with recipe_source(recipe) if recipe is not None else contextlib.nullcontext():
+        from orchmoe_cli.commands.common import resolve_target
+        from orchmoe_cli.commands.generate import generate as run_generate
+        from orchmoe_cli.commands.generate import read_prompts, write_rows
+        from orchmoe_cli.fsutil import expand_path
+
+        texts = read_prompts(prompts, input_file)
+        if output is not None and output != "-":
+            output = str(expand_path(output, "--output", option=True))
+        target, loaded = resolve_target(checkpoint, recipe, overrides)
+        quiet = Console(stderr=True)
+        rows = run_generate(checkpoint, texts, loaded, target, task, instruction, raw, route_only, quiet)
+        write_rows(rows, output)
+        if output is not None and output != "-":
+            quiet.print(f"wrote {len(rows)} row(s) to {output}", highlight=False)
+
+
+@app.command()
+def export(
+    checkpoint: CheckpointArg,
+    to: Annotated[str, typer.Option("--to", help="peft (LoRA adapters PeftModel loads) or merged (full models "
+                                                 "transformers loads).")],
+    out: Annotated[Path, typer.Option("--out", help="New directory to write (refused if it holds anything).")],
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Task-routed methods: the tasks to export "
+                                                                     "(repeatable).")] = None,
+    all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Task-routed methods: every training "
+                                                                "task.")] = False,
+    recipe: RecipeOption = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Write a checkpoint as peft LoRA adapters or merged models (OrchMoE: one LoRA per abstract task + router)."""
+    with recipe_source(recipe) if recipe is not None else contextlib.nullcontext():
+        from orchmoe_cli.commands.export import export as run_export
+        from orchmoe_cli.fsutil import expand_path
+
+        target = expand_path(str(out), "--out", option=True)
+        manifest = run_export(checkpoint, to, task or [], all_tasks, target, recipe, overrides or [])
+        table = Table(title=f"exported {manifest['method']} to {target} ({to})", title_justify="left")
+        for column in ("adapter", "path", "routes", "exact for"):
+            table.add_column(column)
+        for entry in manifest["adapters"]:
+            table.add_row(entry["name"], entry["path"], entry["routes"], entry["exact_for"])
+        console.print(table)
+        lossy = [e for e in manifest["adapters"] if e.get("update_kept", 1.0) < 0.9]
+        if lossy:
+            err_console.print(f"[yellow]warning:[/yellow] in {manifest['dtype']} the merged weights keep only "
+                              f"{min(e['update_kept'] for e in lossy):.0%} of the adapter's update (rounding); "
+                              "export --to peft, or merge into float32 weights with model.dtype=float32",
+                              highlight=False)
+        if "router" in manifest:
+            console.print(f"router: {target}/{manifest['router']}/ (route each prompt with "
+                          f"orchmoe generate {checkpoint} --route-only)", highlight=False)
 
 
 def _terminate(signum: int, frame: object) -> None:

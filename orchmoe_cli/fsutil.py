@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,6 +19,45 @@ from pathlib import Path
 from typing import Any
 
 from orchmoe_cli.errors import OrchmoeError
+
+
+_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand_path(value: str, field: str, option: bool = False) -> Path:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded; an unset variable is an error naming it and the recipe ``field``
+    (or, with ``option``, the command-line option) that gave the path."""
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            text = f"environment variable {name} is not set; export {name}=... or give {field} without it"
+            raise OrchmoeError(f"{field}: {text}") if option else OrchmoeError(text, field=field)
+        return os.environ[name]
+
+    return Path(_ENV_REFERENCE.sub(lookup, value)).expanduser()
+
+
+def unique_names(labels: list[str]) -> list[str]:
+    """File-safe names for ``labels``: characters other than letters, digits, ``-`` and ``_`` become ``_`` (at most
+    100 kept), and a name that would repeat an earlier one gets ``-2``, ``-3`` ...: every label its own name."""
+    names: list[str] = []
+    taken: set[str] = set()
+    for label in labels:
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", label)[:100].strip("_") or "unnamed"
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def check_new_directory(path: Path, option: str) -> None:
+    """A directory a command creates whole: it must not exist yet, or be empty (nothing a user made is replaced)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OrchmoeError(f"{option}: {path} already exists and is not an empty directory; choose a new one "
+                           "(nothing there is replaced)")
 
 
 def disk_error(target: Path, exc: OSError) -> OrchmoeError | OSError:

@@ -58,15 +58,13 @@ def write_task() -> Callable[[Path, Any], Path]:
     return write
 
 
-@pytest.fixture
-def sni_dir(tmp_path: Path) -> Path:
+def write_sni_dir(root: Path) -> Path:
     """An SNI directory in the upstream layout: ``tasks/*.json`` plus split files next to ``tasks/``.
 
     Training tasks: task001_alpha_qa, task002_beta_title (Title Generation), task003_gamma_qa; test tasks:
     task101_delta_rewrite (Question Rewriting), task102_epsilon_qa. Other categories are Question Answering;
     6 instances each.
     """
-    root = tmp_path / "sni"
     (root / "tasks").mkdir(parents=True)
     categories = {"task002_beta_title": "Title Generation", "task101_delta_rewrite": "Question Rewriting"}
     for name in _SNI_TRAIN_TASKS + _SNI_TEST_TASKS:
@@ -75,6 +73,12 @@ def sni_dir(tmp_path: Path) -> Path:
     (root / "train_tasks.txt").write_text("\n".join(_SNI_TRAIN_TASKS) + "\n", encoding="utf-8")
     (root / "test_tasks.txt").write_text("\n".join(_SNI_TEST_TASKS) + "\n", encoding="utf-8")
     return root
+
+
+@pytest.fixture
+def sni_dir(tmp_path: Path) -> Path:
+    """The synthetic SNI directory of :func:`write_sni_dir` under this test's temporary directory."""
+    return write_sni_dir(tmp_path / "sni")
 
 
 @pytest.fixture(scope="session")

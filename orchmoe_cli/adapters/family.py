@@ -24,7 +24,8 @@ from orchmoe_cli.adapters.context import RoutingInputs, RoutingSlot, RoutingStat
 from orchmoe_cli.adapters.layer import SkillLoRALinear
 from orchmoe_cli.adapters.placement import Site, skill_sites
 from orchmoe_cli.adapters.skill_weights import AverageRouter
-from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.errors import OrchmoeError, did_you_mean
+from orchmoe_cli.fsutil import unique_names
 
 if TYPE_CHECKING:
     from orchmoe_cli.adapters.method_config import MethodConfig
@@ -41,6 +42,17 @@ class AdaptMode:
     new_task: bool = False  # the task gets its own row (routing logits, task embedding); the others stay fixed
     average: bool = False  # collapse task routing to the average of skills first
     with_router: tuple[str, ...] | None = None  # what trains instead with `adapt.with_router`
+
+
+@dataclass(frozen=True)
+class FixedRouting:
+    """One routing a trained model can be frozen at: its skills then mix into a single rank-r LoRA per layer, which
+    ``orchmoe export`` writes as a peft adapter or folds into the base weights."""
+
+    name: str  # the adapter's name (a peft adapter name and a directory name)
+    label: str  # what it routes, for people ("task task101_x", "abstract task 3")
+    state: RoutingState | None  # the routing state that selects it
+    exact: str  # for which inputs the exported LoRA equals the trained model
 
 
 @dataclass
@@ -128,6 +140,24 @@ class RoutingFamily:
         """Replace the routing by the average of skills (Poly-µ / MHR-µ)."""
         raise OrchmoeError(f"averaging applies to task-routed skill inventories, not {model.method.name}")
 
+    def fixed_routings(self, model: AdaptedModel, tasks: list[str] | None) -> list[FixedRouting]:
+        """The routings ``orchmoe export`` writes, for ``tasks`` (None: every one; []: none named). By default every
+        input routes alike, so there is one, and naming tasks is an error."""
+        if tasks:
+            raise OrchmoeError(f"{model.method.name} routes every input alike: export takes no --task")
+        return [FixedRouting(model.method.name, "every input", None, "every input")]
+
+    def export_extras(self, model: AdaptedModel, directory: Path) -> dict[str, Any]:
+        """Files a peft export adds beside the adapters (a router to pick one per prompt); returns what the export
+        manifest records of them."""
+        return {}
+
+    def describe_routing(self, model: AdaptedModel, state: RoutingState | None, rows: int,
+                         task: str | None) -> list[dict[str, Any]]:
+        """Per row of a batch, how it was routed (``orchmoe generate`` writes it beside each prediction); ``task``
+        is the task the rows were given (None: none)."""
+        return [{} for _ in range(rows)]
+
     def export_peft(self, model: AdaptedModel, directory: Path) -> None:
         raise OrchmoeError(f"{model.method.name} has no peft equivalent; export_peft supports lora, poly and mhr "
                            "(save() writes every method's own checkpoint)")
@@ -147,6 +177,23 @@ def checked_task_ids(model: AdaptedModel, task_ids: Tensor | None) -> RoutingSta
                            "(ids 0..n-1) and -1 means an unseen task")
     host = ids if ids.device.type == "cpu" else None
     return RoutingState(ids.shape[0], task_ids=ids.to(model.device, non_blocking=True), host_task_ids=host)
+
+
+def task_routings(model: AdaptedModel, tasks: list[str] | None) -> list[FixedRouting]:
+    """One fixed routing per named training task (None: every one), for families that route by task id."""
+    if tasks is not None and not tasks:
+        raise OrchmoeError(f"{model.method.name} routes by task: name them with --task T (repeatable) or export "
+                           f"--all-tasks ({len(model.task_names)})")
+    index = {name: i for i, name in enumerate(model.task_names)}
+    chosen = model.task_names if tasks is None else list(dict.fromkeys(tasks))
+    for name in chosen:
+        if name not in index:
+            raise OrchmoeError(f"--task: '{name}' is not one of the checkpoint's {len(index)} tasks"
+                               f"{did_you_mean(name, index)}")
+    names = unique_names(chosen)
+    return [FixedRouting(names[k], f"task {task}", RoutingState(1, task_ids=torch.tensor([index[task]]),
+                                                                 host_task_ids=torch.tensor([index[task]])),
+                         f"rows of task {task}") for k, task in enumerate(chosen)]
 
 
 def append_row(table: nn.Parameter, row: Tensor) -> nn.Parameter:

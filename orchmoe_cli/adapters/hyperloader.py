@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from orchmoe_cli.adapters.context import RoutingInputs, RoutingSlot, RoutingState, fold_rows
-from orchmoe_cli.adapters.family import AdaptMode, Routing, RoutingFamily, append_row, checked_task_ids
+from orchmoe_cli.adapters.family import AdaptMode, FixedRouting, Routing, RoutingFamily, append_row, checked_task_ids
 from orchmoe_cli.adapters.layer import WrappedLinear, add_low_rank
 from orchmoe_cli.adapters.placement import Site, architecture, linear_layers, select
 from orchmoe_cli.errors import OrchmoeError
@@ -306,6 +306,16 @@ class HyperLoaderRouting(RoutingFamily):
         state = checked_task_ids(model, inputs.task_ids)
         model.extras["hyper"].route(state)
         return Routing(state)
+
+    def fixed_routings(self, model: AdaptedModel, tasks: list[str] | None) -> list[FixedRouting]:
+        raise OrchmoeError("hyperloader generates bottleneck adapters (a non-linear map) beside its LoRAs, so neither "
+                           "a peft LoRA nor a merged model can equal it, and exporting only its LoRA part would be "
+                           "wrong; serve the orchmoe checkpoint itself (orchmoe generate / orchmoe eval)")
+
+    def describe_routing(self, model: AdaptedModel, state: RoutingState | None, rows: int,
+                         task: str | None) -> list[dict[str, Any]]:
+        how = f"task {task}" if task else "the mean task embedding (no --task: as for a task unseen in training)"
+        return [{"task": task, "routing": how} for _ in range(rows)]
 
     def add_task(self, model: AdaptedModel) -> list[nn.Parameter]:
         """A task embedding drawn N(0, 1), as at training start."""

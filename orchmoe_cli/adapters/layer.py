@@ -36,6 +36,13 @@ def add_low_rank(out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> 
     return torch.baddbmm(out.reshape(n, -1, d_out), xa, b, alpha=scale).view(out.shape)
 
 
+def fold(weight: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``weight + scale * (a @ b)^T`` computed in float32 and rounded once to ``weight``'s dtype: in bf16, adding a
+    bf16-rounded update to bf16 weights rounds twice and loses more of a small update."""
+    update = scale * (a.float() @ b.float()).T
+    return (weight.float() + update.to(weight.device)).to(weight.dtype)
+
+
 class WrappedLinear(nn.Module):
     """A frozen ``nn.Linear`` in a wrapper that adds to it, reading routing from the model's slot."""
 
@@ -123,8 +130,9 @@ class SkillLoRALinear(WrappedLinear):
         if self.merged:
             raise OrchmoeError("adapters are already merged; call unmerge() first")
         a, b = self.mix(weights.unsqueeze(0))
-        self._unmerged_weight = self.base_layer.weight.detach().clone()
-        self.base_layer.weight += (self.scale * a[0] @ b[0]).T.to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        self._unmerged_weight = weight.detach().clone()
+        weight.copy_(fold(weight, a[0], b[0], self.scale))
 
     @torch.no_grad()
     def unmerge(self) -> None:

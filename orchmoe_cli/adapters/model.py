@@ -90,6 +90,13 @@ class AdaptedModel(nn.Module):
         finally:
             self.slot.state = previous
 
+    @torch.no_grad()
+    def describe_routing(self, input_ids: Tensor, attention_mask: Tensor | None = None, task_ids: Tensor | None = None,
+                         task: str | None = None) -> list[dict[str, Any]]:
+        """Per prompt, how generation routes it (the abstract-task distribution, the task used), as JSON values."""
+        with self.routing(task_ids=task_ids, input_ids=input_ids.to(self.device), prompt_mask=attention_mask) as state:
+            return self.family.describe_routing(self, state, input_ids.shape[0], task)
+
     def forward(self, **batch: Any) -> ModelOutput:
         """Pop ``task_ids`` / ``prompt_mask`` / ``category_ids`` from the batch, route, call the base model.
 
@@ -256,15 +263,17 @@ class AdaptedModel(nn.Module):
         if not self.family.mergeable:
             raise OrchmoeError(f"{self.method.name} {self.family.merge_refusal}, so it cannot be merged into the "
                                "base weights")
-        if any(layer.merged for layer in self.layers):
-            raise OrchmoeError("adapters are already merged; call unmerge() first")
         if not self.folds_exactly:
             warnings.warn("the base weights are in half precision: folding rounds W0 + dW to it and loses much of a "
                           "small update (generation does not fold on such bases)", stacklevel=2)
         tid = -1 if task_id is None else int(task_id)
         if not -1 <= tid < len(self.task_names):
             raise OrchmoeError(f"task id {tid} is out of range: the model knows {len(self.task_names)} tasks")
-        state = RoutingState(1, task_ids=torch.tensor([tid], device=self.device))
+        self.merge_routing(RoutingState(1, task_ids=torch.tensor([tid], device=self.device)))
+
+    @torch.no_grad()
+    def fixed_weights(self, state: RoutingState | None) -> Iterator[tuple[SkillLoRALinear, Tensor]]:
+        """Each skill layer with its eval-mode skill weights (h, S) under the fixed routing ``state``."""
         for layer in self.layers:
             was_training = layer.router.training
             layer.router.eval()
@@ -272,7 +281,26 @@ class AdaptedModel(nn.Module):
                 weights = layer.router(state)
             finally:
                 layer.router.train(was_training)
-            layer.merge(weights[0])
+            yield layer, weights[0]
+
+    @torch.no_grad()
+    def fixed_loras(self, state: RoutingState | None) -> dict[str, tuple[Tensor, Tensor]]:
+        """The single LoRA each layer computes under a fixed routing: {base module name: (A (d_in, r),
+        B (r, d_out))}, scaled by :attr:`lora_scale` (a fixed mixture of rank-r pairs is a rank-r pair)."""
+        names = {id(m): name for name, m in self.base.named_modules()}
+        pairs = {}
+        for layer, weights in self.fixed_weights(state):
+            a, b = layer.mix(weights.unsqueeze(0))
+            pairs[names[id(layer)]] = (a[0], b[0])
+        return pairs
+
+    def merge_routing(self, state: RoutingState | None) -> None:
+        """Fold the LoRA of a fixed routing into the base weights (float32 arithmetic); :meth:`unmerge` undoes it.
+        Unlike :meth:`merge` it folds for any family with skill layers: export folds one abstract task of OrchMoE."""
+        if any(layer.merged for layer in self.layers):
+            raise OrchmoeError("adapters are already merged; call unmerge() first")
+        for layer, weights in self.fixed_weights(state):
+            layer.merge(weights)
 
     def unmerge(self) -> None:
         """Restore the exact base weights."""

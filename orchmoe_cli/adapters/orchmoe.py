@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from orchmoe_cli.adapters.context import RoutingInputs, RoutingState
-from orchmoe_cli.adapters.family import AdaptMode, Routing, RoutingFamily
+from orchmoe_cli.adapters.family import AdaptMode, FixedRouting, Routing, RoutingFamily
+from orchmoe_cli.adapters.files import write_tensors
+from orchmoe_cli.fsutil import atomic_write_json
 from orchmoe_cli.adapters.skill_weights import normalise, relaxed_sigmoid
 from orchmoe_cli.errors import OrchmoeError
 
@@ -134,6 +137,14 @@ def across_processes(rows: Tensor) -> Tensor:
         return torch.cat(dist_nn.all_gather(rows))
 
 
+ROUTER_DIR = "router"  # an export's task classifier, beside one LoRA per abstract task
+
+
+def abstract_task_adapter(t: int, n: int) -> str:
+    """The exported adapter name of abstract task ``t`` of ``n`` (what a router asks a multi-LoRA server for)."""
+    return f"abstract_task_{t:0{len(str(n - 1))}d}"
+
+
 def _default_prompt_mask(model: AdaptedModel, inputs: RoutingInputs) -> Tensor | None:
     """Prompt tokens when the batch does not say: the attention mask, minus labelled target tokens on
     decoder-only models (so OrchMoE never sees the answer it is trained to produce)."""
@@ -230,6 +241,46 @@ class OrchMoERouting(RoutingFamily):
             "marginal_entropy": float(-(probs.mean(0) * probs.mean(0).log()).sum() / norm),
             "allocation_spread": float((weights.amax(dim=1) - weights.amin(dim=1)).max()),
         }
+
+    def fixed_routings(self, model: AdaptedModel, tasks: list[str] | None) -> list[FixedRouting]:
+        """One LoRA per abstract task t, the skills mixed by normalise_S(sigmoid(Z_l[t])): exact for a prompt whose
+        p(t|x) is one-hot at t; serving routes each prompt to its most probable abstract task."""
+        if tasks:
+            raise OrchmoeError("orchmoe routes from the prompt, never a task id: export takes no --task (it writes "
+                               "one adapter per abstract task)")
+        n = model.method.n_abstract_tasks
+        return [FixedRouting(abstract_task_adapter(t, n), f"abstract task {t}",
+                             RoutingState(1, task_probs=F.one_hot(torch.tensor([t]), n).float().to(model.device)),
+                             f"prompts with p(abstract task {t} | prompt) = 1") for t in range(n)]
+
+    def export_extras(self, model: AdaptedModel, directory: Path) -> dict[str, Any]:
+        """The task classifier (safetensors) and how to apply it, so a gateway can route each prompt to its adapter:
+        p(t|x) = softmax(classifier(input embeddings of the prompt's tokens)), adapter = argmax_t."""
+        router = directory / ROUTER_DIR
+        router.mkdir(parents=True)
+        classifier = model.extras["task_classifier"]
+        tensors = {k: v.detach().float().contiguous() for k, v in classifier.state_dict().items()}
+        write_tensors(router / "task_classifier.safetensors", tensors, {"format": "pt"})
+        n = model.method.n_abstract_tasks
+        atomic_write_json(router / "router.json", {
+            "classifier": "task_classifier.safetensors", "n_abstract_tasks": n,
+            "temperature": model.method.classifier_temperature,
+            "reads": "the base model's input-embedding rows of the prompt tokens (as formatted for training)",
+            "adapters": [abstract_task_adapter(t, n) for t in range(n)],
+            "route": "orchmoe generate CHECKPOINT --route-only PROMPT (or --input FILE): the adapter per prompt"})
+        return {"router": ROUTER_DIR}
+
+    def describe_routing(self, model: AdaptedModel, state: RoutingState | None, rows: int,
+                         task: str | None) -> list[dict[str, Any]]:
+        """The abstract-task distribution of each prompt, its most probable abstract task and that task's exported
+        adapter (what a multi-LoRA server would be asked for)."""
+        assert state is not None and state.task_probs is not None
+        probs = state.task_probs.float().cpu()
+        n = probs.shape[1]
+        chosen = probs.argmax(dim=1).tolist()
+        return [{"abstract_task": t, "abstract_task_mass": round(float(p[t]), 4),
+                 "adapter": abstract_task_adapter(t, n), "abstract_task_probs": [round(float(x), 4) for x in p]}
+                for t, p in zip(chosen, probs)]
 
     def category_index(self, method: MethodConfig, categories: list[str]) -> dict[str, int] | None:
         """Category -> abstract-task index for the optional supervised term (None when it is off)."""

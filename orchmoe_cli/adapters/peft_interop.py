@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from peft import LoraConfig, PolyConfig
 from torch import Tensor
 
+from orchmoe_cli.adapters.context import RoutingState
 from orchmoe_cli.adapters.files import (
     CONFIG_FILE,
     TASKS_FILE,
@@ -51,15 +52,16 @@ def _write(model: AdaptedModel, directory: Path, config: LoraConfig | PolyConfig
     config.save_pretrained(str(directory))
 
 
-def export_lora(model: AdaptedModel, directory: Path) -> None:
-    """A shared LoRA as peft's ``LoraConfig`` checkpoint: A (r, d_in) and B (d_out, r) per layer."""
-    method, layers = model.method, _layers(model)
-    config = LoraConfig(r=method.rank, lora_alpha=float(method.alpha or 1.0), target_modules=sorted(layers),
+def export_lora(model: AdaptedModel, directory: Path, state: RoutingState | None = None) -> None:
+    """The single LoRA the model computes under the fixed routing ``state`` (lora: its only one) as peft's
+    ``LoraConfig`` checkpoint: A (r, d_in) and B (d_out, r) per layer, ``lora_alpha`` giving the same scale."""
+    method, pairs = model.method, model.fixed_loras(state)
+    config = LoraConfig(r=method.rank, lora_alpha=float(method.alpha or 1.0), target_modules=sorted(pairs),
                         lora_dropout=method.dropout, bias="none", task_type=_task_type(model))
     tensors: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[0, 0].T
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[0, 0].T
+    for name, (a, b) in pairs.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.T
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.T
     _write(model, directory, config, tensors)
 
 

@@ -2,19 +2,28 @@
 learned task-skill table by the batch's task ids.
 
 A task not seen in training (id -1) gets the uniform average over skills, so held-out tasks evaluate zero-shot.
-The µ variants learn routing in training and use the average of skills at evaluation. Exports to peft Poly.
+The µ variants learn routing in training and use the average of skills at evaluation. Exports one peft LoRA per
+task (exact: a fixed mixture of rank-r pairs is a rank-r pair) and peft's Poly format.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from orchmoe_cli.adapters.context import RoutingInputs, RoutingState
-from orchmoe_cli.adapters.family import AdaptMode, Routing, RoutingFamily, append_row, checked_task_ids
+from orchmoe_cli.adapters.family import (
+    AdaptMode,
+    FixedRouting,
+    Routing,
+    RoutingFamily,
+    append_row,
+    checked_task_ids,
+    task_routings,
+)
 from orchmoe_cli.adapters.skill_weights import AverageRouter, normalise, relaxed_sigmoid
 from orchmoe_cli.errors import OrchmoeError
 
@@ -121,6 +130,36 @@ class TaskRouting(RoutingFamily):
         for layer in model.layers:
             layer.router = AverageRouter(heads, skills).to(model.device)
         model.averaged = True
+
+    def _averages(self, model: AdaptedModel) -> bool:
+        """Every task is evaluated with the average of skills (the µ variants, or an averaged checkpoint)."""
+        return model.averaged or self.spec.average_at_eval
+
+    def fixed_routings(self, model: AdaptedModel, tasks: list[str] | None) -> list[FixedRouting]:
+        """One LoRA per task, (sum_s w_ts A_s)(sum_s w_ts B_s) per head block: exact for that task's rows; the µ
+        variants evaluate every task with the average of skills, so they export that one LoRA."""
+        if not self._averages(model):
+            return task_routings(model, tasks)
+        if tasks:
+            raise OrchmoeError(f"{model.method.name}{' (averaged)' if model.averaged else ''} evaluates every task "
+                               "with the average of skills: export takes no --task")
+        unseen = torch.tensor([-1])
+        return [FixedRouting("average", "the average of skills", RoutingState(1, task_ids=unseen,
+                                                                             host_task_ids=unseen), "every input")]
+
+    def export_extras(self, model: AdaptedModel, directory: Path) -> dict[str, Any]:
+        """peft's own Poly format too, which keeps every task's routing in one adapter (learned routing only)."""
+        if self._averages(model) or model.method.straight_through:
+            return {}
+        self.export_peft(model, directory / "peft-poly")
+        return {"peft_poly": "peft-poly"}
+
+    def describe_routing(self, model: AdaptedModel, state: RoutingState | None, rows: int,
+                         task: str | None) -> list[dict[str, Any]]:
+        if self._averages(model):
+            return [{"routing": "the average of skills"} for _ in range(rows)]
+        how = f"task {task}" if task else "the average of skills (no --task: as for a task unseen in training)"
+        return [{"task": task, "routing": how} for _ in range(rows)]
 
     def export_peft(self, model: AdaptedModel, directory: Path) -> None:
         if self.spec.average_at_eval:

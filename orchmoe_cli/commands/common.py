@@ -7,7 +7,10 @@ from pathlib import Path
 
 from orchmoe_cli.data.sources import resolve
 from orchmoe_cli.fsutil import check_output_dir
+from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.recipe import Recipe, load_recipe
+
+RECIPE_FILE = "recipe.yaml"  # what training writes into every checkpoint
 
 
 def load_checked(recipe_path: Path, overrides: list[str], writes: tuple[str, ...] = ()) -> Recipe:
@@ -21,3 +24,28 @@ def load_checked(recipe_path: Path, overrides: list[str], writes: tuple[str, ...
         if value is not None:
             check_output_dir(value, field)
     return recipe
+
+
+def checkpoint_recipe(checkpoint: Path | None, recipe_path: Path | None, overrides: list[str]) -> Recipe:
+    """The recipe a checkpoint was trained with (``recipe.yaml`` in it or the directory above), or ``--recipe``
+    when given (then the only source: the base model for ``none``)."""
+    if recipe_path is not None:
+        return load_recipe(recipe_path.expanduser(), overrides)
+    assert checkpoint is not None
+    for candidate in (checkpoint / RECIPE_FILE, checkpoint.parent / RECIPE_FILE):
+        if candidate.is_file():
+            return load_recipe(candidate, overrides)
+    raise OrchmoeError(f"{checkpoint}: no {RECIPE_FILE} in it or the directory above, so the base model and prompt "
+                       "format are unknown; pass --recipe RECIPE (the one it was trained with)")
+
+
+def resolve_target(checkpoint: str, recipe_path: Path | None, overrides: list[str]) -> tuple[Path | None, Recipe]:
+    """(the checkpoint, or None for the base model, and the recipe to use)."""
+    if checkpoint.strip().lower() == "none":
+        if recipe_path is None:
+            raise OrchmoeError("none: the base model needs --recipe RECIPE to say which model and prompt format")
+        return None, checkpoint_recipe(None, recipe_path, overrides)
+    from orchmoe_cli.core.checkpoint import find_checkpoint  # torch: only once a checkpoint is needed
+
+    path = find_checkpoint(Path(checkpoint), how_to_train="orchmoe train RECIPE")
+    return path, checkpoint_recipe(path, recipe_path, overrides)

@@ -1,5 +1,5 @@
-"""Batched generation as `eval`, `adapt` and (later) `generate` run it: task-grouped batches, greedy or beam
-search, decoder-only answers cut at their first newline."""
+"""Batched generation as `eval`, `adapt` and `generate` run it: task-grouped batches, greedy or beam search,
+decoder-only answers cut at their first newline."""
 
 from __future__ import annotations
 
@@ -105,3 +105,20 @@ def generate_predictions(
             output = output[:, batch["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(output, skip_special_tokens=True)
         on_batch(batch_rows, [_clean(t, is_encoder_decoder) for t in texts])
+
+
+def describe_routing(model: Any, rows: Sequence[dict], batch_size: int, pad_id: int, is_encoder_decoder: bool,
+                     task_index: Mapping[str, int] | None) -> dict[str, dict[str, Any]]:
+    """How each row's prompt is routed ({row id: JSON values}), batch by batch as generation batches them; empty
+    for a base model, which has no routing."""
+    describe = getattr(model, "describe_routing", None)
+    if describe is None:
+        return {}
+    collate = GenerationCollator(pad_id, is_encoder_decoder, task_index)
+    found: dict[str, dict[str, Any]] = {}
+    for batch_rows in _task_batches(rows, batch_size):
+        batch = collate(batch_rows)
+        task = batch_rows[0]["task"] or None
+        described = describe(batch["input_ids"], batch["attention_mask"], batch.get("task_ids"), task)
+        found.update((row["id"], info) for row, info in zip(batch_rows, described))
+    return found

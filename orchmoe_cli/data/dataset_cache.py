@@ -343,3 +343,13 @@ def _manifest(cfg: DataConfig, layout: TaskSource, tokenize: _Tokenize, digest: 
             "filtered_tasks": len(filtered),
         },
     }
+
+
+def encode_prompt_ids(task: SNITask, cfg: DataConfig, tokenizer: Any, tokenizer_id: str,
+                      is_encoder_decoder: bool) -> tuple[list[str], list[list[int]], int]:
+    """Prompt strings and ids of ``task``'s instances exactly as ``prepare`` encodes them (``orchmoe generate`` on
+    free text), and how many were cut to ``data.max_source_length``."""
+    tokenize = _Tokenize(tokenizer, tokenizer_id, is_encoder_decoder, cfg)
+    encoded = encode_prompts(task, task.instances, cfg, tokenizer, truncate_source=is_encoder_decoder)
+    prompt_ids, n_cut = tokenize.prompts(encoded)
+    return encoded.prompts, prompt_ids, sum(encoded.truncated) + n_cut

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Iterator, Literal, NoReturn, Sequence
 
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import expand_path
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, Split] = ("train", "test")
@@ -112,21 +111,6 @@ class SourceLayout:
 def bundled_dir() -> Path:
     """The sample shipped inside the package (task files and split files side by side)."""
     return Path(str(resources.files("orchmoe_cli.data").joinpath("sample")))
-
-
-_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def expand_path(value: str, field: str) -> Path:
-    """``~`` and ``$VAR`` / ``${VAR}`` expanded; an unset variable is an error naming it and the field."""
-    def lookup(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name not in os.environ:
-            raise OrchmoeError(f"environment variable {name} is not set; export {name}=DIR (for SNI: a clone of "
-                               f"https://github.com/allenai/natural-instructions) or pass {field}=DIR", field=field)
-        return os.environ[name]
-
-    return Path(_ENV_REFERENCE.sub(lookup, value)).expanduser()
 
 
 def resolve_source(cfg: DataConfig) -> SourceLayout:

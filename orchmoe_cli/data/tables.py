@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import SPLITS, Instance, SNITask, Split, cap_instances, expand_path, pool_instances
+from orchmoe_cli.data.sni import SPLITS, Instance, SNITask, Split, cap_instances, pool_instances
+from orchmoe_cli.fsutil import expand_path
 from orchmoe_cli.errors import OrchmoeError
 
 if TYPE_CHECKING:

@@ -1,0 +1,33 @@
+"""`orchmoe export`: a checkpoint as peft LoRA adapters or merged Hugging Face models (see ``core/model_export``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchmoe_cli.commands.common import resolve_target
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import check_new_directory
+
+FORMATS = ("peft", "merged")
+
+
+def export(checkpoint: str, to: str, tasks: list[str], all_tasks: bool, out: Path, recipe_path: Path | None,
+           overrides: list[str]) -> dict[str, Any]:
+    """Export ``checkpoint`` to ``out``; every option is checked before the model is loaded."""
+    if to not in FORMATS:
+        raise OrchmoeError(f"--to: '{to}' is not one of {', '.join(FORMATS)}")
+    if tasks and all_tasks:
+        raise OrchmoeError("--task and --all-tasks: give one of them")
+    check_new_directory(out, "--out")
+    path, recipe = resolve_target(checkpoint, recipe_path, overrides)
+    if path is None:
+        raise OrchmoeError("none: the base model has nothing to export")
+    from orchmoe_cli.adapters import load_adapted
+    from orchmoe_cli.core.base_models import load_model
+    from orchmoe_cli.core.model_export import export_model
+
+    loaded = load_model(recipe.model)
+    model = load_adapted(loaded.model, path).eval()
+    return export_model(model, loaded.tokenizer, path, recipe.model.name, to,  # type: ignore[arg-type]
+                        None if all_tasks else tasks, out)

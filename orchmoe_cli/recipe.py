@@ -69,6 +69,8 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the token loss (MHR on SNI: 0.1)", min=0, max=1)
     task_sampling: Literal["mixed", "temperature", "single_task"] = _f(
         "mixed", "mixed-task batches (uniform over instances), temperature-based task sampling, or one task per batch")
+    group_by_length: bool = _f(True, "sort each group of 50 batches' rows by length before cutting them (batches "
+                               "still mix tasks; half the computed tokens of random batches are padding)")
     sampling_temperature: float = _f(10.0, "T of temperature sampling: p(task) ~ n_task^(1/T) (HyperLoader: 10)",
                                      min=0, min_exclusive=True)
     init_from: str | None = _f(None, "start from this adapter checkpoint (or run directory) instead of fresh "
@@ -83,6 +85,9 @@ class TrainConfig:
     resume: Literal["never", "auto"] = _f("never", "auto = continue from the newest complete checkpoint")
     mixed_precision: Literal["auto", "no", "bf16"] = _f("auto", "auto = bf16 on a GPU that supports it, else off")
     seed: int = _f(42, "seed of everything random in training (each process adds its rank)", min=0, max=2**32 - 1024)
+    gradient_checkpointing: bool = _f(False, "recompute the base model's activations in the backward pass "
+                                      "(transformers' non-reentrant checkpointing): less memory, about a third "
+                                      "more compute")
     deterministic: bool = _f(False, "use deterministic algorithms (slower on GPU)")
     tensorboard: bool = _f(False, "also log to TensorBoard under <output.dir>/tensorboard")
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from adapter_fixtures import METHODS
+from tolerance import assert_close_scaled
 
 from orchmoe_cli.adapters import attach_adapters
 from orchmoe_cli.adapters.registry import spec_of
@@ -82,3 +84,68 @@ def test_task_ids_come_from_the_model_and_unknown_tasks_get_minus_one(method: st
     names = [r["task"] for r in train_rows.rows(range(len(train_rows)))]
     expected = [{"task003_gamma_qa": 0, "task001_alpha_qa": 1}.get(n, -1) for n in names]
     assert batch["task_ids"].tolist() == expected and test_batch["task_ids"].tolist() == [-1, -1]
+
+
+def test_accumulated_micro_batches_weigh_tokens_as_one_batch() -> None:
+    """grad_accum=2 x batch 4 gives the gradients of one batch of 8: every target token weighs the same, however
+    the step's tokens fall into micro-batches (here one holds 4x the answer tokens of the other)."""
+    import torch
+    from accelerate import Accelerator
+
+    from orchmoe_cli.adapters import MethodConfig
+    from orchmoe_cli.core.steps import lm_loss, micro_step, target_tokens
+
+    base = load_model(load_recipe(None, ["model.name=tiny-llama", "model.tiny={hidden_size: 32, num_layers: 2, "
+                                         "num_heads: 4, intermediate_size: 64}"]).model).model
+    model = attach_adapters(base, MethodConfig(name="lora", rank=4), [])
+    for layer in model.layers:
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, 250, (8, 16))
+    labels = torch.full_like(input_ids, -100)
+    for row in range(8):  # answers of 2 tokens in the first four rows, 8 in the others
+        labels[row, 16 - (2 if row < 4 else 8):] = input_ids[row, 16 - (2 if row < 4 else 8):]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    total, _ = lm_loss(model, batch, causal=True, label_smoothing=0.0)
+    expected = torch.autograd.grad(total, params)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    step_tokens = target_tokens(labels, causal=True)
+    for half in (slice(0, 4), slice(4, 8)):
+        with accelerator.accumulate(model):
+            micro_step(accelerator, model, {k: v[half] for k, v in batch.items()}, step_tokens, True, 0.0)
+    for param, grad in zip(params, expected):
+        assert_close_scaled(param.grad, grad)
+
+
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients(method: str, arch: str) -> None:
+    """Recomputed blocks route exactly as the first forward did, for every routing family."""
+    import torch
+    from adapter_fixtures import BUILDERS, TASKS, make_batch, perturb
+
+    from orchmoe_cli.adapters import MethodConfig
+    from orchmoe_cli.core.fit import enable_checkpointing
+
+    extra = {"n_heads": 2} if method.startswith("mhr") else {}
+    model = attach_adapters(BUILDERS[arch](), MethodConfig(name=method, rank=4, n_skills=2, **extra), TASKS)
+    perturb(model, scale=0.2)
+    model.train()
+    batch = make_batch(model.base)
+    routing = {"task_ids": torch.tensor([0, 2, 1])} if model.task_index is not None else {}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients() -> list[torch.Tensor]:
+        torch.manual_seed(11)
+        return list(torch.autograd.grad(model(**batch, **routing).loss, params, allow_unused=True))
+
+    plain = gradients()
+    enable_checkpointing(model)
+    assert model.base.is_gradient_checkpointing
+    for with_checkpoints, without in zip(gradients(), plain):
+        if without is None:
+            assert with_checkpoints is None
+        else:
+            assert_close_scaled(with_checkpoints, without)

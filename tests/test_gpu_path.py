@@ -27,7 +27,7 @@ def _adapted(method: str, dtype: torch.dtype, **fields: object):  # noqa: ANN202
 
 @pytest.mark.parametrize("method", ["lora", "poly", "mhr"])
 def test_a_half_precision_base_generates_unmerged_and_keeps_the_adapter(method: str) -> None:
-    """Folding rounds W0 + dW to bf16, losing most of a small update; so a bf16 base generates unmerged, and its
+    """Folding rounds W0 + dW to bf16, losing much of a small update; so a bf16 base generates unmerged, and its
     logits stay within bf16 resolution of the fp32 model's, like an unmerged method's."""
     batch = make_batch(tiny_llama())
     ids = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
@@ -46,7 +46,7 @@ def test_a_half_precision_base_generates_unmerged_and_keeps_the_adapter(method: 
     atol, _ = tolerances(reference, ulps=8 / torch.finfo(torch.float32).eps * torch.finfo(torch.bfloat16).eps)
     unmerged_error = (unmerged - reference).abs().max().item()
     assert unmerged_error <= atol, (unmerged_error, atol)  # bf16 resolution of the fp32 logits
-    assert (merged - reference).abs().max().item() >= unmerged_error  # folding only loses
+    assert not torch.equal(merged, unmerged)  # folding rounds W0 + dW to bf16 (what it keeps: test_export.py)
 
 
 def test_trainable_norms_stay_float32_on_a_half_precision_base_and_train() -> None:

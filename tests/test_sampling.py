@@ -41,3 +41,32 @@ def test_temperature_flattens_task_distribution() -> None:
     proportional, flat = share_of_small_task(1.0), share_of_small_task(100.0)
     assert proportional == pytest.approx(2 / 52, abs=0.02)
     assert flat == pytest.approx(1 / 3, abs=0.05)
+
+
+LENGTHS = [20 + (37 * r) % 280 for r in range(len(ROW_TASKS) * 10)]  # 20..299 tokens, unrelated to the task
+MANY_TASKS = [r % 7 for r in range(len(LENGTHS))]
+
+
+def _useful_share(sampler: TaskBatchSampler, batches: int) -> float:
+    useful = computed = 0
+    for i in range(batches):
+        lengths = [LENGTHS[r] for r in sampler.batch(i)]
+        useful, computed = useful + sum(lengths), computed + max(lengths) * len(lengths)
+    return useful / computed
+
+
+@pytest.mark.parametrize("mode", ["mixed", "temperature"])
+def test_length_grouping_removes_padding_but_keeps_batches_mixed_and_addressed_by_index(mode: str) -> None:
+    grouped = TaskBatchSampler(MANY_TASKS, 8, mode, seed=5, lengths=LENGTHS)
+    plain = TaskBatchSampler(MANY_TASKS, 8, mode, seed=5)
+    assert _useful_share(grouped, 100) >= 0.9 > _useful_share(plain, 100)
+    again = TaskBatchSampler(MANY_TASKS, 8, mode, seed=5, lengths=LENGTHS)
+    assert [grouped.batch(i) for i in range(120)] == [again.batch(i) for i in reversed(range(120))][::-1]
+    mixed = sum(len({MANY_TASKS[r] for r in grouped.batch(i)}) > 1 for i in range(100))
+    assert mixed >= 90  # still multi-task batches
+
+
+def test_length_grouped_epoch_still_covers_every_row_once() -> None:
+    sampler = TaskBatchSampler(MANY_TASKS, 8, "mixed", seed=2, lengths=LENGTHS)
+    rows = [r for i in range(len(MANY_TASKS) // 8) for r in sampler.batch(i)]
+    assert sorted(rows) == list(range(len(MANY_TASKS)))

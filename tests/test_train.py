@@ -123,7 +123,7 @@ def test_causal_loss_on_answer_positions_equals_full_loss() -> None:
     import torch.nn.functional as F
 
     from orchmoe_cli.core.base_models import load_model
-    from orchmoe_cli.core.fit import lm_loss
+    from orchmoe_cli.core.steps import lm_loss
     from orchmoe_cli.recipe import load_recipe
 
     model = load_model(load_recipe(None, ["model.name=tiny-llama"]).model).model

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import math
 import os
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object, set_seed
@@ -35,8 +33,8 @@ from orchmoe_cli.adapters.registry import MethodSpec
 from orchmoe_cli.core import checkpoint as ckpt
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.core.sampling import TaskBatchSampler
+from orchmoe_cli.core.steps import Batches, micro_step, validation_loss
 from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve
-from orchmoe_cli.data.collate import TrainCollator
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, check_output_dir
@@ -80,7 +78,9 @@ class _Interrupt:
 
 # train fields whose values live in the optimizer and scheduler state a checkpoint restores
 _RESTORED_FIELDS = ("lr", "router_lr", "hypernetwork_lr", "weight_decay", "schedule", "warmup_steps", "grad_accum",
-                    "batch_size", "seed", "task_sampling")
+                    "batch_size", "seed", "task_sampling", "group_by_length")
+# what a checkpoint written before a field existed was trained with
+_BEFORE_THE_FIELD = {"group_by_length": False}
 
 
 def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
@@ -123,6 +123,16 @@ def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
     return accelerator
 
 
+def enable_checkpointing(model: AdaptedModel) -> None:
+    """Non-reentrant activation checkpointing of the base model's blocks. Routing is computed once per forward,
+    outside the blocks, and stays in the slot through backward, so recomputed blocks route exactly as before."""
+    if not getattr(model.base, "supports_gradient_checkpointing", False):
+        raise OrchmoeError(f"{type(model.base).__name__} does not support gradient checkpointing in transformers",
+                           field="train.gradient_checkpointing")
+    model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base.config.use_cache = False
+
+
 def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW with one parameter group (and learning rate) per kind: skills, routers, hypernetwork. Groups of
     tables of which only some rows may move (``<group>/rows``) train without weight decay."""
@@ -142,29 +152,6 @@ def build_optimizer(model: AdaptedModel, cfg: TrainConfig) -> tuple[torch.optim.
     return optimizer, scheduler
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool,
-            label_smoothing: float) -> tuple[torch.Tensor, Any]:
-    """Mean cross-entropy over target tokens (-100 ignored), and the model's output (it carries the method's
-    auxiliary routing losses and what its diagnostics read).
-
-    Decoder-only models compute logits only at positions that predict an answer token: the answer is
-    a few tokens of a long prompt, and the vocabulary projection is a large share of a small model's cost.
-    """
-    labels = batch["labels"]
-    if causal:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_positions")}
-        keep = batch.get("answer_positions")
-        keep = answer_positions(labels) if keep is None else keep
-        output = model(**inputs, logits_to_keep=keep)
-        labels = labels[:, keep + 1]
-    else:
-        output = model(**batch)
-    logits = output.logits
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
-                           label_smoothing=label_smoothing)
-    return loss, output
-
-
 def replica_checksum(model: AdaptedModel) -> str:
     """A digest of the adapter tensors: equal on every process when data-parallel training stayed in sync."""
     digest = hashlib.sha256()
@@ -172,57 +159,6 @@ def replica_checksum(model: AdaptedModel) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-class Batches:
-    """Turns row indices into device tensors: the collator's padding, the model's task ids and category ids."""
-
-    def __init__(self, model: AdaptedModel, rows: TaskRows, pad_id: int, causal: bool, accelerator: Accelerator):
-        self.model, self.rows, self.pad_id, self.causal = model, rows, pad_id, causal
-        self.accelerator = accelerator
-        self.category_index = model.category_index(rows.categories())
-
-    def mine(self, indices: list[int]) -> list[int]:
-        """This process's share of a global batch."""
-        return indices[self.accelerator.process_index :: self.accelerator.num_processes]
-
-    def __call__(self, indices: list[int], rng: random.Random) -> dict[str, torch.Tensor]:
-        rows = self.rows.rows(indices)
-        batch = TrainCollator(self.pad_id, not self.causal, rng, self.model.task_index)(rows)
-        if self.category_index is not None:
-            batch["category_ids"] = torch.tensor([self.category_index[r["category"]] for r in rows])
-        if self.causal:  # found on the host, so the loss need not ask the accelerator where the answers are
-            batch["answer_positions"] = answer_positions(batch["labels"])
-        return {k: v if k == "task_ids" else to_device(v, self.accelerator.device) for k, v in batch.items()}
-
-
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is a labelled answer token in some row (position i predicts token i + 1)."""
-    return (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(-1)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; to a GPU from pinned memory, without waiting for the copy."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def validation_loss(model: Any, batches: Batches, batch_size: int) -> float:
-    """Mean token loss over the validation rows (each process scores its share, then averaged)."""
-    accelerator = batches.accelerator
-    model.eval()
-    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    mine = batches.mine(list(range(len(batches.rows))))
-    with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            batch = batches(mine[start : start + batch_size], random.Random(0))
-            rows = batch["input_ids"].shape[0]
-            total += lm_loss(model, batch, batches.causal, 0.0)[0] * rows
-            count += rows
-    model.train()
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    return float(total / count.clamp(min=1))
 
 
 def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, accelerator: Accelerator,
@@ -268,11 +204,11 @@ def _check_unchanged(checkpoint: Path, cfg: TrainConfig) -> None:
     if not isinstance(train, dict):
         return
     for name in _RESTORED_FIELDS:
-        if name in train and train[name] != getattr(cfg, name):
-            raise OrchmoeError(f"train.{name}: {getattr(cfg, name)!r} differs from the {train[name]!r} that "
-                               f"{checkpoint} was trained with, and resuming restores the saved optimizer and "
-                               f"schedule; resume with train.{name}={train[name]} or train afresh in another "
-                               "output.dir")
+        saved_value = train.get(name, _BEFORE_THE_FIELD.get(name))
+        if (name in train or name in _BEFORE_THE_FIELD) and saved_value != getattr(cfg, name):
+            raise OrchmoeError(f"train.{name}: {getattr(cfg, name)!r} differs from the {saved_value!r} that "
+                               f"{checkpoint} was trained with, and resuming would not continue the same run; "
+                               f"resume with train.{name}={saved_value} or train afresh in another output.dir")
 
 
 def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path | None, accelerator: Accelerator, *,
@@ -290,10 +226,13 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path | N
     run_dir = None if run_dir is None else Path(run_dir)
     if run_dir is not None:
         preflight(cfg, run_dir, resume)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     sampler = TaskBatchSampler(rows.task_codes.tolist(), cfg.batch_size * accelerator.num_processes,
-                               cfg.task_sampling, cfg.seed, cfg.sampling_temperature)
+                               cfg.task_sampling, cfg.seed, cfg.sampling_temperature,
+                               rows.lengths().tolist() if cfg.group_by_length else None)
     batches = Batches(model, rows, pad_id, causal, accelerator)
     if validate is None and val_rows is not None and len(val_rows):
         val_batches = Batches(model, val_rows, pad_id, causal, accelerator)
@@ -337,21 +276,30 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
         while step < cfg.steps:
             # kept as tensors: the host reads the device only when it logs or saves, not at every micro-step
             losses: dict[str, torch.Tensor] = {}
-            for _ in range(cfg.grad_accum):
-                batch = batches(batches.mine(sampler.batch(batch_index)), sampler.reference_rng(batch_index))
+            micro = []
+            for _ in range(cfg.grad_accum):  # the step's batches first: the loss weighs each by its share of tokens
+                micro.append(batches(batches.mine(sampler.batch(batch_index)), sampler.reference_rng(batch_index)))
                 batch_index += 1
+            own_tokens = max(sum(n for _, n in micro), 1)
+            step_tokens: int | torch.Tensor = own_tokens  # on several processes a device tensor: no host wait
+            if accelerator.num_processes > 1:
+                step_tokens = accelerator.reduce(torch.tensor(own_tokens, device=accelerator.device), "sum")
+            token_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            for batch, _ in micro:
                 tokens += batch["attention_mask"].sum()
                 with accelerator.accumulate(model):
-                    token_loss, output = lm_loss(model, batch, batches.causal, cfg.label_smoothing)
-                    aux = output.get("aux_losses") or {}
-                    loss = token_loss + sum(aux.values(), torch.zeros((), device=token_loss.device))
-                    accelerator.backward(loss)
+                    batch_sum, output = micro_step(accelerator, model, batch, step_tokens, batches.causal,
+                                                   cfg.label_smoothing)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                for name, value in {"loss": loss, "lm_loss": token_loss, **aux}.items():
+                token_sum += batch_sum.detach().double()
+                aux = output.get("aux_losses") or {}
+                for name, value in aux.items():
                     losses[name] = losses.get(name, 0.0) + value.detach().double() / cfg.grad_accum
+            losses["lm_loss"] = token_sum / own_tokens
+            losses["loss"] = losses["lm_loss"] + sum(losses[name] for name in aux)
             scheduler.step()
             step += 1
             progress.update(bar, completed=step)

@@ -59,6 +59,15 @@ class TaskRows:
         vocabulary, codes = _encode_column(self._dataset, "category")
         return sorted(vocabulary[i] for i in np.unique(codes[self._positions]))
 
+    def lengths(self) -> np.ndarray:
+        """Per row, prompt tokens + first reference's tokens (what a training batch pads to), read from Arrow."""
+        import pyarrow.compute as pc
+
+        table = self._dataset.with_format("arrow")
+        prompt = pc.list_value_length(table["prompt_ids"]).to_numpy(zero_copy_only=False)
+        first = pc.list_value_length(pc.list_element(table["reference_ids"], 0)).to_numpy(zero_copy_only=False)
+        return (prompt + first)[self._positions]
+
     def rows(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """The rows at ``indices`` (positions in this view) as dicts of :data:`COLUMNS`."""
         wanted = [int(self._positions[i]) for i in indices]

@@ -334,6 +334,8 @@ def export(
         for entry in manifest["adapters"]:
             table.add_row(entry["name"], entry["path"], entry["routes"], entry["exact_for"])
         console.print(table)
+        if "trained_on" in manifest:
+            console.print(f"trained on {manifest['trained_on']}", highlight=False)
         lossy = [e for e in manifest["adapters"] if e.get("update_kept", 1.0) < 0.9]
         if lossy:
             err_console.print(f"[yellow]warning:[/yellow] in {manifest['dtype']} the merged weights keep only "

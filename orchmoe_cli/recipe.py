@@ -11,6 +11,7 @@ field. Field metadata understood by the loader: ``help`` (str), ``min`` / ``max`
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -49,7 +50,16 @@ class ModelConfig:
         "auto", "weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     trust_remote_code: bool = _f(False, "allow a hub model to run its own code (off unless you trust it)")
     cache_dir: str | None = _f(None, "where converted weights are cached (default ~/.cache/orchmoe)")
+    quantization: Literal["none", "8bit", "4bit"] = _f(
+        "none", "load the base model's linear layers quantised by bitsandbytes (4bit: QLoRA's NF4 with double "
+        "quantisation and bf16 compute; 8bit: LLM.int8); adapters stay float32. Export folds into the "
+        "unquantised weights")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "sizes of tiny-t5 / tiny-llama"})
+
+    def __post_init__(self) -> None:
+        if self.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise FieldError("quantization", f"{self.quantization} needs the bitsandbytes package: pip install "
+                             "bitsandbytes (or pip install 'orchmoe[quant]')")
 
 
 @dataclass

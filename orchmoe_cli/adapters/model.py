@@ -146,7 +146,7 @@ class AdaptedModel(nn.Module):
         """Whether folding a LoRA into the base weights keeps it: in bf16 or fp16 most of a small update is lost to
         rounding W0 + dW (measured: 70% of an update of relative size 1.5e-3 in bf16), so such bases generate
         unmerged, like every other method, and methods are compared on equal terms."""
-        return all(torch.finfo(layer.base_layer.weight.dtype).bits >= 32 for layer in self.layers)
+        return all(_float32_or_wider(layer.base_layer.weight) for layer in self.layers)
 
     @property
     def task_index(self) -> dict[str, int] | None:
@@ -299,6 +299,9 @@ class AdaptedModel(nn.Module):
         Unlike :meth:`merge` it folds for any family with skill layers: export folds one abstract task of OrchMoE."""
         if any(layer.merged for layer in self.layers):
             raise OrchmoeError("adapters are already merged; call unmerge() first")
+        if any(not layer.base_layer.weight.is_floating_point() for layer in self.layers):
+            raise OrchmoeError("the base weights are quantised, so no LoRA can be folded into them; load the base "
+                               "unquantised (model.quantization=none) to merge or export merged weights")
         for layer, weights in self.fixed_weights(state):
             layer.merge(weights)
 
@@ -338,6 +341,11 @@ class AdaptedModel(nn.Module):
     def export_peft(self, directory: str | Path) -> None:
         """Write a peft checkpoint (lora, poly, mhr) that ``PeftModel.from_pretrained`` loads."""
         self.family.export_peft(self, Path(directory))
+
+
+def _float32_or_wider(weight: Tensor) -> bool:
+    """Float weights of at least 32 bits (quantised integer weights never fold)."""
+    return weight.is_floating_point() and torch.finfo(weight.dtype).bits >= 32
 
 
 def _check_task_names(task_names: list[str], needs_tasks: bool, method: str) -> list[str]:

@@ -59,7 +59,10 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def linear_layers(base: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in base.named_modules() if type(m) is nn.Linear}
+    """Plain linears (not other subclasses, such as attention's own projections), and bitsandbytes' quantised
+    ones (``model.quantization``), which compute ``x W^T + b`` like them."""
+    return {name: m for name, m in base.named_modules()
+            if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).__module__.startswith("bitsandbytes"))}
 
 
 def architecture(base: PreTrainedModel, what: str) -> Architecture:

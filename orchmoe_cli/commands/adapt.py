@@ -32,7 +32,7 @@ from orchmoe_cli.adapters.few_shot import check_mode, movable_parameter_count, p
 from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.analysis.adaptation_report import PREDICTIONS, RESULTS, cell_file_name
-from orchmoe_cli.core.base_models import LoadedModel, load_model
+from orchmoe_cli.core.base_models import LoadedModel, load_model, on_device
 from orchmoe_cli.core.checkpoint import checkpoint_digest, find_checkpoint
 from orchmoe_cli.core.evaluation import score_rows, select_instances
 from orchmoe_cli.core.fit import fit, make_accelerator
@@ -254,7 +254,7 @@ def run_cell(cell: Cell, sweep: Sweep) -> dict[str, Any]:
     trains = cell.mode not in NO_TRAINING
     if trains:
         torch.manual_seed(cell.seed)  # the new routing row / fresh LoRA are drawn per seed
-    model = _build(cell, loaded.model, trained, recipe).to(sweep.state.device)
+    model = on_device(_build(cell, loaded.model, trained, recipe), sweep.state.device)
     steps_run, best = _train_cell(cell, model, sweep, train_cfg) if trains else (0, {"step": 0, "rougeL": None})
     eval_cfg = dataclasses.replace(recipe.eval, tasks=[cell.task])
     model.eval()

@@ -10,7 +10,7 @@ import torch
 from accelerate import PartialState
 from rich.console import Console
 
-from orchmoe_cli.core.base_models import load_model
+from orchmoe_cli.core.base_models import load_model, on_device
 from orchmoe_cli.core.checkpoint import find_checkpoint
 from orchmoe_cli.core.evaluation import EvalOutcome, run_evaluation
 from orchmoe_cli.core.recipe_data import prepare_data
@@ -68,7 +68,7 @@ def evaluate(recipe: Recipe, recipe_path: str, console: Console, with_base: bool
         prepared = prepare_data(recipe, console)
     loaded = load_model(recipe.model)
     device = state.device
-    model = loaded.model.to(device)
+    model = on_device(loaded.model, device)
     split = prepared.dataset[recipe.eval.split]
     outcomes = []
     for run in runs:
@@ -76,7 +76,7 @@ def evaluate(recipe: Recipe, recipe_path: str, console: Console, with_base: bool
         task_index = None
         if run is not None:
             model, run = _load_checkpoint(loaded.model, run, recipe, recipe_path)
-            model = model.to(device)
+            model = on_device(model, device)
             run_recipe = dataclasses.replace(run_recipe, eval=dataclasses.replace(recipe.eval, checkpoint=str(run)))
             task_index = model.task_index
             if recipe.method.name not in ("none", model.method.name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,11 @@ def export(checkpoint: str, to: str, tasks: list[str], all_tasks: bool, out: Pat
     from orchmoe_cli.core.base_models import load_model
     from orchmoe_cli.core.model_export import export_model
 
+    notes = {}
+    if recipe.model.quantization != "none":  # adapters trained on a quantised base fold into its full weights
+        notes["trained_on"] = f"the {recipe.model.quantization}-quantised base; exported for its unquantised weights"
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, quantization="none"))
     loaded = load_model(recipe.model)
     model = load_adapted(loaded.model, path).eval()
     return export_model(model, loaded.tokenizer, path, recipe.model.name, to,  # type: ignore[arg-type]
-                        None if all_tasks else tasks, out)
+                        None if all_tasks else tasks, out, notes)

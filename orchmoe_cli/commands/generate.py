@@ -108,7 +108,7 @@ def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Pat
     """One output row per prompt, in input order: the prompt as the model saw it, the prediction (unless
     ``route_only``) and how it was routed."""
     from orchmoe_cli.adapters import load_adapted
-    from orchmoe_cli.core.base_models import load_model
+    from orchmoe_cli.core.base_models import load_model, on_device
     from orchmoe_cli.core.generation import describe_routing
     from orchmoe_cli.data.collate import pad_token_id
     from orchmoe_cli.data.dataset_cache import encode_prompt_ids
@@ -130,7 +130,7 @@ def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Pat
         raise OrchmoeError("--route-only: the base model has no routing")
     import torch
 
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model = on_device(model, "cuda" if torch.cuda.is_available() else "cpu").eval()
     cfg = dataclasses.replace(recipe.data, template="{input}", chat_template=False) if raw else recipe.data
     groups: dict[tuple[str | None, str | None], list[Prompt]] = {}
     for prompt in prompts:

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,21 +275,71 @@ def load_tokenizer(cfg: ModelConfig) -> TokenizerInfo:
     return TokenizerInfo(_with_pad_token(tokenizer), tokenizer_id, bool(config.is_encoder_decoder))
 
 
+NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: narrower linears break its CPU kernels
+
+
+def on_device(model: Any, device: torch.device | str) -> Any:
+    """``model`` with every parameter on ``device``, moved only if one is elsewhere: a quantised model is loaded
+    where it runs, and moving its packed weights again would corrupt them."""
+    target = torch.device(device)
+    if any(p.device != target for p in model.parameters()):
+        model = model.to(target)
+    return model
+
+
+def quantization_config(cfg: ModelConfig) -> Any:
+    """bitsandbytes settings for ``model.quantization`` (None for none): QLoRA's NF4 with double quantisation and
+    bf16 compute, or LLM.int8."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _device_map() -> dict[str, Any]:
+    """Where a quantised model is loaded: this process's accelerator, else the CPU (bitsandbytes runs on both)."""
+    return {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+
+
+def _quantised(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    """A built model reloaded through transformers with bitsandbytes (tiny models are built, not downloaded)."""
+    with tempfile.TemporaryDirectory(prefix="orchmoe-quantise-") as tmp:
+        model.save_pretrained(tmp)
+        return type(model).from_pretrained(tmp, quantization_config=quantization_config(cfg),
+                                           device_map=_device_map(), dtype=resolve_dtype(cfg.dtype))
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load the base model named by the recipe, frozen and in eval mode."""
+    """Load the base model named by the recipe, frozen and in eval mode (its linears quantised by bitsandbytes
+    with ``model.quantization``)."""
+    quantised = cfg.quantization != "none"
     if cfg.name in TINY_MODELS:
         loaded = _build_tiny(cfg)
+        if quantised:
+            loaded = dataclasses.replace(loaded, model=_quantised(loaded.model, cfg))
     else:
         info = load_tokenizer(cfg)
         auto_cls = AutoModelForSeq2SeqLM if info.is_encoder_decoder else AutoModelForCausalLM
         try:
             source = _hub_or_path(cfg)
+            extra = {"quantization_config": quantization_config(cfg), "device_map": _device_map()} if quantised else {}
             model = auto_cls.from_pretrained(  # safetensors only: pickled .bin weights are never loaded
                 source, **_pretrained_kwargs(cfg, source), dtype=resolve_dtype(cfg.dtype), use_safetensors=True,
-            )
+                **extra)
         except (OSError, ValueError) as exc:
             raise _unknown_model(cfg, exc) from None
         loaded = LoadedModel(model, info.tokenizer, info.tokenizer_id, info.is_encoder_decoder)
-    loaded.model.to(resolve_dtype(cfg.dtype)).eval()
-    loaded.model.requires_grad_(False)
+    if not quantised:  # bitsandbytes fixes a quantised model's dtypes
+        loaded.model.to(resolve_dtype(cfg.dtype))
+    elif cfg.quantization == "4bit":
+        narrow = min((m.in_features for m in loaded.model.modules() if type(m).__name__ == "Linear4bit"), default=64)
+        if narrow < NF4_BLOCK:
+            raise OrchmoeError(f"4bit: this model has linear layers of {narrow} inputs, fewer than bitsandbytes' NF4 "
+                               f"block of {NF4_BLOCK} (its kernels fail on them); use 8bit or none",
+                               field="model.quantization")
+    loaded.model.eval().requires_grad_(False)
     return loaded

@@ -52,9 +52,9 @@ def write_merged(model: AdaptedModel, tokenizer: Any, directory: Path, routing: 
 
 
 def export_model(model: AdaptedModel, tokenizer: Any, source: Path, base_model: str, to: Format,
-                 tasks: list[str] | None, out: Path) -> dict[str, Any]:
+                 tasks: list[str] | None, out: Path, notes: dict[str, str] | None = None) -> dict[str, Any]:
     """Write ``model``'s fixed routings for ``tasks`` (None: all; []: none named) to ``out`` in format ``to`` and
-    return the manifest. One routing fills ``out`` itself; several get a subdirectory each. The whole export is
+    return the manifest (with ``notes``). One routing fills ``out`` itself; several get a subdirectory each. The whole export is
     staged beside ``out`` and appears in one rename, so an interrupted export leaves nothing."""
     check_new_directory(out, "--out")
     routings = model.family.fixed_routings(model, tasks)  # a family's refusal comes before anything is written
@@ -74,7 +74,7 @@ def export_model(model: AdaptedModel, tokenizer: Any, source: Path, base_model: 
             "format": f"orchmoe-export-{to}", "orchmoe_version": __version__, "source": str(source),
             "method": model.method.name, "base_model": base_model, "adapters": entries,
             "dtype": str(next(model.base.parameters()).dtype).removeprefix("torch."),
-            **(model.family.export_extras(model, staging) if to == "peft" else {}),
+            **(model.family.export_extras(model, staging) if to == "peft" else {}), **(notes or {}),
         }
         atomic_write_json(staging / EXPORT_MANIFEST, manifest)
     return manifest

@@ -62,6 +62,11 @@ class ModelConfig:
                              "bitsandbytes (or pip install 'orchmoe[quant]')")
 
 
+# accelerate's trackers -> the module each needs (checked before a run starts)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
+            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+
+
 @dataclass
 class TrainConfig:
     steps: int = _f(1000, "optimizer steps", min=1)
@@ -99,7 +104,22 @@ class TrainConfig:
                                       "(transformers' non-reentrant checkpointing): less memory, about a third "
                                       "more compute")
     deterministic: bool = _f(False, "use deterministic algorithms (slower on GPU)")
-    tensorboard: bool = _f(False, "also log to TensorBoard under <output.dir>/tensorboard")
+    report_to: list[str] = _f([], "experiment trackers, through accelerate: tensorboard, wandb, trackio, mlflow, "
+                              "comet_ml, aim, clearml, dvclive, swanlab (metrics.jsonl is always written; local "
+                              "ones log under <output.dir>/trackers)")
+    tensorboard: bool = _f(False, "older spelling of report_to: [tensorboard]")
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.report_to if name not in TRACKERS]
+        if unknown:
+            raise FieldError("report_to", f"'{unknown[0]}' is not a tracker accelerate drives; choose from "
+                             f"{', '.join(TRACKERS)}")
+        if self.tensorboard and "tensorboard" not in self.report_to:
+            self.report_to = [*self.report_to, "tensorboard"]
+
+    @property
+    def trackers(self) -> list[str]:
+        return list(dict.fromkeys(self.report_to))
 
 
 @dataclass

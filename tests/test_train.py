@@ -147,17 +147,35 @@ def test_resume_at_the_last_step_changes_nothing(sni_dir: Path, tmp_path: Path, 
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def test_tensorboard_missing_is_one_line_before_anything_is_written(sni_dir: Path, tmp_path: Path, monkeypatch,
-                                                                   capsys) -> None:
+@pytest.mark.parametrize("setting", ["report_to=[wandb]", "tensorboard=true"])
+def test_a_missing_tracker_is_one_line_before_anything_is_written(setting: str, sni_dir: Path, tmp_path: Path,
+                                                                  monkeypatch, capsys) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
-    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="lora", tensorboard="true")
-    assert run_cli(["train", str(recipe)]) == 2
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a))
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="lora")
+    assert run_cli(["train", str(recipe), f"train.{setting}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "train.tensorboard" in err and "pip install tensorboard" in err and len(err.splitlines()) == 1
+    assert "train.report_to" in err and "pip install" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_trackers_log_through_accelerate_offline(tracker: str, sni_dir: Path, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    pytest.importorskip(tracker)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, run, method="lora", steps=2)
+    assert run_cli(["train", str(recipe), f"train.report_to=[{tracker}]"]) == 0
+    assert len(read_metrics(run / "metrics.jsonl")) == 2  # the JSONL record is always there
+    if tracker == "tensorboard":
+        assert list((run / "trackers").rglob("events.out.tfevents.*"))
+    else:
+        assert list(tmp_path.rglob("*.wandb"))
 
 
 def test_init_from_continues_a_checkpoint_and_averages_for_mu(sni_dir: Path, tmp_path: Path, capsys) -> None:

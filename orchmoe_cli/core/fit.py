@@ -38,7 +38,7 @@ from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, check_output_dir
-from orchmoe_cli.recipe import TrainConfig
+from orchmoe_cli.recipe import TRACKERS, TrainConfig
 
 _LR_FIELD = {"adapters": "lr", "routers": "router_lr", "hypernetwork": "hypernetwork_lr", "other": "lr"}
 
@@ -85,9 +85,10 @@ _BEFORE_THE_FIELD = {"group_by_length": False}
 
 def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     """Checks that need no data or model, run before any heavy work and before anything is written."""
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise OrchmoeError("the tensorboard package is not installed; pip install tensorboard, or set "
-                           "train.tensorboard: false", field="train.tensorboard")
+    for tracker in cfg.trackers:
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise OrchmoeError(f"the {TRACKERS[tracker]} package is not installed; pip install {TRACKERS[tracker]}, "
+                               f"or leave {tracker} out", field="train.report_to")
     check_output_dir(run_dir, "output.dir")
     existing = ckpt.step_directories(run_dir)
     if not resume and cfg.resume != "auto" and existing:
@@ -97,11 +98,12 @@ def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         raise OrchmoeError(f"{run_dir}: --resume given but it holds no checkpoint; run without --resume")
 
 
-def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, spec: MethodSpec, run_dir: Path | None = None) -> Accelerator:
     """The run's accelerator, with every RNG seeded (``train.seed`` + rank) so what is built next is reproducible.
 
     CPU-only machines need ``cpu=True`` for real multi-process (gloo) training. Only methods that may
-    leave parameters untouched in a step pay DDP's unused-parameter search."""
+    leave parameters untouched in a step pay DDP's unused-parameter search. With a ``run_dir``, the recipe's
+    trackers (``train.report_to``) log through accelerate, local ones under ``run_dir/trackers``."""
     for variable, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP"),
                            ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
         if os.environ.get(variable, "").lower() in ("1", "true"):
@@ -112,9 +114,11 @@ def make_accelerator(cfg: TrainConfig, spec: MethodSpec) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
+    trackers = cfg.trackers if run_dir is not None else []
     accelerator = Accelerator(
         cpu=not use_cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=spec.may_skip_parameters)],
+        log_with=trackers or None, project_dir=str(Path(run_dir) / "trackers") if trackers else None,
     )
     if cfg.deterministic:  # cuBLAS refuses deterministic mode without a fixed workspace (CUDA >= 10.2)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -261,8 +265,11 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
           validate: Callable[[Any, int], dict[str, float]] | None, step: int, batch_index: int, run_dir: Path | None,
           recipe_yaml: str) -> FitOutcome:
     writes = run_dir is not None
-    logger = MetricsLogger(run_dir or Path(), enabled=accelerator.is_main_process and writes,
-                           tensorboard=cfg.tensorboard)
+    logger = MetricsLogger(run_dir or Path(), enabled=accelerator.is_main_process and writes)
+    tracking = writes and bool(accelerator.log_with)
+    if tracking:
+        assert run_dir is not None
+        accelerator.init_trackers(run_dir.name, config=flat_config(recipe_yaml))
     progress = Progress(
         TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
         TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
@@ -317,9 +324,15 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
                 if "router_entropy" in diagnostics:
                     stats += f" · H(t|x) {diagnostics['router_entropy']:.2f}"
                 progress.update(bar, stats=stats)
-                logger.log({"step": step, **values, **diagnostics, "lr": lr, "tokens_per_s": speed})
+                row = {**values, **diagnostics, "lr": lr, "tokens_per_s": speed}
+                logger.log({"step": step, **row})
+                if tracking:
+                    accelerator.log(row, step=step)
             if validate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                logger.log({"step": step, **validate(model, step)})
+                validation = validate(model, step)
+                logger.log({"step": step, **validation})
+                if tracking:
+                    accelerator.log(validation, step=step)
             if saves:
                 last_path = _save(run_dir, step, batch_index, unwrapped, recipe_yaml, optimizer, scheduler,
                                   accelerator, cfg.keep_last)
@@ -327,9 +340,26 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
                 interrupted = True
                 break
     logger.close()
+    if tracking:
+        accelerator.end_training()
     if run_dir is not None:
         _write_summary(run_dir, accelerator, unwrapped, step, interrupted, last_path, recipe_yaml)
     return FitOutcome(run_dir, last_path, step, interrupted, accelerator.is_main_process)
+
+
+def flat_config(recipe_yaml: str) -> dict[str, Any]:
+    """The recipe as one level of dotted keys with scalar values, as trackers' hyperparameter tables want them."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{prefix}{key}.")
+        else:
+            flat[prefix.rstrip(".")] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(yaml.safe_load(recipe_yaml) or {}, "")
+    return flat
 
 
 def _finite(losses: dict[str, torch.Tensor], step: int) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL file (always), TensorBoard (optional) and a loss-curve PNG."""
+"""Training metrics: a JSONL file (always; trackers log through accelerate) and a loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -10,34 +10,23 @@ from typing import Any
 class MetricsLogger:
     """Appends one JSON object per log call to ``<run_dir>/metrics.jsonl`` (main process only)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
         self._handle = None
-        self._writer = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._handle = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
         if self._handle is None:
             return
         self._handle.write(json.dumps(row) + "\n")
         self._handle.flush()
-        if self._writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
-        if self._writer is not None:
-            self._writer.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from cli_runner import run_cli
 from rich.console import Console
 from tiny_recipe import tiny_recipe
 
+from orchmoe_cli.data import tables
 from orchmoe_cli.data.data_config import ColumnMap, DataConfig
 from orchmoe_cli.data.dataset_cache import prepare
 from orchmoe_cli.data.sni import resolve_source
@@ -185,3 +187,42 @@ def test_chat_template_wraps_each_prompt_as_a_user_turn(sni_dir: Path, tmp_path:
     assert row["reference_ids"][0] == reference + [tokenizer.eos_token_id]  # no leading space after the turn
     with pytest.raises(OrchmoeError, match="data.chat_template: .* encoder-decoder"):
         prepare(cfg, byt5, "byt5", True, console=QUIET)
+
+
+def test_a_table_keeps_the_rows_sni_caps_keep(tmp_path: Path) -> None:
+    rows = [{"task": name, "input": f"{name} {i}", "output": [f"o{i}", "p"], "split": split}
+            for name, split in (("a", "train"), ("b", "test")) for i in range(50)]
+    source = resolve(DataConfig(source=str(_write_jsonl(tmp_path / "t.jsonl", rows))))
+    cfg = DataConfig(max_train_instances=7, max_test_instances=5, max_pool_instances=9, seed=11)
+    shuffled = [f"a {i}" for i in range(50)]
+    random.Random(11).shuffle(shuffled)  # Tk-Instruct's sample: shuffle the task's instances, keep the first N
+    [(train, no_pool)] = list(source.read_split("train", cfg))
+    [(test, pool)] = list(source.read_split("test", cfg))
+    assert [i.input for i in train.instances] == shuffled[:7] and no_pool == []
+    assert [i.input for i in test.instances] == [f"b {i}" for i in range(5)]
+    assert [i.input for i in pool] == [f"b {i}" for i in range(5, 14)] and pool[0].output == ["o5", "p"]
+    assert train.n_available == test.n_available == 50
+
+
+def test_a_prepared_table_is_found_again_without_grouping_its_rows(sni_dir: Path, tmp_path: Path, byt5: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{k: v for k, v in r.items() if k != "split"} for r in _rows(_table(sni_dir, tmp_path / "t.jsonl"))]
+    path = _write_jsonl(tmp_path / "plain.jsonl", rows)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train_tasks.txt").write_text("task001_alpha_qa\ntask002_beta_title\n")
+    (lists / "test_tasks.txt").write_text("task101_delta_rewrite\n")
+    cfg = DataConfig(source=str(path), split_dir=str(lists), cache_dir=str(tmp_path / "cache"), num_pos_examples=0)
+    first = prepare(cfg, byt5, "byt5", True, console=QUIET)
+
+    def no_grouping(*args: Any) -> None:
+        raise AssertionError("the cache key needs no grouping")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tables, "_group", no_grouping)
+        again = prepare(cfg, byt5, "byt5", True, console=QUIET)
+    assert again.from_cache and again.path == first.path
+    (lists / "test_tasks.txt").write_text("task102_epsilon_qa\n")  # another held-out choice is another key
+    other = prepare(cfg, byt5, "byt5", True, console=QUIET)
+    assert not other.from_cache and other.path != first.path
+    assert [t["name"] for t in other.manifest["tasks"] if t["split"] == "test"] == ["task102_epsilon_qa"]

@@ -92,10 +92,7 @@ class SourceLayout:
         files = [(f"split:{split}", self.split_files[split]) for split in SPLITS]
         files += [(f"task:{name}", self.task_path(name)) for split in SPLITS for name in self.tasks[split]]
         for label, path in files:
-            digest.update(f"\0{label}\0{path.stat().st_size}\0".encode())
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
+            hash_file(digest, label, path)
 
     def notes(self) -> list[str]:
         return []  # the task files' problems are errors
@@ -103,6 +100,14 @@ class SourceLayout:
     def manifest_source(self) -> dict[str, Any]:
         return {"description": self.description, "format": "sni", "task_dir": str(self.task_dir),
                 "split_files": {split: str(path) for split, path in self.split_files.items()}}
+
+
+def hash_file(digest: Any, label: str, path: Path) -> None:
+    """Add a file's label, size and bytes to a content hash, read in 1 MiB chunks."""
+    digest.update(f"\0{label}\0{path.stat().st_size}\0".encode())
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
 
 
 # --------------------------------------------------------------------------- layout
@@ -244,27 +249,38 @@ def read_split(layout: SourceLayout, split: Split, cfg: DataConfig) -> Iterator[
         yield cap_instances(task, split, cfg), pool_instances(task, split, cfg)
 
 
-def pool_instances(task: SNITask, split: Split, cfg: DataConfig) -> list[Instance]:
-    """A held-out task's ``Instances[max_test_instances : max_test_instances + max_pool_instances]``: the
-    examples few-shot adaptation may learn from (upstream's official evaluation instances come first)."""
+def pool_positions(n: int, split: Split, cfg: DataConfig) -> range:
+    """Which of a task's ``n`` instances form its adaptation pool: a held-out task's
+    ``[max_test_instances : max_test_instances + max_pool_instances]``, the examples few-shot adaptation may
+    learn from (upstream's official evaluation instances come first); none for a training task."""
     if split != "test":
-        return []
-    start = cfg.max_test_instances
-    return list(task.instances[start : start + cfg.max_pool_instances])
+        return range(0)
+    return range(n)[cfg.max_test_instances : cfg.max_test_instances + cfg.max_pool_instances]
 
 
-def cap_instances(task: SNITask, split: Split, cfg: DataConfig) -> SNITask:
-    """Training: a seeded random sample (Tk-Instruct: shuffle, then the first N); test: the first N.
+def pool_instances(task: SNITask, split: Split, cfg: DataConfig) -> list[Instance]:
+    """A held-out task's adaptation pool (``pool_positions``)."""
+    return [task.instances[i] for i in pool_positions(len(task.instances), split, cfg)]
+
+
+def sample_positions(n: int, split: Split, cfg: DataConfig) -> list[int]:
+    """Which of a task's ``n`` instances are kept, in order. Training: a seeded random sample (Tk-Instruct:
+    shuffle, then the first N); test: the first N. A shuffle's permutation depends only on the length, so a
+    reader can pick the rows before building any instance.
 
     Each task gets its own ``random.Random(seed)``, so a task's sample does not depend on the other tasks.
     """
-    instances = list(task.instances)
+    positions = list(range(n))
     if split == "train":
-        random.Random(cfg.seed).shuffle(instances)
-        instances = instances[: cfg.max_train_instances]
-    else:
-        instances = instances[: cfg.max_test_instances]
-    return dataclasses.replace(task, instances=instances)
+        random.Random(cfg.seed).shuffle(positions)
+        return positions[: cfg.max_train_instances]
+    return positions[: cfg.max_test_instances]
+
+
+def cap_instances(task: SNITask, split: Split, cfg: DataConfig) -> SNITask:
+    """The task with only its kept instances (``sample_positions``)."""
+    kept = [task.instances[i] for i in sample_positions(len(task.instances), split, cfg)]
+    return dataclasses.replace(task, instances=kept)
 
 
 def matches_languages(task: SNITask, languages: Sequence[str]) -> bool:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import SourceLayout, resolve_source
-from orchmoe_cli.fsutil import expand_path
 from orchmoe_cli.data.tables import TableSource, looks_like_hub_id, table_files
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import expand_path
 
 TaskSource = SourceLayout | TableSource
 

@@ -14,15 +14,23 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import SPLITS, Instance, SNITask, Split, cap_instances, pool_instances
-from orchmoe_cli.fsutil import expand_path
+from orchmoe_cli.data.sni import (
+    SPLITS,
+    Instance,
+    SNITask,
+    Split,
+    hash_file,
+    pool_positions,
+    sample_positions,
+)
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import expand_path
 
 if TYPE_CHECKING:
     import datasets
@@ -91,27 +99,32 @@ class TableSource:
                 f"used for all of them ({sum(mismatched.values())} rows): {shown}"]
 
     def hash_into(self, digest: Any) -> None:
-        """The table settings, the bytes of every file (or the hub dataset's fingerprint) and the held-out choice."""
+        """The table settings, the bytes of every file (or the hub dataset's fingerprint) and of the task lists.
+        With the seed (hashed with the encoding settings) these decide the held-out tasks, so a local table is
+        keyed without reading its rows: ``train`` finds the prepared data without grouping the table again."""
         cfg = self.cfg
         settings = {"columns": vars(cfg.columns), "values": [cfg.train_value, cfg.test_value],
                     "heldout": cfg.heldout_tasks, "hub": [cfg.hub_config, cfg.hub_split, cfg.revision]}
         digest.update(json.dumps(settings, sort_keys=True).encode())
         for path in self.files:
-            digest.update(f"\0table:{path.name}\0{path.stat().st_size}\0".encode())
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
+            hash_file(digest, f"table:{path.name}", path)
+        if cfg.split_dir is not None:  # used when the table has no split column; a missing list is an error then
+            for split in SPLITS:
+                path = _list_path(cfg, split)
+                if path.is_file():
+                    hash_file(digest, f"{split} list", path)
+                else:
+                    digest.update(f"\0{split} list: none\0".encode())
         if self.hub_id is not None:
             digest.update(f"\0hub:{self.hub_id}\0{self._load()['fingerprint']}\0".encode())
-        for split in SPLITS:
-            digest.update(f"\0{split}:{','.join(self.tasks[split])}\0".encode())
 
     def read_split(self, split: Split, cfg: DataConfig) -> Iterator[tuple[SNITask, list[Instance]]]:
         """The split's tasks in table order, capped as SNI tasks are, each with its adaptation pool."""
         loaded = self._load()
         for name in loaded["splits"][split]:
-            task = _task(loaded, name, self.origin)
-            yield cap_instances(task, split, cfg), pool_instances(task, split, cfg)
+            n = len(loaded["tasks"][name]["rows"])  # only the kept rows become instances (most of a task's are not)
+            yield (_task(loaded, name, self.origin, sample_positions(n, split, cfg)),
+                   _instances(loaded, name, self.origin, pool_positions(n, split, cfg)))
 
     # ------------------------------------------------------------------ reading
 
@@ -243,14 +256,20 @@ def _group(table: Any, cfg: DataConfig, origin: str) -> dict[str, Any]:
             "inputs": inputs, "outputs": outputs}
 
 
-def _task(loaded: dict[str, Any], name: str, origin: str) -> SNITask:
+def _instances(loaded: dict[str, Any], name: str, origin: str, positions: Iterable[int]) -> list[Instance]:
+    """The instances at ``positions`` among task ``name``'s rows."""
+    task, inputs, outputs = loaded["tasks"][name], loaded["inputs"], loaded["outputs"]
+    rows, ids = task["rows"], task["ids"]
+    return [Instance(ids[i], inputs[rows[i]], _references(outputs[rows[i]], origin, rows[i])) for i in positions]
+
+
+def _task(loaded: dict[str, Any], name: str, origin: str, positions: Iterable[int]) -> SNITask:
+    """Task ``name`` with the instances at ``positions``; ``n_available`` counts all its rows."""
     task = loaded["tasks"][name]
-    inputs, outputs = loaded["inputs"], loaded["outputs"]
-    instances = [Instance(identifier, inputs[row], _references(outputs[row], origin, row))
-                 for identifier, row in zip(task["ids"], task["rows"], strict=True)]
     return SNITask(name=name, path=Path(origin), categories=[task["category"] or UNCATEGORISED],
                    definition=[task["instruction"]] if task["instruction"] else [], positive_examples=[],
-                   negative_examples=[], instances=instances, languages={}, n_available=len(instances))
+                   negative_examples=[], instances=_instances(loaded, name, origin, positions), languages={},
+                   n_available=len(task["rows"]))
 
 
 def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dict[Split, tuple[str, ...]], str]:
@@ -282,9 +301,14 @@ def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dic
     return chosen, how
 
 
-def _listed(cfg: DataConfig, split: Split, names: list[str]) -> tuple[str, ...]:
-    path = expand_path(cfg.split_dir or ".", "data.split_dir") / (cfg.train_split if split == "train"
+def _list_path(cfg: DataConfig, split: Split) -> Path:
+    """The task-list file of ``split`` under ``data.split_dir``."""
+    return expand_path(cfg.split_dir or ".", "data.split_dir") / (cfg.train_split if split == "train"
                                                                     else cfg.test_split)
+
+
+def _listed(cfg: DataConfig, split: Split, names: list[str]) -> tuple[str, ...]:
+    path = _list_path(cfg, split)
     if not path.is_file():
         raise OrchmoeError(f"'{path}' not found; list the {split} tasks there, one per line", field="data.split_dir")
     listed = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

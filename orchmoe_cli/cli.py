@@ -7,6 +7,7 @@ user can fix are reported as one red line with exit code 2 (``--debug`` shows th
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import signal
 import sys
@@ -355,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the Typer app, turning user errors into one line and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    # bitsandbytes, imported by transformers / peft whenever installed, warns on every CPU start that an optional
+    # kernel package is missing, even when nothing is quantised
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not console.is_terminal:  # logs and pipes: do not squeeze result tables into 80 columns
         console.width = max(console.width, 160)
     signal.signal(signal.SIGTERM, _terminate)  # kill, docker stop, SLURM: as Ctrl-C (train saves first)

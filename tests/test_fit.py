@@ -143,7 +143,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method: str, arch: str)
 
     plain = gradients()
     enable_checkpointing(model)
-    assert model.base.is_gradient_checkpointing
+    assert model.base.is_activation_checkpointing
     for with_checkpoints, without in zip(gradients(), plain):
         if without is None:
             assert with_checkpoints is None

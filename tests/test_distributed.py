@@ -63,3 +63,16 @@ def test_adapt_under_two_processes_writes_each_result_once(sni_dir: Path, tmp_pa
     lines = (out / "adapt_results.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["mode"] for line in lines) == ["lora", "zero_shot"]
     assert len(list((out / "predictions").iterdir())) == 2 and (out / "adapt_summary.md").is_file()
+
+
+def test_two_processes_weigh_every_target_token_like_one() -> None:
+    """The answers of one process are 2 tokens long, of the other 8: the averaged gradients still equal those of
+    the whole batch's token mean in one process (each token counts once, not each process's mean)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    worker = Path(__file__).with_name("token_weights_worker.py")
+    result = subprocess.run(
+        [str(LAUNCHER), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(worker)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("gradients equal") == 2

@@ -302,11 +302,10 @@ def generate(
         if output is not None and output != "-":
             output = str(expand_path(output, "--output", option=True))
         target, loaded = resolve_target(checkpoint, recipe, overrides)
-        quiet = Console(stderr=True)
-        rows = run_generate(checkpoint, texts, loaded, target, task, instruction, raw, route_only, quiet)
+        rows = run_generate(checkpoint, texts, loaded, target, task, instruction, raw, route_only, err_console)
         write_rows(rows, output)
         if output is not None and output != "-":
-            quiet.print(f"wrote {len(rows)} row(s) to {output}", highlight=False)
+            err_console.print(f"wrote {len(rows)} row(s) to {output}", highlight=False)
 
 
 @app.command()

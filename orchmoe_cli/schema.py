@@ -16,7 +16,7 @@ import typing
 from dataclasses import field
 from typing import Any, Literal
 
-from orchmoe_cli.errors import FieldError, OrchmoeError, recipe_source
+from orchmoe_cli.errors import FieldError, OrchmoeError, did_you_mean, recipe_source
 
 
 def help_field(default: Any, help: str, **checks: Any) -> Any:
@@ -58,9 +58,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _suggest(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{hint}; valid keys: {', '.join(options)}"
+    return f"{did_you_mean(word, options)}; valid keys: {', '.join(options)}"
 
 
 def _describe(value: Any) -> str:

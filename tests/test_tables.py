@@ -132,13 +132,19 @@ def test_a_hub_id_that_cannot_be_reached_is_one_line(tmp_path: Path, monkeypatch
         source.tasks  # noqa: B018
 
 
-def test_a_task_list_splits_a_table(sni_dir: Path, tmp_path: Path) -> None:
+def _table_with_task_lists(sni_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A JSONL table without a split column, and a directory of task lists that splits it."""
     rows = [{k: v for k, v in r.items() if k != "split"} for r in _rows(_table(sni_dir, tmp_path / "t.jsonl"))]
     path = _write_jsonl(tmp_path / "plain.jsonl", rows)
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "train_tasks.txt").write_text("task001_alpha_qa\ntask002_beta_title\n")
     (lists / "test_tasks.txt").write_text("task101_delta_rewrite\n")
+    return path, lists
+
+
+def test_a_task_list_splits_a_table(sni_dir: Path, tmp_path: Path) -> None:
+    path, lists = _table_with_task_lists(sni_dir, tmp_path)
     tasks = resolve(DataConfig(source=str(path), split_dir=str(lists))).tasks
     assert tasks == {"train": ("task001_alpha_qa", "task002_beta_title"), "test": ("task101_delta_rewrite",)}
 
@@ -206,12 +212,7 @@ def test_a_table_keeps_the_rows_sni_caps_keep(tmp_path: Path) -> None:
 
 def test_a_prepared_table_is_found_again_without_grouping_its_rows(sni_dir: Path, tmp_path: Path, byt5: Any,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = [{k: v for k, v in r.items() if k != "split"} for r in _rows(_table(sni_dir, tmp_path / "t.jsonl"))]
-    path = _write_jsonl(tmp_path / "plain.jsonl", rows)
-    lists = tmp_path / "lists"
-    lists.mkdir()
-    (lists / "train_tasks.txt").write_text("task001_alpha_qa\ntask002_beta_title\n")
-    (lists / "test_tasks.txt").write_text("task101_delta_rewrite\n")
+    path, lists = _table_with_task_lists(sni_dir, tmp_path)
     cfg = DataConfig(source=str(path), split_dir=str(lists), cache_dir=str(tmp_path / "cache"), num_pos_examples=0)
     first = prepare(cfg, byt5, "byt5", True, console=QUIET)
 

@@ -135,6 +135,13 @@ class SkillLoRALinear(WrappedLinear):
         weight.copy_(fold(weight, a[0], b[0], self.scale))
 
     @torch.no_grad()
+    def folded_update(self) -> Tensor:
+        """What folding changed in the stored base weight (float32): the update as its dtype could keep it."""
+        if self._unmerged_weight is None:
+            raise OrchmoeError("nothing is merged")
+        return self.base_layer.weight.float() - self._unmerged_weight.float()
+
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact base weight saved by :meth:`merge`."""
         if self._unmerged_weight is not None:

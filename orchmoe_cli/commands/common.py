@@ -3,11 +3,12 @@ data can be found and the directories it will write can be written."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from orchmoe_cli.data.sources import resolve
-from orchmoe_cli.fsutil import check_output_dir
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import check_output_dir
 from orchmoe_cli.recipe import Recipe, load_recipe
 
 RECIPE_FILE = "recipe.yaml"  # what training writes into every checkpoint
@@ -26,17 +27,22 @@ def load_checked(recipe_path: Path, overrides: list[str], writes: tuple[str, ...
     return recipe
 
 
-def checkpoint_recipe(checkpoint: Path | None, recipe_path: Path | None, overrides: list[str]) -> Recipe:
-    """The recipe a checkpoint was trained with (``recipe.yaml`` in it or the directory above), or ``--recipe``
-    when given (then the only source: the base model for ``none``)."""
-    if recipe_path is not None:
-        return load_recipe(recipe_path.expanduser(), overrides)
-    assert checkpoint is not None
+def saved_recipe(checkpoint: Path, needs: str, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe a checkpoint was trained with: ``recipe.yaml`` in it or the directory above. ``needs`` ends the
+    error when there is none ("pass --recipe RECIPE ...")."""
     for candidate in (checkpoint / RECIPE_FILE, checkpoint.parent / RECIPE_FILE):
         if candidate.is_file():
             return load_recipe(candidate, overrides)
-    raise OrchmoeError(f"{checkpoint}: no {RECIPE_FILE} in it or the directory above, so the base model and prompt "
-                       "format are unknown; pass --recipe RECIPE (the one it was trained with)")
+    raise OrchmoeError(f"{checkpoint}: no {RECIPE_FILE} in it or the directory above, so its base model is unknown; "
+                       f"{needs}")
+
+
+def checkpoint_recipe(checkpoint: Path | None, recipe_path: Path | None, overrides: list[str]) -> Recipe:
+    """``--recipe`` when given (then the only source: the base model for ``none``), else the checkpoint's own."""
+    if recipe_path is not None:
+        return load_recipe(recipe_path.expanduser(), overrides)
+    assert checkpoint is not None
+    return saved_recipe(checkpoint, "pass --recipe RECIPE (the one it was trained with)", overrides)
 
 
 def resolve_target(checkpoint: str, recipe_path: Path | None, overrides: list[str]) -> tuple[Path | None, Recipe]:

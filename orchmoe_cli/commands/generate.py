@@ -17,6 +17,7 @@ from rich.console import Console
 from orchmoe_cli.errors import OrchmoeError, did_you_mean
 from orchmoe_cli.fsutil import atomic_write_bytes
 from orchmoe_cli.recipe import Recipe
+
 INPUT_FIELDS = ("input", "prompt", "text")  # the first one a JSONL / CSV row has is its prompt
 
 

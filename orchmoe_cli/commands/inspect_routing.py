@@ -24,12 +24,13 @@ from orchmoe_cli.analysis.routing_report import (
     first_prompts,
     to_csv,
 )
+from orchmoe_cli.commands.common import saved_recipe
 from orchmoe_cli.core.base_models import load_model
 from orchmoe_cli.core.recipe_data import prepare_data
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
-from orchmoe_cli.recipe import Recipe, load_recipe
+from orchmoe_cli.recipe import Recipe
 
 
 def write_report(report: RoutingReport, out_dir: Path) -> list[Path]:
@@ -48,14 +49,8 @@ def default_out_dir(checkpoint: Path) -> Path:
 
 
 def _model_recipe(checkpoint: Path, recipe: Recipe | None, why: str) -> Recipe:
-    """The recipe whose base model the checkpoint runs on: ``--data``'s, else the one saved beside it."""
-    if recipe is not None:
-        return recipe
-    saved = checkpoint / "recipe.yaml"
-    if not saved.is_file():
-        raise OrchmoeError(f"{checkpoint}: {why} needs the base model; pass --data RECIPE (the checkpoint has no "
-                           "recipe.yaml naming it)")
-    return load_recipe(saved)
+    """The recipe whose base model the checkpoint runs on: ``--data``'s, else the one saved with it."""
+    return recipe if recipe is not None else saved_recipe(checkpoint, f"{why} needs it: pass --data RECIPE")
 
 
 def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, console: Any,

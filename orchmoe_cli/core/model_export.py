@@ -31,14 +31,13 @@ def write_merged(model: AdaptedModel, tokenizer: Any, directory: Path, routing: 
     rounded away, which the caller reports rather than let a merged model be silently weaker)."""
     wrappers = {name: m for name, m in model.base.named_modules() if isinstance(m, WrappedLinear)}
     pairs = model.fixed_loras(routing.state)
-    before = {name: model.base.get_submodule(name).weight.detach().float().clone() for name in pairs}
     model.merge_routing(routing.state)
     try:
         kept, total = 0.0, 0.0
         for name, (a, b) in pairs.items():
             update = model.lora_scale * (a.float() @ b.float()).T
-            stored = model.base.get_submodule(name).weight.detach().float() - before[name]
-            kept += float((stored * update).sum())
+            stored = wrappers[name].folded_update()
+            kept += float((stored * update.to(stored.device)).sum())
             total += float((update * update).sum())
         install(model.base, {name: wrapper.base_layer for name, wrapper in wrappers.items()})
         try:

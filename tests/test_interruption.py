@@ -316,7 +316,9 @@ def test_signal_during_eval_keeps_predictions_and_says_interrupted(signum: int, 
     out, log = tmp_path / "out", tmp_path / "stderr.log"
     recipe = setup.recipe(tmp_path / "recipe.yaml", out)
     partial = out / "eval-base" / ".predictions.partial.jsonl"
-    with spawn("eval", recipe, log=log) as proc:
+    # longer answers: the 10 generations left after the first 2 take seconds, so the signal lands mid-evaluation
+    # even when the test process waits for a busy core
+    with spawn("eval", recipe, "eval.max_new_tokens=128", log=log) as proc:
         wait_for(proc, lambda: partial.is_file() and partial.read_bytes().count(b"\n") >= 2, log, poll=0.01)
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 130

@@ -97,6 +97,8 @@ class TrainConfig:
     log_every: int = _f(10, "write metrics every N steps", min=1)
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)", min=0)
     keep_last: int = _f(3, "checkpoints to keep", min=1)
+    keep_steps: list[int] = _f([], "steps whose checkpoints are also saved and never pruned (e.g. [100, 300] to "
+                               "compare routing along one run)")
     resume: Literal["never", "auto"] = _f("never", "auto = continue from the newest complete checkpoint")
     mixed_precision: Literal["auto", "no", "bf16"] = _f("auto", "auto = bf16 on a GPU that supports it, else off")
     seed: int = _f(42, "seed of everything random in training (each process adds its rank)", min=0, max=2**32 - 1024)
@@ -114,6 +116,9 @@ class TrainConfig:
         if unknown:
             raise FieldError("report_to", f"'{unknown[0]}' is not a tracker accelerate drives; choose from "
                              f"{', '.join(TRACKERS)}")
+        outside = [step for step in self.keep_steps if not 1 <= step <= self.steps]
+        if outside:
+            raise FieldError("keep_steps", f"step {outside[0]} is not a step of this run (1 to train.steps={self.steps})")
         if self.tensorboard and "tensorboard" not in self.report_to:
             self.report_to = [*self.report_to, "tensorboard"]
 

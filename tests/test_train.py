@@ -201,3 +201,14 @@ def test_init_from_continues_a_checkpoint_and_averages_for_mu(sni_dir: Path, tmp
     err = capsys.readouterr().err.strip()
     assert "train.init_from" in err and "the checkpoint is mhr" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "lora" / "checkpoints").exists()
+
+
+def test_keep_steps_survive_pruning(sni_dir: Path, tmp_path: Path) -> None:
+    """`train.keep_steps` saves those steps even off the save_every grid and never prunes them (routing along
+    one run is compared at its kept steps)."""
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", method="lora", save_every=2,
+                          keep_last=1, keep_steps="[1, 4]")
+    assert run_cli(["train", str(recipe)]) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000001", "step-000004", "step-000006"]
+    assert run_cli(["train", str(recipe), "train.keep_steps=[7]"]) == 2  # not a step of a 6-step run

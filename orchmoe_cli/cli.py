@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchmoe_cli import __version__
-from orchmoe_cli.commands.common import load_checked
+from orchmoe_cli.commands.common import adapt_list_override, load_checked
 from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError, recipe_source
 from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
 
@@ -66,8 +66,7 @@ def _root(
     """Multi-task PEFT with modular adapters, evaluated on Super-NaturalInstructions."""
 
 
-def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool,
-          writes: tuple[str, ...] = ()) -> Recipe:
+def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool, writes: str | None = None) -> Recipe:
     """The resolved recipe (checked by :func:`commands.common.load_checked`); ``--show-config`` prints it.
     Called inside the command's ``recipe_source(recipe_path)``, which names the file in field errors."""
     if show_config:
@@ -92,7 +91,9 @@ def prepare(
         if export_table is not None:
             from orchmoe_cli.commands.prepare import export_table as run_export
 
-            target = export_table.expanduser()
+            from orchmoe_cli.paths import claim_file
+
+            target = claim_file(export_table, "--export-table", option=True)
             console.print(f"wrote {run_export(loaded, target):,} rows to {target}", highlight=False)
             return
         from orchmoe_cli.commands.prepare import prepare as run_prepare
@@ -122,7 +123,7 @@ def eval_command(
 ) -> None:
     """Generate on held-out tasks and score with the official SNI ROUGE-L / exact match."""
     with recipe_source(recipe):
-        loaded = _load(recipe, overrides, show_config, writes=("output.dir", "eval.output_dir"))
+        loaded = _load(recipe, overrides, show_config, writes="eval")
         from orchmoe_cli.analysis.terminal_tables import results_table
         from orchmoe_cli.commands.eval import evaluate
         from orchmoe_cli.core.results import task_rows
@@ -147,7 +148,7 @@ def train(
 ) -> None:
     """Train the recipe's adapter method on the training tasks (accelerate; resumable)."""
     with recipe_source(recipe):
-        loaded = _load(recipe, overrides, show_config, writes=("output.dir",))
+        loaded = _load(recipe, overrides, show_config, writes="train")
         from orchmoe_cli.commands.train import train as run_training
 
         outcome = run_training(loaded, console, resume=resume)
@@ -164,17 +165,6 @@ def train(
             console.print(f"trained {outcome.step} steps; adapter checkpoint: {outcome.final_checkpoint}")
 
 
-def _csv_override(field: str, value: str | None, kind: type) -> list[str]:
-    """``--shots 16,64`` -> ``adapt.shots=[16, 64]`` (checked like any recipe field)."""
-    if value is None:
-        return []
-    try:
-        items = [kind(part.strip()) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise OrchmoeError(f"--{field}: expected a comma-separated list of {kind.__name__}s, got '{value}'") from None
-    return [f"adapt.{field}=[{', '.join(map(str, items))}]"]
-
-
 @app.command()
 def adapt(
     recipe: RecipeArg,
@@ -188,11 +178,11 @@ def adapt(
 ) -> None:
     """Few-shot adaptation of a trained checkpoint to held-out tasks: every mode x k x seed, resumable."""
     with recipe_source(recipe):
-        extra = [*_csv_override("shots", shots, int), *_csv_override("seeds", seeds, int),
-                 *_csv_override("modes", modes, str), *_csv_override("tasks", tasks, str)]
+        extra = [*adapt_list_override("shots", shots, int), *adapt_list_override("seeds", seeds, int),
+                 *adapt_list_override("modes", modes, str), *adapt_list_override("tasks", tasks, str)]
         if keep_adapters:
             extra.append("adapt.keep_adapters=true")
-        loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes=("output.dir", "adapt.output_dir"))
+        loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes="adapt")
         from orchmoe_cli.analysis.adaptation_report import (
             PREDICTIONS,
             RESULTS,
@@ -236,14 +226,17 @@ def inspect_routing(
         from orchmoe_cli.commands.inspect_routing import default_out_dir, inspect_checkpoint, write_report
         from orchmoe_cli.core.checkpoint import find_checkpoint
 
-        path = find_checkpoint(checkpoint)
+        from orchmoe_cli.paths import claim_directory, user_path
+
+        path = find_checkpoint(user_path(checkpoint, "CHECKPOINT", option=True))
+        target = claim_directory(out or default_out_dir(path), "--out", "inspect-routing", option=True)
         quiet = Console(stderr=True, quiet=output_format != "table")
         report = inspect_checkpoint(path, recipe, quiet, tasks=task, layers=layer)
-        written = write_report(report, out or default_out_dir(path))
+        written = write_report(report, target)
         if output_format == "json":
-            import json
+            from orchmoe_cli.fsutil import json_text
 
-            console.print_json(json.dumps(report.as_dict()))
+            console.print_json(json_text(report.as_dict(), "standard output"))
             return
         if output_format == "csv":
             sys.stdout.write(to_csv(report))
@@ -296,11 +289,11 @@ def generate(
         from orchmoe_cli.commands.common import resolve_target
         from orchmoe_cli.commands.generate import generate as run_generate
         from orchmoe_cli.commands.generate import read_prompts, write_rows
-        from orchmoe_cli.fsutil import expand_path
+        from orchmoe_cli.paths import claim_file
 
         texts = read_prompts(prompts, input_file)
         if output is not None and output != "-":
-            output = str(expand_path(output, "--output", option=True))
+            output = str(claim_file(output, "--output", option=True))
         target, loaded = resolve_target(checkpoint, recipe, overrides)
         rows = run_generate(checkpoint, texts, loaded, target, task, instruction, raw, route_only, err_console)
         write_rows(rows, output)
@@ -324,9 +317,9 @@ def export(
     """Write a checkpoint as peft LoRA adapters or merged models (OrchMoE: one LoRA per abstract task + router)."""
     with recipe_source(recipe) if recipe is not None else contextlib.nullcontext():
         from orchmoe_cli.commands.export import export as run_export
-        from orchmoe_cli.fsutil import expand_path
+        from orchmoe_cli.paths import user_path
 
-        target = expand_path(str(out), "--out", option=True)
+        target = user_path(str(out), "--out", option=True)
         manifest = run_export(checkpoint, to, task or [], all_tasks, target, recipe, overrides or [])
         table = Table(title=f"exported {manifest['method']} to {target} ({to})", title_justify="left")
         for column in ("adapter", "path", "routes", "exact for"):
@@ -345,6 +338,26 @@ def export(
         if "router" in manifest:
             console.print(f"router: {target}/{manifest['router']}/ (route each prompt with "
                           f"orchmoe generate {checkpoint} --route-only)", highlight=False)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(metavar="RUN", show_default=False, help="Evaluation directories, "
+                                              "predictions JSONL files or run directories holding one evaluation; "
+                                              "the first is the reference.")],
+    output_format: Annotated[str, typer.Option("--format", help="table, json, csv or markdown.")] = "table",
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Also draw the intervals into this PNG.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="Bootstrap resamples.",
+                                                   show_default="10000")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Bootstrap seed.", show_default="0")] = None,
+) -> None:
+    """Each run minus the first in ROUGE-L and exact match, per task and overall, with 95% paired-bootstrap
+    intervals over the same (task, id) instances."""
+    if len(runs) < 2:
+        raise typer.BadParameter("give at least two runs: the reference and one to compare with it", param_hint="RUN")
+    from orchmoe_cli.commands.compare import compare as run_compare
+
+    run_compare(runs, output_format, plot, samples, seed, console, err_console)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -145,8 +146,36 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def json_text(value: Any, target: str | Path, **options: Any) -> str:
+    """``value`` as JSON text for ``target`` (a file, or where the text goes). NaN and infinities are not JSON (most
+    readers refuse them) and never a result worth keeping, so one is refused: one line naming ``target`` and the
+    key path where the number sits."""
+    try:
+        return json.dumps(value, allow_nan=False, **options)
+    except ValueError:
+        found = _non_finite(value, "")
+        if found is None:  # another problem (a circular reference): not the user's to fix
+            raise
+        where, number = found
+        raise OrchmoeError(f"{target}: {where or 'the value'} is {number}, a number that cannot be right and that "
+                           "JSON cannot hold; refused rather than written") from None
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """(key path such as ``scores.rougeL`` or ``rows[3]``, number) of the first NaN or infinity in ``value``."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, dict):
+        inner = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        inner = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    return next((found for where, item in inner if (found := _non_finite(item, where)) is not None), None)
+
+
 def atomic_write_json(path: str | Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json_text(value, path, indent=2, ensure_ascii=False) + "\n")
 
 
 @contextlib.contextmanager

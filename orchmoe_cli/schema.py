@@ -2,7 +2,8 @@
 
 Used by recipes and by checkpoint loading (a saved ``method`` section is checked as strictly as a
 recipe's). Torch-free, so reading a recipe stays instant. Field metadata understood here: ``help``
-(str), ``min`` / ``max`` (numbers), ``min_exclusive`` (bool: the minimum itself is not allowed).
+(str), ``min`` / ``max`` (numbers), ``min_exclusive`` (bool: the minimum itself is not allowed), ``path``
+(a path kind of :mod:`orchmoe_cli.paths`: the value goes through its resolver).
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from dataclasses import field
 from typing import Any, Literal
 
 from orchmoe_cli.errors import FieldError, OrchmoeError, did_you_mean, recipe_source
+from orchmoe_cli.paths import PATH_KINDS, directory_path, user_path
 
 
 def help_field(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with help text and optional range checks (lists and dicts get a fresh copy each)."""
+    """A dataclass field with help text and optional range checks (lists and dicts get a fresh copy each);
+    ``path=`` one of :data:`paths.PATH_KINDS` marks a path the loader resolves."""
+    if checks.get("path", PATH_KINDS[0]) not in PATH_KINDS:
+        raise ValueError(f"path kind must be one of {PATH_KINDS}, got {checks['path']!r}")
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
     return field(default=default, metadata={"help": help, **checks})
@@ -52,9 +57,23 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         else:
             kwargs[key] = _check_value(_coerce(value, hint, dotted), fields[key], dotted)
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except FieldError as exc:
         raise OrchmoeError(exc.message, field=f"{prefix}{exc.field}") from None
+    _resolve_paths(built, prefix)
+    return built
+
+
+def _resolve_paths(config: Any, prefix: str) -> None:
+    """Every path field (``path`` metadata), given or default, through the one resolver: ``~`` and ``$VAR``
+    expanded, bad forms refused, a file where a directory is needed refused, before anything is loaded."""
+    for spec in dataclasses.fields(config):
+        kind, value = spec.metadata.get("path"), getattr(config, spec.name)
+        if kind is None or value is None:
+            continue
+        dotted = f"{prefix}{spec.name}"
+        resolved = directory_path(value, dotted) if kind == "dir" else user_path(value, dotted)
+        setattr(config, spec.name, str(resolved))
 
 
 def _suggest(word: str, options: Any) -> str:

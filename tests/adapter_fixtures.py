@@ -7,10 +7,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, T5Confi
 
 from orchmoe_cli.adapters.registry import SPECS
 
-# Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP's barriers in
-# batched matmuls can wait a whole scheduler slice per call (seen: 10 ms per 3x7x64 bmm, 100x slower).
-torch.set_num_threads(1)
-
 VOCAB = 384
 TASKS = ["copy", "reverse", "upper"]
 METHODS = list(SPECS)  # every registered method (the registry is the one list)

@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from same_threads import THREAD_VARIABLES, THREADS, torch_threads
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SNI = REPO.parent / "shared" / "data" / "sni"  # the SNI development subset, where this checkout has it
+
+
+@pytest.fixture(autouse=True)
+def _sni_variable(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Shipped recipes name the SNI data as ${ORCHMOE_SNI_DIR}, which loading expands: point it at the development
+    subset where there is one, else at an empty folder, unless the environment sets it (restored after each test)."""
+    if "ORCHMOE_SNI_DIR" not in os.environ:
+        where = SHARED_SNI if SHARED_SNI.is_dir() else tmp_path_factory.mktemp("no-sni")
+        monkeypatch.setenv("ORCHMOE_SNI_DIR", str(where))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _same_threads() -> Iterator[None]:
+    """Every test computes with the same torch thread count, and so does every process a test starts (see
+    same_threads.py): set here before any other fixture, whatever the file order, and restored at the end."""
+    with torch_threads(), pytest.MonkeyPatch.context() as patch:
+        for variable in THREAD_VARIABLES:
+            patch.setenv(variable, str(THREADS))
+        yield
+
 
 _SNI_TRAIN_TASKS = ("task001_alpha_qa", "task002_beta_title", "task003_gamma_qa")
 _SNI_TEST_TASKS = ("task101_delta_rewrite", "task102_epsilon_qa")

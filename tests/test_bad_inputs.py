@@ -573,6 +573,25 @@ CASES: list[Case] = [
          ("{recipe}", BROKEN, "no adaptation pool"), setup=checkpoint()),
     Case("adapt-checkpoint-of-another-base-model", P("adapt", *ADAPT, "model.tiny.hidden_size=64"),
          ("base_model.hidden_size",), setup=checkpoint()),
+    # ---- rule 1: every path through one resolver; rule 2: never write over a checkpoint, a run or a user's files
+    Case("path-output-dir-empty", P("train", "output.dir="), ("{recipe}", "output.dir", "is empty")),
+    Case("path-output-dir-holds-the-recipe", P("train", "output.dir={tmp}"),
+         ("{recipe}", "output.dir", "files orchmoe did not write")),
+    Case("path-nul-byte", P("train", "output.dir={tmp}/a\x00b"), ("{recipe}", "output.dir", "NUL byte")),
+    Case("path-name-too-long", P("eval", "eval.output_dir={tmp}/" + "n" * 300), ("eval.output_dir", "bytes long")),
+    Case("path-unset-variable", P("prepare", "data.cache_dir=$ORCHMOE_TEST_UNSET/c"),
+         ("{recipe}", "data.cache_dir", "ORCHMOE_TEST_UNSET is not set")),
+    Case("path-adapt-into-a-checkpoint", P("adapt", *ADAPT, "adapt.output_dir={ck}"),
+         ("{recipe}", "adapt.output_dir", "inside the saved checkpoint"), setup=checkpoint()),
+    Case("path-adapt-into-a-training-run", P("adapt", *ADAPT, "adapt.output_dir={tmp}/run"),
+         ("adapt.output_dir", "output of `orchmoe train`"),
+         setup=lambda env: (env.checkpoint(), shutil.copytree(env.shared.run, env.tmp / "run"))),
+    Case("path-default-adapt-dir-is-a-file", P("adapt", *ADAPT), ("{recipe}", "adapt.output_dir", "is a file"),
+         setup=lambda env: (env.checkpoint(), (env.out / "adapt").write_text("mine"))),
+    Case("path-eval-into-a-checkpoint", P("eval", "eval.checkpoint={ck}", "eval.output_dir={ck}"),
+         ("eval.output_dir", "inside the saved checkpoint"), setup=checkpoint()),
+    Case("path-routing-out-is-a-file", ("inspect-routing", "{ck}", "--out", "{tmp}/afile"), ("--out", "is a file"),
+         setup=lambda env: (env.checkpoint(), (env.tmp / "afile").write_text("mine"))),
     Case("adapt-results-of-unknown-settings", P("adapt", *ADAPT), ("{recipe}", "adapt.output_dir", "no sweep.json"),
          setup=lambda env: (env.checkpoint(), (env.out / "adapt").mkdir(parents=True),
                             (env.out / "adapt" / "adapt_results.jsonl").write_text("{}\n"))),
@@ -595,9 +614,9 @@ def test_bad_input_is_one_line_and_exit_2(case: Case, shared: Shared, tmp_path: 
     out = tmp_path / "out"
     env = Env(tmp=tmp_path, sni=sni, out=out, recipe=tmp_path / "recipe.yaml", shared=shared)
     env.recipe.write_text(recipe_text(sni, shared.cache, out), encoding="utf-8")
-    if not case.fresh_out:  # a run directory with earlier content that must survive untouched
+    if not case.fresh_out:  # a run directory with an earlier run's content that must survive untouched
         (out / "eval-base").mkdir(parents=True)
-        (out / "notes.txt").write_text("earlier work\n")
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
         (out / "eval-base" / "results.json").write_text('{"earlier": true}\n')
     if case.setup is not None:
         case.setup(env)
@@ -612,6 +631,7 @@ def test_bad_input_is_one_line_and_exit_2(case: Case, shared: Shared, tmp_path: 
     assert len(lines) == 1, context
     line = lines[0]
     assert line.startswith("error:"), context
+    assert "None:" not in line and "None " not in line, f"a missing name printed as None: {line}"  # rule 7
     for words in case.expect:
         assert env.fill(words) in line, f"{env.fill(words)!r} not named in: {line}"
     if case.hint is not None:

@@ -52,7 +52,8 @@ def _run_cli(tmp_path: Path, *args: str) -> Startup:
     return Startup(probe["code"], probe["heavy"], proc.stdout, proc.stderr)
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["prepare"], ["adapt"], ["inspect-routing"]],
+@pytest.mark.parametrize("command",
+                         [[], ["train"], ["eval"], ["prepare"], ["adapt"], ["inspect-routing"], ["compare"]],
                          ids=lambda c: " ".join(c) or "root")
 def test_help_imports_no_heavy_library(command: list[str], tmp_path: Path) -> None:
     run = _run_cli(tmp_path, *command, "--help")

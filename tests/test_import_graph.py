@@ -1,6 +1,6 @@
 """The package's rooms and the direction of imports between them; no import cycles.
 
-Rooms: cli -> commands -> analysis -> core -> recipe -> adapters / data -> base (errors, fsutil, schema); a
+Rooms: cli -> commands -> analysis -> core -> recipe -> adapters / data -> base (errors, fsutil, paths, schema); a
 room imports only rooms below it (the recipe schema sits above adapters and data because it assembles their
 config sections). A cycle of imports makes importing depend on which module comes first, or holds only
 because one of its imports waits in a function body; neither is allowed. Imports inside
@@ -230,7 +230,7 @@ def test_rooms_exist_and_top_level_holds_only_the_small_modules() -> None:
     for room in ("commands", "core", "analysis", "adapters", "data"):
         assert f"{PACKAGE}.{room}" in modules, room
     top = sorted(m.split(".")[1] for m in modules if m.count(".") == 1 and m.split(".")[1] not in ROOMS)
-    assert top == ["__main__", "errors", "fsutil", "schema"], top
+    assert top == ["__main__", "errors", "fsutil", "paths", "schema"], top
     stems = [m.rsplit(".", 1)[-1] for m in modules if not m.endswith("__init__")]
     repeated = sorted({s for s in stems if stems.count(s) > 1 and s != "__init__"})
     assert not repeated, f"two modules share a name: {repeated}"

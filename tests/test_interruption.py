@@ -1,6 +1,8 @@
 """Kills and Ctrl-C: `orchmoe train` / `orchmoe eval` run as real subprocesses on tiny-t5, are killed at
 chosen moments, and are run again. The resumed run must end bit-identical to an uninterrupted one and
-leave no temp files or lock behind.
+leave no temp files or lock behind. Bit-identical needs the same arithmetic on both sides: the runs in this
+process and the child processes compute with the same thread count (``same_threads.py``), set here explicitly
+rather than left to whichever test ran before.
 
 Kill points are found by watching the run directory: the metrics file (one line per step), the
 checkpoint staging directory ``checkpoints/.step-NNNNNN.*.tmp`` that exists only while a checkpoint is
@@ -27,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from same_threads import child_environment, torch_threads
 
 from orchmoe_cli.cli import main
 from orchmoe_cli.core.checkpoint import verify_checkpoint
@@ -34,7 +37,6 @@ from orchmoe_cli.core.checkpoint import verify_checkpoint
 TRAIN_TASKS = ("task001_alpha_qa", "task002_beta_title", "task003_gamma_qa")
 TEST_TASKS = ("task101_delta_rewrite", "task102_epsilon_qa")
 STEPS = 8
-CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 _STAGING = re.compile(r"\.step-(\d+)\..+\.tmp")
 
 
@@ -77,9 +79,14 @@ output: {{dir: {out}}}
         return path
 
 
+def child_env() -> dict[str, str]:
+    """A child run computes with the thread count :func:`run_in_process` sets here."""
+    return child_environment(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
 def run_in_process(argv: list[str]) -> tuple[int, str]:
     err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+    with torch_threads(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
             main(argv)
         except SystemExit as exc:
@@ -119,7 +126,7 @@ def spawn(command: str, recipe: Path, *extra: str, log: Path) -> Iterator[subpro
     """`python -m orchmoe_cli COMMAND RECIPE ...` with stderr in ``log``; killed on the way out if still running."""
     with log.open("ab") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "orchmoe_cli", command, str(recipe), *extra],
-                                stdout=subprocess.DEVNULL, stderr=stderr, env=CHILD_ENV)
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=child_env())
         try:
             yield proc
         finally:
@@ -130,7 +137,7 @@ def spawn(command: str, recipe: Path, *extra: str, log: Path) -> Iterator[subpro
 
 def run_to_end(command: str, recipe: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchmoe_cli", command, str(recipe), *extra],
-                          capture_output=True, text=True, env=CHILD_ENV, timeout=timeout)
+                          capture_output=True, text=True, env=child_env(), timeout=timeout)
 
 
 def wait_for(proc: subprocess.Popen, moment: Callable[[], bool], log: Path, poll: float = 0.002,
@@ -212,6 +219,17 @@ def assert_no_leftovers(run: Path) -> None:
 
 
 # --------------------------------------------------------------------------- training
+
+
+def test_child_runs_compute_like_the_runs_in_this_process() -> None:
+    """What a bit-identical resume rests on: a child run uses the thread count and the kernels (CPU capability)
+    of the runs in this process, whatever an earlier test left set."""
+    query = "import torch; print(torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())"
+    child = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    with torch_threads():
+        here = f"{torch.get_num_threads()} {torch.backends.cpu.get_cpu_capability()}"
+    assert child.stdout.split() == here.split()
 
 
 def test_sigkill_while_saving_a_checkpoint_then_resume(setup: Setup, reference_adapter: dict, tmp_path: Path) -> None:

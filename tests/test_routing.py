@@ -229,3 +229,44 @@ def test_classifier_purity_needs_two_categories() -> None:
     stats = classifier_stats(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), ["uncategorized"] * 3)
     assert stats.purity is None and stats.nmi is None and stats.purity_by_abstract_task == [None, None]
     assert stats.used_abstract_tasks == 2
+
+
+def test_data_sharing_no_training_task_is_refused(trained: dict, tmp_path: Path, capsys) -> None:
+    """`--data` describes the checkpoint's own tasks: a recipe whose training tasks are all different is refused,
+    one that shares fewer than half is reported with a warning."""
+    from conftest import _sni_task
+
+    recipe, run = trained["poly"]
+    other = tmp_path / "other-sni"
+    (other / "tasks").mkdir(parents=True)
+    names = {"train": ["task001_alpha_qa", "task201_x", "task202_y", "task203_z"], "test": ["task101_delta_rewrite"]}
+    for name in names["train"] + names["test"]:
+        (other / "tasks" / f"{name}.json").write_text(json.dumps(_sni_task(name)), encoding="utf-8")
+    for split, listed in names.items():
+        (other / f"{split}_tasks.txt").write_text("\n".join(listed) + "\n", encoding="utf-8")
+    few = write_recipe(tmp_path / "few.yaml", other, tmp_path / "unused", "tiny-llama", "poly")
+    assert run_cli(["inspect-routing", str(run), "--data", str(few), "--out", str(tmp_path / "r1")]) == 0
+    assert "shares only 1 of the checkpoint's 3 training tasks" in capsys.readouterr().out
+    (other / "train_tasks.txt").write_text("task201_x\ntask202_y\n", encoding="utf-8")
+    none = write_recipe(tmp_path / "none.yaml", other, tmp_path / "unused", "tiny-llama", "poly")
+    assert run_cli(["inspect-routing", str(run), "--data", str(none), "--out", str(tmp_path / "r2")]) == 2
+    assert "shares none of the checkpoint's 3 training tasks" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+
+
+def test_an_interrupted_report_leaves_the_earlier_one_whole(trained: dict, tmp_path: Path, monkeypatch) -> None:
+    from orchmoe_cli.commands import inspect_routing
+
+    _, run = trained["mhr"]
+    out = tmp_path / "routing"
+    assert run_cli(["inspect-routing", str(run), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(report: object, where: Path) -> list[Path]:
+        (where / "heatmap.png").write_bytes(b"half a figure")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_routing, "plot_all", interrupted)
+    assert run_cli(["inspect-routing", str(run), "--out", str(out)]) == 130  # Ctrl-C while the figures are drawn
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["routing"]  # no staging folder left beside it

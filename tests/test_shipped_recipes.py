@@ -8,9 +8,10 @@ tasks as the recipe's data gives, and the budget must pick a rank whose trainabl
 
 from __future__ import annotations
 
-import re
+import os
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from orchmoe_cli.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SNI = REPO.parent / "shared" / "data" / "sni"  # the SNI development subset, where this checkout has it
+SNI_VARIABLE = "ORCHMOE_SNI_DIR"
 
 # Upstream allenai/natural-instructions splits/default/train_tasks.txt: 756 tasks, all English (its
 # excluded_tasks.txt removes the non-English ones), see shared/docs/sni.md. A recipe that reads a clone's own
@@ -67,7 +69,13 @@ def _recipe_paths() -> list[Path]:
     return sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.relative_to(REPO).parts)
 
 
-BUDGETED = [p for p in _recipe_paths() if load_recipe(p).method.budget is not None]
+def _load(path: Path, sni_dir: Path = SHARED_SNI) -> Recipe:
+    """A shipped recipe as `orchmoe` loads it, ${ORCHMOE_SNI_DIR} (its documented data place) set to ``sni_dir``."""
+    with mock.patch.dict(os.environ, {SNI_VARIABLE: str(sni_dir)}):
+        return load_recipe(path)
+
+
+BUDGETED = [p for p in _recipe_paths() if _load(p).method.budget is not None]
 
 
 def _name(path: Path) -> str:
@@ -98,13 +106,10 @@ def _kept_training_tasks(data: DataConfig) -> int:
     return _KEPT[key]
 
 
-def training_tasks(recipe_name: str, recipe: Recipe, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> int:
+def training_tasks(recipe_name: str, recipe: Recipe, monkeypatch: pytest.MonkeyPatch) -> int:
     data = recipe.data
     if data.source == "bundled":
         return _kept_training_tasks(data)
-    sni_dir = SHARED_SNI if SHARED_SNI.is_dir() else tmp_path
-    for variable in {m.group(1) or m.group(2) for m in re.finditer(r"\$\{(\w+)\}|\$(\w+)", data.source)}:
-        monkeypatch.setenv(variable, str(sni_dir))  # e.g. ${ORCHMOE_SNI_DIR}
     if data.split_dir is None:  # the split files of the clone that data.source names: upstream splits/default
         if data.train_split != "train_tasks.txt" or set(data.languages) != {"English"}:
             pytest.fail(f"{recipe_name}: reads {data.train_split} of an SNI clone with languages {data.languages}; "
@@ -128,11 +133,11 @@ def test_the_walk_finds_the_budgeted_recipes() -> None:
 @pytest.mark.parametrize("path", BUDGETED, ids=_name)
 def test_budget_is_reachable(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     name = _name(path)
-    recipe = load_recipe(path)
+    recipe = _load(path, SHARED_SNI if SHARED_SNI.is_dir() else tmp_path)
     method = recipe.method
     budget = method.budget_count
     assert budget is not None
-    n_tasks = training_tasks(name, recipe, monkeypatch, tmp_path)
+    n_tasks = training_tasks(name, recipe, monkeypatch)
     base = meta_base(name, recipe.model.name)
     try:
         rank, error = choose_rank(base, method, n_tasks), None

@@ -197,9 +197,17 @@ def test_adaptation_report_pools_cells_of_tasks_whose_ids_coincide(tmp_path: Pat
 
 
 def test_study_report_scores_evaluations_by_task_and_id(tmp_path: Path) -> None:
-    predictions = tmp_path / "m.predictions.jsonl"
-    predictions.write_text("".join(json.dumps(_prediction(t, "0", 0.5)) + "\n" for t in ("t1", "t2")))
-    assert _module("benchmarks/study/report.py")._scores(predictions) == {("t1", "0"): 50.0, ("t2", "0"): 50.0}
+    """Two tasks share the id "0": the report's differences pair (task, id), so neither overwrites the other."""
+    stage = tmp_path / "zero-shot"
+    stage.mkdir()
+    for method, scores in (("lora", (0.5, 0.1)), ("orchmoe", (0.7, 0.3))):
+        rows = [_prediction(task, "0", score) for task, score in zip(("t1", "t2"), scores)]
+        (stage / f"{method}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (stage / f"{method}.json").write_text(json.dumps({"results": {"rougeL": 100 * sum(scores) / 2,
+                                                                      "exact_match": 0.0}, "n_instances": 2}))
+    table = _module("benchmarks/study/report.py")._evaluation_table(tmp_path, "zero-shot", "lora")
+    orchmoe = next(line for line in table if line.startswith("| orchmoe |"))
+    assert "+20.00 [+20.00, +20.00]" in orchmoe  # 0.7 - 0.5 and 0.3 - 0.1, each in its own task
 
 
 COMMITTED_SWEEPS = sorted([*(REPO / "docs" / "results" / "adapt-quickstart").glob("*/adapt_results.jsonl"),

@@ -16,29 +16,29 @@ from pathlib import Path
 from typing import Any
 
 from orchmoe_cli.analysis.adaptation_report import merge_results, plot, summarise
-from orchmoe_cli.analysis.bootstrap import InstanceKey, instance_scores, paired_bootstrap
+from orchmoe_cli.analysis.bootstrap import InstanceKey, paired_bootstrap
+from orchmoe_cli.analysis.comparison import OVERALL, compare_runs
 
 
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _scores(predictions: Path) -> dict[InstanceKey, float]:
-    """Per-instance ROUGE-L in points, keyed by (task, id)."""
-    return instance_scores(map(json.loads, predictions.open(encoding="utf-8")), scale=100)
-
-
 def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
+    """Each method's scores and its differences from the references, computed by `orchmoe compare`'s
+    :func:`compare_runs` (which refuses runs scored on different instances)."""
     runs = {p.stem: _read(p) for p in sorted((results / stage).glob("*.json"))}
     if not runs:
         return [f"_No {stage} results yet._"]
-    scores = {m: _scores(results / stage / f"{m}.predictions.jsonl") for m in runs}
-    references = (reference, "orchmoe", "base")
+    rows = {m: [json.loads(line) for line in (results / stage / f"{m}.predictions.jsonl").open(encoding="utf-8")]
+            for m in runs}
+    references = [r for r in (reference, "orchmoe", "base") if r in rows]
+    overall = {r: {c.run: c for c in compare_runs({r: rows[r], **{m: v for m, v in rows.items() if m != r}})
+                   .cells_for(OVERALL)} for r in references}
     lines = ["| method | ROUGE-L | EM | " + " | ".join(f"minus {r} [95% CI]" for r in references) + " | instances |",
              "|---|---:|---:|" + "---:|" * len(references) + "---:|"]
     for method, run in sorted(runs.items(), key=lambda kv: -kv[1]["results"]["rougeL"]):
-        versus = [str(paired_bootstrap(scores[method], scores[other])) if other in scores and other != method
-                  else "" for other in references]
+        versus = [str(overall[r][method].differences["rougeL"]) if method != r else "" for r in references]
         lines.append(f"| {method} | {run['results']['rougeL']:.2f} | {run['results']['exact_match']:.2f} | "
                      + " | ".join(versus) + f" | {run['n_instances']} |")
     return lines
@@ -117,6 +117,88 @@ def _routing_figures(results: Path, runs: Path, repo: Path, figures: Path) -> li
     return lines or ["_No routing figures yet (they need the trained mhr and orchmoe checkpoints)._"]
 
 
+ROUTING_COLUMNS = {"discreteness": ("overall", "discreteness"), "sparsity": ("overall", "sparsity"),
+                   "skill usage": ("overall", "skill_usage"), "router entropy": ("classifier", "router_entropy"),
+                   "marginal entropy": ("classifier", "marginal_entropy"),
+                   "abstract tasks used": ("classifier", "used_abstract_tasks"), "purity": ("classifier", "purity"),
+                   "NMI": ("classifier", "nmi")}
+
+
+def _routing_along_training(results: Path, figures: Path) -> list[str]:
+    """`inspect-routing` statistics at each kept checkpoint (results/routing/<method>@<step>.json): a table and a
+    plot of how far allocations leave uniform (discreteness 1) as training goes on."""
+    found = [_read(p) for p in results.glob("routing/*.json")]
+    if not found:
+        return []
+    found.sort(key=lambda r: (r["method"], r["step"]))
+    lines = ["| method | step | " + " | ".join(ROUTING_COLUMNS) + " |", "|---|---:|" + "---:|" * len(ROUTING_COLUMNS)]
+    for record in found:
+        cells = []
+        for part, key in ROUTING_COLUMNS.values():
+            value = (record.get(part) or {}).get(key)
+            cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append(f"| {record['method']} | {record['step']} | " + " | ".join(cells) + " |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method in sorted({r["method"] for r in found}):
+        mine = [r for r in found if r["method"] == method]
+        axes[0].plot([r["step"] for r in mine], [r["overall"]["discreteness"] for r in mine], marker="o", label=method)
+        if mine[0].get("classifier"):
+            axes[1].plot([r["step"] for r in mine], [r["classifier"]["router_entropy"] for r in mine], marker="o",
+                         label=f"{method} H(t|x)")
+            axes[1].plot([r["step"] for r in mine], [r["classifier"]["marginal_entropy"] for r in mine], marker="s",
+                         label=f"{method} H(t)")
+    axes[0].set(xlabel="training step", ylabel="discreteness (1 = uniform)", title="skill allocations")
+    axes[1].set(xlabel="training step", ylabel="entropy (nats)", title="task classifier")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    figures.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figures / "routing_along_training.png", dpi=120)
+    plt.close(fig)
+    return ["## Routing along training", "", "`orchmoe inspect-routing` on the checkpoints kept at each step "
+            "(discreteness: 0 one skill per row, 1 uniform; sparsity: share of allocations above 0.5; skill usage: 1 "
+            "even; the classifier columns are OrchMoE's, over every real task's first prompts).", "", *lines, "",
+            f"![routing along training]({figures.name}/routing_along_training.png)", ""]
+
+
+def _validation_curves(results: Path, figures: Path) -> list[str]:
+    """Validation loss on the held-back rows at each evaluation step of every run that recorded it."""
+    runs = {p.stem: _read(p).get("validation_loss") for p in sorted(results.glob("train/*.json"))}
+    runs = {m: v for m, v in runs.items() if v and len(v) > 1}
+    if not runs:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, curve in runs.items():
+        ax.plot(*zip(*curve), marker="o", markersize=3, label=method)
+    ax.set(xlabel="training step", ylabel="validation loss", title="held-back rows of the training tasks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figures.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figures / "validation_loss.png", dpi=120)
+    plt.close(fig)
+    steps = sorted({step for curve in runs.values() for step, _ in curve})
+    shown = [s for s in steps if s in (steps[0], steps[len(steps) // 3], steps[-1])] or steps
+    lines = ["| method | " + " | ".join(f"step {s}" for s in shown) + " | lowest (step) |",
+             "|---|" + "---:|" * (len(shown) + 1)]
+    for method, curve in runs.items():
+        at = dict(curve)
+        best = min(curve, key=lambda point: point[1])
+        lines.append(f"| {method} | " + " | ".join(f"{at[s]:.4f}" if s in at else "" for s in shown)
+                     + f" | {best[1]:.4f} ({best[0]}) |")
+    return ["## Validation loss along training", "", *lines, "", f"![validation loss]({figures.name}/validation_loss.png)",
+            ""]
+
+
 def _reading(results: Path) -> list[str]:
     """The hand-written reading of these numbers (`reading.md` beside the result files), when there is one:
     kept with the results it reads, so regenerating the tables keeps it."""
@@ -162,6 +244,7 @@ def write_report(results: Path, scale: str, runs: Path, repo: Path, commands: li
              *_evaluation_table(results, "in-distribution", "lora"), "",
              "## Few-shot adaptation", "", *_adaptation_section(results, figures), "",
              *_reading(results),
+             *_validation_curves(results, figures), *_routing_along_training(results, figures),
              "## Routing", "", *_routing_figures(results, runs, repo, figures), "",
              "## Cost", "", *_wall_clock(results), "",
              (f"Machine: {_machine()}; Python {platform.python_version()}, torch {torch.__version__}, "

@@ -27,13 +27,17 @@ def adapt_modes() -> dict[str, AdaptMode]:
     return modes
 
 
-def check_mode(mode: str, method: str) -> AdaptMode:
-    """The mode, or one line saying which checkpoints it fits."""
+def check_mode(mode: str, method: str | None) -> AdaptMode:
+    """The mode, or one line saying which checkpoints it fits (``method`` None: there is no checkpoint)."""
     modes = adapt_modes()
     if mode not in modes:
         raise OrchmoeError(f"adapt mode '{mode}' is unknown; choose from {', '.join(modes)}, lora_scratch or "
                            "zero_shot", field="adapt.modes")
     spec = modes[mode]
+    if method is None:
+        raise OrchmoeError(f"adapt mode '{mode}' adapts a trained {' or '.join(spec.methods)} checkpoint, and "
+                           "adapt.checkpoint is none; set one, or run only zero_shot and lora_scratch",
+                           field="adapt.modes")
     if method not in spec.methods:
         raise OrchmoeError(f"adapt mode '{mode}' needs a {' or '.join(spec.methods)} checkpoint, and this one is "
                            f"{method}", field="adapt.modes")

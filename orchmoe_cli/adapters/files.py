@@ -37,22 +37,40 @@ def read_json(path: Path) -> Any:
 
 
 def read_tensors(directory: Path) -> dict[str, Tensor]:
+    """The adapter weights of a checkpoint (ours or peft's): every command that uses adapters reads them here."""
     pickled = (" (adapter_model.bin is a pickle and is never loaded)"
                if (directory / "adapter_model.bin").exists() else "")
-    return read_safetensors(directory / WEIGHTS_FILE, missing=f"file not found{pickled}")
+    path = directory / WEIGHTS_FILE
+    tensors = read_safetensors(path, missing=f"file not found{pickled}")
+    _check_finite(tensors, path)
+    return tensors
+
+
+def _check_finite(tensors: dict[str, Tensor], source: Path) -> None:
+    """Refuse weights holding NaN or infinities: a model computing with them answers nonsense that still gets
+    scored, so the tensor is named instead of any result."""
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            count = int((~tensor.isfinite()).sum())
+            raise OrchmoeError(f"{source}: tensor {name} holds {count} NaN or infinite value(s) of {tensor.numel()}; "
+                               "adapters with such numbers give meaningless results: use an earlier checkpoint or "
+                               "train again")
 
 
 def canonical_safetensors(data: bytes, source: Path) -> bytes:
     """A safetensors file with its JSON header re-serialised with sorted keys, the tensor bytes unchanged: equal
     for equal tensors and metadata, whatever order the writer put the header's keys in."""
+    damaged = OrchmoeError(f"{source}: not a readable safetensors file (its header is damaged)")
     size = int.from_bytes(data[:8], "little")
     try:
         header = json.loads(data[8:8 + size])
-    except ValueError:  # too short, or not JSON
-        header = None
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # too short, not JSON, or a NaN / infinity where only finite numbers belong
+        raise damaged from None
     if not isinstance(header, dict):
-        raise OrchmoeError(f"{source}: not a readable safetensors file (its header is damaged)")
-    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + data[8 + size:]
+        raise damaged
+    return text.encode() + data[8 + size:]
 
 
 def read_task_names(directory: Path) -> list[str]:

@@ -1,21 +1,45 @@
-"""Summaries of an adaptation sweep: mean ± std over seeds per mode and k (overall and per task), as a rich
-table, ``adapt_summary.md`` / ``adapt_summary.json``, and a sample-efficiency plot (ROUGE-L against k)."""
+"""An adaptation sweep's records and summaries. Records: ``sweep.json`` (what every cell's numbers depend on) and
+``adapt_results.jsonl`` (a line per finished cell, bound to the base model and checkpoint), read through the one
+validating reader (:mod:`orchmoe_cli.core.records`). Summaries: mean ± std over seeds per mode and k (overall
+and per task), as a rich table, ``adapt_summary.md`` / ``adapt_summary.json``, and a sample-efficiency plot
+(ROUGE-L against k)."""
 
 from __future__ import annotations
 
-import json
+import logging
 import statistics
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from orchmoe_cli.analysis.bootstrap import instance_scores
+from orchmoe_cli.core.records import (
+    NOT_RECORDED,
+    JsonLines,
+    base_identity,
+    first_difference,
+    read_json_object,
+    read_jsonl,
+    shown,
+)
+from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text
+from orchmoe_cli.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 RESULTS = "adapt_results.jsonl"  # one line per finished cell: its settings and aggregate scores
 PREDICTIONS = "predictions"  # <cell>.jsonl per cell: prompt digest, prediction, references, scores
+# what every results line is bound to: the base model, the checkpoint's digest, the checkpoint's own origin
+BINDING = ("base", "checkpoint_sha256", "init_from")
+_LINE_FIELDS = {"key": str, "task": str, "mode": str, "shots": int, "seed": int, "trainable": int,
+                "rougeL": (int, float)}
+_PREDICTION_FIELDS = {"task": str, "id": str, "rougeL": (int, float)}
+_REDO = "; remove that line to run its cell again, or choose another adapt.output_dir"
+_REDO_CELL = f" (a finished cell's per-instance scores); remove its line from {RESULTS} to run it again"
 
 
 def cell_file_name(key: str) -> str:
@@ -23,19 +47,117 @@ def cell_file_name(key: str) -> str:
     return key.replace("/", "-")
 
 
+def _field_problem(row: Mapping[str, Any], fields: Mapping[str, Any]) -> str | None:
+    """The first of ``fields`` (name -> type) that ``row`` lacks or holds as another type (a bool is no number)."""
+    for name, kind in fields.items():
+        value = row.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"'{name}' is {'missing' if name not in row else repr(value)}, expected a " + (
+                "number" if kind == (int, float) else f"{kind.__name__}")
+    return None
+
+
+def _line_problem(row: Mapping[str, Any]) -> str | None:
+    """What is wrong with one results line, or None: the fields the summary reads, a key that is its own cell,
+    per-instance scores (older lines) that are a mapping."""
+    problem = _field_problem(row, _LINE_FIELDS)
+    if problem is not None:
+        return problem
+    own = f"{row['task']}/{row['mode']}/k{row['shots']}/s{row['seed']}"
+    if row["key"] != own:
+        return f"'key' is {row['key']!r} but its task, mode, shots and seed make {own!r}"
+    scores = row.get("scores", {})
+    if not isinstance(scores, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                           for v in scores.values()):
+        return f"'scores' is {scores!r:.60}, expected an object of per-instance scores"
+    return None
+
+
+def read_result_lines(path: Path, binding: Mapping[str, Any] | None = None,
+                      against: str = "this sweep's") -> JsonLines:
+    """The lines of ``adapt_results.jsonl``, each checked; every line bound to ``binding`` (default: the first
+    line's), so cells of another checkpoint or base model are refused, never summarised with these. A final line
+    cut short is dropped (``JsonLines.cut``)."""
+    expected = dict(binding) if binding is not None else None
+    seen: set[str] = set()
+
+    def check(row: dict[str, Any]) -> str | None:
+        nonlocal expected
+        problem = _line_problem(row)
+        if problem is not None:
+            return problem
+        if row["key"] in seen:  # two writers, or a line appended twice: its cell would count twice
+            return f"cell {row['key']} is already recorded on an earlier line"
+        seen.add(row["key"])
+        if expected is None:
+            expected = {name: row.get(name, NOT_RECORDED) for name in BINDING}
+            return None
+        found = first_difference(row, expected)
+        if found is None:
+            return None
+        name, recorded, current = found
+        return f"its cell was made with {name}={shown(recorded)}, but {against} is {shown(current)}"
+
+    return read_jsonl(path, check, cut_ok=True, fix=_REDO)
+
+
+SWEEP = "sweep.json"  # what every cell's numbers depend on, written before the first cell
+# What makes two sweeps' cells comparable; the grid (tasks, modes, shots, seeds) may grow between runs.
+_SWEEP_SETTINGS = ("steps", "batch_size", "lr", "router_lr", "val_instances", "eval_every", "with_router")
+_EVAL_SETTINGS = ("max_instances", "max_new_tokens", "num_beams")
+
+
+def sweep_identity(recipe: Recipe, base: Any, checkpoint_sha256: str | None, init_from: str | None,
+                   data_hash: str) -> dict[str, Any]:
+    """Everything a finished cell's numbers depend on besides its own (task, mode, k, seed): the base model,
+    the checkpoint's digest and where its training started (:data:`BINDING`, in every results line too), the
+    data and the settings."""
+    return {"checkpoint_sha256": checkpoint_sha256, "base": base_identity(base, recipe.model), "init_from": init_from,
+            "data": data_hash, **{f"adapt.{name}": getattr(recipe.adapt, name) for name in _SWEEP_SETTINGS},
+            **{f"eval.{name}": getattr(recipe.eval, name) for name in _EVAL_SETTINGS}}
+
+
+def check_same_sweep(out: Path, identity: Mapping[str, Any]) -> None:
+    """Refuse to add cells to a sweep directory made with other settings, another checkpoint or base model."""
+    path = out / SWEEP
+    if not path.is_file():
+        if (out / RESULTS).is_file():
+            raise OrchmoeError(f"{out} has {RESULTS} but no {SWEEP}; its settings are unknown, so choose another "
+                               "adapt.output_dir", field="adapt.output_dir")
+        return
+    recorded = read_json_object(path, "the sweep's settings", fix="; choose another adapt.output_dir")
+    found = first_difference(recorded, identity)
+    if found is not None:
+        name, old, new = found
+        what = "another checkpoint, " if name == "checkpoint_sha256" else ""
+        raise OrchmoeError(f"{out} holds cells made with {what}{name}={shown(old)} (this run: {shown(new)}); "
+                           "choose another adapt.output_dir or remove it", field="adapt.output_dir")
+
+
+def _instance_scores(path: Path) -> dict[tuple[str, str], float]:
+    """(task, id) -> ROUGE-L of one cell's ``predictions/<cell>.jsonl``."""
+    if not path.is_file():
+        raise OrchmoeError(f"{path}: not found{_REDO_CELL}")
+    lines = read_jsonl(path, lambda row: _field_problem(row, _PREDICTION_FIELDS), fix=_REDO_CELL)
+    try:
+        return instance_scores(lines.records)
+    except ValueError as exc:  # an instance twice
+        raise OrchmoeError(f"{path}: {exc}{_REDO_CELL}") from None
+
+
 def read_results(path: Path) -> list[dict[str, Any]]:
     """The cells of a sweep's ``adapt_results.jsonl``, each with ``scores`` ((task, id) -> ROUGE-L in [0, 1]) read
     from its ``predictions/<cell>.jsonl``, the one per-instance record. Older sweeps kept them in the line, keyed
     by id alone: a cell is one task, so such an id is read as (the cell's task, id)."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+    lines = read_result_lines(path, against="the first line's")
+    if lines.warning is not None:
+        log.warning(lines.warning)
+    rows = lines.records
     for row in rows:
         if "scores" in row:
             row["scores"] = {(row["task"], instance): value for instance, value in row["scores"].items()}
         else:
-            predictions = path.parent / PREDICTIONS / f"{cell_file_name(row['key'])}.jsonl"
-            row["scores"] = instance_scores(map(json.loads, predictions.open(encoding="utf-8")))
+            row["scores"] = _instance_scores(path.parent / PREDICTIONS / f"{cell_file_name(row['key'])}.jsonl")
     return rows
 
 
@@ -97,41 +219,54 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
         mean, std = _mean_std(values)
         by_task[task][f"{mode}@{k}"] = {"mean": mean, "std": std, "seeds": len(values)}
     trainable = {row["mode"]: row["trainable"] for row in rows}
-    return {"overall": overall, "overall_tasks": sorted(common), "by_task": dict(by_task), "trainable": trainable,
-            "cells": len(rows)}
+    columns = [{"mode": mode, "shots": k} for k, mode in sorted({(row["shots"], row["mode"]) for row in rows})]
+    return {"overall": overall, "overall_tasks": sorted(common), "by_task": dict(by_task), "columns": columns,
+            "trainable": trainable, "cells": len(rows)}
 
 
 def _label(mode: str, k: int) -> str:
     return mode if k == 0 else f"{mode} k={k}"
 
 
+def _grid(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, a row per task, the overall row) of both tables: a column for every (mode, k) some cell has, so
+    every (task, mode, k) shows, however the grid grew; '-' where a task lacks a column or no task has them all."""
+    keys = [f"{c['mode']}@{c['shots']}" for c in summary["columns"]]
+
+    def shown(stats: dict[str, Any] | None) -> str:
+        return "-" if stats is None else f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+    header = ["task", *(_label(c["mode"], c["shots"]) for c in summary["columns"])]
+    rows = [[task, *(shown(cells.get(key)) for key in keys)] for task, cells in summary["by_task"].items()]
+    n = len(summary["overall_tasks"])
+    overall = [f"all ({n} task{'' if n == 1 else 's'} every column has)",
+               *(shown(summary["overall"].get(key)) for key in keys)]
+    return header, rows, overall
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="adaptation: ROUGE-L on the held-out tasks (mean ± std over seeds)", title_justify="left")
-    columns = sorted(summary["overall"].values(), key=lambda c: (c["shots"], c["mode"]))
-    table.add_column("task")
-    for c in columns:
-        table.add_column(_label(c["mode"], c["shots"]), justify="right")
-    for task, cells in summary["by_task"].items():
-        table.add_row(task, *(f"{cells[k]['mean']:.2f} ± {cells[k]['std']:.2f}" if (k := f"{c['mode']}@{c['shots']}")
-                              in cells else "-" for c in columns))
-    table.add_row(f"[bold]all ({len(summary['overall_tasks'])} common tasks)[/bold]",
-                  *(f"[bold]{c['mean']:.2f} ± {c['std']:.2f}[/bold]" for c in columns))
+    header, rows, overall = _grid(summary)
+    table.add_column(header[0])
+    for label in header[1:]:
+        table.add_column(label, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    table.add_row(*(f"[bold]{text}[/bold]" for text in overall))
     return table
 
 
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
 def _markdown(summary: dict[str, Any]) -> str:
-    columns = sorted(summary["overall"].values(), key=lambda c: (c["shots"], c["mode"]))
-    head = "| task | " + " | ".join(_label(c["mode"], c["shots"]) for c in columns) + " |"
+    header, rows, overall = _grid(summary)
     lines = ["# Adaptation results", "", "ROUGE-L (SNI official scorer) on each held-out task's evaluation instances, "
              "mean ± std over seeds. Trainable parameters per mode: "
-             + ", ".join(f"{m} {n:,}" for m, n in summary["trainable"].items()) + ".", "", head,
-             "|---|" + "---:|" * len(columns)]
-    for task, cells in summary["by_task"].items():
-        lines.append(f"| {task} | " + " | ".join(
-            f"{cells[k]['mean']:.2f} ± {cells[k]['std']:.2f}" if (k := f"{c['mode']}@{c['shots']}") in cells else "-"
-            for c in columns) + " |")
-    lines.append(f"| **all ({len(summary['overall_tasks'])} tasks every column has)** | "
-                 + " | ".join(f"**{c['mean']:.2f} ± {c['std']:.2f}**" for c in columns) + " |")
+             + ", ".join(f"{m} {n:,}" for m, n in summary["trainable"].items()) + ".", "", _markdown_row(header),
+             "|---|" + "---:|" * (len(header) - 1),
+             *(_markdown_row(row) for row in rows), _markdown_row([f"**{c}**" if c != "-" else c for c in overall])]
     return "\n".join(lines) + "\n"
 
 

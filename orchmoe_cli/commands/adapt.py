@@ -8,13 +8,18 @@ cell writes ``predictions/<cell>.jsonl`` (its per-instance scores: the one autho
 one line to ``adapt_results.jsonl`` (its settings, including the training it ran, and aggregate scores); it is
 never recomputed, and an interrupted cell restarts from scratch. ``--keep-adapters`` keeps each cell's adapter
 with the recipe it ran in ``cells/<cell>/adapter``.
+
+The whole grid is checked before data or a model is loaded, and every mode against the checkpoint before the
+first cell. One process writes a sweep directory at a time (its lock), and a continuation reads ``sweep.json``
+and every results line through one validating reader: each is bound to the base model, the checkpoint and its
+origin, and a difference is refused in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import json
 import random
 import shutil
 import time
@@ -23,15 +28,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import PartialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from orchmoe_cli.adapters import AdaptedModel, attach_adapters, load_adapted
-from orchmoe_cli.adapters.few_shot import check_mode, movable_parameter_count, prepare_for_adaptation
+from orchmoe_cli.adapters.few_shot import adapt_modes, check_mode, movable_parameter_count, prepare_for_adaptation
 from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.registry import spec_of
-from orchmoe_cli.analysis.adaptation_report import PREDICTIONS, RESULTS, cell_file_name
+from orchmoe_cli.analysis.adaptation_report import (
+    BINDING,
+    PREDICTIONS,
+    RESULTS,
+    SWEEP,
+    cell_file_name,
+    check_same_sweep,
+    read_result_lines,
+    sweep_identity,
+)
+from orchmoe_cli.commands.common import RECIPE_FILE
 from orchmoe_cli.core.base_models import LoadedModel, load_model, on_device
 from orchmoe_cli.core.checkpoint import checkpoint_digest, find_checkpoint
 from orchmoe_cli.core.evaluation import score_rows, select_instances
@@ -40,14 +56,19 @@ from orchmoe_cli.core.generation import NewlineTable
 from orchmoe_cli.core.metrics import aggregate
 from orchmoe_cli.core.recipe_data import prepare_data
 from orchmoe_cli.core.results import jsonl
+from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.data.dataset_cache import POOL
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, read_json
-from orchmoe_cli.recipe import EvalConfig, Recipe, TrainConfig, dump_recipe
+from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, json_text
+from orchmoe_cli.recipe import AdaptConfig, EvalConfig, Recipe, TrainConfig, dump_recipe
 
 NO_TRAINING = ("zero_shot",)
+WITHOUT_CHECKPOINT = ("zero_shot", "lora_scratch")  # the modes a sweep of the bare base model runs
+GRID = ("modes", "shots", "seeds", "tasks")  # the lists a sweep crosses (tasks None: every one with a pool)
+MAX_SEED = 2**32 - 1  # seeds reach numpy's generator, which takes 32 bits
+KEPT = "adapt_cell.json"  # beside every adapter --keep-adapters keeps: the cell it is, so it is never adapted again
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,27 @@ class Cell:
         return cell_file_name(self.key)
 
 
+def check_grid(cfg: AdaptConfig, has_checkpoint: bool) -> None:
+    """The grid's lists, before data or a model is loaded: none empty, no value twice (a cell would run and
+    count twice), every k at least 1, every seed one the generators take, every mode known and possible
+    without a checkpoint when there is none. (Tasks and k against the pools: :func:`plan_cells`.)"""
+    for name in GRID:
+        values = getattr(cfg, name)
+        if values is not None and not values:
+            raise OrchmoeError("is empty; name at least one", field=f"adapt.{name}")
+        twice = next((v for i, v in enumerate(values or []) if v in values[:i]), None)
+        if twice is not None:
+            raise OrchmoeError(f"{twice!r} is listed twice; name each once", field=f"adapt.{name}")
+    if any(k < 1 for k in cfg.shots):
+        raise OrchmoeError(f"every k must be at least 1, got {cfg.shots}", field="adapt.shots")
+    seed = next((s for s in cfg.seeds if not 0 <= s <= MAX_SEED), None)
+    if seed is not None:
+        raise OrchmoeError(f"every seed must be between 0 and {MAX_SEED}, got {seed}", field="adapt.seeds")
+    for mode in cfg.modes:
+        if mode not in WITHOUT_CHECKPOINT and (mode not in adapt_modes() or not has_checkpoint):
+            check_mode(mode, None)  # unknown, or no checkpoint to adapt
+
+
 def plan_cells(recipe: Recipe, prepared: Any) -> list[Cell]:
     """Every (task, mode, k, seed) to run; one zero_shot cell per task (it draws nothing)."""
     cfg = recipe.adapt
@@ -75,8 +117,9 @@ def plan_cells(recipe: Recipe, prepared: Any) -> list[Cell]:
     unknown = [t for t in wanted if t not in pools]
     if unknown:
         raise OrchmoeError(f"{unknown[0]} is not a held-out task of the prepared data", field="adapt.tasks")
-    if any(k < 1 for k in cfg.shots):
-        raise OrchmoeError(f"every k must be at least 1, got {cfg.shots}", field="adapt.shots")
+    if not wanted:
+        raise OrchmoeError("no held-out task of the prepared data has an adaptation pool (instances beyond "
+                           "data.max_test_instances)", field="adapt.tasks")
     cells = []
     for task in wanted:
         for mode in cfg.modes:
@@ -110,41 +153,56 @@ class Trained:
     trainable: int
     lora_scale: float
     sha256: str
+    init_from: str | None  # where its own training started (its recipe's train.init_from)
+
+
+def _init_from(path: Path) -> str | None:
+    """The checkpoint's ``train.init_from`` as its saved recipe gives it (None without a saved recipe)."""
+    saved = path / RECIPE_FILE
+    if not saved.is_file():
+        return None
+    try:
+        train = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("train") or {}
+        value = train.get("init_from")
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        raise OrchmoeError(f"{saved}: not a readable recipe, so where the checkpoint's training started is "
+                           "unknown", field="adapt.checkpoint") from None
+    return value if isinstance(value, str) else None
 
 
 def describe_checkpoint(base: Any, path: Path) -> Trained:
+    """The checkpoint a sweep adapts; never one that is itself an adaptation's output (its cells would adapt a
+    task twice and call the result zero-shot)."""
+    if (path / KEPT).is_file():
+        raise OrchmoeError(f"{path / KEPT}: this adapter is a cell `orchmoe adapt --keep-adapters` kept; adapt the "
+                           "checkpoint it came from instead", field="adapt.checkpoint")
     model = load_adapted(copy.deepcopy(base), path)
+    if model.adapted_tasks:
+        raise OrchmoeError(f"{path / 'adapter_config.json'}: adapted_tasks is {model.adapted_tasks}: this adapter "
+                           "was already adapted by `orchmoe adapt`; adapt the checkpoint it came from instead",
+                           field="adapt.checkpoint")
     return Trained(path, model.method, model.count_parameters()["total_trainable"], model.lora_scale,
-                   checkpoint_digest(path))
+                   checkpoint_digest(path), _init_from(path))
 
 
-SWEEP = "sweep.json"
-# What makes two sweeps' cells comparable; the grid (tasks, modes, shots, seeds) may grow between runs.
-_SWEEP_SETTINGS = ("steps", "batch_size", "lr", "router_lr", "val_instances", "eval_every", "with_router")
-_EVAL_SETTINGS = ("max_instances", "max_new_tokens", "num_beams")
-
-
-def sweep_identity(recipe: Recipe, trained: Trained | None, data_hash: str) -> dict[str, Any]:
-    """Everything a finished cell's numbers depend on besides its own (task, mode, k, seed)."""
-    return {"checkpoint_sha256": trained.sha256 if trained else None, "model": recipe.model.name, "data": data_hash,
-            **{f"adapt.{name}": getattr(recipe.adapt, name) for name in _SWEEP_SETTINGS},
-            **{f"eval.{name}": getattr(recipe.eval, name) for name in _EVAL_SETTINGS}}
-
-
-def _check_same_sweep(out: Path, identity: dict[str, Any]) -> None:
-    """Refuse to add cells to a results file made with other settings or another checkpoint."""
-    path = out / SWEEP
-    if not path.is_file():
-        if (out / RESULTS).is_file():
-            raise OrchmoeError(f"{out} has {RESULTS} but no {SWEEP}; its settings are unknown, so choose another "
-                               "adapt.output_dir", field="adapt.output_dir")
-        return
-    recorded = read_json(path)
-    for name, value in identity.items():
-        if recorded.get(name) != value:
-            what = "another checkpoint" if name == "checkpoint_sha256" else f"{name}={recorded.get(name)!r}"
-            raise OrchmoeError(f"{out} holds cells made with {what} (this run: {value!r}); choose another "
-                               "adapt.output_dir or remove it", field="adapt.output_dir")
+def _finished(out: Path, cells: list[Cell], identity: dict[str, Any], keep_adapters: bool, writes: bool,
+              console: Console) -> set[str]:
+    """The keys of the cells already in the results, every line checked and bound to this sweep; a final line a
+    kill cut short is dropped (and, by the process that ``writes``, removed) so its cell runs again."""
+    check_same_sweep(out, identity)
+    lines = read_result_lines(out / RESULTS, {name: identity[name] for name in BINDING})
+    if lines.warning is not None:
+        console.print(f"[yellow]warning:[/yellow] {lines.warning}", highlight=False)
+    if writes:
+        lines.repair()
+    done = {row["key"] for row in lines.records}
+    unkept = [c for c in cells if c.key in done and not (out / "cells" / c.file_name / "adapter").is_dir()
+              and (c.mode not in NO_TRAINING or identity["checkpoint_sha256"] is not None)]
+    if keep_adapters and unkept:
+        console.print(f"[yellow]warning:[/yellow] --keep-adapters: {len(unkept)} finished cell(s) ran without it, so "
+                      f"their adapters were not kept (e.g. {unkept[0].key}); finished cells do not run again (remove "
+                      f"their lines from {RESULTS} to run them again with it)", highlight=False)
+    return done
 
 
 def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe) -> AdaptedModel | Any:
@@ -158,8 +216,7 @@ def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe) -> Ad
             method = MethodConfig(name="lora", rank=8, alpha=8 * trained.lora_scale, budget=str(trained.trainable),
                                   target_modules=trained.method.target_modules, dropout=trained.method.dropout)
         return attach_adapters(fresh, method, [])
-    if trained is None:
-        raise OrchmoeError(f"mode {cell.mode} adapts a trained checkpoint; set one", field="adapt.checkpoint")
+    assert trained is not None, cell.mode  # check_grid refuses the other modes without a checkpoint
     model = load_adapted(fresh, trained.path)
     prepare_for_adaptation(model, cell.mode, cell.task, recipe.adapt.with_router)
     return model
@@ -206,6 +263,7 @@ class Sweep:
     trained: Trained | None
     out: Path
     console: Console
+    binding: dict[str, Any]  # what every results line is bound to (base model, checkpoint, its origin)
     newlines: NewlineTable | None = None
     state: PartialState = dataclasses.field(default_factory=lambda: PartialState(cpu=not torch.cuda.is_available()))
 
@@ -243,6 +301,7 @@ def _keep_adapter(cell: Cell, model: AdaptedModel, sweep: Sweep, ran: Recipe) ->
     shutil.rmtree(cell_dir, ignore_errors=True)  # what an interrupted run of this cell left
     model.save(cell_dir / "adapter")
     atomic_write_text(cell_dir / "adapter" / "recipe.yaml", dump_recipe(ran))
+    atomic_write_json(cell_dir / "adapter" / KEPT, {"cell": cell.key, **sweep.binding})
 
 
 def run_cell(cell: Cell, sweep: Sweep) -> dict[str, Any]:
@@ -262,7 +321,8 @@ def run_cell(cell: Cell, sweep: Sweep) -> dict[str, Any]:
                         select_instances(sweep.prepared.dataset["test"], eval_cfg), eval_cfg,
                         model.task_index if isinstance(model, AdaptedModel) else None, sweep.newlines)
     if sweep.state.is_main_process:  # under `accelerate launch` every process trains the cell; one writes
-        atomic_write_text(sweep.out / PREDICTIONS / f"{cell.file_name}.jsonl", jsonl(scored))
+        predictions = sweep.out / PREDICTIONS / f"{cell.file_name}.jsonl"
+        atomic_write_text(predictions, jsonl(scored, predictions))
         if recipe.adapt.keep_adapters and isinstance(model, AdaptedModel):
             _keep_adapter(cell, model, sweep, dataclasses.replace(recipe, train=train_cfg, eval=eval_cfg))
     metrics = aggregate(scored)
@@ -272,8 +332,23 @@ def run_cell(cell: Cell, sweep: Sweep) -> dict[str, Any]:
             "rougeL": metrics["rougeL"], "exact_match": metrics["exact_match"],
             "wall_s": round(time.perf_counter() - started, 1),
             "method": trained.method.name if trained else "base", "checkpoint": str(trained.path) if trained else None,
-            "checkpoint_sha256": trained.sha256 if trained else None,
-            "train": dataclasses.asdict(train_cfg) if trains else None}
+            "train": dataclasses.asdict(train_cfg) if trains else None, **sweep.binding}
+
+
+def _run_cells(todo: list[Cell], sweep: Sweep) -> None:
+    """Run the cells in order behind a progress bar; each finished one appends its line to the results."""
+    results = sweep.out / RESULTS
+    progress = Progress(TextColumn("[bold]adapt[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=sweep.console)
+    with progress:
+        bar = progress.add_task("", total=len(todo))
+        for cell in todo:
+            progress.update(bar, description=cell.key)
+            line = run_cell(cell, sweep)
+            if sweep.state.is_main_process:
+                with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
+                    handle.write(json_text(line, results) + "\n")
+            progress.advance(bar)
 
 
 def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
@@ -284,9 +359,11 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
     state = PartialState(cpu=not torch.cuda.is_available())
     main = state.is_main_process
     console = console if main else Console(quiet=True)
-    out = Path(cfg.output_dir or Path(recipe.output.dir) / "adapt")
+    out = recipe.adapt_dir
     checkpoint = None
-    if cfg.checkpoint is not None and cfg.checkpoint.strip().lower() not in ("none", "null"):
+    has_checkpoint = cfg.checkpoint is not None and cfg.checkpoint.strip().lower() not in ("none", "null")
+    check_grid(cfg, has_checkpoint)
+    if has_checkpoint:
         value = Path(recipe.output.dir) if cfg.checkpoint == "latest" else Path(cfg.checkpoint)
         checkpoint = find_checkpoint(value, "adapt.checkpoint", f"orchmoe train {recipe_path}")
     with state.main_process_first():
@@ -295,32 +372,23 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
     loaded = load_model(recipe.model)
     trained = describe_checkpoint(loaded.model, checkpoint) if checkpoint is not None else None
     for mode in dict.fromkeys(c.mode for c in cells):  # every mode must fit the checkpoint before any cell runs
-        if mode not in ("zero_shot", "lora_scratch") and trained is not None:
+        if mode not in WITHOUT_CHECKPOINT and trained is not None:
             check_mode(mode, trained.method.name)
-    identity = sweep_identity(recipe, trained, prepared.manifest["content_hash"])
-    _check_same_sweep(out, identity)
-    results = out / RESULTS
-    done = {json.loads(line)["key"] for line in results.open()} if results.is_file() else set()
-    todo = [c for c in cells if c.key not in done]
-    console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
-    if todo and main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / SWEEP, identity)
-    sweep = Sweep(recipe, prepared, loaded, trained, out, console,
+    identity = sweep_identity(recipe, loaded.model, trained.sha256 if trained else None,
+                              trained.init_from if trained else None, prepared.manifest["content_hash"])
+    sweep = Sweep(recipe, prepared, loaded, trained, out, console, {name: identity[name] for name in BINDING},
                   None if loaded.is_encoder_decoder else NewlineTable(loaded.tokenizer), state)
-    progress = Progress(TextColumn("[bold]adapt[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-    with progress:
-        bar = progress.add_task("", total=len(todo))
-        for cell in todo:
-            progress.update(bar, description=cell.key)
-            line = run_cell(cell, sweep)
-            if main:
-                with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
-                    handle.write(json.dumps(line) + "\n")
-            progress.advance(bar)
-    state.wait_for_everyone()
-    if not main:
-        return None
-    atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+    # one process writes a sweep directory at a time
+    with RunLock(out, "adapt.output_dir") if main else contextlib.nullcontext():
+        with state.main_process_first():  # the others read the results once the main one has repaired them
+            done = _finished(out, cells, identity, cfg.keep_adapters, main, console)
+        todo = [c for c in cells if c.key not in done]
+        console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
+        if todo and main:
+            atomic_write_json(out / SWEEP, identity)
+        _run_cells(todo, sweep)
+        state.wait_for_everyone()
+        if not main:
+            return None
+        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
     return out

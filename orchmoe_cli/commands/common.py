@@ -8,23 +8,41 @@ from pathlib import Path
 
 from orchmoe_cli.data.sources import resolve
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import check_output_dir
+from orchmoe_cli.paths import claim_directory, claim_parent
 from orchmoe_cli.recipe import Recipe, load_recipe
 
 RECIPE_FILE = "recipe.yaml"  # what training writes into every checkpoint
 
 
-def load_checked(recipe_path: Path, overrides: list[str], writes: tuple[str, ...] = ()) -> Recipe:
-    """The resolved recipe, with its data location and the output directories the command ``writes``
-    (dotted fields) checked."""
+def claim_outputs(recipe: Recipe, command: str) -> Path:
+    """The directory ``command`` writes, claimed (:mod:`orchmoe_cli.paths`) before anything heavy runs: train's run
+    directory and adapt's sweep directory are theirs alone; eval only adds its ``eval-<name>/`` to its parent."""
+    if command == "train":
+        return claim_directory(recipe.output.dir, "output.dir", "train")
+    if command == "adapt":
+        return claim_directory(recipe.adapt_dir, "adapt.output_dir", "adapt")
+    return claim_parent(recipe.eval_parent_dir, "eval.output_dir" if recipe.eval.output_dir else "output.dir")
+
+
+def load_checked(recipe_path: Path, overrides: list[str], writes: str | None = None) -> Recipe:
+    """The resolved recipe (every path field through the one resolver), with its data location and the directory
+    the command ``writes`` (train, eval or adapt) checked."""
     recipe = load_recipe(recipe_path, overrides)
     resolve(recipe.data)
-    for field in writes:
-        section, name = field.split(".")
-        value = getattr(getattr(recipe, section), name)
-        if value is not None:
-            check_output_dir(value, field)
+    if writes is not None:
+        claim_outputs(recipe, writes)
     return recipe
+
+
+def adapt_list_override(field: str, value: str | None, kind: type) -> list[str]:
+    """``--shots 16,64`` -> ``adapt.shots=[16, 64]`` (checked like any recipe field)."""
+    if value is None:
+        return []
+    try:
+        items = [kind(part.strip()) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise OrchmoeError(f"--{field}: expected a comma-separated list of {kind.__name__}s, got '{value}'") from None
+    return [f"adapt.{field}=[{', '.join(map(str, items))}]"]
 
 
 def saved_recipe(checkpoint: Path, needs: str, overrides: Sequence[str] = ()) -> Recipe:
@@ -40,7 +58,7 @@ def saved_recipe(checkpoint: Path, needs: str, overrides: Sequence[str] = ()) ->
 def checkpoint_recipe(checkpoint: Path | None, recipe_path: Path | None, overrides: list[str]) -> Recipe:
     """``--recipe`` when given (then the only source: the base model for ``none``), else the checkpoint's own."""
     if recipe_path is not None:
-        return load_recipe(recipe_path.expanduser(), overrides)
+        return load_recipe(recipe_path, overrides)
     assert checkpoint is not None
     return saved_recipe(checkpoint, "pass --recipe RECIPE (the one it was trained with)", overrides)
 

@@ -12,9 +12,10 @@ from rich.console import Console
 
 from orchmoe_cli.core.base_models import load_model, on_device
 from orchmoe_cli.core.checkpoint import find_checkpoint
-from orchmoe_cli.core.evaluation import EvalOutcome, run_evaluation
+from orchmoe_cli.core.evaluation import EvalOutcome, eval_output_dir, run_evaluation
 from orchmoe_cli.core.recipe_data import prepare_data
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.paths import claim_directory
 from orchmoe_cli.recipe import Recipe
 
 
@@ -61,6 +62,9 @@ def evaluate(recipe: Recipe, recipe_path: str, console: Console, with_base: bool
         raise OrchmoeError(f"{recipe_path}: --with-base compares the base model with an adapter: set eval.checkpoint "
                            "(e.g. eval.checkpoint=latest)")
     runs = [None, checkpoint] if with_base and checkpoint is not None else [checkpoint]
+    for run in runs:  # each result directory is eval's own (new, or an earlier evaluation), checked before loading
+        named = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, checkpoint=run and str(run)))
+        claim_directory(eval_output_dir(named), "eval.output_dir", "eval")
     state = PartialState(cpu=not torch.cuda.is_available())  # under accelerate launch: one shard per process
     if not state.is_main_process:
         console = Console(quiet=True)

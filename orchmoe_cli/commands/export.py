@@ -8,7 +8,7 @@ from typing import Any
 
 from orchmoe_cli.commands.common import resolve_target
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import check_new_directory
+from orchmoe_cli.paths import claim_new_directory
 
 FORMATS = ("peft", "merged")
 
@@ -20,7 +20,7 @@ def export(checkpoint: str, to: str, tasks: list[str], all_tasks: bool, out: Pat
         raise OrchmoeError(f"--to: '{to}' is not one of {', '.join(FORMATS)}")
     if tasks and all_tasks:
         raise OrchmoeError("--task and --all-tasks: give one of them")
-    check_new_directory(out, "--out")
+    claim_new_directory(out, "--out", option=True)
     path, recipe = resolve_target(checkpoint, recipe_path, overrides)
     if path is None:
         raise OrchmoeError("none: the base model has nothing to export")

@@ -15,7 +15,8 @@ from typing import Any
 from rich.console import Console
 
 from orchmoe_cli.errors import OrchmoeError, did_you_mean
-from orchmoe_cli.fsutil import atomic_write_bytes
+from orchmoe_cli.fsutil import atomic_write_bytes, json_text
+from orchmoe_cli.paths import user_path
 from orchmoe_cli.recipe import Recipe
 
 INPUT_FIELDS = ("input", "prompt", "text")  # the first one a JSONL / CSV row has is its prompt
@@ -60,7 +61,7 @@ def read_prompts(texts: list[str], input_file: str | None) -> list[Prompt]:
     if input_file == "-":
         content = sys.stdin.read()
     else:
-        path = Path(input_file).expanduser()
+        path = user_path(input_file, "--input", option=True)
         if not path.is_file():
             raise OrchmoeError(f"--input: {path} is not a file")
         try:
@@ -185,9 +186,10 @@ def _generate_with_progress(model: Any, loaded: Any, rows: list[dict], recipe: R
 
 def write_rows(rows: list[dict[str, Any]], output: str | None) -> None:
     """JSONL to ``output`` (written whole or not at all) or to standard output."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    target = "standard output" if output is None or output == "-" else output
+    text = "".join(json_text(row, target, ensure_ascii=False) + "\n" for row in rows)
     if output is None or output == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    atomic_write_bytes(Path(output).expanduser(), text.encode("utf-8"))
+    atomic_write_bytes(Path(output), text.encode("utf-8"))

@@ -29,16 +29,18 @@ from orchmoe_cli.core.base_models import load_model
 from orchmoe_cli.core.recipe_data import prepare_data
 from orchmoe_cli.data.collate import pad_token_id
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
+from orchmoe_cli.fsutil import atomic_directory, atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe
 
 
 def write_report(report: RoutingReport, out_dir: Path) -> list[Path]:
-    """routing.json, routing.csv and the PNG figures; returns every file written."""
-    paths = [out_dir / "routing.json", out_dir / "routing.csv"]
-    atomic_write_json(paths[0], report.as_dict())
-    atomic_write_text(paths[1], to_csv(report))
-    return paths + plot_all(report, out_dir)
+    """routing.json, routing.csv and the PNG figures, built aside and renamed into ``out_dir`` at once (an
+    interrupted run never leaves two reports mixed); returns every file written."""
+    with atomic_directory(out_dir) as staging:
+        atomic_write_json(staging / "routing.json", report.as_dict())
+        atomic_write_text(staging / "routing.csv", to_csv(report))
+        figures = plot_all(report, staging)
+    return [out_dir / "routing.json", out_dir / "routing.csv", *(out_dir / figure.name for figure in figures)]
 
 
 def default_out_dir(checkpoint: Path) -> Path:
@@ -59,7 +61,7 @@ def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, console: Any,
     """Build the routing report of ``checkpoint``; ``recipe`` (``--data``) adds categories and, for OrchMoE,
     the classifier's view of every real task."""
     saved = read_checkpoint(checkpoint)
-    method, task_names, tensors, averaged = saved.method, saved.tasks, saved.tensors, saved.averaged
+    method, task_names, averaged = saved.method, saved.tasks, saved.averaged
     family = spec_of(method.name).family
     if (family.allocation_tensor is None and not family.inspects_generated_adapters) or averaged:
         raise OrchmoeError(f"{checkpoint}: a {method.name}{' (averaged)' if averaged else ''} checkpoint routes "
@@ -71,13 +73,27 @@ def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, console: Any,
         categories = {t["name"]: t["category"] for t in prepared.manifest["tasks"]}
     adapted = set(saved.adapted_tasks)
     training = set(task_names) - adapted  # rows `orchmoe adapt` added are no nearest-neighbour candidates
+    overlap = _shared_training_tasks(prepared, training) if prepared is not None else None
+    report = _routing(checkpoint, recipe, saved, family, prepared, training, categories, tasks, layers,
+                      prompts_per_task)
+    if overlap:
+        report.warnings.append(overlap)
+    return report
+
+
+def _routing(checkpoint: Path, recipe: Recipe | None, saved: Any, family: Any, prepared: Any, training: set[str],
+             categories: dict[str, str], tasks: list[str] | None, layers: list[str] | None,
+             prompts_per_task: int) -> RoutingReport:
+    """The report of the routing the family stores: generated adapters, or allocations (with, for a classifier
+    and ``--data``, its view of every real task)."""
+    method, task_names, adapted = saved.method, saved.tasks, set(saved.adapted_tasks)
     if family.inspects_generated_adapters:
         model, _ = _load_adapted(checkpoint, _model_recipe(checkpoint, recipe, f"{method.name}'s generated adapters"))
         ids = torch.arange(len(task_names))
         vectors = model.generated_adapters(ids).numpy().astype(np.float64)
         view = RoutingView(list(task_names), "task", [], None, vectors)
         return build_report(method, checkpoint, view, training, categories, tasks, adapted)
-    view = allocation_view(method, task_names, tensors, layers, checkpoint)
+    view = allocation_view(method, task_names, saved.tensors, layers, checkpoint)
     if not family.classifies_prompts or prepared is None:
         return build_report(method, checkpoint, view, training, categories, tasks, adapted)
     model, pad_id = _load_adapted(checkpoint, recipe)  # type: ignore[arg-type]
@@ -89,6 +105,20 @@ def inspect_checkpoint(checkpoint: Path, recipe: Recipe | None, console: Any,
     report.classifier = rs.classifier_stats(per_prompt, [categories[o] for o in owners])
     report.warnings += report.classifier.warnings
     return report
+
+
+def _shared_training_tasks(prepared: Any, training: set[str]) -> str | None:
+    """``--data`` must describe the checkpoint's own tasks: sharing none of its training tasks is refused (the
+    categories and the classifier's view would describe another task set); sharing fewer than half, a warning."""
+    mine = {t["name"] for t in prepared.manifest["tasks"] if t["split"] == "train"}
+    shared = len(mine & training)
+    if training and shared == 0:
+        raise OrchmoeError(f"shares none of the checkpoint's {len(training)} training tasks; pass the recipe it was "
+                           "trained with", field="data")
+    if 2 * shared < len(training):
+        return (f"--data shares only {shared} of the checkpoint's {len(training)} training tasks: categories and "
+                "the classifier's view describe those only")
+    return None
 
 
 def _load_adapted(checkpoint: Path, recipe: Recipe) -> tuple[Any, int]:

@@ -42,7 +42,7 @@ def training_rows(rows: TaskRows, val_instances: int) -> tuple[TaskRows, TaskRow
 def _start_from(base: Any, recipe: Recipe, task_names: list[str]) -> AdaptedModel:
     """``train.init_from``: the checkpoint's adapters (its rank and routing), averaged for the µ variants."""
     field = "train.init_from"
-    model = load_adapted(base, find_checkpoint(Path(recipe.train.init_from).expanduser(), field))
+    model = load_adapted(base, find_checkpoint(Path(recipe.train.init_from), field))
     wanted, saved = recipe.method.name, model.method.name
     averages = spec_of(wanted).average_of == saved  # e.g. mhr_mu starting from a trained mhr
     if saved != wanted and not averages:

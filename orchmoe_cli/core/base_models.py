@@ -78,9 +78,15 @@ def _cache_root(cfg: ModelConfig) -> Path:
     return Path(os.environ.get("ORCHMOE_CACHE", Path.home() / ".cache" / "orchmoe")).expanduser()
 
 
+def native_bf16() -> bool:
+    """A GPU that computes in bf16 itself (Ampere and newer): what ``auto`` precision means. Older GPUs (V100, T4)
+    only emulate it, slowly, so they stay in float32."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        if native_bf16():
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -34,7 +34,8 @@ from safetensors.torch import save as save_tensors
 from orchmoe_cli import __version__
 from orchmoe_cli.adapters.files import ADAPTER_FILES, WEIGHTS_FILE, canonical_safetensors
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_directory, atomic_write_bytes, fsync_dir, read_json, read_safetensors
+from orchmoe_cli.paths import CHECKPOINT_MANIFEST, user_path
+from orchmoe_cli.fsutil import atomic_directory, atomic_write_bytes, fsync_dir, json_text, read_json, read_safetensors
 
 try:
     import numpy
@@ -44,7 +45,7 @@ except ImportError:  # numpy is optional; its RNG is simply not captured
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
+MANIFEST = CHECKPOINT_MANIFEST
 STATE_DIR = "training_state"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _STALE = (".step-*.tmp", ".step-*.old")
@@ -98,7 +99,7 @@ def _save_part(directory: Path, name: str, value: Any) -> None:
         data = _encode(value, name, tensors)
     except _Unserialisable as exc:
         raise OrchmoeError(f"cannot save the {name} state: {exc}") from None
-    atomic_write_bytes(directory / f"{name}.json", json.dumps(data, indent=1).encode())
+    atomic_write_bytes(directory / f"{name}.json", json_text(data, directory / f"{name}.json", indent=1).encode())
     atomic_write_bytes(directory / f"{name}.safetensors", save_tensors(tensors))
 
 
@@ -179,7 +180,7 @@ def _write_manifest(staging: Path, step: int) -> None:
         "files": {p.relative_to(staging).as_posix(): {"sha256": _digest(p, sync=True), "size": p.stat().st_size}
                   for p in files},
     }
-    atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(staging / MANIFEST, json_text(manifest, staging / MANIFEST, indent=1).encode())
     for directory in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
         fsync_dir(directory)
 
@@ -368,7 +369,7 @@ def find_checkpoint(path: Path, field: str | None = None, how_to_train: str = "o
     complete checkpoint. Not finding one is an error of the recipe ``field`` that named ``path`` or, without
     a field (a command-line argument), an error that starts with ``path`` as given."""
     given = path
-    path = path.expanduser()
+    path = user_path(path, field or str(given), option=field is None)
 
     def error(text: str) -> OrchmoeError:
         return OrchmoeError(text, field=field) if field is not None else OrchmoeError(f"{given}: {text}")

@@ -26,7 +26,7 @@ from orchmoe_cli.core.checkpoint import checkpoint_digest
 from orchmoe_cli.core.generation import NewlineTable, generate_predictions
 from orchmoe_cli.core.metrics import aggregate, score_instance
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import disk_error, replace_files
+from orchmoe_cli.fsutil import disk_error, json_text, replace_files
 from orchmoe_cli.recipe import EvalConfig, Recipe, dump_recipe, recipe_to_dict
 
 PARTIAL_NAME = ".predictions.partial.jsonl"
@@ -57,7 +57,7 @@ def eval_output_dir(recipe: Recipe) -> Path:
     if recipe.eval.checkpoint is not None:
         where = str(Path(recipe.eval.checkpoint).expanduser().resolve())
         label = f"{label}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
-    return Path(recipe.eval.output_dir or recipe.output.dir) / f"eval-{label}"
+    return recipe.eval_parent_dir / f"eval-{label}"
 
 
 def select_instances(split: Any, cfg: EvalConfig) -> list[dict[str, Any]]:
@@ -96,7 +96,7 @@ def _fingerprint(recipe: Recipe, data_hash: str, adapter_sha256: str | None) -> 
     relevant = {"model": recipe_to_dict(recipe)["model"], "eval": recipe_to_dict(recipe)["eval"], "data": data_hash}
     if adapter_sha256:
         relevant["adapter_sha256"] = adapter_sha256
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def _load_partial(out_dir: Path, fingerprint: str) -> dict[tuple[str, str], dict]:
@@ -184,8 +184,8 @@ def run_evaluation(
     # rewrite the partial file from what survived, then append as we go (a full disk: one clear line)
     try:
         with partial_path.open("w", encoding="utf-8") as handle:
-            handle.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-            handle.write(report.jsonl(done[k] for k in map(report.instance_key, rows) if k in done))
+            handle.write(json.dumps({"fingerprint": fingerprint}, allow_nan=False) + "\n")
+            handle.write(report.jsonl((done[k] for k in map(report.instance_key, rows) if k in done), partial_path))
             handle.flush()
             progress = Progress(
                 TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -198,7 +198,7 @@ def run_evaluation(
                     scored = [_scored_row(r, p) for r, p in zip(batch_rows, predictions)]
                     for row in scored:
                         done[report.instance_key(row)] = row
-                    handle.write(report.jsonl(scored))
+                    handle.write(report.jsonl(scored, partial_path))
                     handle.flush()
                     progress.update(bar, advance=len(batch_rows), description=f"{eval_label(cfg)} {batch_rows[0]['task']}")
 
@@ -230,13 +230,13 @@ def run_evaluation(
         **report.environment_info(),
     }
     if state.is_main_process:  # written aside, then renamed into place one by one, results.json last
-        predictions = report.jsonl(final_rows)
+        predictions = report.jsonl(final_rows, out_dir / "predictions.jsonl")
         results["predictions_sha256"] = _sha256(predictions)  # a mixed set never passes as finished
         replace_files(out_dir, {
             "predictions.jsonl": predictions,
             "results.md": report.results_markdown(title, final_rows, metrics),
             "recipe.yaml": dump_recipe(recipe),
-            "results.json": json.dumps(results, indent=2, ensure_ascii=False) + "\n",
+            "results.json": json_text(results, out_dir / "results.json", indent=2, ensure_ascii=False) + "\n",
         })
     state.wait_for_everyone()
     partial_path.unlink(missing_ok=True)

@@ -31,13 +31,15 @@ from orchmoe_cli.adapters import AdaptedModel
 from orchmoe_cli.adapters.files import read_task_names, read_tensors
 from orchmoe_cli.adapters.registry import MethodSpec
 from orchmoe_cli.core import checkpoint as ckpt
+from orchmoe_cli.core.base_models import native_bf16
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.core.sampling import TaskBatchSampler
 from orchmoe_cli.core.steps import Batches, micro_step, validation_loss
 from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text, check_output_dir
+from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
+from orchmoe_cli.paths import claim_directory
 from orchmoe_cli.recipe import TRACKERS, TrainConfig
 
 _LR_FIELD = {"adapters": "lr", "routers": "router_lr", "hypernetwork": "hypernetwork_lr", "other": "lr"}
@@ -89,7 +91,7 @@ def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         if importlib.util.find_spec(TRACKERS[tracker]) is None:
             raise OrchmoeError(f"the {TRACKERS[tracker]} package is not installed; pip install {TRACKERS[tracker]}, "
                                f"or leave {tracker} out", field="train.report_to")
-    check_output_dir(run_dir, "output.dir")
+    claim_directory(run_dir, "output.dir", "train")
     existing = ckpt.step_directories(run_dir)
     if not resume and cfg.resume != "auto" and existing:
         raise OrchmoeError(f"{run_dir} already holds checkpoints up to {existing[0].name}; pass --resume (or "
@@ -113,7 +115,7 @@ def make_accelerator(cfg: TrainConfig, spec: MethodSpec, run_dir: Path | None = 
     use_cuda = torch.cuda.is_available()
     precision = cfg.mixed_precision
     if precision == "auto":
-        precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
+        precision = "bf16" if native_bf16() else "no"
     trackers = cfg.trackers if run_dir is not None else []
     accelerator = Accelerator(
         cpu=not use_cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,

@@ -17,7 +17,8 @@ from orchmoe_cli.adapters.layer import WrappedLinear
 from orchmoe_cli.adapters.model import AdaptedModel
 from orchmoe_cli.adapters.peft_interop import export_lora
 from orchmoe_cli.adapters.placement import install
-from orchmoe_cli.fsutil import atomic_directory, atomic_write_json, check_new_directory
+from orchmoe_cli.fsutil import atomic_directory, atomic_write_json
+from orchmoe_cli.paths import claim_new_directory
 
 EXPORT_MANIFEST = "orchmoe_export.json"
 Format = Literal["peft", "merged"]
@@ -55,7 +56,7 @@ def export_model(model: AdaptedModel, tokenizer: Any, source: Path, base_model: 
     """Write ``model``'s fixed routings for ``tasks`` (None: all; []: none named) to ``out`` in format ``to`` and
     return the manifest (with ``notes``). One routing fills ``out`` itself; several get a subdirectory each. The whole export is
     staged beside ``out`` and appears in one rename, so an interrupted export leaves nothing."""
-    check_new_directory(out, "--out")
+    claim_new_directory(out, "--out", option=True)
     routings = model.family.fixed_routings(model, tasks)  # a family's refusal comes before anything is written
     single = len(routings) == 1
     entries = []

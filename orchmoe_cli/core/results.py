@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
-import json
 import platform
 import subprocess
 from collections import defaultdict
@@ -14,6 +13,7 @@ from typing import Any
 
 import orchmoe_cli
 from orchmoe_cli.core.metrics import group_name
+from orchmoe_cli.fsutil import json_text
 
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "rouge-score")
 
@@ -95,5 +95,6 @@ def results_markdown(title: str, rows: Sequence[dict], metrics: dict[str, float]
     return "".join(parts)
 
 
-def jsonl(rows: Iterable[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+def jsonl(rows: Iterable[dict], target: str | Path) -> str:
+    """One JSON line per row, for the file ``target`` (named if a row holds a number JSON cannot)."""
+    return "".join(json_text(row, target, ensure_ascii=False) + "\n" for row in rows)

@@ -35,8 +35,9 @@ class RunLock:
     dead process on this host is taken over with a warning; on other hosts liveness cannot be checked.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, field: str = "output.dir") -> None:
         self.run_dir = Path(run_dir)
+        self.field = field  # the recipe field that chose the directory, named in the "in use" line
         self.path = self.run_dir / ".lock"
         self._content = ""
 
@@ -50,21 +51,21 @@ class RunLock:
         """Take the lock (or a stale one) and clear temp dirs a killed run left; raises if the run is live."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         host = socket.gethostname()
-        self._content = json.dumps({"pid": os.getpid(), "host": host,
-                                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        self._content = json.dumps({"pid": os.getpid(), "host": host, "started": started}, allow_nan=False)
         if not self._try_create():
             owner = self._read_owner()
             if owner is not None:  # None: its owner released it meanwhile
                 if owner["host"] != host or _pid_alive(owner["pid"]):
                     where = "" if owner["host"] == host else f" on {owner['host']}"
                     raise OrchmoeError(f"{self.run_dir} is in use by another orchmoe run (pid {owner['pid']}{where}); "
-                                       "wait for it or choose another output.dir")
+                                       f"wait for it or choose another {self.field}")
                 log.warning("taking over %s from orchmoe run pid %s, which is no longer running",
                             self.path, owner["pid"])
                 self.path.unlink(missing_ok=True)
             if not self._try_create():
                 raise OrchmoeError(f"{self.run_dir} is in use by another orchmoe run that started just now; "
-                                   "wait for it or choose another output.dir")
+                                   f"wait for it or choose another {self.field}")
         clean_stale(self.run_dir)
         return self
 

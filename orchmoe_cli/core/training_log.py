@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchmoe_cli.fsutil import json_text
+
 
 class MetricsLogger:
     """Appends one JSON object per log call to ``<run_dir>/metrics.jsonl`` (main process only)."""
@@ -16,12 +18,13 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._handle = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._path = run_dir / "metrics.jsonl"
+        self._handle = self._path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
         if self._handle is None:
             return
-        self._handle.write(json.dumps(row) + "\n")
+        self._handle.write(json_text(row, self._path) + "\n")
         self._handle.flush()
 
     def close(self) -> None:

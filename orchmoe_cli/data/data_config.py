@@ -34,7 +34,7 @@ class DataConfig:
     source: str = _f("bundled", "'bundled' (the SNI sample shipped with orchmoe); a directory in the upstream SNI "
                      "layout (task files in <dir>/tasks or <dir>, split files in <dir> or <dir>/splits/default); a "
                      "table: a .jsonl / .json / .csv / .tsv / .parquet file, a directory of them, or a Hugging Face "
-                     "dataset id (owner/name); ~ and $VAR / ${VAR} are expanded")
+                     "dataset id (owner/name); ~ and $VAR / ${VAR} are expanded", path="location")
     format: Literal["auto", "sni", "table"] = _f("auto", "sni or table; auto: a directory with tasks/*.json or split "
                                                  "files is SNI, table files or a hub id are a table")
     columns: ColumnMap = field(default_factory=ColumnMap, metadata={"help": "table sources: the column map"})
@@ -47,9 +47,11 @@ class DataConfig:
     hub_split: str = _f("train", "hub table: the split to read rows from")
     revision: str | None = _f(None, "hub table: the revision (branch, tag or commit) to load")
     split_dir: str | None = _f(None, "directory holding the split files, if not found from `source` (~ and $VAR "
-                               "expanded)")
-    train_split: str = _f("train_tasks.txt", "file in the split directory listing training tasks, one per line")
-    test_split: str = _f("test_tasks.txt", "file in the split directory listing held-out tasks, one per line")
+                               "expanded)", path="input")
+    train_split: str = _f("train_tasks.txt", "file in the split directory listing training tasks, one per line",
+                          path="input")
+    test_split: str = _f("test_tasks.txt", "file in the split directory listing held-out tasks, one per line",
+                         path="input")
     languages: list[str] = _f(["English"], "keep tasks whose input, output and instruction languages are all listed")
     max_train_instances: int = _f(100, "training instances per task (random sample with `seed`, as Tk-Instruct)", min=1)
     max_test_instances: int = _f(100, "test instances per task: the first N, as the official evaluation", min=1)
@@ -69,7 +71,8 @@ class DataConfig:
                              "tokenizer's chat template, the answer following its assistant turn")
     max_source_length: int = _f(1024, "prompt length limit in tokens; demonstrations that do not fit are dropped", min=8)
     max_target_length: int = _f(128, "target length limit in tokens", min=1)
-    cache_dir: str = _f(".orchmoe/prepared", "where prepared (encoded) datasets are cached, keyed by a content hash")
+    cache_dir: str = _f(".orchmoe/prepared", "where prepared (encoded) datasets are cached, keyed by a content hash",
+                        path="dir")
 
     def __post_init__(self) -> None:
         if self.template is not None:

@@ -32,7 +32,7 @@ from orchmoe_cli.data.sni import SPLITS, SNITask, matches_languages
 from orchmoe_cli.data.sources import TaskSource, resolve
 from orchmoe_cli.data.tables import quiet_datasets
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import disk_error
+from orchmoe_cli.fsutil import disk_error, json_text
 
 FORMAT_VERSION = 4  # 2: answers carry the space after "Output:"; 3: encoder-decoder prompts cut left; 4: pool
 POOL = "pool"  # held-out tasks' instances after the evaluation ones: few-shot adaptation data
@@ -81,7 +81,7 @@ def content_hash(cfg: DataConfig, layout: TaskSource, tokenizer_id: str, is_enco
     digest = hashlib.sha256()
     header = {"format": FORMAT_VERSION, "orchmoe": __version__, "settings": encoding_settings(cfg),
               "tokenizer": tokenizer_id, "is_encoder_decoder": is_encoder_decoder}
-    digest.update(json.dumps(header, sort_keys=True).encode())
+    digest.update(json.dumps(header, sort_keys=True, allow_nan=False).encode())
     layout.hash_into(digest)
     return digest.hexdigest()
 
@@ -191,7 +191,8 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
         try:
             with quiet_datasets():
                 dataset.save_to_disk(str(tmp))
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (tmp / MANIFEST).write_text(json_text(manifest, final / MANIFEST, indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
             if final.exists() and _try_load(final) is None:  # a broken leftover, not a valid cache entry
                 shutil.rmtree(final)
             if final.exists():  # a concurrent run finished the same data first

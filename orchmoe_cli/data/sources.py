@@ -13,7 +13,7 @@ from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import SourceLayout, resolve_source
 from orchmoe_cli.data.tables import TableSource, looks_like_hub_id, table_files
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import expand_path
+from orchmoe_cli.paths import user_path
 
 TaskSource = SourceLayout | TableSource
 
@@ -22,7 +22,7 @@ def resolve(cfg: DataConfig) -> TaskSource:
     """The source ``cfg`` names, of the format it says or that its location shows."""
     if cfg.source == "bundled" or cfg.format == "sni":
         return resolve_source(cfg)
-    path = expand_path(cfg.source, "data.source")
+    path = user_path(cfg.source, "data.source")
     files = table_files(path)
     if cfg.format == "auto" and not files and not looks_like_hub_id(cfg.source):
         if path.is_file():

@@ -30,7 +30,7 @@ from orchmoe_cli.data.sni import (
     sample_positions,
 )
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import expand_path
+from orchmoe_cli.paths import user_path
 
 if TYPE_CHECKING:
     import datasets
@@ -105,7 +105,7 @@ class TableSource:
         cfg = self.cfg
         settings = {"columns": vars(cfg.columns), "values": [cfg.train_value, cfg.test_value],
                     "heldout": cfg.heldout_tasks, "hub": [cfg.hub_config, cfg.hub_split, cfg.revision]}
-        digest.update(json.dumps(settings, sort_keys=True).encode())
+        digest.update(json.dumps(settings, sort_keys=True, allow_nan=False).encode())
         for path in self.files:
             hash_file(digest, f"table:{path.name}", path)
         if cfg.split_dir is not None:  # used when the table has no split column; a missing list is an error then
@@ -303,7 +303,7 @@ def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dic
 
 def _list_path(cfg: DataConfig, split: Split) -> Path:
     """The task-list file of ``split`` under ``data.split_dir``."""
-    return expand_path(cfg.split_dir or ".", "data.split_dir") / (cfg.train_split if split == "train"
+    return user_path(cfg.split_dir or ".", "data.split_dir") / (cfg.train_split if split == "train"
                                                                     else cfg.test_split)
 
 

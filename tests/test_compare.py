@@ -1,0 +1,190 @@
+"""`orchmoe compare`: differences between evaluations with paired-bootstrap intervals, on prediction files
+written by hand (no model): known differences, refusals of mismatched or damaged inputs, the output formats,
+labels and where a run's predictions are found."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_runner import run_cli
+
+from orchmoe_cli.analysis.comparison import OVERALL, compare_runs
+from orchmoe_cli.commands.compare import distinct_labels
+
+TASKS = ("t1", "t2")
+
+
+def _row(task: str, instance: int, rouge: float, em: float = 0.0) -> dict[str, Any]:
+    """One line of ``predictions.jsonl`` as ``orchmoe eval`` writes it."""
+    return {"task": task, "category": "Cat", "id": str(instance), "prompt_sha256": "0" * 16, "prediction": "p",
+            "references": ["r"], "exact_match": em, "rougeL": rouge}
+
+
+def _base_rows(n: int = 20) -> list[dict[str, Any]]:
+    return [_row(t, i, 0.1 + 0.03 * i) for t in TASKS for i in range(n)]
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _shifted(rows: list[dict[str, Any]], by: float) -> list[dict[str, Any]]:
+    return [{**r, "rougeL": r["rougeL"] + by} for r in rows]
+
+
+def _json(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    capsys.readouterr()
+    assert run_cli(["compare", *args, "--format", "json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Exit code 2 with one error line and no traceback; returns the line."""
+    capsys.readouterr()
+    assert run_cli(["compare", *args]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_known_difference_gives_an_interval_around_it() -> None:
+    base = _base_rows()
+    better = [{**r, "exact_match": 1.0 if int(r["id"]) % 2 else 0.0} for r in _shifted(base, 0.10)]
+    comparison = compare_runs({"a": base, "b": better})
+    assert comparison.tasks == [OVERALL, *TASKS] and comparison.reference == "a"
+    for task in comparison.tasks:
+        cell_a, cell_b = comparison.cells_for(task)
+        assert cell_a.differences == {} and cell_b.n == (40 if task == OVERALL else 20)
+        rouge = cell_b.differences["rougeL"]
+        assert rouge.mean == pytest.approx(10.0)
+        assert rouge.low <= 10.0 + 1e-9 and rouge.high >= 10.0 - 1e-9 and rouge.low > 0  # contains 10, not 0
+        assert cell_b.means["rougeL"] - cell_a.means["rougeL"] == pytest.approx(10.0)
+        em = cell_b.differences["exact_match"]
+        assert em.mean == pytest.approx(50.0) and 0 < em.low < 50 < em.high  # half the instances gain a match
+    assert compare_runs({"a": base, "b": better}) == comparison  # seeded: the same inputs, the same intervals
+
+
+def test_noisy_difference_covers_zero() -> None:
+    base = _base_rows()
+    noisy = [{**r, "rougeL": r["rougeL"] + (0.05 if int(r["id"]) % 2 else -0.05)} for r in base]
+    difference = compare_runs({"a": base, "b": noisy}).cells_for(OVERALL)[1].differences["rougeL"]
+    assert difference.mean == pytest.approx(0.0, abs=1e-9) and difference.low < 0 < difference.high
+
+
+def test_cli_reports_the_difference_with_options_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _write(tmp_path / "a.predictions.jsonl", _base_rows())
+    b = _write(tmp_path / "b.predictions.jsonl", _shifted(_base_rows(), 0.10))
+    result = _json([str(a), str(b), "--samples", "500", "--seed", "3"], capsys)
+    assert result["reference"] == "a" and result["runs"] == ["a", "b"]
+    assert result["interval"]["resamples"] == 500 and result["interval"]["seed"] == 3
+    overall = result["results"]["b"][OVERALL]
+    assert overall["n"] == 40 and overall["rougeL"]["difference"] == pytest.approx(10.0)
+    assert overall["rougeL"]["ci_low"] <= 10.0 <= overall["rougeL"]["ci_high"] + 1e-9
+    assert "difference" not in result["results"]["a"][OVERALL]["rougeL"]  # the reference has none
+    assert result["sources"] == {"a": str(a), "b": str(b)}
+
+
+@pytest.mark.parametrize("extra_in", ["reference", "other"])
+def test_runs_on_different_instances_are_refused_naming_the_first(
+        extra_in: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    short = [_row("t1", i, 0.5) for i in range(4)] + [_row("t2", 0, 0.5)]
+    long = short[:4] + [_row("t1", 7, 0.5), _row("t1", 9, 0.5)] + short[4:]
+    reference = _write(tmp_path / "ref.predictions.jsonl", long if extra_in == "reference" else short)
+    other = _write(tmp_path / "new.predictions.jsonl", short if extra_in == "reference" else long)
+    line = _refused([str(reference), str(other)], capsys)
+    has, lacks = ("ref", "new") if extra_in == "reference" else ("new", "ref")
+    assert f"task t1, id '7' is in {has} but not in {lacks}" in line, line
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (json.dumps(_row("t1", 0, 0.5)) + "\n\n" + json.dumps(_row("t1", 0, 0.2)) + "\n",
+     "line 3: task t1, id '0' is already scored on line 1"),
+    (json.dumps(_row("t1", 0, 0.5)) + "\n" + '{"task": "t1", "id": \n', "line 2: not valid JSON"),
+    (json.dumps({"task": "t1", "id": "0", "rougeL": 0.5}) + "\n", "line 1: no 'exact_match' field"),
+    (json.dumps(_row("t1", 0, 45.0)) + "\n", "line 1: rougeL is 45.0, expected a per-instance score"),
+    ("", "holds no predictions"),
+])
+def test_damaged_prediction_files_are_refused_naming_file_and_line(
+        content: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _write(tmp_path / "good.predictions.jsonl", [_row("t1", 0, 0.5)])
+    bad = tmp_path / "bad.predictions.jsonl"
+    bad.write_text(content, encoding="utf-8")
+    line = _refused([str(good), str(bad)], capsys)
+    assert str(bad) in line and expected in line, line
+
+
+def test_fewer_than_two_runs_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    only = _write(tmp_path / "a.predictions.jsonl", _base_rows())
+    assert "at least two runs" in _refused([str(only)], capsys)
+    assert "--format" in _refused([str(only), str(only), "--format", "yaml"], capsys)
+
+
+def test_formats_parse_and_the_plot_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = [str(_write(tmp_path / f"{name}.predictions.jsonl", _shifted(_base_rows(), by)))
+            for name, by in (("a", 0.0), ("b", 0.1), ("c", -0.05))]
+    result = _json(runs, capsys)
+
+    def numbers(value: Any) -> list[float]:
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in numbers(v)]
+        return [float(value)] if isinstance(value, (int, float)) else []
+
+    assert all(math.isfinite(n) for n in numbers(result["results"]))
+    assert set(result["results"]["c"]) == {OVERALL, *TASKS}
+
+    assert run_cli(["compare", *runs, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 3 * 3 and {(r["run"], r["task"]) for r in rows} == {
+        (run, task) for run in "abc" for task in (OVERALL, *TASKS)}
+    assert float(next(r for r in rows if (r["run"], r["task"]) == ("c", OVERALL))["rougeL_difference"]) == \
+        pytest.approx(-5.0)
+
+    assert run_cli(["compare", *runs, "--format", "markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index("| run | n | ROUGE-L | ROUGE-L minus reference [95% CI] | EM | EM minus reference [95% CI] |")
+    assert lines[header + 1].startswith("|---|") and lines[header + 2].startswith("| a | 40 |")
+    assert any(line.startswith("| task | run |") for line in lines)
+
+    plot = tmp_path / "figures" / "forest.png"
+    assert run_cli(["compare", *runs, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and "+10.00" in out  # the rich table on standard output
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "end in .png" in _refused([*runs, "--plot", str(tmp_path / "forest.pdf")], capsys)
+
+
+def test_clashing_labels_are_lengthened_until_unique(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = _write(tmp_path / "study" / "cpu" / "lora.predictions.jsonl", _base_rows())
+    second = _write(tmp_path / "study" / "gpu" / "lora.predictions.jsonl", _base_rows())
+    third = _write(tmp_path / "other" / "cpu" / "lora.predictions.jsonl", _base_rows())
+    result = _json([str(first), str(second), str(third)], capsys)
+    assert result["runs"] == ["study/cpu/lora", "gpu/lora", "other/cpu/lora"]
+    assert distinct_labels([first, tmp_path / "x" / "base.jsonl", first]) == ["lora", "base", "lora#2"]
+
+
+def test_run_directories_are_searched_one_level_down_and_up(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluation = tmp_path / "runs" / "lora" / "eval-step-000010-0123abcd"
+    _write(evaluation / "predictions.jsonl", _base_rows())
+    other = _write(tmp_path / "runs" / "poly" / "eval-base" / "predictions.jsonl", _shifted(_base_rows(), 0.1))
+    (other.parent / "results.json").write_text("{}\n", encoding="utf-8")
+    monkeypatch.setenv("RUNS_HOME", str(tmp_path / "runs"))
+    result = _json(["$RUNS_HOME/lora", str(other.parent / "results.json"), str(other.parent)], capsys)
+    assert result["runs"] == ["lora", "eval-base", "eval-base#2"]  # a run directory names its evaluation
+    assert result["sources"]["lora"] == str(evaluation / "predictions.jsonl")
+
+    _write(tmp_path / "runs" / "poly" / "eval-step-000020-4567cdef" / "predictions.jsonl", _base_rows())
+    line = _refused([str(evaluation), str(tmp_path / "runs" / "poly")], capsys)
+    assert "holds 2 evaluations (eval-base, eval-step-000020-4567cdef); which one?" in line, line
+    assert "no predictions.jsonl in it" in _refused([str(evaluation), str(tmp_path)], capsys)
+    assert "UNSET_RUNS_HOME is not set" in _refused([str(evaluation), "$UNSET_RUNS_HOME/x"], capsys)

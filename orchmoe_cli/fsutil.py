@@ -22,22 +22,6 @@ from typing import Any
 from orchmoe_cli.errors import OrchmoeError
 
 
-_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def expand_path(value: str, field: str, option: bool = False) -> Path:
-    """``~`` and ``$VAR`` / ``${VAR}`` expanded; an unset variable is an error naming it and the recipe ``field``
-    (or, with ``option``, the command-line option) that gave the path."""
-    def lookup(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name not in os.environ:
-            text = f"environment variable {name} is not set; export {name}=... or give {field} without it"
-            raise OrchmoeError(f"{field}: {text}") if option else OrchmoeError(text, field=field)
-        return os.environ[name]
-
-    return Path(_ENV_REFERENCE.sub(lookup, value)).expanduser()
-
-
 def unique_names(labels: list[str]) -> list[str]:
     """File-safe names for ``labels``: characters other than letters, digits, ``-`` and ``_`` become ``_`` (at most
     100 kept), and a name that would repeat an earlier one gets ``-2``, ``-3`` ...: every label its own name."""
@@ -54,13 +38,6 @@ def unique_names(labels: list[str]) -> list[str]:
     return names
 
 
-def check_new_directory(path: Path, option: str) -> None:
-    """A directory a command creates whole: it must not exist yet, or be empty (nothing a user made is replaced)."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise OrchmoeError(f"{option}: {path} already exists and is not an empty directory; choose a new one "
-                           "(nothing there is replaced)")
-
-
 def disk_error(target: Path, exc: OSError) -> OrchmoeError | OSError:
     """The one-line error for a full disk or an unwritable place; any other OSError is returned as is."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -68,25 +45,6 @@ def disk_error(target: Path, exc: OSError) -> OrchmoeError | OSError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OrchmoeError(f"{target}: cannot write here ({exc.strerror}); choose another output directory")
     return exc
-
-
-def check_output_dir(path: str | Path, field: str) -> Path:
-    """An output directory a command will create or fill: not a file, and creatable and writable where it
-    starts (the nearest existing ancestor), checked before any heavy work. Returns it with ``~`` expanded.
-    Errors name the recipe ``field`` that gave it."""
-    target = Path(path).expanduser()
-    if target.exists() and not target.is_dir():
-        raise OrchmoeError(f"{target} is a file; choose a directory", field=field)
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OrchmoeError(f"{existing} is a file, so {target} cannot be created; choose another directory",
-                           field=field)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OrchmoeError(f"cannot write in {existing} (permission denied or a read-only file system); "
-                           "choose another directory", field=field)
-    return target
 
 
 def _umask() -> int:

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from orchmoe_cli.analysis.bootstrap import RESAMPLES, SEED
 from orchmoe_cli.analysis.comparison import as_dict, compare_runs, comparison_table, forest_plot, to_csv, to_markdown
+from orchmoe_cli.core.records import read_jsonl
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.paths import claim_file, user_path
 
@@ -78,46 +79,32 @@ def distinct_labels(paths: list[Path]) -> list[str]:
             for i, label in enumerate(labels)]
 
 
-def _checked_row(row: Any, where: str) -> dict[str, Any]:
-    """The fields a comparison needs from one predictions line, or one line naming what is wrong."""
-    if not isinstance(row, dict):
-        raise OrchmoeError(f"{where}: expected a JSON object (a predictions row)")
+def _problem(row: dict[str, Any]) -> str | None:
+    """What keeps a predictions line from being compared, or None."""
     missing = [field for field in ("task", "id", *SCORES) if field not in row]
     if missing:
-        raise OrchmoeError(f"{where}: no '{missing[0]}' field (a predictions row has task, id, rougeL and "
-                           f"exact_match; {_HOW})")
+        return f"no '{missing[0]}' field (a predictions row has task, id, rougeL and exact_match; {_HOW})"
     for field in SCORES:
         value = row[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise OrchmoeError(f"{where}: {field} is {value!r}, expected a per-instance score between 0 and 1")
-    return {"task": str(row["task"]), "id": str(row["id"]), **{field: float(row[field]) for field in SCORES}}
+            return f"{field} is {value!r}, expected a per-instance score between 0 and 1"
+    return None
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Per-instance rows of a predictions JSONL file; a damaged line or an instance scored twice is an error
-    naming the file and line."""
+    """Per-instance rows of a predictions JSONL file, read by the one validating record reader; a damaged line or
+    an instance scored twice is an error naming the file and line."""
     rows: list[dict[str, Any]] = []
     first_line: dict[tuple[str, str], int] = {}
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}: line {number}"
-                try:
-                    row = _checked_row(json.loads(line), where)
-                except (ValueError, RecursionError) as exc:  # also too deep nesting
-                    raise OrchmoeError(f"{where}: not valid JSON ({exc})") from None
-                key = (row["task"], row["id"])
-                if key in first_line:
-                    raise OrchmoeError(f"{where}: task {key[0]}, id '{key[1]}' is already scored on line "
-                                       f"{first_line[key]}; each instance may appear once")
-                first_line[key] = number
-                rows.append(row)
-    except UnicodeDecodeError:
-        raise OrchmoeError(f"{path}: not UTF-8 text, so not a predictions JSONL file") from None
-    except OSError as exc:
-        raise OrchmoeError(f"{path}: cannot read ({exc.strerror})") from None
+    lines = read_jsonl(path, _problem)
+    for number, record in zip(lines.numbers, lines.records):
+        row = {"task": str(record["task"]), "id": str(record["id"]), **{f: float(record[f]) for f in SCORES}}
+        key = (row["task"], row["id"])
+        if key in first_line:
+            raise OrchmoeError(f"{path}: line {number}: task {key[0]}, id '{key[1]}' is already scored on line "
+                               f"{first_line[key]}; each instance may appear once")
+        first_line[key] = number
+        rows.append(row)
     if not rows:
         raise OrchmoeError(f"{path}: holds no predictions")
     return rows

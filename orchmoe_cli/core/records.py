@@ -30,6 +30,7 @@ class JsonLines:
 
     path: Path
     records: list[dict[str, Any]] = field(default_factory=list)
+    numbers: list[int] = field(default_factory=list)  # each record's line number, for errors found later
     cut: int | None = None  # the final line's number when it was cut short (dropped)
     whole: int = 0  # bytes up to the end of the last whole line
     unterminated: bool = False  # the final line is a whole record without its newline
@@ -78,7 +79,7 @@ def read_jsonl(path: Path, check: Check | None = None, *, cut_ok: bool = False, 
     except OSError as exc:
         raise disk_error(path, exc) from None
     *lines, tail = data.split(b"\n")  # tail: what follows the last newline (empty when the file ends with one)
-    records = []
+    records, numbers = [], []
     for number, raw in enumerate([*lines, tail], start=1):
         if not raw.strip():
             continue
@@ -86,12 +87,13 @@ def read_jsonl(path: Path, check: Check | None = None, *, cut_ok: bool = False, 
             found = _record(raw, check)
         except (ValueError, RecursionError) as exc:  # also too deep nesting and too long integers
             if number > len(lines) and cut_ok:  # the final line, unterminated; a cut can split a character too
-                return JsonLines(path, records, cut=number, whole=len(data) - len(tail))
+                return JsonLines(path, records, numbers, cut=number, whole=len(data) - len(tail))
             found = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc})"
         if isinstance(found, str):
             raise OrchmoeError(f"{path}: line {number}: {found}{fix}")
         records.append(found)
-    return JsonLines(path, records, whole=len(data), unterminated=bool(tail.strip()))
+        numbers.append(number)
+    return JsonLines(path, records, numbers, whole=len(data), unterminated=bool(tail.strip()))
 
 
 def read_json_object(path: Path, what: str, fix: str = "") -> dict[str, Any]:

@@ -61,6 +61,7 @@ ROUTED = ("poly", "mhr", "orchmoe")
 # MHR-µ's zero-shot variant (Caccia et al.): the trained MHR collapsed to the average of its skills, then a few
 # more multi-task steps (a tenth of the training run's)
 MU_RUN = "mhr_mu_avg"
+SNI_VARIABLE = "ORCHMOE_SNI_DIR"  # where the recipes find the data (expanded when a recipe is read)
 
 
 @dataclass(frozen=True)
@@ -242,8 +243,11 @@ class Study:
                 if row.get("checkpoint") and Path(row["checkpoint"]).is_absolute():
                     row["checkpoint"] = os.path.relpath(row["checkpoint"], self.runs)
             atomic_write_text(results, "".join(json.dumps(row) + "\n" for row in rows))
-            used = out / "recipe.yaml"  # the recipe copy names the paths the driver passed: inside the repository
-            atomic_write_text(used, used.read_text(encoding="utf-8").replace(f"{REPO}/", ""))
+            used = out / "recipe.yaml"  # the recipe copy names no machine's paths: the repository's and the data's
+            text = used.read_text(encoding="utf-8").replace(f"{REPO}/", "")
+            if os.environ.get(SNI_VARIABLE):
+                text = text.replace(os.environ[SNI_VARIABLE], f"${{{SNI_VARIABLE}}}")
+            atomic_write_text(used, text)
             atomic_write_json(out / "done.json", {"modes": modes, "tasks": tasks,
                                            "wall_s": round(time.perf_counter() - started, 1)})
         return Piece("adapt", name, out / "done.json", command, run, method)

@@ -140,8 +140,9 @@ class Study:
         command = ["train", str(self.recipe), *self.settings(method)]
         if method == MU_RUN:
             steps = max(1, self.config.train.steps // 10)
-            command += [f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0",
-                        "train.keep_steps=[]", "train.save_every=0", "train.eval_every=0"]
+            command += [f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0"]
+            if self.config.train.keep_steps:  # the long run's kept steps lie beyond these few
+                command.append("train.keep_steps=[]")
 
         def run() -> None:
             started = time.perf_counter()

@@ -195,6 +195,11 @@ def test_init_from_continues_a_checkpoint_and_averages_for_mu(sni_dir: Path, tmp
                if "lora_A" in k)  # they trained on ...
     assert all((after[k] - start[k]).norm() < 0.5 * start[k].norm() for k in after if "lora_A" in k)  # ... from there
     capsys.readouterr()
+    # resuming with another origin would record it for weights that came from the first one
+    other = tmp_path / "mhr" / "checkpoints" / "step-000002"
+    assert run_cli(["train", str(mu), "--resume", "train.steps=3", f"train.init_from={other}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.init_from" in err and "differs" in err and len(err.splitlines()) == 1, err
     lora = write_recipe(tmp_path / "lora.yaml", sni_dir, tmp_path / "lora", "tiny-llama", "lora", steps=2,
                         init_from=tmp_path / "mhr")
     assert run_cli(["train", str(lora)]) == 2

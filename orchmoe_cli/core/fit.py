@@ -39,7 +39,7 @@ from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
-from orchmoe_cli.paths import claim_directory
+from orchmoe_cli.paths import claim_directory, user_path
 from orchmoe_cli.recipe import TRACKERS, TrainConfig
 
 _LR_FIELD = {"adapters": "lr", "routers": "router_lr", "hypernetwork": "hypernetwork_lr", "other": "lr"}
@@ -78,9 +78,10 @@ class _Interrupt:
             signal.signal(sig, previous)
 
 
-# train fields whose values live in the optimizer and scheduler state a checkpoint restores
+# train fields a resumed run must keep: values the optimizer and scheduler state a checkpoint restores hold, and
+# where its weights came from (init_from)
 _RESTORED_FIELDS = ("lr", "router_lr", "hypernetwork_lr", "weight_decay", "schedule", "warmup_steps", "grad_accum",
-                    "batch_size", "seed", "task_sampling", "group_by_length")
+                    "batch_size", "seed", "task_sampling", "group_by_length", "init_from")
 # what a checkpoint written before a field existed was trained with
 _BEFORE_THE_FIELD = {"group_by_length": False}
 
@@ -211,6 +212,8 @@ def _check_unchanged(checkpoint: Path, cfg: TrainConfig) -> None:
         return
     for name in _RESTORED_FIELDS:
         saved_value = train.get(name, _BEFORE_THE_FIELD.get(name))
+        if name == "init_from" and saved_value is not None:  # as this recipe's paths are: resolved
+            saved_value = str(user_path(saved_value, "train.init_from"))
         if (name in train or name in _BEFORE_THE_FIELD) and saved_value != getattr(cfg, name):
             raise OrchmoeError(f"train.{name}: {getattr(cfg, name)!r} differs from the {saved_value!r} that "
                                f"{checkpoint} was trained with, and resuming would not continue the same run; "

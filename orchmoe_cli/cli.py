@@ -90,7 +90,6 @@ def prepare(
         loaded = _load(recipe, overrides, show_config)
         if export_table is not None:
             from orchmoe_cli.commands.prepare import export_table as run_export
-
             from orchmoe_cli.paths import claim_file
 
             target = claim_file(export_table, "--export-table", option=True)
@@ -127,12 +126,14 @@ def eval_command(
         from orchmoe_cli.analysis.terminal_tables import results_table
         from orchmoe_cli.commands.eval import evaluate
         from orchmoe_cli.core.results import task_rows
+        from orchmoe_cli.fsutil import distinct
 
         outcomes = evaluate(loaded, str(recipe), console, with_base=with_base)
         if not outcomes:  # a non-main process of a distributed evaluation
             return
-        columns = {o.label: task_rows(o.rows, o.metrics) for o in outcomes}
-        overall = {o.label: o.metrics for o in outcomes}
+        labels = distinct([o.label for o in outcomes])  # a checkpoint folder named "base" beside the base model
+        columns = {label: task_rows(o.rows, o.metrics) for label, o in zip(labels, outcomes)}
+        overall = {label: o.metrics for label, o in zip(labels, outcomes)}
         console.print(results_table(f"{loaded.model.name} on {loaded.eval.split} tasks (SNI official metric)",
                                     columns, overall))
         for outcome in outcomes:
@@ -225,7 +226,6 @@ def inspect_routing(
         from orchmoe_cli.analysis.routing_report import to_csv
         from orchmoe_cli.commands.inspect_routing import default_out_dir, inspect_checkpoint, write_report
         from orchmoe_cli.core.checkpoint import find_checkpoint
-
         from orchmoe_cli.paths import claim_directory, user_path
 
         path = find_checkpoint(user_path(checkpoint, "CHECKPOINT", option=True))

@@ -22,20 +22,24 @@ from typing import Any
 from orchmoe_cli.errors import OrchmoeError
 
 
+def distinct(labels: list[str], separator: str = "#") -> list[str]:
+    """``labels`` with repeats told apart: a repeated ``x`` becomes ``x#2`` (``x#3`` ...), never a label that is
+    already in the list, so every label names one thing (results keyed by label never overwrite each other)."""
+    given, taken, out = set(labels), set(), []
+    for label in labels:
+        name, n = label, 1
+        while name in taken or (name != label and name in given):
+            n += 1
+            name = f"{label}{separator}{n}"
+        taken.add(name)
+        out.append(name)
+    return out
+
+
 def unique_names(labels: list[str]) -> list[str]:
     """File-safe names for ``labels``: characters other than letters, digits, ``-`` and ``_`` become ``_`` (at most
-    100 kept), and a name that would repeat an earlier one gets ``-2``, ``-3`` ...: every label its own name."""
-    names: list[str] = []
-    taken: set[str] = set()
-    for label in labels:
-        base = re.sub(r"[^A-Za-z0-9_-]", "_", label)[:100].strip("_") or "unnamed"
-        name, n = base, 1
-        while name in taken:
-            n += 1
-            name = f"{base}-{n}"
-        taken.add(name)
-        names.append(name)
-    return names
+    100 kept), and names that repeat are told apart by :func:`distinct` (``-2``, ``-3`` ...)."""
+    return distinct([re.sub(r"[^A-Za-z0-9_-]", "_", label)[:100].strip("_") or "unnamed" for label in labels], "-")
 
 
 def disk_error(target: Path, exc: OSError) -> OrchmoeError | OSError:

@@ -10,6 +10,7 @@ Torch-free, so both run before anything heavy is imported.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,9 @@ PATH_KINDS = ("dir", "input", "location")
 MAX_NAME_BYTES = 255  # one path component, as common file systems allow
 MAX_PATH_BYTES = 4096
 CHECKPOINT_MANIFEST = "manifest.json"  # written last into every saved checkpoint
+# commands that replace their output directory whole (built aside, renamed into place): the files they write, so
+# a rerun never takes a user's file with it
+REPLACED_WHOLE: dict[str, tuple[str, ...]] = {"inspect-routing": ("routing.json", "routing.csv", "*.png")}
 BOOKKEEPING = (".lock",)  # what any command leaves while it runs (or after a kill): never a user's file
 _ENV_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
@@ -125,6 +129,12 @@ def claim_directory(value: str | Path, field: str, command: str, option: bool = 
     if owner is not None and owner != command:
         raise _error(field, f"{path} holds the output of `orchmoe {owner}`; choose another directory for "
                             f"`orchmoe {command}` (nothing there is replaced)", option)
+    if owner == command and command in REPLACED_WHOLE:
+        own = REPLACED_WHOLE[command]
+        foreign = sorted(e.name for e in path.iterdir() if not any(fnmatch.fnmatch(e.name, p) for p in own))
+        if foreign:
+            raise _error(field, f"{path} holds files `orchmoe {command}` did not write ({', '.join(foreign[:3])}), and "
+                                "a new report replaces the folder whole: move them or choose another directory", option)
     if owner is None and path.is_dir():  # outputs nested in a run directory (eval-*/, routing-*/) are not foreign
         foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in BOOKKEEPING
                          and output_of(entry) is None)
@@ -136,11 +146,14 @@ def claim_directory(value: str | Path, field: str, command: str, option: bool = 
 
 
 def claim_file(value: str | Path, field: str, option: bool = False) -> Path:
-    """A file a command writes (``--output``, ``--plot``, ``--export-table``): resolved, not a directory, and its
-    folder passes :func:`claim_parent` (never inside a saved checkpoint)."""
+    """A new file a command writes (``--output``, ``--plot``, ``--export-table``): resolved, not there yet (an
+    existing file may be the user's, or the command's own input), and its folder passes :func:`claim_parent`
+    (never inside a saved checkpoint)."""
     path = user_path(value, field, option)
     if path.is_dir():
         raise _error(field, f"{path} is a directory; give a file name", option)
+    if path.exists() or path.is_symlink():
+        raise _error(field, f"{path} already exists; choose another file (nothing is overwritten)", option)
     claim_parent(path.parent, field, option)
     return path
 

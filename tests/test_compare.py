@@ -188,3 +188,34 @@ def test_run_directories_are_searched_one_level_down_and_up(tmp_path: Path, caps
     assert "holds 2 evaluations (eval-base, eval-step-000020-4567cdef); which one?" in line, line
     assert "no predictions.jsonl in it" in _refused([str(evaluation), str(tmp_path)], capsys)
     assert "UNSET_RUNS_HOME is not set" in _refused([str(evaluation), "$UNSET_RUNS_HOME/x"], capsys)
+
+
+def test_every_run_keeps_its_own_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Labels key the results: a suffix never equals another run's name, and two files of one folder that share a
+    stem keep their whole names; so no run silently disappears."""
+    base = _base_rows(5)
+    files = [_write(tmp_path / name, _shifted(base, by)) for name, by in
+             (("lora.jsonl", 0.0), ("lora.predictions.jsonl", 0.3), ("lora#2.jsonl", 0.6))]
+    result = _json([str(f) for f in files], capsys)
+    assert len(result["runs"]) == 3 == len(set(result["runs"]))
+    assert distinct_labels([files[0], files[0], tmp_path / "lora#2.jsonl"]) == ["lora", "lora#3", "lora#2"]
+
+
+def test_a_task_named_overall_keeps_its_own_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [_row("overall", i, 1.0) for i in range(3)] + [_row("t2", i, 0.0) for i in range(3)]
+    comparison = compare_runs({"a": rows, "b": rows})
+    assert comparison.overall != "overall" and comparison.tasks[1:] == ["overall", "t2"]
+    assert comparison.cells_for("overall")[0].means["rougeL"] == 100.0
+    assert comparison.cells_for(comparison.overall)[0].means["rougeL"] == 50.0
+
+
+def test_names_with_dollars_and_bars_plot_and_tabulate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Task names are user data: `$` is drawn as written (not mathtext), `|` stays inside its Markdown cell."""
+    rows = [_row(task, i, 0.2 + 0.1 * i) for task in ("price_$5_to_$10", "yes|no") for i in range(4)]
+    a, b = _write(tmp_path / "a.jsonl", rows), _write(tmp_path / "b.jsonl", _shifted(rows, 0.1))
+    capsys.readouterr()
+    assert run_cli(["compare", str(a), str(b), "--plot", str(tmp_path / "f.png"), "--format", "markdown"]) == 0
+    assert (tmp_path / "f.png").stat().st_size > 0
+    table = [line for line in capsys.readouterr().out.splitlines() if "yes" in line]
+    assert table and all(line.count(" | ") == table[0].count(" | ") and "yes\\|no" in line for line in table)
+    assert run_cli(["compare", str(a), str(b), "--plot", str(tmp_path / "f.png")]) == 2  # never overwritten

@@ -120,3 +120,27 @@ def test_recipe_path_and_options_use_the_resolver(tmp_path: Path, monkeypatch: p
         assert run_cli(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_no_rerun_takes_a_users_file_with_it(tmp_path: Path) -> None:
+    """A file the user left in a report folder a command replaces whole, or an existing file named as an output,
+    is refused, never replaced."""
+    report = tmp_path / "routing-step-000003"
+    report.mkdir()
+    (report / "routing.json").write_text("{}")
+    (report / "heatmap.png").write_bytes(b"png")
+    assert claim_directory(report, "--out", "inspect-routing", option=True) == report  # its own report only
+    (report / "my_notes.md").write_text("mine")
+    with pytest.raises(OrchmoeError, match=r"did not write \(my_notes.md\)"):
+        claim_directory(report, "--out", "inspect-routing", option=True)
+    (tmp_path / "answers.jsonl").write_text("mine")
+    with pytest.raises(OrchmoeError, match="already exists"):
+        claim_file(tmp_path / "answers.jsonl", "--output", option=True)
+    assert (tmp_path / "answers.jsonl").read_text() == "mine"
+
+
+def test_labels_are_told_apart_without_taking_another_name() -> None:
+    from orchmoe_cli.fsutil import distinct, unique_names
+
+    assert distinct(["a", "a", "a#2"]) == ["a", "a#3", "a#2"]
+    assert unique_names(["x y", "x_y", "x_y-2"]) == ["x_y", "x_y-3", "x_y-2"]

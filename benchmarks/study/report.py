@@ -17,7 +17,8 @@ from typing import Any
 
 from orchmoe_cli.analysis.adaptation_report import merge_results, plot, summarise
 from orchmoe_cli.analysis.bootstrap import InstanceKey, paired_bootstrap
-from orchmoe_cli.analysis.comparison import OVERALL, compare_runs
+from orchmoe_cli.analysis.comparison import compare_runs
+from orchmoe_cli.core.figures import pyplot
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -33,8 +34,8 @@ def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
     rows = {m: [json.loads(line) for line in (results / stage / f"{m}.predictions.jsonl").open(encoding="utf-8")]
             for m in runs}
     references = [r for r in (reference, "orchmoe", "base") if r in rows]
-    overall = {r: {c.run: c for c in compare_runs({r: rows[r], **{m: v for m, v in rows.items() if m != r}})
-                   .cells_for(OVERALL)} for r in references}
+    comparisons = {r: compare_runs({r: rows[r], **{m: v for m, v in rows.items() if m != r}}) for r in references}
+    overall = {r: {c.run: c for c in found.cells_for(found.overall)} for r, found in comparisons.items()}
     lines = ["| method | ROUGE-L | EM | " + " | ".join(f"minus {r} [95% CI]" for r in references) + " | instances |",
              "|---|---:|---:|" + "---:|" * len(references) + "---:|"]
     for method, run in sorted(runs.items(), key=lambda kv: -kv[1]["results"]["rougeL"]):
@@ -138,10 +139,7 @@ def _routing_along_training(results: Path, figures: Path) -> list[str]:
             value = (record.get(part) or {}).get(key)
             cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
         lines.append(f"| {record['method']} | {record['step']} | " + " | ".join(cells) + " |")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for method in sorted({r["method"] for r in found}):
@@ -172,10 +170,7 @@ def _validation_curves(results: Path, figures: Path) -> list[str]:
     runs = {m: v for m, v in runs.items() if v and len(v) > 1}
     if not runs:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for method, curve in runs.items():

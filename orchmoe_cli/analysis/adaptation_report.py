@@ -16,6 +16,7 @@ from typing import Any
 from rich.table import Table
 
 from orchmoe_cli.analysis.bootstrap import instance_scores
+from orchmoe_cli.core.figures import pyplot
 from orchmoe_cli.core.records import (
     NOT_RECORDED,
     JsonLines,
@@ -25,6 +26,7 @@ from orchmoe_cli.core.records import (
     read_jsonl,
     shown,
 )
+from orchmoe_cli.core.results import markdown_table
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe
@@ -256,26 +258,18 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def _markdown_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-
 def _markdown(summary: dict[str, Any]) -> str:
     header, rows, overall = _grid(summary)
     lines = ["# Adaptation results", "", "ROUGE-L (SNI official scorer) on each held-out task's evaluation instances, "
              "mean ± std over seeds. Trainable parameters per mode: "
-             + ", ".join(f"{m} {n:,}" for m, n in summary["trainable"].items()) + ".", "", _markdown_row(header),
-             "|---|" + "---:|" * (len(header) - 1),
-             *(_markdown_row(row) for row in rows), _markdown_row([f"**{c}**" if c != "-" else c for c in overall])]
-    return "\n".join(lines) + "\n"
+             + ", ".join(f"{m} {n:,}" for m, n in summary["trainable"].items()) + ".", "",
+             markdown_table(header, [*rows, [f"**{c}**" if c != "-" else c for c in overall]], numeric_from=1)]
+    return "\n".join(lines)
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
     """ROUGE-L against k (log axis), a line per mode with seed error bars; zero-shot as a dashed level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     by_mode: dict[str, list[dict]] = defaultdict(list)

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchmoe_cli.analysis.bootstrap import RESAMPLES, SEED, Difference, InstanceKey, instance_scores, paired_bootstrap
+from orchmoe_cli.core.figures import pyplot
 from orchmoe_cli.core.results import instance_key, markdown_table
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write
@@ -44,10 +45,11 @@ class Cell:
 class Comparison:
     reference: str
     runs: list[str]  # the reference first
-    tasks: list[str]  # ``overall`` first, then the tasks in the reference's order
+    tasks: list[str]  # the overall row's name first, then the tasks in the reference's order
     cells: list[Cell]  # grouped by task in ``tasks`` order, runs in ``runs`` order
     resamples: int
     seed: int
+    overall: str = OVERALL  # the row of all instances: "overall", or longer when a task has that name
 
     def cells_for(self, task: str) -> list[Cell]:
         return [c for c in self.cells if c.task == task]
@@ -71,8 +73,9 @@ def check_same_instances(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Non
                                "split, tasks and max_instances")
 
 
-def _subset(scores: Mapping[InstanceKey, float], task: str) -> dict[InstanceKey, float]:
-    return dict(scores) if task == OVERALL else {k: v for k, v in scores.items() if k[0] == task}
+def _subset(scores: Mapping[InstanceKey, float], task: str | None) -> dict[InstanceKey, float]:
+    """The instances of ``task``; all of them for None."""
+    return dict(scores) if task is None else {k: v for k, v in scores.items() if k[0] == task}
 
 
 def compare_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], resamples: int = RESAMPLES,
@@ -86,17 +89,22 @@ def compare_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], resamples: int
     labels = list(runs)
     reference = labels[0]
     scores = {label: {m: instance_scores(rows, m, scale=100.0) for m in METRICS} for label, rows in runs.items()}
-    tasks = [OVERALL, *dict.fromkeys(row["task"] for row in runs[reference])]
+    names = list(dict.fromkeys(row["task"] for row in runs[reference]))
+    overall = OVERALL
+    while overall in names:  # a task named "overall" keeps its own row
+        overall += "*"
+    tasks = [overall, *names]
     cells = []
     for task in tasks:
-        subsets = {label: {m: _subset(scores[label][m], task) for m in METRICS} for label in labels}
+        subsets = {label: {m: _subset(scores[label][m], None if task == overall else task) for m in METRICS}
+                   for label in labels}
         for label in labels:
             mine = subsets[label]
             differences = {} if label == reference else {
                 m: paired_bootstrap(mine[m], subsets[reference][m], resamples=resamples, seed=seed) for m in METRICS}
             cells.append(Cell(label, task, len(mine["rougeL"]),
                               {m: statistics.fmean(mine[m].values()) for m in METRICS}, differences))
-    return Comparison(reference, labels, tasks, cells, resamples, seed)
+    return Comparison(reference, labels, tasks, cells, resamples, seed, overall)
 
 
 def _metric_fields(cell: Cell, metric: str) -> dict[str, float]:
@@ -148,7 +156,7 @@ def _headers() -> list[str]:
 
 
 def _caption(comparison: Comparison) -> str:
-    n = comparison.cells_for(OVERALL)[0].n
+    n = comparison.cells_for(comparison.overall)[0].n
     return (f"Each run minus {comparison.reference}, with 95% paired-bootstrap intervals over the same {n} (task, id) "
             f"instances ({comparison.resamples:,} resamples, seed {comparison.seed}); scores in points.")
 
@@ -156,7 +164,7 @@ def _caption(comparison: Comparison) -> str:
 def to_markdown(comparison: Comparison) -> str:
     """An overall table (one row per run) and a per-task one, ready to paste into a README."""
     ref = comparison.reference
-    overall = markdown_table(["run", *_headers()], [_row(c, ref) for c in comparison.cells_for(OVERALL)])
+    overall = markdown_table(["run", *_headers()], [_row(c, ref) for c in comparison.cells_for(comparison.overall)])
     per_task = markdown_table(["task", "run", *_headers()],
                               [[c.task, *_row(c, ref)] for task in comparison.tasks[1:]
                                for c in comparison.cells_for(task)])
@@ -183,7 +191,7 @@ def comparison_table(comparison: Comparison) -> Table:
     for task in comparison.tasks:
         group = comparison.cells_for(task)
         for i, cell in enumerate(group):
-            style = "bold" if task == OVERALL else None
+            style = "bold" if task == comparison.overall else None
             metrics = [v for m in METRICS for v in (f"{cell.means[m]:.2f}", _styled(cell.differences.get(m)))]
             table.add_row(escape(task) if i == 0 else "", escape(cell.run), str(cell.n), *metrics, style=style,
                           end_section=i == len(group) - 1)
@@ -193,10 +201,7 @@ def comparison_table(comparison: Comparison) -> Table:
 def forest_plot(comparison: Comparison, path: Path) -> Path:
     """One panel per metric: each run's difference from the reference with its interval, grouped by task
     (``overall`` on top), and a line at 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     others = comparison.runs[1:]
     group_height = len(others) + 1  # one row per run and a gap

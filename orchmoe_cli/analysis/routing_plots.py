@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from orchmoe_cli.core.figures import pyplot
 from orchmoe_cli.fsutil import atomic_write
 
 if TYPE_CHECKING:
@@ -17,18 +18,9 @@ if TYPE_CHECKING:
 ROW_INCHES = 0.17  # height per labelled row, so 62 task names stay readable
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig: Any, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -55,7 +47,7 @@ def _heatmap(ax: Any, matrix: np.ndarray, rows: list[str], columns: list[str], t
 
 def plot_task_skill(report: RoutingReport, path: Path) -> Path:
     """Rows in clustering order x skills (per head), mean weight over layers."""
-    plt = _pyplot()
+    plt = pyplot()
     view, order = report.view, report.order
     weights = view.weights
     assert weights is not None
@@ -70,7 +62,7 @@ def plot_task_skill(report: RoutingReport, path: Path) -> Path:
 
 def plot_layers(report: RoutingReport, path: Path) -> Path:
     """One small heatmap per layer, rows in the same clustering order."""
-    plt = _pyplot()
+    plt = pyplot()
     weights = report.view.weights
     assert weights is not None
     n_layers, _, heads, skills = weights.shape
@@ -96,7 +88,7 @@ def plot_layers(report: RoutingReport, path: Path) -> Path:
 def plot_dendrogram(report: RoutingReport, path: Path) -> Path:
     from scipy.cluster.hierarchy import dendrogram
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = report.view.rows
     fig, ax = plt.subplots(figsize=(6, 1.0 + ROW_INCHES * len(rows)))
     dendrogram(report.linkage, orientation="left", labels=[_label(report, r) for r in rows], ax=ax,
@@ -107,7 +99,7 @@ def plot_dendrogram(report: RoutingReport, path: Path) -> Path:
 
 
 def plot_similarity(report: RoutingReport, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     order, rows = report.order, report.view.rows
     size = 2.5 + 0.7 * ROW_INCHES * len(order)  # a square of cells: smaller rows than the heatmaps need
     fig, ax = plt.subplots(figsize=(size, size))
@@ -124,7 +116,7 @@ def plot_similarity(report: RoutingReport, path: Path) -> Path:
 
 def plot_abstract_tasks(report: RoutingReport, directory: Path) -> list[Path]:
     """OrchMoE with data: real task x abstract task and SNI category x abstract task (mean p(t|x))."""
-    plt = _pyplot()
+    plt = pyplot()
     assert report.task_abstract is not None
     rows, order = report.view.rows, report.order
     columns = [f"t{t}" for t in range(report.task_abstract.shape[1])]

@@ -13,6 +13,7 @@ from orchmoe_cli.analysis.bootstrap import RESAMPLES, SEED
 from orchmoe_cli.analysis.comparison import as_dict, compare_runs, comparison_table, forest_plot, to_csv, to_markdown
 from orchmoe_cli.core.records import read_jsonl
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import distinct
 from orchmoe_cli.paths import claim_file, user_path
 
 PREDICTIONS = "predictions.jsonl"  # what `orchmoe eval` writes into its evaluation directory
@@ -64,19 +65,21 @@ def _stem(name: str) -> str:
 
 def distinct_labels(paths: list[Path]) -> list[str]:
     """Each path's name (a file without ``.predictions.jsonl``); names that clash are lengthened with their
-    parent directories (``a/lora``, ``b/lora``) until they differ. The same path given twice gets ``#2``."""
-    parts = [[*p.absolute().parent.parts[1:], _stem(p.name)] for p in paths]
+    parent directories (``a/lora``, ``b/lora``) until they differ, two files of one folder keep their whole names,
+    and the same file given twice gets ``#2`` (:func:`fsutil.distinct`): every run its own label."""
+    resolved = [p.resolve() for p in paths]
+    stems = [p.name if sum(_stem(q.name) == _stem(p.name) and q.parent == p.parent and q != p for q in resolved)
+             else _stem(p.name) for p in resolved]
+    parts = [[*p.parent.parts[1:], stem] for p, stem in zip(resolved, stems)]
     depth = [1] * len(paths)
     while True:
         labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
         clashing = [i for i, label in enumerate(labels) if depth[i] < len(parts[i]) and any(
             other == label and parts[j] != parts[i] for j, other in enumerate(labels))]
         if not clashing:
-            break
+            return distinct(labels)
         for i in clashing:
             depth[i] += 1
-    return [label if labels[:i].count(label) == 0 else f"{label}#{labels[:i].count(label) + 1}"
-            for i, label in enumerate(labels)]
 
 
 def _problem(row: dict[str, Any]) -> str | None:

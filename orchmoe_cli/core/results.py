@@ -76,9 +76,16 @@ def category_rows(rows: Sequence[dict], metrics: dict[str, float]) -> list[dict[
     ]
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
+def markdown_row(cells: Iterable[Any]) -> str:
+    """One Markdown table row; a ``|`` inside a cell (a task name may hold one) is escaped, not a column break."""
+    text = (f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells)
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in text) + " |"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric_from: int | None = None) -> str:
+    """A Markdown table; columns from ``numeric_from`` on are right-aligned."""
+    align = ["---:" if numeric_from is not None and i >= numeric_from else "---" for i in range(len(headers))]
+    lines = [markdown_row(headers), "|" + "|".join(align) + "|", *(markdown_row(row) for row in rows)]
     return "\n".join(lines) + "\n"
 
 

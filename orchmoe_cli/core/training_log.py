@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchmoe_cli.core.figures import pyplot
 from orchmoe_cli.fsutil import json_text
 
 
@@ -45,10 +46,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(*zip(*train), label="train loss")

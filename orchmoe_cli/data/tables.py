@@ -350,8 +350,6 @@ def export_table(layout: Any, path: Path) -> int:
 
     if path.suffix.lower() not in (".jsonl", ".parquet"):
         raise OrchmoeError(f"{path}: the table is written as .jsonl or .parquet")
-    if path.exists():
-        raise OrchmoeError(f"{path} already exists; choose another file (nothing is overwritten)")
     rows = []
     for split in SPLITS:
         for name in layout.tasks[split]:

@@ -20,6 +20,7 @@ import yaml
 
 from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.data.data_config import DataConfig
+from orchmoe_cli.data.nearby import inside, listing, not_found_hint
 from orchmoe_cli.errors import FieldError, OrchmoeError
 from orchmoe_cli.paths import user_path
 from orchmoe_cli.schema import build, fields_help
@@ -206,9 +207,29 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
     return build(Recipe, raw, source)
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def _is_recipe_file(path: Path) -> bool:
+    return path.suffix.lower() in RECIPE_SUFFIXES and path.is_file()
+
+
+def _recipe_not_found(path: Path) -> OrchmoeError:
+    """Why ``path`` is no recipe file, with the recipe one level up or down it may have meant (named, not used)."""
+    if not path.is_dir():
+        what = "is not a regular file" if path.exists() else "recipe file not found"
+        return OrchmoeError(f"{path}: {what}{not_found_hint(path, _is_recipe_file)}")
+    recipes = inside(path, _is_recipe_file)
+    if len(recipes) == 1:
+        return OrchmoeError(f"{path}: is a directory; it holds {recipes[0].name}: did you mean {recipes[0]}?")
+    if recipes:
+        return OrchmoeError(f"{path}: is a directory; it holds {listing([r.name for r in recipes])}: name one")
+    return OrchmoeError(f"{path}: is a directory and holds no recipe (.yaml); give a recipe file")
+
+
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise OrchmoeError(f"{path}: recipe file not found")
+        raise _recipe_not_found(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

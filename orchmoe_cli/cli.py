@@ -7,6 +7,7 @@ user can fix are reported as one red line with exit code 2 (``--debug`` shows th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import signal
@@ -254,12 +255,18 @@ CheckpointArg = Annotated[str, typer.Argument(
     show_default=False)]
 RecipeOption = Annotated[Optional[Path], typer.Option(
     "--recipe", help="Recipe to use instead of the one saved with the checkpoint (model, prompt format, eval.*).")]
-_OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_]+)+=")  # section.field=value among prompts is an override
+_OVERRIDE = re.compile(r"^([a-z_]+)(\.[a-z_]+)+=")  # section.field=value among prompts is an override
+_SECTIONS = frozenset(section.name for section in dataclasses.fields(Recipe))
 
 
 def _prompts_and_overrides(words: list[str]) -> tuple[list[str], list[str]]:
-    overrides = [w for w in words if _OVERRIDE.match(w)]
-    return [w for w in words if not _OVERRIDE.match(w)], overrides
+    """Split ``generate``'s words: ``section.field=value`` of a recipe section is an override (a misspelt field
+    is then refused by the recipe loader); anything else, ``a.b=c`` too, is a prompt."""
+    def is_override(word: str) -> bool:
+        match = _OVERRIDE.match(word)
+        return match is not None and match.group(1) in _SECTIONS
+
+    return [w for w in words if not is_override(w)], [w for w in words if is_override(w)]
 
 
 @app.command()
@@ -364,6 +371,13 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class _WarningLines(logging.Handler):
+    """orchmoe's logged warnings as ``warning: ...`` lines on stderr, apart from results and the error line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the Typer app, turning user errors into one line and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -371,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     # bitsandbytes, imported by transformers / peft whenever installed, warns on every CPU start that an optional
     # kernel package is missing, even when nothing is quantised
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    package = logging.getLogger("orchmoe_cli")
+    if not any(isinstance(handler, _WarningLines) for handler in package.handlers):
+        package.addHandler(_WarningLines(logging.WARNING))
     if not console.is_terminal:  # logs and pipes: do not squeeze result tables into 80 columns
         console.width = max(console.width, 160)
     signal.signal(signal.SIGTERM, _terminate)  # kill, docker stop, SLURM: as Ctrl-C (train saves first)

@@ -5,7 +5,8 @@
 resolves them all when a recipe is loaded, command-line options call it directly. :func:`claim_directory` is the
 only place that decides whether a command may write into a directory: never inside a saved checkpoint, never into
 another command's output, never into a directory holding files orchmoe did not write (a user's recipe, say).
-Torch-free, so both run before anything heavy is imported.
+:func:`not_found_hint` is where every "not found" looks one level up and down. Torch-free, so all of it runs
+before anything heavy is imported.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.errors import OrchmoeError, did_you_mean
 
 # what a path field holds: "dir" a directory orchmoe writes or caches into (a file there is refused at once),
 # "input" a file or directory it reads, "location" a path or a name (a hub id, 'bundled', 'latest', 'none')
@@ -166,3 +168,57 @@ def claim_new_directory(value: str | Path, field: str, option: bool = False) -> 
         raise _error(field, f"{path} already exists and is not empty; choose a new directory (nothing there is "
                             "replaced)", option)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where a thing the user named may be when it is not where they said: every "not found" (a recipe file,
+# data.source, a checkpoint) looks one level up and one level down, because the usual slip is a command run one
+# folder off (``../r.yaml`` or ``runs/r.yaml`` exists), a close spelling (``r.yml``), or a folder given instead of
+# the file in it. What is found goes into the one-line error as a suggestion; a file the user did not name is never
+# used in silence.
+
+SHOWN = 3  # names listed in one message before "..."
+
+
+def listing(names: Sequence[object]) -> str:
+    """``a, b, c, ...``: the first :data:`SHOWN` names, so the message stays one short line."""
+    return ", ".join(map(str, names[:SHOWN])) + (", ..." if len(names) > SHOWN else "")
+
+
+def inside(directory: Path, accept: Callable[[Path], bool]) -> list[Path]:
+    """The entries of ``directory`` (not hidden ones) that ``accept`` takes, sorted by name: one level down."""
+    try:
+        entries = sorted(entry for entry in directory.iterdir() if not entry.name.startswith("."))
+    except OSError:  # not a directory, unreadable, gone meanwhile
+        return []
+    return [entry for entry in entries if _accepts(accept, entry)]
+
+
+def _accepts(accept: Callable[[Path], bool], path: Path) -> bool:
+    try:
+        return accept(path)
+    except OSError:
+        return False
+
+
+def same_name_nearby(path: Path, accept: Callable[[Path], bool] = Path.exists) -> list[Path]:
+    """Paths named like the missing ``path`` that ``accept`` takes: in the folder above its folder (``../r.yaml``),
+    then in the folders beside it (``runs/r.yaml``), written as relative as ``path`` was."""
+    folder = path.parent
+    above = Path(os.path.normpath(folder / os.pardir / path.name))
+    found = [above] if above != path and _accepts(accept, above) else []
+    return found + [child / path.name for child in inside(folder, Path.is_dir) if _accepts(accept, child / path.name)]
+
+
+def not_found_hint(path: Path, accept: Callable[[Path], bool] = Path.exists) -> str:
+    """What to add to "``path`` not found": a close spelling in its own folder (`` (did you mean 'r.yaml'?)``),
+    else the same name one level up or down (``; ../r.yaml exists: did you mean it?``); empty when nothing is near."""
+    close = did_you_mean(path.name, [entry.name for entry in inside(path.parent, accept)])
+    if close:
+        return close
+    found = same_name_nearby(path, accept)
+    if len(found) == 1:
+        return f"; {found[0]} exists: did you mean it?"
+    if found:
+        return f"; {listing(found)} exist: did you mean one of them?"
+    return ""

@@ -20,9 +20,8 @@ import yaml
 
 from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.nearby import inside, listing, not_found_hint
 from orchmoe_cli.errors import FieldError, OrchmoeError
-from orchmoe_cli.paths import user_path
+from orchmoe_cli.paths import inside, listing, not_found_hint, user_path
 from orchmoe_cli.schema import build, fields_help
 from orchmoe_cli.schema import help_field as _f
 

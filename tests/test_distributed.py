@@ -34,9 +34,9 @@ def test_orchmoe_batch_terms_and_resume_on_another_process_count(sni_dir: Path, 
     process and of two (2 rows each) agree: the batch marginal is gathered across processes. A run saved by one
     process resumes on two."""
     one = write_recipe(tmp_path / "one.yaml", sni_dir, tmp_path / "one", method="orchmoe", steps=1, batch_size=4,
-                       warmup_steps=0)
+                       warmup_steps=0, schedule="constant")  # constant: resuming may extend the run
     two = write_recipe(tmp_path / "two.yaml", sni_dir, tmp_path / "two", method="orchmoe", steps=1, batch_size=2,
-                       warmup_steps=0)
+                       warmup_steps=0, schedule="constant")
     assert run_cli(["train", str(one)]) == 0
     launch("train", str(two))
     two_summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())

@@ -100,7 +100,7 @@ def test_read_prompts_refuses_empty_files_missing_fields_and_repeated_ids(tmp_pa
         read_prompts([], str(empty))
     table = tmp_path / "rows.csv"
     table.write_text("question,id\nwhat?,1\n")
-    with pytest.raises(OrchmoeError, match="rows.csv: row 0 has no non-empty text field"):
+    with pytest.raises(OrchmoeError, match="rows.csv: row 1 has no non-empty text field"):
         read_prompts([], str(table))
     twice = tmp_path / "twice.jsonl"
     twice.write_text('{"id": 1, "input": "a"}\n{"id": 1, "input": "b"}\n')

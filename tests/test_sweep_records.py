@@ -366,8 +366,8 @@ def test_a_cut_last_line_is_dropped_with_a_warning_and_its_cell_redone(sweep: Pa
     data = (sweep / RESULTS).read_bytes()
     (sweep / RESULTS).write_bytes(data[: len(data) - 40])  # what SIGKILL or a full disk leaves
     assert run_cli(_sweep(trained, sweep, *ZERO_SHOT)) == 0
-    out = capsys.readouterr().out
-    assert f"warning: {sweep / RESULTS}: line 2 was cut short" in " ".join(out.split()), out
+    err = capsys.readouterr().err  # a warning: on standard error, apart from the results
+    assert f"warning: {sweep / RESULTS}: line 2 was cut short" in " ".join(err.split()), err
     assert ran == [f"{TASKS[1]}/zero_shot/k0/s0"]
     assert [row["key"] for row in lines_of(sweep / RESULTS)] == [f"{task}/zero_shot/k0/s0" for task in TASKS]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import random
 import shutil
 import time
@@ -69,6 +70,8 @@ WITHOUT_CHECKPOINT = ("zero_shot", "lora_scratch")  # the modes a sweep of the b
 GRID = ("modes", "shots", "seeds", "tasks")  # the lists a sweep crosses (tasks None: every one with a pool)
 MAX_SEED = 2**32 - 1  # seeds reach numpy's generator, which takes 32 bits
 KEPT = "adapt_cell.json"  # beside every adapter --keep-adapters keeps: the cell it is, so it is never adapted again
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def _finished(out: Path, cells: list[Cell], identity: dict[str, Any], keep_adapt
     check_same_sweep(out, identity)
     lines = read_result_lines(out / RESULTS, {name: identity[name] for name in BINDING})
     if lines.warning is not None:
-        console.print(f"[yellow]warning:[/yellow] {lines.warning}", highlight=False)
+        log.warning(lines.warning)
     if writes:
         lines.repair()
     done = {row["key"] for row in lines.records}

@@ -33,7 +33,8 @@ class Prompt:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _row_prompt(row: Any, origin: str, number: int) -> Prompt:
+def _row_prompt(row: Any, origin: str, number: int, default_id: str) -> Prompt:
+    """The prompt of row ``number`` (counted from 1, as messages name it) of ``origin``."""
     if not isinstance(row, dict):
         raise OrchmoeError(f"{origin}: row {number} is not an object with an 'input' field")
     key = next((k for k in INPUT_FIELDS if k in row), None)
@@ -45,13 +46,15 @@ def _row_prompt(row: Any, origin: str, number: int) -> Prompt:
             kind = type(row[optional]).__name__
             raise OrchmoeError(f"{origin}: row {number}: '{optional}' must be text, got {kind}")
     extra = {k: v for k, v in row.items() if k not in (key, "instruction", "task")}
-    return Prompt(str(row.get("id", number)), row[key], row.get("instruction") or None, row.get("task") or None, extra)
+    return Prompt(str(row.get("id", default_id)), row[key], row.get("instruction") or None, row.get("task") or None,
+                  extra)
 
 
 def read_prompts(texts: list[str], input_file: str | None) -> list[Prompt]:
-    """Prompts from the command line, then from ``input_file`` (``-``: standard input): JSONL (or a JSON list)
-    and CSV / TSV rows with an ``input`` column (optional ``instruction``, ``task``, ``id``), else one prompt per
-    non-empty line of text."""
+    """Prompts from the command line, then from ``input_file`` (``-``: standard input): by its suffix JSONL (or a
+    JSON list), CSV / TSV rows with an ``input`` column (optional ``instruction``, ``task``, ``id``), or ``.txt``
+    text with one prompt per non-empty line whatever it starts with; standard input and other files are JSON when
+    they start as JSON does, else text. A byte-order mark (Excel's "CSV UTF-8") is not part of the text."""
     prompts = [Prompt(str(i), text) for i, text in enumerate(texts)]
     if input_file is None:
         if not prompts:
@@ -59,27 +62,27 @@ def read_prompts(texts: list[str], input_file: str | None) -> list[Prompt]:
         return prompts
     origin = "standard input" if input_file == "-" else input_file
     if input_file == "-":
-        content = sys.stdin.read()
+        content = sys.stdin.read().removeprefix("\ufeff")
     else:
         path = user_path(input_file, "--input", option=True)
         if not path.is_file():
             raise OrchmoeError(f"--input: {path} is not a file")
         try:
-            content = path.read_text(encoding="utf-8")
+            content = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise OrchmoeError(f"{path}: not UTF-8 text") from None
     if not content.strip():
         raise OrchmoeError(f"{origin}: empty; give one prompt per line, or JSONL / CSV rows with an 'input' field")
-    suffix = Path(input_file).suffix.lower()
-    start = len(prompts)
+    suffix = "" if input_file == "-" else Path(input_file).suffix.lower()
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",")
         rows: list[Any] = list(reader)
-    elif suffix in (".jsonl", ".json") or content.lstrip().startswith(("{", "[")):
+    elif suffix in (".jsonl", ".json") or (suffix != ".txt" and content.lstrip().startswith(("{", "["))):
         rows = _json_rows(content, origin)
     else:
         rows = [{"input": line} for line in content.splitlines() if line.strip()]
-    prompts += [_row_prompt(row, origin, start + i) for i, row in enumerate(rows)]
+    start = len(prompts)
+    prompts += [_row_prompt(row, origin, i + 1, str(start + i)) for i, row in enumerate(rows)]
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)

@@ -34,8 +34,8 @@ from safetensors.torch import save as save_tensors
 from orchmoe_cli import __version__
 from orchmoe_cli.adapters.files import ADAPTER_FILES, WEIGHTS_FILE, canonical_safetensors
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.paths import CHECKPOINT_MANIFEST, user_path
 from orchmoe_cli.fsutil import atomic_directory, atomic_write_bytes, fsync_dir, json_text, read_json, read_safetensors
+from orchmoe_cli.paths import CHECKPOINT_MANIFEST, checkpoint_above, inside, listing, not_found_hint, user_path
 
 try:
     import numpy
@@ -321,8 +321,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     When checkpoints exist but none verifies, raises the newest one's problem instead, so callers can report it
     in one line rather than claim there is no checkpoint.
     """
+    return _newest_complete(Path(run_dir) / CHECKPOINTS, run_dir)
+
+
+def _newest_complete(checkpoints: Path, where: str | Path) -> Path | None:
+    """The newest ``step-*`` directory of ``checkpoints`` that verifies (see :func:`latest_checkpoint`)."""
     problems: list[OrchmoeError] = []
-    for _, path in _step_dirs(Path(run_dir) / CHECKPOINTS):
+    for _, path in _step_dirs(checkpoints):
         try:
             verify_checkpoint(path)
         except OrchmoeError as exc:
@@ -332,7 +337,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             log.warning("skipping damaged checkpoint: %s", problem)
         return path
     if problems:
-        raise OrchmoeError(f"{problems[0]}; no complete checkpoint left in {run_dir}")
+        raise OrchmoeError(f"{problems[0]}; no complete checkpoint left in {where}")
     return None
 
 
@@ -365,30 +370,74 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer,
 
 
 def find_checkpoint(path: Path, field: str | None = None, how_to_train: str = "orchmoe train RECIPE") -> Path:
-    """An adapter directory (verified against its manifest when it has one), or a run directory's newest
-    complete checkpoint. Not finding one is an error of the recipe ``field`` that named ``path`` or, without
-    a field (a command-line argument), an error that starts with ``path`` as given."""
+    """The adapter checkpoint ``path`` names (verified when it has a manifest): itself, the one it lies inside, or
+    the newest complete one below it (a run directory, its ``checkpoints/``, a folder holding one run). Not
+    finding one is an error of the recipe ``field`` that named ``path`` or, without a field (a command-line
+    argument), one that starts with ``path`` as given; it names what lies one level up or down, and says "train
+    one first" only when nothing does."""
     given = path
     path = user_path(path, field or str(given), option=field is None)
 
     def error(text: str) -> OrchmoeError:
         return OrchmoeError(text, field=field) if field is not None else OrchmoeError(f"{given}: {text}")
 
-    if (path / "adapter_config.json").is_file():
+    train_first = f"; train one first ({how_to_train}) or point it at an adapter checkpoint or a run directory"
+    if not path.exists():
+        raise error(f"{path} does not exist{not_found_hint(path, _holds_checkpoints) or train_first}")
+    try:
+        found = _checkpoint_at(path) or _checkpoint_around(path)
+    except OrchmoeError as exc:  # checkpoints exist but none is complete, or several runs lie below
+        raise error(str(exc)) from None
+    if found is None:
+        what = "is a file, not an adapter checkpoint" if path.is_file() else "holds no adapter checkpoint"
+        raise error(f"{path} {what}{_checkpoints_beside(path) or train_first}")
+    return found
+
+
+def _checkpoints_beside(path: Path) -> str:
+    """The folder above ``path``, or else the folders beside it, that hold checkpoints, as a did-you-mean."""
+    if _holds_checkpoints(path.parent):
+        return f"; {path.parent} holds checkpoints: did you mean it?"
+    beside = [entry for entry in inside(path.parent, _holds_checkpoints) if entry != path]
+    if len(beside) == 1:
+        return f"; {beside[0]} holds checkpoints: did you mean it?"
+    return f"; {listing(beside)} hold checkpoints: did you mean one of them?" if beside else ""
+
+
+def _checkpoint_at(path: Path) -> Path | None:
+    """``path`` as an adapter directory, or as a run directory or its ``checkpoints/`` folder (the newest complete
+    checkpoint; the newest one's problem when none is complete). A saved checkpoint that lost its adapter config
+    is reported as the damaged checkpoint it is."""
+    saved = (path / MANIFEST).is_file() and (path / STATE_DIR).is_dir()
+    if saved or (path / "adapter_config.json").is_file():
         if (path / MANIFEST).is_file():
             verify_checkpoint(path)
         return path
-    if not path.exists():
-        raise error(f"{path} does not exist; train one first ({how_to_train}) or point it at an adapter checkpoint "
-                    "or a run directory")
-    try:
-        latest = latest_checkpoint(path) if path.is_dir() else None
-    except OrchmoeError as exc:  # checkpoints exist but none is complete
-        raise error(str(exc)) from None
-    if latest is None:
-        raise error(f"{path} holds no adapter checkpoint; train one first ({how_to_train}) or point it at an "
-                    "adapter directory")
-    return latest
+    for checkpoints in (path / CHECKPOINTS, path):
+        if _step_dirs(checkpoints):
+            return _newest_complete(checkpoints, path)
+    return None
+
+
+def _checkpoint_around(path: Path) -> Path | None:
+    """One level up: the checkpoint that a file or folder lies inside. One level down: the one run or checkpoint a
+    folder holds (several: an error listing them)."""
+    above = checkpoint_above(path)
+    if above is None and path.is_file() and (path.parent / "adapter_config.json").is_file():
+        above = path.parent  # an adapter directory saved without a manifest
+    if above is not None:
+        return _checkpoint_at(above)
+    below = inside(path, _holds_checkpoints)
+    if len(below) > 1:
+        raise OrchmoeError(f"{path} is no run directory, and {len(below)} below it hold checkpoints "
+                           f"({listing([entry.name for entry in below])}): name one")
+    return _checkpoint_at(below[0]) if below else None
+
+
+def _holds_checkpoints(path: Path) -> bool:
+    """An adapter directory, or a run directory or ``checkpoints/`` folder with ``step-*`` checkpoints."""
+    return path.is_dir() and ((path / "adapter_config.json").is_file() or bool(_step_dirs(path / CHECKPOINTS))
+                              or bool(_step_dirs(path)))
 
 
 def checkpoint_digest(checkpoint: str | Path) -> str:

@@ -30,6 +30,7 @@ from orchmoe_cli.fsutil import disk_error, json_text, replace_files
 from orchmoe_cli.recipe import EvalConfig, Recipe, dump_recipe, recipe_to_dict
 
 PARTIAL_NAME = ".predictions.partial.jsonl"
+_PROVENANCE = ("versions", "git_hash", "date")  # of report.environment_info()
 
 
 def partial_name(rank: int, world: int) -> str:
@@ -123,16 +124,26 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _load_finished(out_dir: Path, fingerprint: str) -> list[dict] | None:
-    """The rows of a completed evaluation with the same fingerprint, if one is on disk."""
+@dataclass
+class _Finished:
+    """A completed evaluation on disk: its predictions, verified against the sha256 its results.json holds."""
+
+    rows: list[dict]
+    predictions: str
+    provenance: dict[str, Any]  # versions, commit and date of the run that generated the predictions
+
+
+def _load_finished(out_dir: Path, fingerprint: str) -> _Finished | None:
+    """The completed evaluation with the same fingerprint, if one is on disk."""
     try:
         results = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
         predictions = (out_dir / "predictions.jsonl").read_text(encoding="utf-8")
         if results.get("fingerprint") != fingerprint or results.get("predictions_sha256") != _sha256(predictions):
             return None  # another evaluation, or files from two different runs
-        return [json.loads(line) for line in predictions.splitlines() if line.strip()]
+        rows = [json.loads(line) for line in predictions.splitlines() if line.strip()]
     except (OSError, ValueError, AttributeError):
         return None
+    return _Finished(rows, predictions, {key: results[key] for key in _PROVENANCE if key in results})
 
 
 def _scored_row(row: dict, prediction: str) -> dict[str, Any]:
@@ -163,17 +174,62 @@ def run_evaluation(
     console: Console, task_index: Mapping[str, int] | None = None,
 ) -> EvalOutcome:
     """Generate, score and write the artifacts for one model (base or adapted; ``task_index`` as in
-    :func:`generate_predictions`)."""
+    :func:`generate_predictions`). A finished identical evaluation is reused: its verified predictions are kept
+    and every file derived from them is written again, so an edited or deleted one is restored and the numbers
+    returned are the numbers on disk."""
     cfg = recipe.eval
     rows = select_instances(split, cfg)
     out_dir = eval_output_dir(recipe)
     adapter_sha256 = checkpoint_digest(cfg.checkpoint) if cfg.checkpoint else None
     fingerprint = _fingerprint(recipe, data_hash, adapter_sha256)
+    state = PartialState()
     finished = _load_finished(out_dir, fingerprint)
     if finished is not None:
         console.print(f"reusing the identical evaluation in {out_dir}")
-        return EvalOutcome(eval_label(cfg), aggregate(finished), finished, out_dir)
-    state = PartialState()
+        final_rows = finished.rows
+    else:
+        final_rows = _generate(recipe, model, tokenizer, is_encoder_decoder, rows, out_dir, fingerprint, console,
+                               task_index, state)
+    metrics = aggregate(final_rows)
+    title = f"{recipe.model.name} · {eval_label(cfg)} · {cfg.split} split"
+    results = {
+        "results": metrics,
+        "tasks": report.task_rows(final_rows, metrics),
+        "categories": report.category_rows(final_rows, metrics),
+        "n_instances": len(final_rows),
+        "model": recipe.model.name,
+        "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None,
+        "checkpoint_sha256": adapter_sha256,
+        "split": cfg.split,
+        "data_hash": data_hash,
+        "fingerprint": fingerprint,
+        "scorer": "SNI official: rouge_score RougeScorer(['rougeL'], use_stemmer=True), SQuAD EM without article removal",
+        "config": recipe_to_dict(recipe),
+        **report.environment_info(),
+        **(finished.provenance if finished is not None else {}),
+    }
+    if state.is_main_process:  # written aside, then renamed into place one by one, results.json last
+        path = out_dir / "predictions.jsonl"
+        predictions = finished.predictions if finished is not None else report.jsonl(final_rows, path)
+        results["predictions_sha256"] = _sha256(predictions)  # a mixed set never passes as finished
+        replace_files(out_dir, {
+            "predictions.jsonl": predictions,
+            "results.md": report.results_markdown(title, final_rows, metrics),
+            "recipe.yaml": dump_recipe(recipe),
+            "results.json": json_text(results, out_dir / "results.json", indent=2, ensure_ascii=False) + "\n",
+        })
+    state.wait_for_everyone()
+    if finished is None:  # a reused evaluation leaves another one's interrupted predictions alone
+        (out_dir / partial_name(state.process_index, state.num_processes)).unlink(missing_ok=True)
+    return EvalOutcome(eval_label(cfg), metrics, final_rows, out_dir)
+
+
+def _generate(recipe: Recipe, model: Any, tokenizer: Any, is_encoder_decoder: bool, rows: list[dict],
+              out_dir: Path, fingerprint: str, console: Console, task_index: Mapping[str, int] | None,
+              state: PartialState) -> list[dict[str, Any]]:
+    """Every row's scored prediction, in the order of ``rows``: those an interrupted run of the same evaluation
+    left in the partial files are kept, the rest generated (each process its shard) and appended as they come."""
+    cfg = recipe.eval
     out_dir.mkdir(parents=True, exist_ok=True)
     done = _load_partial(out_dir, fingerprint)
     state.wait_for_everyone()  # every process has read the partial files before any rewrites its own
@@ -211,33 +267,4 @@ def run_evaluation(
     if state.num_processes > 1:
         for part in gather_object([done]):
             done.update(part)
-    final_rows = [done[report.instance_key(r)] for r in rows]
-    metrics = aggregate(final_rows)
-    title = f"{recipe.model.name} · {eval_label(cfg)} · {cfg.split} split"
-    results = {
-        "results": metrics,
-        "tasks": report.task_rows(final_rows, metrics),
-        "categories": report.category_rows(final_rows, metrics),
-        "n_instances": len(final_rows),
-        "model": recipe.model.name,
-        "checkpoint": str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None,
-        "checkpoint_sha256": adapter_sha256,
-        "split": cfg.split,
-        "data_hash": data_hash,
-        "fingerprint": fingerprint,
-        "scorer": "SNI official: rouge_score RougeScorer(['rougeL'], use_stemmer=True), SQuAD EM without article removal",
-        "config": recipe_to_dict(recipe),
-        **report.environment_info(),
-    }
-    if state.is_main_process:  # written aside, then renamed into place one by one, results.json last
-        predictions = report.jsonl(final_rows, out_dir / "predictions.jsonl")
-        results["predictions_sha256"] = _sha256(predictions)  # a mixed set never passes as finished
-        replace_files(out_dir, {
-            "predictions.jsonl": predictions,
-            "results.md": report.results_markdown(title, final_rows, metrics),
-            "recipe.yaml": dump_recipe(recipe),
-            "results.json": json_text(results, out_dir / "results.json", indent=2, ensure_ascii=False) + "\n",
-        })
-    state.wait_for_everyone()
-    partial_path.unlink(missing_ok=True)
-    return EvalOutcome(eval_label(cfg), metrics, final_rows, out_dir)
+    return [done[report.instance_key(r)] for r in rows]

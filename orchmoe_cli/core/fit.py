@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import math
 import os
 import signal
@@ -32,6 +33,7 @@ from orchmoe_cli.adapters.files import read_task_names, read_tensors
 from orchmoe_cli.adapters.registry import MethodSpec
 from orchmoe_cli.core import checkpoint as ckpt
 from orchmoe_cli.core.base_models import native_bf16
+from orchmoe_cli.core.resuming import check_unchanged, latest_complete
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.core.sampling import TaskBatchSampler
 from orchmoe_cli.core.steps import Batches, micro_step, validation_loss
@@ -39,10 +41,12 @@ from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
-from orchmoe_cli.paths import claim_directory, user_path
+from orchmoe_cli.paths import claim_directory
 from orchmoe_cli.recipe import TRACKERS, TrainConfig
 
 _LR_FIELD = {"adapters": "lr", "routers": "router_lr", "hypernetwork": "hypernetwork_lr", "other": "lr"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,14 +82,6 @@ class _Interrupt:
             signal.signal(sig, previous)
 
 
-# train fields a resumed run must keep: values the optimizer and scheduler state a checkpoint restores hold, and
-# where its weights came from (init_from)
-_RESTORED_FIELDS = ("lr", "router_lr", "hypernetwork_lr", "weight_decay", "schedule", "warmup_steps", "grad_accum",
-                    "batch_size", "seed", "task_sampling", "group_by_length", "init_from")
-# what a checkpoint written before a field existed was trained with
-_BEFORE_THE_FIELD = {"group_by_length": False}
-
-
 def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     """Checks that need no data or model, run before any heavy work and before anything is written."""
     for tracker in cfg.trackers:
@@ -94,10 +90,14 @@ def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
                                f"or leave {tracker} out", field="train.report_to")
     claim_directory(run_dir, "output.dir", "train")
     existing = ckpt.step_directories(run_dir)
+    # each refusal below first asks the run lock: a run still starting, not what the directory holds, may be why
     if not resume and cfg.resume != "auto" and existing:
+        RunLock(run_dir).refuse_if_in_use()
+        latest_complete(run_dir)  # only damaged ones: say how to go on, not "pass --resume"
         raise OrchmoeError(f"{run_dir} already holds checkpoints up to {existing[0].name}; pass --resume (or "
                            "train.resume: auto) to continue them, or choose another output.dir")
     if resume and not existing:
+        RunLock(run_dir).refuse_if_in_use()
         raise OrchmoeError(f"{run_dir}: --resume given but it holds no checkpoint; run without --resume")
 
 
@@ -173,22 +173,19 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
     """Restore adapter, optimizer, scheduler and this process's RNG from the newest complete checkpoint.
 
     Returns (step, batch index, checkpoint); (0, 0, None) when there is none and ``required`` is false."""
-    try:
-        latest = ckpt.latest_checkpoint(run_dir)
-    except OrchmoeError as exc:  # checkpoints exist but none is complete
-        raise OrchmoeError(f"{exc}; fix or delete it, or run without --resume / train.resume: auto") from None
+    latest = latest_complete(run_dir)
     if latest is None:
         if required:
             raise OrchmoeError(f"{run_dir}: --resume given but it holds no complete checkpoint; run without --resume")
         return 0, 0, None
-    _check_unchanged(latest, cfg)
-    saved_tasks = read_task_names(latest)
+    saved_tasks = read_task_names(latest)  # another task list is another run: said before any setting
     if saved_tasks != model.task_names:
         differing = next((f"position {i}: '{a}' in the checkpoint, '{b}' now"
                           for i, (a, b) in enumerate(zip(saved_tasks, model.task_names)) if a != b),
                          f"{len(saved_tasks)} tasks in the checkpoint, {len(model.task_names)} now")
         raise OrchmoeError(f"{latest}: was trained on other tasks than this run's ({differing}); resume with the "
                            "same training tasks or choose another output.dir")
+    check_unchanged(latest, cfg)
     state = ckpt.load_training_state(latest, optimizer, scheduler)
     model.load_adapter_state_dict(read_tensors(latest), str(latest))
     per_rank = state.extra.get("rng_by_rank") or [state.rng]
@@ -196,28 +193,12 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
         ckpt.restore_rng(per_rank[accelerator.process_index])
     else:  # each process's stream cannot continue: start distinct ones from (seed, step, rank)
         set_seed(hash((cfg.seed, state.step, accelerator.process_index)) % 2**32)
-        console.print(f"[yellow]warning:[/yellow] {latest} was saved by {len(per_rank)} process(es) and resumes on "
-                      f"{accelerator.num_processes}: training goes on, but its random draws (dropout, Gumbel noise) "
-                      "and global batches differ from a run that was never interrupted", highlight=False)
+        if accelerator.is_main_process:
+            log.warning("%s was saved by %d process(es) and resumes on %d: training goes on, but its random draws "
+                        "(dropout, Gumbel noise) and global batches differ from a run that was never interrupted",
+                        latest, len(per_rank), accelerator.num_processes)
     console.print(f"resumed from {latest} at step {state.step}")
     return state.step, int(state.sampler_state["batch_index"]), latest
-
-
-def _check_unchanged(checkpoint: Path, cfg: TrainConfig) -> None:
-    """Resuming restores the optimizer and scheduler as saved: a changed setting they hold would be recorded
-    but not used, so it is refused, naming the field."""
-    saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    train = saved.get("train") if isinstance(saved, dict) else None
-    if not isinstance(train, dict):
-        return
-    for name in _RESTORED_FIELDS:
-        saved_value = train.get(name, _BEFORE_THE_FIELD.get(name))
-        if name == "init_from" and saved_value is not None:  # as this recipe's paths are: resolved
-            saved_value = str(user_path(saved_value, "train.init_from"))
-        if (name in train or name in _BEFORE_THE_FIELD) and saved_value != getattr(cfg, name):
-            raise OrchmoeError(f"train.{name}: {getattr(cfg, name)!r} differs from the {saved_value!r} that "
-                               f"{checkpoint} was trained with, and resuming would not continue the same run; "
-                               f"resume with train.{name}={saved_value} or train afresh in another output.dir")
 
 
 def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path | None, accelerator: Accelerator, *,

@@ -56,10 +56,7 @@ class RunLock:
         if not self._try_create():
             owner = self._read_owner()
             if owner is not None:  # None: its owner released it meanwhile
-                if owner["host"] != host or _pid_alive(owner["pid"]):
-                    where = "" if owner["host"] == host else f" on {owner['host']}"
-                    raise OrchmoeError(f"{self.run_dir} is in use by another orchmoe run (pid {owner['pid']}{where}); "
-                                       f"wait for it or choose another {self.field}")
+                self._refuse_if_live(owner)
                 log.warning("taking over %s from orchmoe run pid %s, which is no longer running",
                             self.path, owner["pid"])
                 self.path.unlink(missing_ok=True)
@@ -68,6 +65,20 @@ class RunLock:
                                    f"wait for it or choose another {self.field}")
         clean_stale(self.run_dir)
         return self
+
+    def refuse_if_in_use(self) -> None:
+        """Raise the "in use" line when a live run holds the lock, without taking it: a check that runs before an
+        error about the directory's contents, which a run still starting has not written yet."""
+        owner = self._read_owner()
+        if owner is not None:
+            self._refuse_if_live(owner)
+
+    def _refuse_if_live(self, owner: dict[str, Any]) -> None:
+        host = socket.gethostname()
+        if owner["host"] != host or _pid_alive(owner["pid"]):
+            where = "" if owner["host"] == host else f" on {owner['host']}"
+            raise OrchmoeError(f"{self.run_dir} is in use by another orchmoe run (pid {owner['pid']}{where}); "
+                               f"wait for it or choose another {self.field}")
 
     def release(self) -> None:
         with contextlib.suppress(FileNotFoundError):

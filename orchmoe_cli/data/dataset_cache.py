@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,11 +30,13 @@ from orchmoe_cli.data.sni import SPLITS, SNITask, matches_languages
 from orchmoe_cli.data.sources import TaskSource, resolve
 from orchmoe_cli.data.tables import quiet_datasets
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import disk_error, json_text
+from orchmoe_cli.fsutil import atomic_directory, disk_error, json_text
 
 FORMAT_VERSION = 4  # 2: answers carry the space after "Output:"; 3: encoder-decoder prompts cut left; 4: pool
 POOL = "pool"  # held-out tasks' instances after the evaluation ones: few-shot adaptation data
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
+
 # DataConfig fields that say where the data is; everything else changes the prepared rows.
 _LOCATION_FIELDS = frozenset({"source", "split_dir", "train_split", "test_split", "cache_dir"})
 # what only a table reads (its source hashes them): SNI data keeps the hash it had before tables existed
@@ -181,29 +181,17 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
     except OSError as exc:
         raise OrchmoeError(f"cannot create '{root}' ({exc.strerror}); choose a writable "
                            "directory", field="data.cache_dir") from None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", suffix=".tmp", dir=root))
-    except OSError as exc:
-        raise disk_error(root, exc) from None
-    try:
-        tokenize = _Tokenize(tokenizer, tokenizer_id, is_encoder_decoder, cfg)
-        dataset, manifest = _build(cfg, layout, tokenize, digest, console)
+    tokenize = _Tokenize(tokenizer, tokenizer_id, is_encoder_decoder, cfg)
+    dataset, manifest = _build(cfg, layout, tokenize, digest, console)
+    # saved aside with the umask's permissions, then renamed into place whole; it replaces a broken leftover, and
+    # the same data a concurrent run finished first
+    with atomic_directory(final) as staging, quiet_datasets():
         try:
-            with quiet_datasets():
-                dataset.save_to_disk(str(tmp))
-            (tmp / MANIFEST).write_text(json_text(manifest, final / MANIFEST, indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
-            if final.exists() and _try_load(final) is None:  # a broken leftover, not a valid cache entry
-                shutil.rmtree(final)
-            if final.exists():  # a concurrent run finished the same data first
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, final)
-        except OSError as exc:
+            dataset.save_to_disk(str(staging))
+            (staging / MANIFEST).write_text(json_text(manifest, final / MANIFEST, indent=2, ensure_ascii=False)
+                                            + "\n", encoding="utf-8")
+        except OSError as exc:  # a full disk names the cache directory the user chose
             raise disk_error(root, exc) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for note in layout.notes():
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     totals = manifest["totals"]
@@ -222,9 +210,9 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
                       f"{' ...' if len(short) > 5 else ''}", highlight=False, markup=False)
     cut = totals.get("truncated_prompts", 0)
     if cut:
-        console.print(f"[yellow]warning:[/yellow] {cut} prompt(s) longer than data.max_source_length "
-                      f"({cfg.max_source_length} tokens) lost the start of their definition after dropping "
-                      "demonstrations; raise data.max_source_length to keep them whole", highlight=False)
+        log.warning("%d prompt(s) longer than data.max_source_length (%d tokens) lost the start of their definition "
+                    "after dropping demonstrations; raise data.max_source_length to keep them whole",
+                    cut, cfg.max_source_length)
     return dataclasses.replace(load_prepared(final), from_cache=False)
 
 

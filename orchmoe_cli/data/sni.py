@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal, NoReturn, Sequence
 
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.paths import user_path
+from orchmoe_cli.paths import inside, listing, not_found_hint, user_path
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, Split] = ("train", "test")
@@ -125,10 +125,11 @@ def resolve_source(cfg: DataConfig) -> SourceLayout:
     else:
         root = user_path(cfg.source, "data.source")
         if not root.is_dir():
-            raise OrchmoeError(f"directory '{root}' not found; set data.source to 'bundled' or to a directory of SNI "
-                               "task files", field="data.source")
+            raise OrchmoeError(f"directory '{root}' not found{not_found_hint(root, Path.is_dir)}; set data.source to "
+                               "'bundled' or to a directory of SNI task files", field="data.source")
+        refuse_part_of_sni(root, cfg)
         description = str(root.resolve())
-    task_dir = root / "tasks" if (root / "tasks").is_dir() else root
+    task_dir = _task_dir(root)
     split_dir = _split_dir(cfg, root)
     files: dict[Split, Path] = {"train": split_dir / cfg.train_split, "test": split_dir / cfg.test_split}
     names = {split: _read_split_file(files[split], task_dir) for split in SPLITS}
@@ -141,6 +142,41 @@ def resolve_source(cfg: DataConfig) -> SourceLayout:
     return SourceLayout(description=description, task_dir=task_dir, split_files=files, tasks=tasks)
 
 
+def _task_dir(root: Path) -> Path:
+    return root / "tasks" if (root / "tasks").is_dir() else root
+
+
+def _split_candidates(root: Path) -> tuple[Path, Path]:
+    """Where the split files of an SNI directory may be: beside its tasks, or in upstream's splits/default."""
+    return root, root / "splits" / "default"
+
+
+def _is_sni_directory(path: Path, cfg: DataConfig) -> bool:
+    return any((candidate / cfg.train_split).is_file() for candidate in _split_candidates(path))
+
+
+def refuse_part_of_sni(path: Path, cfg: DataConfig) -> None:
+    """A ``data.source`` that is part of an SNI directory (its task folder, or a task file its splits list) is
+    refused, naming the directory one level up: on its own it would read as tables, or as one task with no
+    splits. With ``data.split_dir`` given, a folder of task files is a complete source."""
+    if cfg.split_dir is not None or (path.is_dir() and _is_sni_directory(path, cfg)):
+        return
+    folder = path if path.is_dir() else path.parent
+    for root in (folder, folder.parent):
+        if root == path or _task_dir(root) != folder or not _is_sni_directory(root, cfg):
+            continue
+        if path.is_dir() or (path.suffix == ".json" and path.stem in _listed_tasks(root, cfg)):
+            part = "the task folder" if path.is_dir() else "a task file"
+            raise OrchmoeError(f"'{path}' is {part} of the SNI directory '{root}'; did you mean data.source={root}? "
+                               "(its split files choose the tasks)", field="data.source")
+
+
+def _listed_tasks(root: Path, cfg: DataConfig) -> set[str]:
+    """The task names the split files of the SNI directory ``root`` list."""
+    files = [folder / name for folder in _split_candidates(root) for name in (cfg.train_split, cfg.test_split)]
+    return {name for file in files if file.is_file() for name in _read_text(file, "split file", "").split()}
+
+
 def _split_dir(cfg: DataConfig, root: Path) -> Path:
     if cfg.split_dir is not None:
         split_dir = user_path(cfg.split_dir, "data.split_dir")
@@ -148,12 +184,22 @@ def _split_dir(cfg: DataConfig, root: Path) -> Path:
             raise OrchmoeError(f"directory '{split_dir}' not found; point it at the directory holding "
                                f"{cfg.train_split} and {cfg.test_split}", field="data.split_dir")
         return split_dir
-    candidates = (root, root / "splits" / "default")
+    candidates = _split_candidates(root)
     for candidate in candidates:
         if (candidate / cfg.train_split).is_file():
             return candidate
-    raise OrchmoeError(f"no split file {cfg.train_split} in {candidates[0]} or {candidates[1]}; add the split "
-                       "files there or set data.split_dir", field="data.source")
+    fix = _sni_directories_near(root, cfg) or "add the split files there or set data.split_dir"
+    raise OrchmoeError(f"no split file {cfg.train_split} in {candidates[0]} or {candidates[1]}; {fix}",
+                       field="data.source")
+
+
+def _sni_directories_near(root: Path, cfg: DataConfig) -> str:
+    """The SNI directories one level up or down from ``root``, as a did-you-mean ('' when there is none)."""
+    found = [root.parent] if _is_sni_directory(root.parent, cfg) else []
+    found += inside(root, lambda child: child.is_dir() and _is_sni_directory(child, cfg))
+    if len(found) == 1:
+        return f"{found[0]} holds them: did you mean data.source={found[0]}?"
+    return f"{listing(found)} hold them: did you mean one of them?" if found else ""
 
 
 def _read_split_file(path: Path, task_dir: Path) -> list[tuple[int, str]]:

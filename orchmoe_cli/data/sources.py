@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import SourceLayout, resolve_source
+from orchmoe_cli.data.sni import SourceLayout, refuse_part_of_sni, resolve_source
 from orchmoe_cli.data.tables import TableSource, looks_like_hub_id, table_files
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.paths import user_path
+from orchmoe_cli.paths import not_found_hint, user_path
 
 TaskSource = SourceLayout | TableSource
 
@@ -23,6 +23,8 @@ def resolve(cfg: DataConfig) -> TaskSource:
     if cfg.source == "bundled" or cfg.format == "sni":
         return resolve_source(cfg)
     path = user_path(cfg.source, "data.source")
+    if cfg.format == "auto":
+        refuse_part_of_sni(path, cfg)
     files = table_files(path)
     if cfg.format == "auto" and not files and not looks_like_hub_id(cfg.source):
         if path.is_file():
@@ -36,8 +38,8 @@ def resolve(cfg: DataConfig) -> TaskSource:
     if path.exists():
         raise OrchmoeError(f"'{path}' holds no table file (.jsonl, .json, .csv, .tsv, .parquet)", field="data.source")
     if not looks_like_hub_id(cfg.source):
-        raise OrchmoeError(f"'{path}' not found; name a table file, a directory of them, or a hub dataset id "
-                           "(owner/name)", field="data.source")
+        raise OrchmoeError(f"'{path}' not found{not_found_hint(path)}; name a table file, a directory of them, or a "
+                           "hub dataset id (owner/name)", field="data.source")
     return TableSource(cfg, [], hub_id=cfg.source)
 
 

@@ -148,3 +148,20 @@ def test_a_results_line_cut_short_is_a_logged_warning_not_output(tmp_path: Path,
         done = adapt_module._finished(tmp_path, [], identity, False, True, Console(file=output))
     assert done == {"t/zero_shot/k0/s0"}
     assert "line 2 was cut short" in caplog.text and output.getvalue() == ""
+
+
+def test_adapters_on_a_base_with_other_weights_are_refused(sni_dir: Path, tmp_path: Path, capsys) -> None:
+    """Same architecture and sizes, other weights (another random initialisation): resuming, evaluating or
+    adapting on it would be silently wrong, so loading the adapters is refused naming the base model."""
+    from test_train import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "run", "tiny-llama", "lora", steps=2,
+                          schedule="constant")
+    assert run_cli(["train", str(recipe)]) == 0
+    capsys.readouterr()
+    for argv in (["train", str(recipe), "--resume", "train.steps=3", "model.tiny.seed=7"],
+                 ["eval", str(recipe), "eval.checkpoint=latest", "model.tiny.seed=7"]):
+        assert run_cli(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "base_model.embedding_probe differs" in errors[0], errors
+    assert run_cli(["eval", str(recipe), "eval.checkpoint=latest"]) == 0  # the base it was trained on

@@ -96,13 +96,37 @@ def check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tenso
                                f"{tuple(shape)} for method {method}{hint}")
 
 
+WEIGHTS_PROBE = 8  # embedding values recorded from the first and last token rows
+PROBE_TOLERANCE = 2e-2  # relative: the same base in bfloat16 or float16 agrees to about 3 digits
+
+
 def base_summary(base: PreTrainedModel) -> dict[str, Any]:
-    """What a checkpoint records about its base model, to catch loading onto the wrong one."""
+    """What a checkpoint records about its base model, to catch loading onto the wrong one: its kind and sizes,
+    and a few of its input-embedding values (another checkpoint of the same architecture, or another random
+    initialisation, differs there; a change of dtype or quantisation does not, beyond rounding)."""
     embeddings = base.get_input_embeddings()
+    weight = embeddings.weight.detach()
+    probe = [float(v) for v in (*weight[0, :WEIGHTS_PROBE].float(), *weight[-1, :WEIGHTS_PROBE].float())]
     return {
         "name_or_path": getattr(base.config, "_name_or_path", "") or "",
         "model_type": getattr(base.config, "model_type", ""),
         "architecture": type(base).__name__,
         "hidden_size": embeddings.embedding_dim,
         "vocab_size": embeddings.num_embeddings,
+        "num_layers": getattr(base.config, "num_hidden_layers", None) or getattr(base.config, "num_layers", None),
+        "embedding_probe": probe,
     }
+
+
+def same_base(recorded: dict[str, Any], actual: dict[str, Any]) -> str | None:
+    """The first recorded property of a base model that ``actual`` does not share, or None (properties a
+    checkpoint of an older version did not record are not compared)."""
+    for key in ("model_type", "hidden_size", "vocab_size", "num_layers"):
+        if recorded.get(key) is not None and recorded[key] != actual[key]:
+            return f"base_model.{key} is {recorded[key]!r} but the given base model has {actual[key]!r}"
+    probe = recorded.get("embedding_probe")
+    if probe and any(abs(a - b) > PROBE_TOLERANCE * max(abs(a), abs(b), 1e-3)
+                     for a, b in zip(probe, actual["embedding_probe"])):
+        return ("base_model.embedding_probe differs: the given base model has other weights than the one the "
+                "adapters were trained on")
+    return None

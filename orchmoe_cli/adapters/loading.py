@@ -24,6 +24,7 @@ from orchmoe_cli.adapters.files import (
     read_json,
     read_task_names,
     read_tensors,
+    same_base,
 )
 from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.model import AdaptedModel, attach_adapters
@@ -98,12 +99,18 @@ def read_checkpoint(checkpoint_dir: str | Path) -> SavedAdapter:
     return saved
 
 
+def check_saved_base(base: PreTrainedModel, directory: Path) -> None:
+    """Refuse the adapters saved in ``directory`` when ``base`` is not the model they were trained on (resuming
+    reads the weights without :func:`load_adapted`, so it checks here)."""
+    config = read_json(directory / CONFIG_FILE)
+    _check_base(base, (config.get("base_model") or {}) if isinstance(config, dict) else {}, directory)
+
+
 def _check_base(base: PreTrainedModel, summary: dict[str, Any], directory: Path) -> None:
-    actual = base_summary(base)
-    for key in ("model_type", "hidden_size"):
-        if summary.get(key) is not None and summary[key] != actual[key]:
-            raise OrchmoeError(f"{directory / CONFIG_FILE}: base_model.{key} is {summary[key]!r} but the given base "
-                               f"model has {actual[key]!r}; load the adapters onto the model they were trained with")
+    problem = same_base(summary, base_summary(base))
+    if problem is not None:
+        raise OrchmoeError(f"{directory / CONFIG_FILE}: {problem}; load the adapters onto the model they were "
+                           "trained with")
 
 
 def _check_tensors(base: PreTrainedModel, method: MethodConfig, tasks: list[str], tensors: dict[str, Tensor],

@@ -30,6 +30,7 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 
 from orchmoe_cli.adapters import AdaptedModel
 from orchmoe_cli.adapters.files import read_task_names, read_tensors
+from orchmoe_cli.adapters.loading import check_saved_base
 from orchmoe_cli.adapters.registry import MethodSpec
 from orchmoe_cli.core import checkpoint as ckpt
 from orchmoe_cli.core.base_models import native_bf16
@@ -186,6 +187,7 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
         raise OrchmoeError(f"{latest}: was trained on other tasks than this run's ({differing}); resume with the "
                            "same training tasks or choose another output.dir")
     check_unchanged(latest, cfg)
+    check_saved_base(model.base, latest)
     state = ckpt.load_training_state(latest, optimizer, scheduler)
     model.load_adapter_state_dict(read_tensors(latest), str(latest))
     per_rank = state.extra.get("rng_by_rank") or [state.rng]

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal, NoReturn, Sequence
 
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.paths import inside, listing, not_found_hint, user_path
+from orchmoe_cli.paths import inside, listing, not_found_hint
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, Split] = ("train", "test")
@@ -123,7 +123,7 @@ def resolve_source(cfg: DataConfig) -> SourceLayout:
     if cfg.source == "bundled":
         root, description = bundled_dir(), "bundled SNI sample"
     else:
-        root = user_path(cfg.source, "data.source")
+        root = Path(cfg.source)  # resolved when the recipe was read (paths.user_path)
         if not root.is_dir():
             raise OrchmoeError(f"directory '{root}' not found{not_found_hint(root, Path.is_dir)}; set data.source to "
                                "'bundled' or to a directory of SNI task files", field="data.source")
@@ -179,7 +179,7 @@ def _listed_tasks(root: Path, cfg: DataConfig) -> set[str]:
 
 def _split_dir(cfg: DataConfig, root: Path) -> Path:
     if cfg.split_dir is not None:
-        split_dir = user_path(cfg.split_dir, "data.split_dir")
+        split_dir = Path(cfg.split_dir)
         if not split_dir.is_dir():
             raise OrchmoeError(f"directory '{split_dir}' not found; point it at the directory holding "
                                f"{cfg.train_split} and {cfg.test_split}", field="data.split_dir")

@@ -13,7 +13,7 @@ from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import SourceLayout, refuse_part_of_sni, resolve_source
 from orchmoe_cli.data.tables import TableSource, looks_like_hub_id, table_files
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.paths import not_found_hint, user_path
+from orchmoe_cli.paths import not_found_hint
 
 TaskSource = SourceLayout | TableSource
 
@@ -22,7 +22,7 @@ def resolve(cfg: DataConfig) -> TaskSource:
     """The source ``cfg`` names, of the format it says or that its location shows."""
     if cfg.source == "bundled" or cfg.format == "sni":
         return resolve_source(cfg)
-    path = user_path(cfg.source, "data.source")
+    path = Path(cfg.source)  # resolved when the recipe was read (paths.user_path)
     if cfg.format == "auto":
         refuse_part_of_sni(path, cfg)
     files = table_files(path)

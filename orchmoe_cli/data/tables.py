@@ -30,7 +30,6 @@ from orchmoe_cli.data.sni import (
     sample_positions,
 )
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.paths import user_path
 
 if TYPE_CHECKING:
     import datasets
@@ -303,7 +302,7 @@ def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dic
 
 def _list_path(cfg: DataConfig, split: Split) -> Path:
     """The task-list file of ``split`` under ``data.split_dir``."""
-    return user_path(cfg.split_dir or ".", "data.split_dir") / (cfg.train_split if split == "train"
+    return Path(cfg.split_dir or ".") / (cfg.train_split if split == "train"
                                                                     else cfg.test_split)
 
 

@@ -69,7 +69,8 @@ def _root(
 
 def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool, writes: str | None = None) -> Recipe:
     """The resolved recipe (checked by :func:`commands.common.load_checked`); ``--show-config`` prints it.
-    Called inside the command's ``recipe_source(recipe_path)``, which names the file in field errors."""
+    Called inside the command's ``recipe_source(recipe_path, overrides)``, which names the file, or the command
+    line, in field errors."""
     if show_config:
         console.print(dump_recipe(load_recipe(recipe_path, overrides or [])), markup=False, highlight=False, end="")
         raise typer.Exit()
@@ -87,7 +88,7 @@ def prepare(
 ) -> None:
     """Validate the recipe's tasks (SNI task files or a table) and encode them (Tk-Instruct prompts) into a cached
     Arrow dataset."""
-    with recipe_source(recipe):
+    with recipe_source(recipe, overrides or []):
         loaded = _load(recipe, overrides, show_config)
         if export_table is not None:
             from orchmoe_cli.commands.prepare import export_table as run_export
@@ -122,7 +123,7 @@ def eval_command(
     ] = False,
 ) -> None:
     """Generate on held-out tasks and score with the official SNI ROUGE-L / exact match."""
-    with recipe_source(recipe):
+    with recipe_source(recipe, overrides or []):
         loaded = _load(recipe, overrides, show_config, writes="eval")
         from orchmoe_cli.analysis.terminal_tables import results_table
         from orchmoe_cli.commands.eval import evaluate
@@ -149,7 +150,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
 ) -> None:
     """Train the recipe's adapter method on the training tasks (accelerate; resumable)."""
-    with recipe_source(recipe):
+    with recipe_source(recipe, overrides or []):
         loaded = _load(recipe, overrides, show_config, writes="train")
         from orchmoe_cli.commands.train import train as run_training
 
@@ -179,11 +180,11 @@ def adapt(
     keep_adapters: Annotated[bool, typer.Option("--keep-adapters", help="keep each cell's adapter.")] = False,
 ) -> None:
     """Few-shot adaptation of a trained checkpoint to held-out tasks: every mode x k x seed, resumable."""
-    with recipe_source(recipe):
-        extra = [*adapt_list_override("shots", shots, int), *adapt_list_override("seeds", seeds, int),
-                 *adapt_list_override("modes", modes, str), *adapt_list_override("tasks", tasks, str)]
-        if keep_adapters:
-            extra.append("adapt.keep_adapters=true")
+    extra = [*adapt_list_override("shots", shots, int), *adapt_list_override("seeds", seeds, int),
+             *adapt_list_override("modes", modes, str), *adapt_list_override("tasks", tasks, str)]
+    if keep_adapters:
+        extra.append("adapt.keep_adapters=true")
+    with recipe_source(recipe, [*(overrides or []), *extra]):
         loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes="adapt")
         from orchmoe_cli.analysis.adaptation_report import (
             PREDICTIONS,
@@ -292,7 +293,7 @@ def generate(
 ) -> None:
     """Answer free-text prompts with a trained checkpoint (or the base model), as JSONL."""
     prompts, overrides = _prompts_and_overrides(words or [])
-    with recipe_source(recipe) if recipe is not None else contextlib.nullcontext():
+    with recipe_source(recipe, overrides) if recipe is not None else contextlib.nullcontext():
         from orchmoe_cli.commands.common import resolve_target
         from orchmoe_cli.commands.generate import generate as run_generate
         from orchmoe_cli.commands.generate import read_prompts, write_rows
@@ -322,7 +323,7 @@ def export(
     overrides: OverridesArg = None,
 ) -> None:
     """Write a checkpoint as peft LoRA adapters or merged models (OrchMoE: one LoRA per abstract task + router)."""
-    with recipe_source(recipe) if recipe is not None else contextlib.nullcontext():
+    with recipe_source(recipe, overrides or []) if recipe is not None else contextlib.nullcontext():
         from orchmoe_cli.commands.export import export as run_export
         from orchmoe_cli.paths import user_path
 

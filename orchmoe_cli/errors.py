@@ -34,9 +34,11 @@ class OrchmoeError(Exception):
         self.text = message
         self.field = field
         self.source = source
+        self.overridden = False  # the field's value came from the command line, over the recipe file
 
     def __str__(self) -> str:
-        parts = [part for part in (self.source, self.field, self.text) if part is not None]
+        field = f"{self.field} (set on the command line)" if self.field is not None and self.overridden else self.field
+        parts = [part for part in (self.source, field, self.text) if part is not None]
         return " ".join(": ".join(parts).split())  # always a single line
 
     @property
@@ -45,16 +47,19 @@ class OrchmoeError(Exception):
 
 
 @contextlib.contextmanager
-def recipe_source(path: str | Path) -> Iterator[None]:
-    """Name the recipe file ``path`` in every recipe-field error raised inside the block.
+def recipe_source(path: str | Path, overrides: Iterable[str] = ()) -> Iterator[None]:
+    """Name the recipe file ``path`` in every recipe-field error raised inside the block, and say so when one of
+    ``overrides`` (``section.field=value``) set that field on the command line, over the file.
 
     An :class:`OrchmoeError` with a ``field`` and no ``source`` yet gets ``source = str(path)`` and goes on
     its way; errors about other files, or already attributed to a file, pass unchanged."""
+    given = {item.partition("=")[0].strip() for item in overrides if "=" in item}
     try:
         yield
     except OrchmoeError as exc:
         if exc.field is not None and exc.source is None:
             exc.source = str(path)
+            exc.overridden = any(exc.field == key or exc.field.startswith(f"{key}.") for key in given)
         raise
 
 

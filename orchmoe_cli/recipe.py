@@ -203,7 +203,7 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
         raw = _read_yaml_mapping(user_path(path, "RECIPE", option=True))
     for item in overrides:
         _apply_override(raw, item)
-    return build(Recipe, raw, source)
+    return build(Recipe, raw, source, overrides)
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -286,6 +286,7 @@ def _check_nodes(root: yaml.Node | None, path: Path) -> None:
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set the dotted field ``item`` names (``section.field=value``, the value read as YAML)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise OrchmoeError(f"override '{item}': expected section.field=value, e.g. eval.max_instances=20")

@@ -14,6 +14,7 @@ import math
 import reprlib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import field
 from typing import Any, Literal
 
@@ -31,10 +32,10 @@ def help_field(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata={"help": help, **checks})
 
 
-def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly; errors name the dotted field and ``source`` (the file
-    read)."""
-    with recipe_source(source):
+def build(cls: type, raw: Any, source: str, overrides: Sequence[str] = (), prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly; errors name the dotted field and where its value came
+    from: ``source`` (the file read), or the command line for a field one of ``overrides`` set."""
+    with recipe_source(source, overrides):
         return _build(cls, raw, prefix)
 
 

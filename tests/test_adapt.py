@@ -170,6 +170,8 @@ def test_sweep_resumes_and_matches_an_uninterrupted_one(trained: dict, tmp_path:
     for a, b in zip(reference, resumed, strict=True):
         assert (a["key"], a["scores"], a["trainable"]) == (b["key"], b["scores"], b["trainable"])
     assert (tmp_path / "b" / "adapt_summary.md").is_file() and (tmp_path / "b" / "sample_efficiency.png").is_file()
+    assert set(json.loads((tmp_path / "b" / "pool_shift.json").read_text())) == {NEW_TASK}  # the adapted task
+    assert "## Adaptation pools" in (tmp_path / "b" / "adapt_summary.md").read_text()
 
 
 def test_sigkill_mid_cell_then_rerun_gives_the_uninterrupted_results(trained: dict, tmp_path: Path) -> None:

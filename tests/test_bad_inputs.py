@@ -660,7 +660,8 @@ FIELD_ERRORS: list[tuple[tuple[str, ...], str, Callable[[Env], None] | None]] = 
 def test_recipe_field_errors_start_with_the_recipe_once(argv: tuple[str, ...], field: str,
                                                        setup: Callable[[Env], None] | None, shared: Shared,
                                                        tmp_path: Path) -> None:
-    """The one line is ``error: RECIPE: FIELD: ...``: the recipe path exactly once, then the dotted field."""
+    """The one line is ``error: RECIPE: FIELD (set on the command line): ...``: the recipe path exactly once, then
+    the dotted field and where its value came from (every case here sets it on the command line)."""
     sni, out = write_sni(tmp_path / "sni"), tmp_path / "out"
     env = Env(tmp=tmp_path, sni=sni, out=out, recipe=tmp_path / "recipe.yaml", shared=shared)
     env.recipe.write_text(recipe_text(sni, shared.cache, out), encoding="utf-8")
@@ -671,8 +672,33 @@ def test_recipe_field_errors_start_with_the_recipe_once(argv: tuple[str, ...], f
 
     line = _one_error_line(code, stderr)
     assert "Traceback" not in stdout, stdout
-    assert line.startswith(f"error: {env.recipe}: {field}: "), line
+    assert line.startswith(f"error: {env.recipe}: {field} (set on the command line): "), line
     assert line.count(f"{env.recipe}: ") == 1, line
+
+
+@pytest.mark.parametrize(("argv", "field", "setup"), [case for case in FIELD_ERRORS if case[0][0] != "adapt"],
+                         ids=[f for a, f, _ in FIELD_ERRORS if a[0] != "adapt"])
+def test_the_same_values_in_the_recipe_file_name_the_file_alone(argv: tuple[str, ...], field: str,
+                                                               setup: Callable[[Env], None] | None, shared: Shared,
+                                                               tmp_path: Path) -> None:
+    """Each value of the table above written into the recipe instead: ``error: RECIPE: FIELD: ...``."""
+    import yaml
+
+    sni, out = write_sni(tmp_path / "sni"), tmp_path / "out"
+    env = Env(tmp=tmp_path, sni=sni, out=out, recipe=tmp_path / "recipe.yaml", shared=shared)
+    raw = yaml.safe_load(recipe_text(sni, shared.cache, out))
+    for item in argv[2:]:
+        key, _, value = env.fill(item).partition("=")
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    env.recipe.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    if setup is not None:
+        setup(env)
+
+    code, stdout, stderr = run_main([env.fill(a) for a in argv[:2]])
+
+    line = _one_error_line(code, stderr)
+    assert line.startswith(f"error: {env.recipe}: {field}: "), line
 
 
 def test_recipe_source_names_only_field_errors_without_a_file() -> None:
@@ -684,6 +710,12 @@ def test_recipe_source_names_only_field_errors_without_a_file() -> None:
         return str(info.value)
 
     assert raised(OrchmoeError("empty", field="eval.tasks")) == "r.yaml: eval.tasks: empty"
+    with pytest.raises(OrchmoeError) as info, recipe_source("r.yaml", ["eval.tasks=[]", "train.steps=3"]):
+        raise OrchmoeError("empty", field="eval.tasks")
+    assert str(info.value) == "r.yaml: eval.tasks (set on the command line): empty"
+    with pytest.raises(OrchmoeError) as info, recipe_source("r.yaml", ["eval=3"]):  # a section set whole
+        raise OrchmoeError("bad", field="eval.tasks")
+    assert str(info.value) == "r.yaml: eval.tasks (set on the command line): bad"
     assert raised(OrchmoeError("bad\n  key", field="method.x", source="ck/cfg.json")) == "ck/cfg.json: method.x: bad key"
     assert raised(OrchmoeError("ck/weights: truncated")) == "ck/weights: truncated"  # another file: no field
     assert str(OrchmoeError("no\nfield")) == OrchmoeError("no field").message == "no field"

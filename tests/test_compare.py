@@ -219,3 +219,18 @@ def test_names_with_dollars_and_bars_plot_and_tabulate(tmp_path: Path, capsys: p
     table = [line for line in capsys.readouterr().out.splitlines() if "yes" in line]
     assert table and all(line.count(" | ") == table[0].count(" | ") and "yes\\|no" in line for line in table)
     assert run_cli(["compare", str(a), str(b), "--plot", str(tmp_path / "f.png")]) == 2  # never overwritten
+
+
+def test_predictions_changed_after_their_evaluation_are_refused(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    reference = _write(tmp_path / "lora.predictions.jsonl", _base_rows())
+    evaluation = tmp_path / "run" / "eval-test"
+    predictions = _write(evaluation / "predictions.jsonl", _shifted(_base_rows(), 0.05))
+    digest = hashlib.sha256(predictions.read_bytes()).hexdigest()
+    (evaluation / "results.json").write_text(json.dumps({"predictions_sha256": digest}), encoding="utf-8")
+    assert _json([str(reference), str(evaluation)], capsys)["runs"][1] == "eval-test"  # vouched for: compared
+    _write(predictions, _shifted(_base_rows(), 0.5))  # edited after the evaluation wrote its scores
+    line = _refused([str(reference), str(tmp_path / "run")], capsys)
+    assert str(predictions) in line and "predictions_sha256" in line, line

@@ -86,6 +86,7 @@ def test_base_model_needs_a_recipe_and_answers_with_it(runs: dict[str, Path], ca
 @pytest.mark.parametrize("args, expected", [
     (["x", "--task", "task001_alpha_q"], "did you mean 'task001_alpha_qa'"),
     ([], "no prompt"),
+    (["x", "--raw", "--instruction", "Answer briefly"], "--raw: --instruction, but --raw sends each text as it is"),
 ])
 def test_bad_generate_input_is_one_line(runs: dict[str, Path], args: list[str], expected: str, capsys) -> None:
     assert run_cli(["generate", str(runs["poly"]), *args]) == 2
@@ -122,3 +123,11 @@ def test_export_command_writes_adapters_and_never_replaces_a_directory(runs: dic
     assert run_cli(["export", str(runs["poly"]), "--to", "merged", "--task", "task001_alpha_qa", "--out",
                     str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def test_raw_refuses_an_instruction_a_row_carries(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    source = tmp_path / "prompts.jsonl"
+    source.write_text('{"id": "a", "input": "first"}\n{"id": "b", "input": "second", "instruction": "Be brief"}\n')
+    assert run_cli(["generate", str(runs["orchmoe"]), "--input", str(source), "--raw"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 'b' has an instruction field" in err and len(err.strip().splitlines()) == 1

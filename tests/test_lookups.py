@@ -145,7 +145,7 @@ def test_a_task_folder_with_its_split_directory_is_a_complete_source(tree: Path)
 def test_prepare_refuses_a_task_folder_in_one_line(tree: Path, capsys) -> None:
     assert run_cli(["prepare", str(tree / "one/r.yaml"), f"data.source={tree / 'ni/tasks'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {tree / 'one/r.yaml'}: data.source: ") and f"data.source={tree / 'ni'}?" in err
+    assert err.startswith(f"error: {tree / 'one/r.yaml'}: data.source (set on the command line): ") and f"data.source={tree / 'ni'}?" in err
     assert len(err.splitlines()) == 1
 
 

@@ -95,7 +95,7 @@ def test_bad_recipe_exits_2_with_one_line(text: str, message: str, tmp_path: Pat
     [
         (["prepare", "missing.yaml"], "missing.yaml: recipe file not found"),
         (["prepare", "RECIPE", "eval.max_instances"], "expected section.field=value"),
-        (["prepare", "RECIPE", "eval.max_instancs=3"], "eval.max_instancs: unknown key (did you mean 'max_instances'?)"),
+        (["prepare", "RECIPE", "eval.max_instancs=3"], "eval.max_instancs (set on the command line): unknown key (did you mean 'max_instances'?)"),
         (["prepare", "RECIPE", "--no-such-flag"], "No such option"),
         (["evaluate", "RECIPE"], "No such command"),
     ],
@@ -138,7 +138,7 @@ def test_data_location_from_an_environment_variable(sni_dir: Path, monkeypatch: 
     from orchmoe_cli.errors import OrchmoeError
 
     monkeypatch.delenv("ORCHMOE_TEST_SNI", raising=False)
-    with pytest.raises(OrchmoeError, match=r"data.source: environment variable ORCHMOE_TEST_SNI is not set"):
+    with pytest.raises(OrchmoeError, match=r"data.source \(set on the command line\): environment variable ORCHMOE_TEST_SNI is not set"):
         load_recipe(None, ["data.source=${ORCHMOE_TEST_SNI}/sni"])
     monkeypatch.setenv("ORCHMOE_TEST_SNI", str(sni_dir.parent))
     recipe = load_recipe(None, ["data.source=${ORCHMOE_TEST_SNI}/sni"])

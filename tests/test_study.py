@@ -45,6 +45,9 @@ def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     for heading in ("Zero-shot", "In-distribution", "Few-shot adaptation", "Routing", "Cost"):
         assert f"## {heading}" in report
     assert (tmp_path / "study" / "sample_efficiency.png").is_file()
+    assert "study plan" in first.stdout and "total" in first.stdout  # the plan, with estimates, came first
+    shifts = json.loads((results / "adapt" / "pool_shift.json").read_text())
+    assert set(shifts) == {row["task"] for row in rows} and "### Per task" in report
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*.json")}
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -58,6 +61,8 @@ def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     record = results / "train" / "mhr.json"
     original = record.read_text()
     record.write_text(original.replace(json.loads(original)["adapter_checksums"][0], "0" * 64))
+    plan = subprocess.run([*command, "--plan"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert plan.returncode == 0 and "retrain" in plan.stdout and "$ orchmoe" not in plan.stdout  # runs nothing
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert refused.returncode != 0 and "retrained mhr adapter differs" in refused.stderr + refused.stdout
     record.write_text(original)

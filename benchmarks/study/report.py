@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from orchmoe_cli.analysis.adaptation_report import merge_results, plot, summarise
+from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, merge_results, plot, summarise
 from orchmoe_cli.analysis.bootstrap import InstanceKey, paired_bootstrap
 from orchmoe_cli.analysis.comparison import compare_runs
 from orchmoe_cli.core.figures import pyplot
@@ -80,7 +80,29 @@ def _adaptation_section(results: Path, figures: Path) -> list[str]:
     plot(summary, figures / "sample_efficiency.png")
     trainable = ", ".join(f"{mode} {n:,}" for mode, n in sorted(summary["trainable"].items()) if n)
     return [*lines, "", f"Trainable parameters per mode: {trainable}.", "",
-            f"![sample efficiency]({figures.name}/sample_efficiency.png)"]
+            f"![sample efficiency]({figures.name}/sample_efficiency.png)", "", *_per_task(summary, results)]
+
+
+def _per_task(summary: dict[str, Any], results: Path) -> list[str]:
+    """Each task's few-shot scores (mean over seeds) beside how unlike its evaluation set its adaptation pool is
+    (`orchmoe adapt`'s measure, recorded in ``adapt/pool_shift.json``)."""
+    shifts_file = results / "adapt" / POOL_SHIFT
+    shifts = _read(shifts_file) if shifts_file.is_file() else {}
+    modes = sorted({c["mode"] for c in summary["columns"] if c["shots"] > 0})
+    shots = sorted({c["shots"] for c in summary["columns"] if c["shots"] > 0})
+    lines = ["### Per task", "", ("ROUGE-L, mean over seeds. Pool mismatch: max(|top-answer share pool - evaluation|, "
+             "|log of the mean answer lengths' ratio|), `unlike` from 0.1 on (`orchmoe_cli/analysis/pool_shift.py`)."),
+             "", "| task | pool mismatch | k | zero_shot | " + " | ".join(modes) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(modes)]
+    for task, cells in sorted(summary["by_task"].items()):
+        shift = shifts.get(task)
+        shown = "" if shift is None else f"{shift['mismatch']:.2f}" + (" unlike" if shift["shifted"] else "")
+        zero = "" if "zero_shot@0" not in cells else f"{cells['zero_shot@0']['mean']:.2f}"
+        for k in shots:
+            values = [f"{cells[f'{m}@{k}']['mean']:.2f}" if f"{m}@{k}" in cells else "" for m in modes]
+            lines.append(f"| {task} | {shown} | {k} | {zero} | "
+                         + " | ".join(values) + " |")
+    return lines
 
 
 def _training_table(results: Path) -> list[str]:

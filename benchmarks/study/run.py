@@ -6,6 +6,7 @@ small result files this driver writes.
     python benchmarks/study/run.py --scale cpu                # about 2 hours on 2 CPU cores
     python benchmarks/study/run.py --scale cpu-10x            # 1000 training steps, three few-shot seeds
     python benchmarks/study/run.py --scale cpu --only report  # rewrite the report from the result files
+    python benchmarks/study/run.py --scale cpu-10x --plan     # what is left, with time estimates; runs nothing
     python benchmarks/study/run.py --scale cpu --results new/results --runs new/runs --report new/study.md
 
 Scales: `tiny` (a random tiny model on the bundled sample: the plumbing in a minute), `cpu` (100 steps),
@@ -34,16 +35,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
+from estimate import Estimator, duration
 from report import write_report
 
+from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, RESULTS
+from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe, load_recipe
 
@@ -98,6 +104,14 @@ class Piece:
     command: list[str]  # the `orchmoe` arguments the piece runs (the report lists them)
     run: Callable[[], None]
     reads: str | None = None  # the trained checkpoint (method) the piece evaluates or adapts
+    work: dict[str, int] = field(default_factory=dict)  # training: {"steps": n}; a sweep: mode -> cells
+
+    def estimate(self, estimator: Estimator) -> float | None:
+        if self.stage in ("train", "retrain"):
+            return estimator.training(self.name, self.work["steps"])
+        if self.stage == "adapt":
+            return estimator.sweep(self.work)
+        return estimator.whole(self.stage, self.name == "base")
 
 
 def shown(args: list[str]) -> str:
@@ -138,6 +152,7 @@ class Study:
 
     def train(self, method: str) -> Piece:
         command = ["train", str(self.recipe), *self.settings(method)]
+        steps = self.config.train.steps
         if method == MU_RUN:
             steps = max(1, self.config.train.steps // 10)
             command += [f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0"]
@@ -155,7 +170,7 @@ class Study:
             atomic_write_json(self.results / "train" / f"{method}.json",
                               {**summary, "method": method, "validation_loss": validation,
                                "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece("train", method, self.results / "train" / f"{method}.json", command, run)
+        return Piece("train", method, self.results / "train" / f"{method}.json", command, run, work={"steps": steps})
 
     def retrain(self, method: str) -> Piece:
         """A finished training run whose checkpoint this machine lacks (checkpoints are not committed): train it
@@ -171,7 +186,8 @@ class Study:
                 raise SystemExit(
                     f"study: the retrained {method} adapter differs from the one in {trained.result} (another CPU "
                     f"or library version?); delete that file and every result of {method} to redo them with it")
-        return Piece("retrain", method, self.runs / method / "train_summary.json", trained.command, run)
+        return Piece("retrain", method, self.runs / method / "train_summary.json", trained.command, run,
+                     work=trained.work)
 
     def evaluation(self, stage: str, method: str, step: int | None = None) -> Piece:
         """Zero-shot on the held-out tasks (no task id), or in-distribution on the training tasks' held-back
@@ -228,6 +244,9 @@ class Study:
         if not modes:
             return None
         name = f"{method}-one-seed" if one_seed and several else method
+        cells = {mode: len(tasks) * len(self.config.adapt.shots) * (1 if one_seed else len(seeds)) for mode in modes}
+        if not (one_seed and several):
+            cells["zero_shot"] = len(tasks)
         out = self.results / "adapt" / name
         command = ["adapt", str(self.recipe), *self.settings(method), f"adapt.checkpoint={self.runs / method}",
                    "--modes", ",".join([*([] if one_seed and several else ["zero_shot"]), *modes]),
@@ -251,20 +270,23 @@ class Study:
             atomic_write_text(used, text)
             atomic_write_json(out / "done.json", {"modes": modes, "tasks": tasks,
                                            "wall_s": round(time.perf_counter() - started, 1)})
-        return Piece("adapt", name, out / "done.json", command, run, method)
+        return Piece("adapt", name, out / "done.json", command, run, method, cells)
 
     @cached_property
     def config(self) -> Recipe:
         """The scale's recipe, loaded (and checked) once, when a stage needs its settings."""
         return load_recipe(self.recipe)
 
+    @cached_property
+    def prepared(self) -> Any:
+        from orchmoe_cli.core.recipe_data import prepare_data
+
+        return prepare_data(self.config, console)
+
     def adaptation_tasks(self) -> list[str]:
         """One held-out task per SNI category, the one with the largest adaptation pool (ties: split order);
         a rule that never looks at scores. At GPU scale, every task with a pool."""
-        from orchmoe_cli.core.recipe_data import prepare_data
-
-        prepared = prepare_data(self.config, console)
-        held_out = [t for t in prepared.manifest["tasks"] if t["split"] == "test" and t.get("n_pool", 0) > 0]
+        held_out = [t for t in self.prepared.manifest["tasks"] if t["split"] == "test" and t.get("n_pool", 0) > 0]
         if not self.scale.startswith("cpu"):
             return [t["name"] for t in held_out]
         best: dict[str, dict] = {}
@@ -272,6 +294,20 @@ class Study:
             if task["category"] not in best or task["n_pool"] > best[task["category"]]["n_pool"]:
                 best[task["category"]] = task
         return [t["name"] for t in best.values()]
+
+    def record_pool_shifts(self) -> None:
+        """`orchmoe adapt`'s measure of how unlike its evaluation instances each adapted task's pool is, kept beside
+        the adaptation results for the report (computed once from the prepared data; a machine without the data
+        reports without it)."""
+        path = self.results / "adapt" / POOL_SHIFT
+        if path.is_file() or not any((self.results / "adapt").glob(f"*/{RESULTS}")):
+            return
+        from orchmoe_cli.commands.adapt import pool_shifts
+
+        try:
+            atomic_write_json(path, pool_shifts(self.config, self.prepared, self.adaptation_tasks()))
+        except OrchmoeError as error:
+            console.print(f"study: no adaptation-pool measures in the report ({error})", markup=False)
 
     def pieces(self, stages: tuple[str, ...]) -> list[Piece]:
         """Method by method (the base model first): its training, then everything that reads its checkpoint, so
@@ -310,6 +346,24 @@ class Study:
         return [self.retrain(m) for m in sorted(lacking, key=lambda m: m == MU_RUN)]
 
 
+def print_plan(todo: list[Piece], estimator: Estimator) -> None:
+    """The pieces still to run with their estimated wall-clock, before the first one starts."""
+    if not todo:
+        return
+    table = Table(title="study plan", caption="estimates: the pace of finished pieces (estimate.py)",
+                  title_justify="left", caption_justify="left")
+    for column in ("stage", "piece", "estimate"):
+        table.add_column(column, justify="right" if column == "estimate" else "left")
+    seconds = [piece.estimate(estimator) for piece in todo]
+    for piece, estimate in zip(todo, seconds, strict=True):
+        table.add_row(piece.stage, piece.name, duration(estimate))
+    known = [s for s in seconds if s is not None]
+    unknown = len(seconds) - len(known)
+    table.add_row("", "[bold]total[/bold]", f"[bold]{duration(sum(known))}[/bold]"
+                  + (f" + {unknown} unestimated" if unknown else ""))
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=tuple(SCALES), default="cpu",
@@ -319,10 +373,14 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="report file (default docs/results/study.md at cpu scale, "
                         "study-<scale>.md otherwise)")
     parser.add_argument("--only", choices=STAGES, help="run one stage (its prerequisites must be done)")
+    parser.add_argument("--plan", action="store_true", help="print what is left to run, with estimates, and stop")
     args = parser.parse_args()
     study = Study(args.scale, args.results and args.results.resolve(), args.runs and args.runs.resolve())
     stages = (args.only,) if args.only else STAGES
     todo = [p for p in study.pieces(stages) if not p.result.is_file()]
+    print_plan(todo, Estimator([study.results, HERE / "results" / "cpu"]))
+    if args.plan:
+        return
     progress = Progress(TextColumn("[bold]study[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     with progress:
@@ -334,6 +392,7 @@ def main() -> None:
     if "report" in stages:
         every = [piece for piece in study.pieces(STAGES[:-1]) if piece.stage != "retrain"]
         missing = [f"{piece.stage} {piece.name}" for piece in every if not piece.result.is_file()]
+        study.record_pool_shifts()
         path = write_report(study.results, study.scale, study.runs, REPO, [shown(p.command) for p in every],
                             missing, args.report)
         console.print(f"report: {path}")

@@ -60,7 +60,7 @@ def _read_own(directory: Path, config: dict[str, Any]) -> SavedAdapter:
     raw = config.get("method")
     if not isinstance(raw, dict):
         raise OrchmoeError(f"{source}: 'method' must be a mapping of method settings")
-    method = build(MethodConfig, raw, str(source), "method.")
+    method = build(MethodConfig, raw, str(source), prefix="method.")
     summary = config.get("base_model") or {}
     if not isinstance(summary, dict):
         raise OrchmoeError(f"{source}: base_model must be a mapping describing the base model, got {summary!r}")

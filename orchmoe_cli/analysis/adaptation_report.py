@@ -6,6 +6,7 @@ and per task), as a rich table, ``adapt_summary.md`` / ``adapt_summary.json``, a
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from collections import defaultdict
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RESULTS = "adapt_results.jsonl"  # one line per finished cell: its settings and aggregate scores
 PREDICTIONS = "predictions"  # <cell>.jsonl per cell: prompt digest, prediction, references, scores
+POOL_SHIFT = "pool_shift.json"  # per adapted task: how unlike its evaluation set its pool is (analysis.pool_shift)
 # what every results line is bound to: the base model, the checkpoint's digest, the checkpoint's own origin
 BINDING = ("base", "checkpoint_sha256", "init_from")
 _LINE_FIELDS = {"key": str, "task": str, "mode": str, "shots": int, "seed": int, "trainable": int,
@@ -299,10 +301,26 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def pool_table(shifts: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of each task's pool-vs-evaluation measures (``analysis.pool_shift``)."""
+    rows = [[task, f"{s['top_evaluation']:.2f} / {s['top_pool']:.2f}",
+             f"{s['words_evaluation']:.1f} / {s['words_pool']:.1f}", f"{s['mismatch']:.3f}",
+             "yes" if s["shifted"] else "no"] for task, s in shifts.items()]
+    return markdown_table(["task", "top answer share (evaluation / pool)", "mean words (evaluation / pool)",
+                            "mismatch", "pool unlike evaluation"], rows, numeric_from=3)
+
+
 def write_summary(out: Path, rows: list[dict]) -> dict[str, Any]:
     summary = summarise(rows)
+    shifts = json.loads((out / POOL_SHIFT).read_text(encoding="utf-8")) if (out / POOL_SHIFT).is_file() else {}
+    text = _markdown(summary)
+    if shifts:
+        summary["pool_shift"] = shifts
+        text += ("\n\n## Adaptation pools\n\nIs each task's pool (what cells train on) like its evaluation set? "
+                 "A pool unlike it teaches its own answers, and that task's few-shot scores measure the shift too.\n\n"
+                 + pool_table(shifts))
     atomic_write_json(out / "adapt_summary.json", summary)
-    atomic_write_text(out / "adapt_summary.md", _markdown(summary))
+    atomic_write_text(out / "adapt_summary.md", text + "\n")
     if any(c["shots"] > 0 for c in summary["overall"].values()):
         plot(summary, out / "sample_efficiency.png")
     return summary

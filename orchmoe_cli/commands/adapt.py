@@ -40,6 +40,7 @@ from orchmoe_cli.adapters.method_config import MethodConfig
 from orchmoe_cli.adapters.registry import spec_of
 from orchmoe_cli.analysis.adaptation_report import (
     BINDING,
+    POOL_SHIFT,
     PREDICTIONS,
     RESULTS,
     SWEEP,
@@ -48,6 +49,7 @@ from orchmoe_cli.analysis.adaptation_report import (
     read_result_lines,
     sweep_identity,
 )
+from orchmoe_cli.analysis.pool_shift import task_shifts
 from orchmoe_cli.commands.common import RECIPE_FILE
 from orchmoe_cli.core.base_models import LoadedModel, load_model, on_device
 from orchmoe_cli.core.checkpoint import checkpoint_digest, find_checkpoint
@@ -135,6 +137,20 @@ def plan_cells(recipe: Recipe, prepared: Any) -> list[Cell]:
                                        + ("" if pools[task] else " (it has no adaptation pool)"), field="adapt.shots")
                 cells += [Cell(task, mode, k, seed) for seed in cfg.seeds]
     return cells
+
+
+def pool_shifts(recipe: Recipe, prepared: Any, tasks: list[str]) -> dict[str, Any]:
+    """How unlike the instances it is scored on each task's adaptation pool is (`analysis.pool_shift`); a shifted
+    one gets a warning line, since its few-shot scores then measure the shift as well as the method."""
+    if not tasks:
+        return {}
+    evaluated = select_instances(prepared.dataset["test"], dataclasses.replace(recipe.eval, tasks=tasks))
+    shifts = task_shifts(evaluated, prepared.dataset[POOL].select_columns(["task", "references"]), tasks)
+    for task, shift in shifts.items():
+        if shift.shifted:
+            log.warning(f"{task}: its adaptation pool is unlike its evaluation set ({shift.describe()}); its "
+                        "few-shot scores measure that shift as well as the method")
+    return {task: shift.as_dict() for task, shift in shifts.items()}
 
 
 def _draw(pool: TaskRows, cell: Cell, val_instances: int) -> tuple[TaskRows, TaskRows | None]:
@@ -372,6 +388,8 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
     with state.main_process_first():
         prepared = prepare_data(recipe, console)
     cells = plan_cells(recipe, prepared)
+    trained_on_pools = list(dict.fromkeys(c.task for c in cells if c.mode not in NO_TRAINING))
+    shifts = pool_shifts(recipe, prepared, trained_on_pools) if main else {}
     loaded = load_model(recipe.model)
     trained = describe_checkpoint(loaded.model, checkpoint) if checkpoint is not None else None
     for mode in dict.fromkeys(c.mode for c in cells):  # every mode must fit the checkpoint before any cell runs
@@ -394,4 +412,6 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
         if not main:
             return None
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+        if shifts:
+            atomic_write_json(out / POOL_SHIFT, shifts)
     return out

@@ -119,6 +119,12 @@ def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Pat
     from orchmoe_cli.data.dataset_cache import encode_prompt_ids
     from orchmoe_cli.data.sni import Instance, SNITask
 
+    if raw:  # the text goes as it is: an instruction would be dropped without a word
+        given = "--instruction" if instruction else next((f"prompt '{p.id}' has an instruction field" for p in prompts
+                                                          if p.instruction), None)
+        if given is not None:
+            raise OrchmoeError(f"--raw: {given}, but --raw sends each text as it is, without the prompt format "
+                               "that places an instruction; put it into the text, or leave out --raw")
     loaded = load_model(recipe.model)
     model: Any = loaded.model
     if target is not None:

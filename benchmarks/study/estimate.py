@@ -1,0 +1,95 @@
+"""How long the study's unfinished pieces will take, printed as a plan before the first one starts.
+
+Each estimate comes from what finished pieces took (their result files record ``wall_s``): the same kind of
+piece at this scale first, else at the `cpu` scale. Training is priced per step of the same method, an
+adaptation sweep per cell of each mode, an evaluation or routing report as a whole piece (the base model's
+evaluations apart: it writes until its token limit, so it is slower). Those runs' machine and load come with
+them, so the total is a plan, not a promise; a piece nothing comparable has finished shows "?".
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "adapt_results.jsonl"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class Pace:
+    """Seconds per unit of work measured under one scale's result directory."""
+
+    def __init__(self, results: Path) -> None:
+        self.train: dict[str, float] = {}  # method -> seconds per training step
+        for path in results.glob("train/*.json"):
+            run = _read(path)
+            if run.get("step"):
+                self.train[path.stem] = run["wall_s"] / run["step"]
+        self.whole: dict[tuple[str, bool], list[float]] = defaultdict(list)  # (stage, base?) -> seconds
+        for stage in ("zero-shot", "in-distribution", "routing"):
+            for path in results.glob(f"{stage}/*.json"):
+                self.whole[(stage, path.stem == "base")].append(_read(path)["wall_s"])
+        self.cell: dict[str, list[float]] = defaultdict(list)  # adaptation mode -> seconds per cell
+        for path in results.glob(f"adapt/*/{RESULTS_FILE}"):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.cell[row["mode"]].append(row["wall_s"])
+
+    def step_seconds(self, method: str) -> float | None:
+        return self.train.get(method)
+
+    def piece_seconds(self, stage: str, base: bool) -> float | None:
+        found = self.whole.get((stage, base))
+        return statistics.median(found) if found else None
+
+    def cell_seconds(self, mode: str) -> float | None:
+        found = self.cell.get(mode)
+        return statistics.fmean(found) if found else None
+
+
+class Estimator:
+    """Seconds for a piece from the first scale (this one, then `cpu`) that measured something comparable."""
+
+    def __init__(self, results_dirs: list[Path]) -> None:
+        self.paces = [Pace(d) for d in dict.fromkeys(results_dirs) if d.is_dir()]
+
+    def _first(self, ask: Any) -> float | None:
+        return next((value for pace in self.paces if (value := ask(pace)) is not None), None)
+
+    def training(self, method: str, steps: int) -> float | None:
+        rate = self._first(lambda p: p.step_seconds(method))
+        if rate is None:  # a method no scale has trained yet: the median pace of the others here
+            rate = self._first(lambda p: statistics.median(p.train.values()) if p.train else None)
+        return None if rate is None else rate * steps
+
+    def whole(self, stage: str, base: bool) -> float | None:
+        return self._first(lambda p: p.piece_seconds(stage, base))
+
+    def sweep(self, cells: dict[str, int]) -> float | None:
+        """``cells``: mode -> number of cells."""
+        total = 0.0
+        for mode, n in cells.items():
+            each = self._first(lambda p, mode=mode: p.cell_seconds(mode))
+            if each is None and mode != "zero_shot":  # an unmeasured mode: the mean of the trained modes here
+                each = self._first(lambda p: statistics.fmean(v for m, values in p.cell.items() if m != "zero_shot"
+                                                              for v in values)
+                                   if any(m != "zero_shot" for m in p.cell) else None)
+            if each is None:
+                return None
+            total += each * n
+        return total
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"

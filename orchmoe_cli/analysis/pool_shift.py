@@ -1,0 +1,82 @@
+"""Is a held-out task's adaptation pool like its evaluation set?
+
+Few-shot adaptation trains on a task's pool (its instances after the evaluation ones) and is scored on its
+evaluation instances. When the two differ, adapting teaches the pool's answers: in the SNI release "five stars" is
+15% of task1342's pool titles against 2% of its evaluation titles (24% in the bundled sample's pool, where a
+16-step adaptation scored below the checkpoint's own zero-shot). Two
+score-free measures over the reference answers (lower-cased, stripped): how much of each set its most frequent
+answer takes, and the mean answer length in words. The mismatch is
+max(|top share pool - top share eval|, |log(mean words pool / mean words eval)|); from ``SHIFTED`` on (ten points
+of one answer's share, or about a tenth in length) a sweep warns that the task's few-shot scores measure this
+shift too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SHIFTED = 0.1
+
+
+@dataclass(frozen=True)
+class AnswerShift:
+    top_evaluation: float  # share of the evaluation answers taken by its most frequent one
+    top_pool: float
+    words_evaluation: float  # mean answer length in words
+    words_pool: float
+
+    @property
+    def mismatch(self) -> float:
+        if min(self.words_pool, self.words_evaluation) == 0:  # empty answers on one side only: as unlike as it gets
+            length = 0.0 if self.words_pool == self.words_evaluation else math.inf
+        else:
+            length = abs(math.log(self.words_pool / self.words_evaluation))
+        return max(abs(self.top_pool - self.top_evaluation), length)
+
+    @property
+    def shifted(self) -> bool:
+        return self.mismatch >= SHIFTED
+
+    def describe(self) -> str:
+        return (f"most frequent answer {self.top_pool:.0%} of the pool vs {self.top_evaluation:.0%} of the evaluation "
+                f"set, mean answer {self.words_pool:.1f} vs {self.words_evaluation:.1f} words "
+                f"(mismatch {self.mismatch:.2f})")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"top_evaluation": self.top_evaluation, "top_pool": self.top_pool,
+                "words_evaluation": self.words_evaluation, "words_pool": self.words_pool,
+                "mismatch": self.mismatch, "shifted": self.shifted}
+
+
+def _normalised(answers: Iterable[str]) -> list[str]:
+    return [answer.strip().lower() for answer in answers]
+
+
+def answer_shift(evaluation: Sequence[str], pool: Sequence[str]) -> AnswerShift:
+    """The two measures for one task, from its evaluation answers and its pool answers (neither empty)."""
+    if not evaluation or not pool:
+        raise ValueError("both the evaluation answers and the pool answers must be non-empty")
+    sets = {"evaluation": _normalised(evaluation), "pool": _normalised(pool)}
+    top = {name: Counter(answers).most_common(1)[0][1] / len(answers) for name, answers in sets.items()}
+    words = {name: sum(len(a.split()) for a in answers) / len(answers) for name, answers in sets.items()}
+    return AnswerShift(top["evaluation"], top["pool"], words["evaluation"], words["pool"])
+
+
+def first_references(rows: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """task -> the first reference of each of its rows (a prepared split's ``task`` and ``references``)."""
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        found.setdefault(row["task"], []).append(row["references"][0] if row["references"] else "")
+    return found
+
+
+def task_shifts(evaluation_rows: Iterable[dict[str, Any]], pool_rows: Iterable[dict[str, Any]],
+                tasks: Iterable[str]) -> dict[str, AnswerShift]:
+    """The shift of every task in ``tasks`` that has rows on both sides."""
+    evaluation, pool = first_references(evaluation_rows), first_references(pool_rows)
+    return {task: answer_shift(evaluation[task], pool[task]) for task in tasks
+            if evaluation.get(task) and pool.get(task)}

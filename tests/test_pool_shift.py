@@ -1,0 +1,61 @@
+"""How unlike its evaluation set a task's adaptation pool is: the measures, and `orchmoe adapt`'s warning."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from types import SimpleNamespace
+
+import datasets
+import pytest
+
+from orchmoe_cli.analysis.pool_shift import SHIFTED, answer_shift, task_shifts
+from orchmoe_cli.commands.adapt import pool_shifts
+from orchmoe_cli.data.dataset_cache import POOL
+from orchmoe_cli.recipe import EvalConfig
+
+
+def test_a_pool_skewed_to_one_answer_is_shifted_and_a_like_one_is_not() -> None:
+    evaluation = [f"title {i}" for i in range(50)]
+    skewed = answer_shift(evaluation, ["Five Stars"] * 15 + [f"other {i}" for i in range(85)])
+    assert (skewed.top_evaluation, skewed.top_pool) == (pytest.approx(0.02), pytest.approx(0.15))
+    assert skewed.mismatch == pytest.approx(0.13) and skewed.shifted
+    alike = answer_shift(evaluation, [f"Title {i}" for i in range(60, 160)])  # case and spaces do not count
+    assert alike.mismatch == pytest.approx(0.01) and not alike.shifted
+    assert "15% of the pool vs 2% of the evaluation set" in skewed.describe()
+
+
+def test_length_counts_as_a_log_ratio_and_empty_answers_on_one_side_are_as_unlike_as_it_gets() -> None:
+    longer = answer_shift(["a b", "c d"], ["a b c", "d e f"])  # 3 words against 2: log 1.5
+    assert longer.mismatch == pytest.approx(math.log(1.5)) and longer.shifted
+    assert answer_shift(["a"], [" "]).mismatch == math.inf
+    assert answer_shift([""], [""]).mismatch == 0.0
+    with pytest.raises(ValueError):
+        answer_shift([], ["a"])
+    assert SHIFTED == 0.1
+
+
+def _prepared(evaluation: dict[str, list[str]], pool: dict[str, list[str]]) -> SimpleNamespace:
+    def split(answers: dict[str, list[str]]) -> datasets.Dataset:
+        rows = [(task, i, answer) for task, values in answers.items() for i, answer in enumerate(values)]
+        return datasets.Dataset.from_dict({
+            "task": [t for t, _, _ in rows], "category": ["c"] * len(rows), "id": [f"{t}-{i}" for t, i, _ in rows],
+            "prompt": ["p"] * len(rows), "prompt_ids": [[1]] * len(rows), "references": [[a] for _, _, a in rows]})
+    return SimpleNamespace(dataset={"test": split(evaluation), POOL: split(pool)})
+
+
+def test_adapt_warns_for_a_shifted_pool_and_measures_only_the_evaluated_instances(caplog) -> None:
+    evaluation = {"skewed": [f"t{i}" for i in range(10)] + ["Five Stars"] * 90, "alike": ["x y"] * 4}
+    pool = {"skewed": ["Five Stars"] * 5 + ["u v"] * 5, "alike": ["x y"] * 4}
+    prepared = _prepared(evaluation, pool)
+    recipe = SimpleNamespace(eval=dataclasses.replace(EvalConfig(), max_instances=10))
+    with caplog.at_level(logging.WARNING):
+        found = pool_shifts(recipe, prepared, ["skewed", "alike"])
+    # the first 10 evaluation rows (what cells are scored on) hold no "Five Stars"; half the pool does
+    assert found["skewed"]["top_pool"] == 0.5 and found["skewed"]["top_evaluation"] == 0.1
+    assert found["skewed"]["shifted"] and not found["alike"]["shifted"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("skewed: its adaptation pool is unlike its evaluation set")
+    assert pool_shifts(recipe, prepared, []) == {}
+    assert set(task_shifts(prepared.dataset["test"], prepared.dataset[POOL], ["alike", "absent"])) == {"alike"}

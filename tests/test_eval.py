@@ -129,7 +129,7 @@ def test_eval_unknown_task_is_refused(sni_dir: Path, tmp_path: Path, capsys) -> 
     recipe = write_recipe(tmp_path / "r.yaml", sni_dir, tmp_path / "out", "tiny-t5")
     assert run_cli(["eval", str(recipe), "eval.tasks=[task999_nope]"]) == 2
     err = capsys.readouterr().err
-    assert "eval.tasks: task999_nope not in the prepared 'test' split" in err
+    assert "eval.tasks (set on the command line): task999_nope not in the prepared 'test' split" in err
 
 
 def test_checkpoint_none_means_the_base_model(sni_dir: Path, tmp_path: Path) -> None:

@@ -51,11 +51,15 @@ def test_adapt_warns_for_a_shifted_pool_and_measures_only_the_evaluated_instance
     prepared = _prepared(evaluation, pool)
     recipe = SimpleNamespace(eval=dataclasses.replace(EvalConfig(), max_instances=10))
     with caplog.at_level(logging.WARNING):
-        found = pool_shifts(recipe, prepared, ["skewed", "alike"])
+        found = pool_shifts(recipe, prepared, ["skewed", "alike"], ["skewed", "alike"])
     # the first 10 evaluation rows (what cells are scored on) hold no "Five Stars"; half the pool does
     assert found["skewed"]["top_pool"] == 0.5 and found["skewed"]["top_evaluation"] == 0.1
     assert found["skewed"]["shifted"] and not found["alike"]["shifted"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and warned[0].startswith("skewed: its adaptation pool is unlike its evaluation set")
-    assert pool_shifts(recipe, prepared, []) == {}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # measured, but no cell of it left to run: no warning
+        assert pool_shifts(recipe, prepared, ["skewed"], [])["skewed"]["shifted"]
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert pool_shifts(recipe, prepared, [], []) == {}
     assert set(task_shifts(prepared.dataset["test"], prepared.dataset[POOL], ["alike", "absent"])) == {"alike"}

@@ -283,7 +283,7 @@ def test_a_bad_grid_is_refused_before_any_cell(trained: tuple[Path, Path], tmp_p
                                                extra: tuple[str, ...], field: str, words: str) -> None:
     out = tmp_path / "out"
     line = one_error(capsys, run_cli(_sweep(trained, out, "--modes", "zero_shot", "--shots", "1", *extra)))
-    assert f"{trained[0]}: {field}: " in line and words in line, line
+    assert f"{trained[0]}: {field} (set on the command line): " in line and words in line, line
     assert ran == [] and not out.exists()
 
 
@@ -297,6 +297,7 @@ def test_an_adapted_adapter_is_not_adapted_again(trained: tuple[Path, Path], tmp
     if not marker:  # kept before the marker existed: its adapter_config.json still lists the adapted task
         (adapter / adapt_module.KEPT).unlink()
     ran.clear()
+    capsys.readouterr()  # the first sweep's own output
     out = tmp_path / "again"
     line = one_error(capsys, run_cli(["adapt", str(trained[0]), f"adapt.checkpoint={adapter}",
                                       f"adapt.output_dir={out}", *ZERO_SHOT]))
@@ -454,11 +455,15 @@ def test_the_summary_shows_every_cell_as_valid_markdown(grown: list[list[dict[st
 
 def test_a_grid_grown_task_by_task_reports_every_cell(sweep: Path, trained: tuple[Path, Path]) -> None:
     assert run_cli(_sweep(trained, sweep, "--modes", "mhr_z", "--shots", "1", "--tasks", TASKS[1])) == 0
-    [table] = _markdown_tables((sweep / "adapt_summary.md").read_text())
+    table, pools = _markdown_tables((sweep / "adapt_summary.md").read_text())
+    assert [line[0] for line in pools[2:]] == [TASKS[1]]  # the pool of the one task a cell trained on
     header, _, *body = table
     shown = {(line[0], header[i]) for line in body for i in range(1, len(header)) if line[i] != "-"}
     assert shown >= {(TASKS[0], "zero_shot"), (TASKS[1], "zero_shot"), (TASKS[1], "mhr_z k=1")}, table
     assert all(len(line) == len(header) for line in table)
+    assert run_cli(_sweep(trained, sweep, "--modes", "mhr_z", "--shots", "1", "--tasks", TASKS[0])) == 0
+    _, pools = _markdown_tables((sweep / "adapt_summary.md").read_text())
+    assert {line[0] for line in pools[2:]} == {TASKS[0], TASKS[1]}  # every task a recorded cell trained on
 
 
 def test_keep_adapters_on_finished_cells_says_they_kept_none(sweep: Path, trained: tuple[Path, Path], capsys,

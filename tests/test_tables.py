@@ -170,7 +170,8 @@ def test_a_template_of_your_own_builds_the_prompts(sni_dir: Path, tmp_path: Path
     first = prepared.dataset["test"][0]
     assert first["prompt"] == f"[{first['task']}] In this task ({first['task']}), you answer a short question\n" \
                               "Question 0 of task101_delta_rewrite?\nA: "
-    with pytest.raises(OrchmoeError, match=r"template: \{answer\} is not one of instruction, input, task, category"):
+    with pytest.raises(OrchmoeError, match=r"template \(set on the command line\): \{answer\} is not one of "
+                                           r"instruction, input, task, category"):
         from orchmoe_cli.recipe import load_recipe
 
         load_recipe(None, ["data.template='Q: {answer}'"])

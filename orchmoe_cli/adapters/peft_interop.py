@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peft import LoraConfig, PolyConfig
 from torch import Tensor
 
 from orchmoe_cli.adapters.context import RoutingState
@@ -28,6 +27,8 @@ from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json
 
 if TYPE_CHECKING:
+    from peft import LoraConfig, PolyConfig
+
     from orchmoe_cli.adapters.model import AdaptedModel
 
 PREFIX = "base_model.model."  # peft's key prefix for the wrapped model
@@ -55,6 +56,8 @@ def _write(model: AdaptedModel, directory: Path, config: LoraConfig | PolyConfig
 def export_lora(model: AdaptedModel, directory: Path, state: RoutingState | None = None) -> None:
     """The single LoRA the model computes under the fixed routing ``state`` (lora: its only one) as peft's
     ``LoraConfig`` checkpoint: A (r, d_in) and B (d_out, r) per layer, ``lora_alpha`` giving the same scale."""
+    from peft import LoraConfig  # imported when exporting: peft brings bitsandbytes, over a second to import
+
     method, pairs = model.method, model.fixed_loras(state)
     config = LoraConfig(r=method.rank, lora_alpha=float(method.alpha or 1.0), target_modules=sorted(pairs),
                         lora_dropout=method.dropout, bias="none", task_type=_task_type(model))
@@ -67,6 +70,8 @@ def export_lora(model: AdaptedModel, directory: Path, state: RoutingState | None
 
 def export_poly(model: AdaptedModel, directory: Path) -> None:
     """Poly / MHR as peft's ``PolyConfig`` checkpoint; alpha is folded into B (peft Poly scales by 1/r)."""
+    from peft import PolyConfig
+
     method, layers = model.method, _layers(model)
     if model.averaged or method.straight_through:
         what = "the average-of-skills routing" if model.averaged else "straight-through routing"

@@ -139,18 +139,24 @@ def plan_cells(recipe: Recipe, prepared: Any) -> list[Cell]:
     return cells
 
 
-def pool_shifts(recipe: Recipe, prepared: Any, tasks: list[str]) -> dict[str, Any]:
-    """How unlike the instances it is scored on each task's adaptation pool is (`analysis.pool_shift`); a shifted
-    one gets a warning line, since its few-shot scores then measure the shift as well as the method."""
+def pool_shifts(recipe: Recipe, prepared: Any, tasks: list[str], warn_for: list[str]) -> dict[str, Any]:
+    """How unlike the instances it is scored on each of ``tasks``' adaptation pool is (`analysis.pool_shift`); a
+    shifted task of ``warn_for`` gets a warning line, since its few-shot scores then measure the shift as well as
+    the method."""
     if not tasks:
         return {}
     evaluated = select_instances(prepared.dataset["test"], dataclasses.replace(recipe.eval, tasks=tasks))
     shifts = task_shifts(evaluated, prepared.dataset[POOL].select_columns(["task", "references"]), tasks)
     for task, shift in shifts.items():
-        if shift.shifted:
+        if shift.shifted and task in warn_for:
             log.warning(f"{task}: its adaptation pool is unlike its evaluation set ({shift.describe()}); its "
                         "few-shot scores measure that shift as well as the method")
     return {task: shift.as_dict() for task, shift in shifts.items()}
+
+
+def _trained_tasks(cells: list[Cell]) -> list[str]:
+    """The tasks whose adaptation pools some of ``cells`` train on, in order."""
+    return list(dict.fromkeys(c.task for c in cells if c.mode not in NO_TRAINING))
 
 
 def _draw(pool: TaskRows, cell: Cell, val_instances: int) -> tuple[TaskRows, TaskRows | None]:
@@ -299,8 +305,9 @@ def _train_cell(cell: Cell, model: Any, sweep: Sweep, train_cfg: TrainConfig) ->
     train_rows, val = _draw(TaskRows(pool), cell, cfg.val_instances)
     validate, best = None, {"step": 0, "rougeL": None}
     if val is not None:
-        eval_cfg = dataclasses.replace(sweep.recipe.eval, batch_size=cfg.batch_size)
-        validate, best = _validator(model, [pool[i] for i in val.positions()], loaded, eval_cfg, sweep.newlines)
+        # generated in batches of eval.batch_size, as every generation is (adapt.batch_size is the training's)
+        validate, best = _validator(model, [pool[i] for i in val.positions()], loaded, sweep.recipe.eval,
+                                    sweep.newlines)
     outcome = fit(model, train_rows, train_cfg, None, accelerator, pad_id=pad_token_id(loaded.tokenizer),
                   causal=not loaded.is_encoder_decoder, recipe_yaml="", console=sweep.console, validate=validate)
     if outcome.interrupted:  # Ctrl-C / SIGTERM: stop the sweep; this cell restarts on the next run
@@ -388,8 +395,6 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
     with state.main_process_first():
         prepared = prepare_data(recipe, console)
     cells = plan_cells(recipe, prepared)
-    trained_on_pools = list(dict.fromkeys(c.task for c in cells if c.mode not in NO_TRAINING))
-    shifts = pool_shifts(recipe, prepared, trained_on_pools) if main else {}
     loaded = load_model(recipe.model)
     trained = describe_checkpoint(loaded.model, checkpoint) if checkpoint is not None else None
     for mode in dict.fromkeys(c.mode for c in cells):  # every mode must fit the checkpoint before any cell runs
@@ -405,6 +410,9 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
             done = _finished(out, cells, identity, cfg.keep_adapters, main, console)
         todo = [c for c in cells if c.key not in done]
         console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
+        # measured for every task a cell trains on; warned about once every check has passed, for cells to run
+        finished = [Cell(*key.rsplit("/", 3)[:2], 0, 0) for key in done]  # (task, mode) of the recorded cells
+        shifts = pool_shifts(recipe, prepared, _trained_tasks([*finished, *cells]), _trained_tasks(todo)) if main else {}
         if todo and main:
             atomic_write_json(out / SWEEP, identity)
         _run_cells(todo, sweep)

@@ -741,11 +741,12 @@ def test_disk_full_while_saving_a_checkpoint(where: str, shared: Shared, tmp_pat
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills while step 2 is saved: exit 2, one line, step 1 intact, no temp dir, no lock."""
     from orchmoe_cli.core import checkpoint as ckpt
+    from orchmoe_cli.core import state_files
 
     sni, run = write_sni(tmp_path / "sni"), tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text(sni, shared.cache, run), encoding="utf-8")
-    if where == "training-state":  # every file checkpoint.py writes goes through atomic_write_bytes
+    if where == "training-state":  # every file a checkpoint holds besides the adapter goes through these two
         original = ckpt.atomic_write_bytes
 
         def write_bytes(path: Path, data: bytes) -> None:
@@ -754,6 +755,7 @@ def test_disk_full_while_saving_a_checkpoint(where: str, shared: Shared, tmp_pat
             original(path, data)
 
         monkeypatch.setattr(ckpt, "atomic_write_bytes", write_bytes)
+        monkeypatch.setattr(state_files, "atomic_write_bytes", write_bytes)
     else:  # a full disk makes safetensors' save_file raise SafetensorError (os error 28), not OSError
         import safetensors.torch
         from safetensors import SafetensorError

@@ -19,16 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orchmoe_cli.core import checkpoint
+from orchmoe_cli.core import checkpoint, state_files
 from orchmoe_cli.core.checkpoint import (
-    capture_rng,
     latest_checkpoint,
     load_training_state,
-    restore_rng,
     save_checkpoint,
     verify_checkpoint,
 )
 from orchmoe_cli.core.run_lock import RunLock
+from orchmoe_cli.core.state_files import capture_rng, load_part, restore_rng
 from orchmoe_cli.errors import OrchmoeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +179,7 @@ def test_manifest_detects_modified_truncated_and_missing_files(tmp_path: Path) -
     with pytest.raises(OrchmoeError, match=r"optimizer\.safetensors: truncated"):
         verify_checkpoint(path)
     with pytest.raises(OrchmoeError, match=r"optimizer\.safetensors: not a readable safetensors file"):
-        checkpoint._load_part(path / "training_state", "optimizer")
+        load_part(path / "training_state", "optimizer")
     tensors.write_bytes(blob)
 
     (path / "recipe.yaml").unlink()
@@ -311,7 +310,7 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, data)
 
-    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(state_files, "atomic_write_bytes", full_disk)  # where the training state is written
     with pytest.raises(OrchmoeError, match="no space left"):
         _save(tmp_path, 2, keep_last=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]

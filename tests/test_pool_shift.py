@@ -10,8 +10,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 
-from orchmoe_cli.analysis.pool_shift import SHIFTED, answer_shift, task_shifts
-from orchmoe_cli.commands.adapt import pool_shifts
+from orchmoe_cli.analysis.pool_shift import SHIFTED, answer_shift, pool_shifts, task_shifts
 from orchmoe_cli.data.dataset_cache import POOL
 from orchmoe_cli.recipe import EvalConfig
 

@@ -302,10 +302,10 @@ class Study:
         path = self.results / "adapt" / POOL_SHIFT
         if path.is_file() or not any((self.results / "adapt").glob(f"*/{RESULTS}")):
             return
-        from orchmoe_cli.commands.adapt import pool_shifts
+        from orchmoe_cli.analysis.pool_shift import pool_shifts
 
         try:
-            atomic_write_json(path, pool_shifts(self.config, self.prepared, self.adaptation_tasks()))
+            atomic_write_json(path, pool_shifts(self.config, self.prepared, self.adaptation_tasks(), []))
         except OrchmoeError as error:
             console.print(f"study: no adaptation-pool measures in the report ({error})", markup=False)
 

@@ -13,11 +13,19 @@ shift too.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from orchmoe_cli.core.evaluation import select_instances
+from orchmoe_cli.data.dataset_cache import POOL
+from orchmoe_cli.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 SHIFTED = 0.1
 
@@ -80,3 +88,18 @@ def task_shifts(evaluation_rows: Iterable[dict[str, Any]], pool_rows: Iterable[d
     evaluation, pool = first_references(evaluation_rows), first_references(pool_rows)
     return {task: answer_shift(evaluation[task], pool[task]) for task in tasks
             if evaluation.get(task) and pool.get(task)}
+
+
+def pool_shifts(recipe: Recipe, prepared: Any, tasks: list[str], warn_for: list[str]) -> dict[str, Any]:
+    """How unlike the instances it is scored on (``recipe.eval``) each of ``tasks``' adaptation pool is, from the
+    prepared data; a shifted task of ``warn_for`` gets a warning line, since its few-shot scores then measure the
+    shift as well as the method."""
+    if not tasks:
+        return {}
+    evaluated = select_instances(prepared.dataset["test"], dataclasses.replace(recipe.eval, tasks=tasks))
+    shifts = task_shifts(evaluated, prepared.dataset[POOL].select_columns(["task", "references"]), tasks)
+    for task, shift in shifts.items():
+        if shift.shifted and task in warn_for:
+            log.warning(f"{task}: its adaptation pool is unlike its evaluation set ({shift.describe()}); its "
+                        "few-shot scores measure that shift as well as the method")
+    return {task: shift.as_dict() for task, shift in shifts.items()}

@@ -49,7 +49,7 @@ from orchmoe_cli.analysis.adaptation_report import (
     read_result_lines,
     sweep_identity,
 )
-from orchmoe_cli.analysis.pool_shift import task_shifts
+from orchmoe_cli.analysis.pool_shift import pool_shifts
 from orchmoe_cli.commands.common import RECIPE_FILE
 from orchmoe_cli.core.base_models import LoadedModel, load_model, on_device
 from orchmoe_cli.core.checkpoint import checkpoint_digest, find_checkpoint
@@ -137,21 +137,6 @@ def plan_cells(recipe: Recipe, prepared: Any) -> list[Cell]:
                                        + ("" if pools[task] else " (it has no adaptation pool)"), field="adapt.shots")
                 cells += [Cell(task, mode, k, seed) for seed in cfg.seeds]
     return cells
-
-
-def pool_shifts(recipe: Recipe, prepared: Any, tasks: list[str], warn_for: list[str]) -> dict[str, Any]:
-    """How unlike the instances it is scored on each of ``tasks``' adaptation pool is (`analysis.pool_shift`); a
-    shifted task of ``warn_for`` gets a warning line, since its few-shot scores then measure the shift as well as
-    the method."""
-    if not tasks:
-        return {}
-    evaluated = select_instances(prepared.dataset["test"], dataclasses.replace(recipe.eval, tasks=tasks))
-    shifts = task_shifts(evaluated, prepared.dataset[POOL].select_columns(["task", "references"]), tasks)
-    for task, shift in shifts.items():
-        if shift.shifted and task in warn_for:
-            log.warning(f"{task}: its adaptation pool is unlike its evaluation set ({shift.describe()}); its "
-                        "few-shot scores measure that shift as well as the method")
-    return {task: shift.as_dict() for task, shift in shifts.items()}
 
 
 def _trained_tasks(cells: list[Cell]) -> list[str]:
@@ -412,7 +397,8 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
         console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
         # measured for every task a cell trains on; warned about once every check has passed, for cells to run
         finished = [Cell(*key.rsplit("/", 3)[:2], 0, 0) for key in done]  # (task, mode) of the recorded cells
-        shifts = pool_shifts(recipe, prepared, _trained_tasks([*finished, *cells]), _trained_tasks(todo)) if main else {}
+        trained_on = _trained_tasks([*finished, *cells])
+        shifts = pool_shifts(recipe, prepared, trained_on, _trained_tasks(todo)) if main else {}
         if todo and main:
             atomic_write_json(out / SWEEP, identity)
         _run_cells(todo, sweep)

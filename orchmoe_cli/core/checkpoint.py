@@ -7,8 +7,7 @@ Layout of ``<run>/checkpoints/step-000100/``::
     training_state/{optimizer,scheduler,rng,trainer}.{json,safetensors}
     manifest.json                                                 written last: sha256 + size of every file
 
-Nothing is pickled: tensors go to safetensors, the rest to JSON with tags that keep tuples, non-string
-keys and tensor references exact. Built in a hidden temp sibling and renamed into place, a ``step-*``
+Nothing is pickled (`state_files`). Built in a hidden temp sibling and renamed into place, a ``step-*``
 directory is complete unless damaged later, which its manifest reveals.
 """
 
@@ -20,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from collections.abc import Callable, Collection
@@ -29,18 +27,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_tensors
 
 from orchmoe_cli import __version__
 from orchmoe_cli.adapters.files import ADAPTER_FILES, WEIGHTS_FILE, canonical_safetensors
+from orchmoe_cli.core.state_files import (
+    capture_rng,
+    encodable,
+    load_part,
+    read_part_json,
+    read_part_tensors,
+    save_part,
+)
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_directory, atomic_write_bytes, fsync_dir, json_text, read_json, read_safetensors
+from orchmoe_cli.fsutil import atomic_directory, atomic_write_bytes, fsync_dir, json_text
 from orchmoe_cli.paths import CHECKPOINT_MANIFEST, checkpoint_above, inside, listing, not_found_hint, user_path
-
-try:
-    import numpy
-except ImportError:  # numpy is optional; its RNG is simply not captured
-    numpy = None
 
 log = logging.getLogger(__name__)
 
@@ -49,116 +49,6 @@ MANIFEST = CHECKPOINT_MANIFEST
 STATE_DIR = "training_state"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _STALE = (".step-*.tmp", ".step-*.old")
-_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
-
-
-class _Unserialisable(TypeError):
-    """A value that is neither a tensor nor JSON-representable; carries its path for the message."""
-
-
-def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Turn ``value`` into JSON data, moving tensors into ``tensors`` under unique names."""
-    if isinstance(value, torch.Tensor):
-        name = f"{len(tensors)}:{path}"
-        tensors[name] = value.detach().to("cpu", copy=True).contiguous()  # copy: safetensors rejects shared storage
-        return {_TENSOR: name}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tuple):
-        return {_TUPLE: [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]
-    if isinstance(value, dict):
-        if all(isinstance(key, str) and not key.startswith("__") for key in value):
-            return {key: _encode(item, f"{path}.{key}", tensors) for key, item in value.items()}
-        return {_ITEMS: [[_encode(key, path, {}), _encode(item, f"{path}.{key}", tensors)]
-                         for key, item in value.items()]}
-    raise _Unserialisable(f"{path} has type {type(value).__name__}, which is neither a tensor nor JSON data")
-
-
-def _decode(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`_encode`."""
-    if isinstance(data, list):
-        return [_decode(item, tensors) for item in data]
-    if not isinstance(data, dict):
-        return data
-    if len(data) == 1:
-        tag, inner = next(iter(data.items()))
-        if tag == _TENSOR:
-            return tensors[inner]
-        if tag == _TUPLE:
-            return tuple(_decode(item, tensors) for item in inner)
-        if tag == _ITEMS:
-            return {_decode(key, tensors): _decode(item, tensors) for key, item in inner}
-    return {key: _decode(item, tensors) for key, item in data.items()}
-
-
-def _save_part(directory: Path, name: str, value: Any) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        data = _encode(value, name, tensors)
-    except _Unserialisable as exc:
-        raise OrchmoeError(f"cannot save the {name} state: {exc}") from None
-    atomic_write_bytes(directory / f"{name}.json", json_text(data, directory / f"{name}.json", indent=1).encode())
-    atomic_write_bytes(directory / f"{name}.safetensors", save_tensors(tensors))
-
-
-def _encodable(value: Any) -> bool:
-    try:
-        _encode(value, "", {})
-    except _Unserialisable:
-        return False
-    return True
-
-
-_DAMAGED = "; the checkpoint is damaged"
-
-
-def _read_json(path: Path) -> Any:
-    return read_json(path, missing="missing from the checkpoint", damaged=_DAMAGED)
-
-
-def _read_tensors(path: Path, header_only: bool = False) -> dict[str, torch.Tensor]:
-    return read_safetensors(path, header_only, missing="missing from the checkpoint", damaged=_DAMAGED)
-
-
-def _load_part(directory: Path, name: str) -> Any:
-    data = _read_json(directory / f"{name}.json")
-    tensor_file = directory / f"{name}.safetensors"
-    tensors = _read_tensors(tensor_file)
-    try:
-        return _decode(data, tensors)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise OrchmoeError(f"{directory / name}.json: does not match {tensor_file.name} ({exc!r})") from None
-
-
-def capture_rng() -> dict[str, Any]:
-    """Snapshot every global RNG a training step may draw from (python, numpy, torch CPU, torch CUDA)."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if numpy is not None:
-        kind, key, pos, has_gauss, gauss = numpy.random.get_state()
-        state["numpy"] = (kind, key.tolist(), pos, has_gauss, gauss)
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Put the RNGs back exactly as :func:`capture_rng` saw them, so random draws continue identically."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state and numpy is not None:
-        kind, key, pos, has_gauss, gauss = state["numpy"]
-        numpy.random.set_state((kind, numpy.asarray(key, dtype=numpy.uint32), pos, has_gauss, gauss))
-    cuda_states = state.get("torch_cuda", [])
-    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cuda_states and len(cuda_states) != devices:
-        log.warning("checkpoint has CUDA RNG states for %d device(s) but %d are visible; "
-                    "random numbers on GPU will differ from an uninterrupted run", len(cuda_states), devices)
-    for index, cuda_state in enumerate(cuda_states[:devices]):
-        torch.cuda.set_rng_state(cuda_state, index)
-
-
 def _digest(path: Path, sync: bool = False) -> str:
     """sha256 of a file; ``sync`` also flushes it so a renamed checkpoint survives a power loss
     (off when verifying, so checkpoints on read-only mounts still verify)."""
@@ -194,7 +84,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise OrchmoeError(f"{root}: no {MANIFEST}, so the checkpoint is incomplete (its save was interrupted); "
                            "resume from an earlier checkpoint")
-    manifest = _read_json(manifest_path)
+    manifest = read_part_json(manifest_path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise OrchmoeError(f"{manifest_path}: not an orchmoe checkpoint manifest (no 'files' object); "
@@ -212,9 +102,9 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         if size != expected["size"] or _digest(file) != expected["sha256"]:
             raise OrchmoeError(f"{file}: was modified after saving (its sha256 does not match {MANIFEST})")
         if file.suffix == ".json":
-            _read_json(file)
+            read_part_json(file)
         elif file.suffix == ".safetensors":
-            _read_tensors(file, header_only=True)
+            read_part_tensors(file, header_only=True)
     return manifest
 
 
@@ -298,16 +188,16 @@ def save_checkpoint(run_dir: str | Path, step: int, write_adapter: Callable[[Pat
     rng = capture_rng()
     scheduler_state = scheduler.state_dict()
     if "lr_lambdas" in scheduler_state:  # callable objects' __dict__ may hold anything; the recipe rebuilds them
-        scheduler_state["lr_lambdas"] = [fn if _encodable(fn) else None for fn in scheduler_state["lr_lambdas"]]
+        scheduler_state["lr_lambdas"] = [fn if encodable(fn) else None for fn in scheduler_state["lr_lambdas"]]
     target = checkpoints / f"step-{step:06d}"
     with atomic_directory(target) as staging:
         write_adapter(staging)
         atomic_write_bytes(staging / "recipe.yaml", recipe_yaml.encode())
         state_dir = staging / STATE_DIR
-        _save_part(state_dir, "optimizer", optimizer.state_dict())
-        _save_part(state_dir, "scheduler", scheduler_state)
-        _save_part(state_dir, "rng", rng)
-        _save_part(state_dir, "trainer", {"step": step, "sampler_state": sampler_state, "extra": extra or {}})
+        save_part(state_dir, "optimizer", optimizer.state_dict())
+        save_part(state_dir, "scheduler", scheduler_state)
+        save_part(state_dir, "rng", rng)
+        save_part(state_dir, "trainer", {"step": step, "sampler_state": sampler_state, "extra": extra or {}})
         _write_manifest(staging, step)
     fsync_dir(checkpoints)
     if keep_last is not None:
@@ -361,11 +251,11 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer,
     state_dir = root / STATE_DIR
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         try:
-            target.load_state_dict(_load_part(state_dir, name))
+            target.load_state_dict(load_part(state_dir, name))
         except (KeyError, TypeError, ValueError) as exc:
             raise OrchmoeError(f"{state_dir / name}.json: does not fit this run's {name} ({exc}); "
                                "resume with the recipe the checkpoint was trained with") from None
-    trainer, rng = _load_part(state_dir, "trainer"), _load_part(state_dir, "rng")
+    trainer, rng = load_part(state_dir, "trainer"), load_part(state_dir, "rng")
     return TrainingState(root, trainer["step"], trainer["sampler_state"], rng, trainer["extra"])
 
 

@@ -37,6 +37,7 @@ from orchmoe_cli.core.base_models import native_bf16
 from orchmoe_cli.core.resuming import check_unchanged, latest_complete
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.core.sampling import TaskBatchSampler
+from orchmoe_cli.core.state_files import capture_rng, restore_rng
 from orchmoe_cli.core.steps import Batches, micro_step, validation_loss
 from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve
 from orchmoe_cli.data.rows import TaskRows
@@ -192,7 +193,7 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
     model.load_adapter_state_dict(read_tensors(latest), str(latest))
     per_rank = state.extra.get("rng_by_rank") or [state.rng]
     if len(per_rank) == accelerator.num_processes:
-        ckpt.restore_rng(per_rank[accelerator.process_index])
+        restore_rng(per_rank[accelerator.process_index])
     else:  # each process's stream cannot continue: start distinct ones from (seed, step, rank)
         set_seed(hash((cfg.seed, state.step, accelerator.process_index)) % 2**32)
         if accelerator.is_main_process:
@@ -364,7 +365,7 @@ def _save(run_dir: Path, step: int, batch_index: int, model: AdaptedModel, recip
     accelerator.wait_for_everyone()
     extra = {}
     if accelerator.num_processes > 1:
-        extra["rng_by_rank"] = gather_object([ckpt.capture_rng()])
+        extra["rng_by_rank"] = gather_object([capture_rng()])
     path = None
     if accelerator.is_main_process:
         path = ckpt.save_checkpoint(run_dir, step, model.save, recipe_yaml, optimizer, scheduler,

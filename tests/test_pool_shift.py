@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -12,6 +13,7 @@ import pytest
 
 from orchmoe_cli.analysis.pool_shift import SHIFTED, answer_shift, pool_shifts, task_shifts
 from orchmoe_cli.data.dataset_cache import POOL
+from orchmoe_cli.fsutil import json_text
 from orchmoe_cli.recipe import EvalConfig
 
 
@@ -25,10 +27,11 @@ def test_a_pool_skewed_to_one_answer_is_shifted_and_a_like_one_is_not() -> None:
     assert "15% of the pool vs 2% of the evaluation set" in skewed.describe()
 
 
-def test_length_counts_as_a_log_ratio_and_empty_answers_on_one_side_are_as_unlike_as_it_gets() -> None:
+def test_length_counts_as_a_log_ratio_and_empty_answers_on_one_side_only_are_unlike() -> None:
     longer = answer_shift(["a b", "c d"], ["a b c", "d e f"])  # 3 words against 2: log 1.5
     assert longer.mismatch == pytest.approx(math.log(1.5)) and longer.shifted
-    assert answer_shift(["a"], [" "]).mismatch == math.inf
+    assert answer_shift(["a"], [" "]).mismatch == 1.0 and answer_shift(["a"], [" "]).shifted
+    json_text(answer_shift(["a"], [" "]).as_dict(), Path("pool_shift.json"))  # finite: the JSON writer takes it
     assert answer_shift([""], [""]).mismatch == 0.0
     with pytest.raises(ValueError):
         answer_shift([], ["a"])

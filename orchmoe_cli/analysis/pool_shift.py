@@ -39,8 +39,8 @@ class AnswerShift:
 
     @property
     def mismatch(self) -> float:
-        if min(self.words_pool, self.words_evaluation) == 0:  # empty answers on one side only: as unlike as it gets
-            length = 0.0 if self.words_pool == self.words_evaluation else math.inf
+        if min(self.words_pool, self.words_evaluation) == 0:  # empty answers on one side only: unlike (a finite
+            length = 0.0 if self.words_pool == self.words_evaluation else 1.0  # value: results are JSON)
         else:
             length = abs(math.log(self.words_pool / self.words_evaluation))
         return max(abs(self.top_pool - self.top_evaluation), length)

@@ -2,9 +2,10 @@
 
 Few-shot adaptation trains on a task's adaptation pool (its instances after the evaluation ones) and is scored on
 its evaluation instances, so a demo should adapt to a task whose pool answers look like its evaluation answers.
-For every bundled held-out task this compares the two sets' answers with `orchmoe_cli.analysis.pool_shift` (the
-share of each set its most frequent answer takes, and the mean answer length in words: the measures `orchmoe adapt`
-warns with) and picks the task with the smallest mismatch, ties broken by name.
+For every bundled held-out task this compares the pool's answers with those of the official evaluation set
+(`Instances[:100]`) by `orchmoe_cli.analysis.pool_shift` (the share of each set its most frequent answer takes,
+and the mean answer length in words: the measures `orchmoe adapt` warns with, though adapt compares the pool with
+the instances it scores, the demo's first 20) and picks the task with the smallest mismatch, ties broken by name.
 
     python benchmarks/demo_task.py      # the table and the chosen task (the Makefile's DEMO_ADAPT_TASK)
 """

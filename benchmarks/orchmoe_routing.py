@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from orchmoe_cli.analysis.bootstrap import InstanceKey, instance_scores, paired_bootstrap  # noqa: E402
+from orchmoe_cli.core.results import check_vouched  # noqa: E402
 
 RECIPE = REPO / "recipes" / "sni" / "orchmoe.yaml"
 RESULTS = REPO / "benchmarks" / "results" / "orchmoe_routing"
@@ -73,6 +74,7 @@ def run_variant(name: str, overrides: list[str], steps: int, instances: int) -> 
     evaluated = time.perf_counter()
     eval_dir = max(run.glob("eval-step-*"), key=lambda p: p.stat().st_mtime)
     results = json.loads((eval_dir / "results.json").read_text())
+    check_vouched(eval_dir / "predictions.jsonl")  # the per-instance scores are the ones results.json reports
     scores: dict[str, dict[str, float]] = {}  # task -> instance id -> ROUGE-L: ids repeat across tasks
     for (task, instance), value in instance_scores(map(json.loads, (eval_dir / "predictions.jsonl").open())).items():
         scores.setdefault(task, {})[instance] = value

@@ -296,10 +296,12 @@ def generate(
     with recipe_source(recipe, overrides) if recipe is not None else contextlib.nullcontext():
         from orchmoe_cli.commands.common import resolve_target
         from orchmoe_cli.commands.generate import generate as run_generate
-        from orchmoe_cli.commands.generate import read_prompts, write_rows
+        from orchmoe_cli.commands.generate import check_raw, read_prompts, write_rows
         from orchmoe_cli.paths import claim_file
 
         texts = read_prompts(prompts, input_file)
+        if raw:
+            check_raw(texts, instruction, "standard input" if input_file == "-" else input_file)
         if output is not None and output != "-":
             output = str(claim_file(output, "--output", option=True))
         target, loaded = resolve_target(checkpoint, recipe, overrides)

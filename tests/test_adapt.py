@@ -308,3 +308,19 @@ def test_kept_adapters_are_scored_again_by_eval_and_inspected_as_adapted(trained
     assert not any(r["adapted"] for name, r in rows.items() if name != NEW_TASK)
     assert NEW_TASK not in {t["task"] for r in rows.values() for t in r["nearest_training_tasks"]}
     assert len(rows[NEW_TASK]["nearest_training_tasks"]) > 0
+
+
+def test_validation_generates_in_eval_batches_not_training_batches(trained: dict, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    recipe, checkpoint = trained["lora"]
+    real, sizes = adapt_module.score_rows, []
+
+    def recording(model, tokenizer, is_encoder_decoder, rows, cfg, *rest):  # noqa: ANN001, ANN002, ANN202
+        sizes.append(cfg.batch_size)
+        return real(model, tokenizer, is_encoder_decoder, rows, cfg, *rest)
+
+    monkeypatch.setattr(adapt_module, "score_rows", recording)
+    assert run_cli(["adapt", str(recipe), f"adapt.checkpoint={checkpoint}", "--modes", "lora", "--shots", "1",
+                    "--seeds", "1", "--tasks", NEW_TASK, "eval.batch_size=3", "adapt.batch_size=2",
+                    f"adapt.output_dir={tmp_path / 'out'}"]) == 0
+    assert len(sizes) >= 2 and set(sizes) == {3}  # the validations (eval_every 2 of 3 steps) and the final scoring

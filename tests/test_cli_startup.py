@@ -78,3 +78,15 @@ def test_bad_recipe_fails_in_one_line_without_heavy_imports(tmp_path: Path) -> N
     assert run.code == 2
     assert len(run.stderr.strip().splitlines()) == 1 and "trian: unknown key" in run.stderr, run.stderr
     assert run.heavy == []
+
+
+@pytest.mark.parametrize("module", ["eval", "generate", "prepare", "inspect_routing", "compare", "export"])
+def test_commands_that_do_not_export_leave_peft_unimported(module: str, tmp_path: Path) -> None:
+    """peft imports bitsandbytes when it is installed (about a second): only exporting needs it (`train` and
+    `adapt` still import it through transformers' learning-rate schedules)."""
+    probe = (f"import sys, orchmoe_cli.commands.{module}\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'peft'))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

@@ -130,4 +130,4 @@ def test_raw_refuses_an_instruction_a_row_carries(runs: dict[str, Path], tmp_pat
     source.write_text('{"id": "a", "input": "first"}\n{"id": "b", "input": "second", "instruction": "Be brief"}\n')
     assert run_cli(["generate", str(runs["orchmoe"]), "--input", str(source), "--raw"]) == 2
     err = capsys.readouterr().err
-    assert "prompt 'b' has an instruction field" in err and len(err.strip().splitlines()) == 1
+    assert f"{source}: row 'b' has an instruction field" in err and len(err.strip().splitlines()) == 1

@@ -146,7 +146,7 @@ def test_a_results_line_cut_short_is_a_logged_warning_not_output(tmp_path: Path,
     output = io.StringIO()
     with caplog.at_level(logging.WARNING, logger=adapt_module.__name__):
         done = adapt_module._finished(tmp_path, [], identity, False, True, Console(file=output))
-    assert done == {"t/zero_shot/k0/s0"}
+    assert [row["key"] for row in done] == ["t/zero_shot/k0/s0"]
     assert "line 2 was cut short" in caplog.text and output.getvalue() == ""
 
 

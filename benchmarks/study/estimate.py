@@ -15,11 +15,42 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 RESULTS_FILE = "adapt_results.jsonl"
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+def read_object(path: Path) -> dict[str, Any]:
+    """A JSON object file's fields, or none when it is missing or unreadable (an estimate never stops the study;
+    a merged record is then rebuilt)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def result_lines(path: Path) -> list[dict[str, Any]]:
+    """The readable lines of an adaptation sweep's results (a line a kill cut short is skipped: the sweep redoes
+    its cell)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("mode"), str):
+            found.append(row)
+    return found
+
+
+def _seconds(record: dict[str, Any]) -> float | None:
+    value = record.get("wall_s")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 class Pace:
@@ -28,19 +59,20 @@ class Pace:
     def __init__(self, results: Path) -> None:
         self.train: dict[str, float] = {}  # method -> seconds per training step
         for path in results.glob("train/*.json"):
-            run = _read(path)
-            if run.get("step"):
-                self.train[path.stem] = run["wall_s"] / run["step"]
+            run = read_object(path)
+            seconds, steps = _seconds(run), run.get("step")
+            if seconds is not None and isinstance(steps, int) and steps > 0:
+                self.train[path.stem] = seconds / steps
         self.whole: dict[tuple[str, bool], list[float]] = defaultdict(list)  # (stage, base?) -> seconds
         for stage in ("zero-shot", "in-distribution", "routing"):
             for path in results.glob(f"{stage}/*.json"):
-                self.whole[(stage, path.stem == "base")].append(_read(path)["wall_s"])
+                if (seconds := _seconds(read_object(path))) is not None:
+                    self.whole[(stage, path.stem == "base")].append(seconds)
         self.cell: dict[str, list[float]] = defaultdict(list)  # adaptation mode -> seconds per cell
         for path in results.glob(f"adapt/*/{RESULTS_FILE}"):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.cell[row["mode"]].append(row["wall_s"])
+            for row in result_lines(path):
+                if (seconds := _seconds(row)) is not None:
+                    self.cell[row["mode"]].append(seconds)
 
     def step_seconds(self, method: str) -> float | None:
         return self.train.get(method)
@@ -76,6 +108,8 @@ class Estimator:
         """``cells``: mode -> number of cells."""
         total = 0.0
         for mode, n in cells.items():
+            if n == 0:
+                continue
             each = self._first(lambda p, mode=mode: p.cell_seconds(mode))
             if each is None and mode != "zero_shot":  # an unmeasured mode: the mean of the trained modes here
                 each = self._first(lambda p: statistics.fmean(v for m, values in p.cell.items() if m != "zero_shot"
@@ -93,3 +127,18 @@ def duration(seconds: float | None) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def plan_table(pieces: list[tuple[str, str, float | None]]) -> Table:
+    """(stage, piece, estimated seconds) rows and their total."""
+    table = Table(title="study plan", caption="estimates: the pace of finished pieces (estimate.py)",
+                  title_justify="left", caption_justify="left")
+    for column in ("stage", "piece", "estimate"):
+        table.add_column(column, justify="right" if column == "estimate" else "left")
+    for stage, name, seconds in pieces:
+        table.add_row(stage, name, duration(seconds))
+    known = [seconds for _, _, seconds in pieces if seconds is not None]
+    unknown = len(pieces) - len(known)
+    table.add_row("", "[bold]total[/bold]", f"[bold]{duration(sum(known))}[/bold]"
+                  + (f" + {unknown} unestimated" if unknown else ""))
+    return table

@@ -19,6 +19,7 @@ from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, merge_results, pl
 from orchmoe_cli.analysis.bootstrap import InstanceKey, paired_bootstrap
 from orchmoe_cli.analysis.comparison import compare_runs
 from orchmoe_cli.core.figures import pyplot
+from orchmoe_cli.core.results import predictions_digest
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -31,6 +32,11 @@ def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
     runs = {p.stem: _read(p) for p in sorted((results / stage).glob("*.json"))}
     if not runs:
         return [f"_No {stage} results yet._"]
+    for method, run in runs.items():  # the per-sample predictions must be the ones the recorded scores came from
+        recorded, predictions = run.get("predictions_sha256"), results / stage / f"{method}.predictions.jsonl"
+        if recorded is not None and predictions_digest(predictions) != recorded:
+            raise SystemExit(f"{predictions}: changed since its evaluation (predictions_sha256 differs from "
+                             f"{results / stage / method}.json); restore it or rerun that piece")
     rows = {m: [json.loads(line) for line in (results / stage / f"{m}.predictions.jsonl").open(encoding="utf-8")]
             for m in runs}
     references = [r for r in (reference, "orchmoe", "base") if r in rows]
@@ -84,24 +90,27 @@ def _adaptation_section(results: Path, figures: Path) -> list[str]:
 
 
 def _per_task(summary: dict[str, Any], results: Path) -> list[str]:
-    """Each task's few-shot scores (mean over seeds) beside how unlike its evaluation set its adaptation pool is
-    (`orchmoe adapt`'s measure, recorded in ``adapt/pool_shift.json``)."""
+    """Each task's scores (mean over seeds) beside how unlike its evaluation set its adaptation pool is: a row per
+    (task, k) with every zero-shot column (one per checkpoint) and every adapted mode at that k."""
     shifts_file = results / "adapt" / POOL_SHIFT
     shifts = _read(shifts_file) if shifts_file.is_file() else {}
+    zero = sorted({c["mode"] for c in summary["columns"] if c["shots"] == 0})
     modes = sorted({c["mode"] for c in summary["columns"] if c["shots"] > 0})
     shots = sorted({c["shots"] for c in summary["columns"] if c["shots"] > 0})
     lines = ["### Per task", "", ("ROUGE-L, mean over seeds. Pool mismatch: max(|top-answer share pool - evaluation|, "
              "|log of the mean answer lengths' ratio|), `unlike` from 0.1 on (`orchmoe_cli/analysis/pool_shift.py`)."),
-             "", "| task | pool mismatch | k | zero_shot | " + " | ".join(modes) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(modes)]
+             "", "| task | pool mismatch | k | " + " | ".join([*zero, *modes]) + " |",
+             "|---|---:|---:|" + "---:|" * (len(zero) + len(modes))]
+
+    def cell(cells: dict[str, Any], key: str) -> str:
+        return f"{cells[key]['mean']:.2f}" if key in cells else ""
+
     for task, cells in sorted(summary["by_task"].items()):
         shift = shifts.get(task)
         shown = "" if shift is None else f"{shift['mismatch']:.2f}" + (" unlike" if shift["shifted"] else "")
-        zero = "" if "zero_shot@0" not in cells else f"{cells['zero_shot@0']['mean']:.2f}"
         for k in shots:
-            values = [f"{cells[f'{m}@{k}']['mean']:.2f}" if f"{m}@{k}" in cells else "" for m in modes]
-            lines.append(f"| {task} | {shown} | {k} | {zero} | "
-                         + " | ".join(values) + " |")
+            values = [cell(cells, f"{m}@0") for m in zero] + [cell(cells, f"{m}@{k}") for m in modes]
+            lines.append(f"| {task} | {shown} | {k} | " + " | ".join(values) + " |")
     return lines
 
 

@@ -6,7 +6,7 @@ small result files this driver writes.
     python benchmarks/study/run.py --scale cpu                # about 2 hours on 2 CPU cores
     python benchmarks/study/run.py --scale cpu-10x            # 1000 training steps, three few-shot seeds
     python benchmarks/study/run.py --scale cpu --only report  # rewrite the report from the result files
-    python benchmarks/study/run.py --scale cpu-10x --plan     # what is left, with time estimates; runs nothing
+    python benchmarks/study/run.py --scale cpu-10x --plan     # what is left, with time estimates; trains nothing
     python benchmarks/study/run.py --scale cpu --results new/results --runs new/runs --report new/study.md
 
 Scales: `tiny` (a random tiny model on the bundled sample: the plumbing in a minute), `cpu` (100 steps),
@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,16 +40,16 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
-from estimate import Estimator, duration
+from estimate import Estimator, plan_table, read_object, result_lines
 from report import write_report
 
 from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, RESULTS
+from orchmoe_cli.core.results import check_vouched
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe, load_recipe
@@ -109,8 +110,9 @@ class Piece:
     def estimate(self, estimator: Estimator) -> float | None:
         if self.stage in ("train", "retrain"):
             return estimator.training(self.name, self.work["steps"])
-        if self.stage == "adapt":
-            return estimator.sweep(self.work)
+        if self.stage == "adapt":  # the cells not yet in the sweep's results
+            done = Counter(row["mode"] for row in result_lines(self.result.parent / RESULTS))
+            return estimator.sweep({mode: max(0, n - done[mode]) for mode, n in self.work.items()})
         return estimator.whole(self.stage, self.name == "base")
 
 
@@ -207,10 +209,12 @@ class Study:
             orchmoe(*command)
             [eval_dir] = [d for d in where.iterdir() if (d / "results.json").is_file()]
             out.parent.mkdir(parents=True, exist_ok=True)
+            check_vouched(eval_dir / "predictions.jsonl")
             shutil.copy(eval_dir / "predictions.jsonl", out.with_suffix(".predictions.jsonl"))
             results = json.loads((eval_dir / "results.json").read_text())
             atomic_write_json(out.with_suffix(".json"), {"method": name, "results": results["results"],
                                                   "n_instances": results["n_instances"],
+                                                  "predictions_sha256": results["predictions_sha256"],
                                                   "wall_s": round(time.perf_counter() - started, 1)})
         return Piece(stage, name, out.with_suffix(".json"), command, run, None if method == "base" else method)
 
@@ -296,18 +300,25 @@ class Study:
         return [t["name"] for t in best.values()]
 
     def record_pool_shifts(self) -> None:
-        """`orchmoe adapt`'s measure of how unlike its evaluation instances each adapted task's pool is, kept beside
-        the adaptation results for the report (computed once from the prepared data; a machine without the data
-        reports without it)."""
+        """`orchmoe adapt`'s measure of how unlike its evaluation instances each adapted task's pool is, merged into
+        ``adapt/pool_shift.json`` for the report: what the sweeps recorded, the tasks they lack computed from the
+        prepared data (sweeps run before adapt measured it have none; a machine without the data leaves them out)."""
         path = self.results / "adapt" / POOL_SHIFT
-        if path.is_file() or not any((self.results / "adapt").glob(f"*/{RESULTS}")):
-            return
-        from orchmoe_cli.analysis.pool_shift import pool_shifts
+        recorded = read_object(path)
+        for sweep in sorted((self.results / "adapt").glob(f"*/{POOL_SHIFT}")):
+            recorded.update(read_object(sweep))
+        adapted = {row["task"] for sweep in (self.results / "adapt").glob(f"*/{RESULTS}")
+                   for row in result_lines(sweep) if row["mode"] != "zero_shot" and isinstance(row.get("task"), str)}
+        missing = sorted(adapted - set(recorded))
+        if missing:
+            from orchmoe_cli.analysis.pool_shift import pool_shifts
 
-        try:
-            atomic_write_json(path, pool_shifts(self.config, self.prepared, self.adaptation_tasks(), []))
-        except OrchmoeError as error:
-            console.print(f"study: no adaptation-pool measures in the report ({error})", markup=False)
+            try:
+                recorded.update(pool_shifts(self.config, self.prepared, missing, []))
+            except OrchmoeError as error:
+                console.print(f"study: no adaptation-pool measures for {', '.join(missing)} ({error})", markup=False)
+        if recorded and recorded != read_object(path):
+            atomic_write_json(path, dict(sorted(recorded.items())))
 
     def pieces(self, stages: tuple[str, ...]) -> list[Piece]:
         """Method by method (the base model first): its training, then everything that reads its checkpoint, so
@@ -348,20 +359,8 @@ class Study:
 
 def print_plan(todo: list[Piece], estimator: Estimator) -> None:
     """The pieces still to run with their estimated wall-clock, before the first one starts."""
-    if not todo:
-        return
-    table = Table(title="study plan", caption="estimates: the pace of finished pieces (estimate.py)",
-                  title_justify="left", caption_justify="left")
-    for column in ("stage", "piece", "estimate"):
-        table.add_column(column, justify="right" if column == "estimate" else "left")
-    seconds = [piece.estimate(estimator) for piece in todo]
-    for piece, estimate in zip(todo, seconds, strict=True):
-        table.add_row(piece.stage, piece.name, duration(estimate))
-    known = [s for s in seconds if s is not None]
-    unknown = len(seconds) - len(known)
-    table.add_row("", "[bold]total[/bold]", f"[bold]{duration(sum(known))}[/bold]"
-                  + (f" + {unknown} unestimated" if unknown else ""))
-    console.print(table)
+    if todo:
+        console.print(plan_table([(piece.stage, piece.name, piece.estimate(estimator)) for piece in todo]))
 
 
 def main() -> None:
@@ -373,7 +372,9 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="report file (default docs/results/study.md at cpu scale, "
                         "study-<scale>.md otherwise)")
     parser.add_argument("--only", choices=STAGES, help="run one stage (its prerequisites must be done)")
-    parser.add_argument("--plan", action="store_true", help="print what is left to run, with estimates, and stop")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what is left to run, with estimates, and stop (it reads the prepared data to list "
+                             "the adaptation cells, and trains and evaluates nothing)")
     args = parser.parse_args()
     study = Study(args.scale, args.results and args.results.resolve(), args.runs and args.runs.resolve())
     stages = (args.only,) if args.only else STAGES

@@ -6,7 +6,6 @@ and per task), as a rich table, ``adapt_summary.md`` / ``adapt_summary.json``, a
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from collections import defaultdict
@@ -29,7 +28,7 @@ from orchmoe_cli.core.records import (
 )
 from orchmoe_cli.core.results import markdown_table
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text
+from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text, read_json
 from orchmoe_cli.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -312,7 +311,8 @@ def pool_table(shifts: dict[str, dict[str, Any]]) -> str:
 
 def write_summary(out: Path, rows: list[dict]) -> dict[str, Any]:
     summary = summarise(rows)
-    shifts = json.loads((out / POOL_SHIFT).read_text(encoding="utf-8")) if (out / POOL_SHIFT).is_file() else {}
+    shifts = read_json(out / POOL_SHIFT, damaged="; remove it and run the sweep again") if (out / POOL_SHIFT).is_file() \
+        else {}
     text = _markdown(summary)
     if shifts:
         summary["pool_shift"] = shifts

@@ -196,8 +196,8 @@ def describe_checkpoint(base: Any, path: Path) -> Trained:
 
 
 def _finished(out: Path, cells: list[Cell], identity: dict[str, Any], keep_adapters: bool, writes: bool,
-              console: Console) -> set[str]:
-    """The keys of the cells already in the results, every line checked and bound to this sweep; a final line a
+              console: Console) -> list[dict[str, Any]]:
+    """The lines of the cells already in the results, every line checked and bound to this sweep; a final line a
     kill cut short is dropped (and, by the process that ``writes``, removed) so its cell runs again."""
     check_same_sweep(out, identity)
     lines = read_result_lines(out / RESULTS, {name: identity[name] for name in BINDING})
@@ -212,7 +212,7 @@ def _finished(out: Path, cells: list[Cell], identity: dict[str, Any], keep_adapt
         console.print(f"[yellow]warning:[/yellow] --keep-adapters: {len(unkept)} finished cell(s) ran without it, so "
                       f"their adapters were not kept (e.g. {unkept[0].key}); finished cells do not run again (remove "
                       f"their lines from {RESULTS} to run them again with it)", highlight=False)
-    return done
+    return lines.records
 
 
 def _build(cell: Cell, base: Any, trained: Trained | None, recipe: Recipe) -> AdaptedModel | Any:
@@ -392,12 +392,12 @@ def adapt(recipe: Recipe, recipe_path: str, console: Console) -> Path | None:
     # one process writes a sweep directory at a time
     with RunLock(out, "adapt.output_dir") if main else contextlib.nullcontext():
         with state.main_process_first():  # the others read the results once the main one has repaired them
-            done = _finished(out, cells, identity, cfg.keep_adapters, main, console)
+            finished = _finished(out, cells, identity, cfg.keep_adapters, main, console)
+        done = {row["key"] for row in finished}
         todo = [c for c in cells if c.key not in done]
         console.print(f"adapt: {len(cells)} cells ({len(cells) - len(todo)} already done) -> {out}")
         # measured for every task a cell trains on; warned about once every check has passed, for cells to run
-        finished = [Cell(*key.rsplit("/", 3)[:2], 0, 0) for key in done]  # (task, mode) of the recorded cells
-        trained_on = _trained_tasks([*finished, *cells])
+        trained_on = _trained_tasks([*(Cell(row["task"], row["mode"], 0, 0) for row in finished), *cells])
         shifts = pool_shifts(recipe, prepared, trained_on, _trained_tasks(todo)) if main else {}
         if todo and main:
             atomic_write_json(out / SWEEP, identity)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from rich.console import Console
 from orchmoe_cli.analysis.bootstrap import RESAMPLES, SEED
 from orchmoe_cli.analysis.comparison import as_dict, compare_runs, comparison_table, forest_plot, to_csv, to_markdown
 from orchmoe_cli.core.records import read_jsonl
+from orchmoe_cli.core.results import check_vouched
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import distinct
 from orchmoe_cli.paths import claim_file, user_path
@@ -95,28 +95,11 @@ def _problem(row: dict[str, Any]) -> str | None:
     return None
 
 
-def check_recorded_digest(path: Path) -> None:
-    """An evaluation's ``results.json`` records the sha256 of the predictions its scores came from: a predictions
-    file beside it with another digest was changed afterwards (or belongs to another run), so its per-instance
-    scores no longer match the scores reported, and comparing them would be silently wrong."""
-    results = path.parent / "results.json"
-    if path.name != PREDICTIONS or not results.is_file():
-        return
-    try:
-        recorded = json.loads(results.read_text(encoding="utf-8")).get("predictions_sha256")
-    except (OSError, ValueError, AttributeError):
-        return  # not an evaluation's results file: the predictions stand on their own
-    if isinstance(recorded, str) and hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
-        raise OrchmoeError(f"{path}: not the predictions {results} was computed from (its predictions_sha256 "
-                           "differs): the file was changed after the evaluation; run orchmoe eval again, or pass a "
-                           "copy of the file outside the evaluation directory to compare it as it is")
-
-
 def read_predictions(path: Path) -> list[dict[str, Any]]:
     """Per-instance rows of a predictions JSONL file, read by the one validating record reader; a damaged line or
     an instance scored twice is an error naming the file and line, and a file its evaluation's results.json does
-    not vouch for is refused (:func:`check_recorded_digest`)."""
-    check_recorded_digest(path)
+    not vouch for is refused (:func:`core.results.check_vouched`)."""
+    check_vouched(path)
     rows: list[dict[str, Any]] = []
     first_line: dict[tuple[str, str], int] = {}
     lines = read_jsonl(path, _problem)

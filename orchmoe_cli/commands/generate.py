@@ -108,6 +108,16 @@ def _json_rows(content: str, origin: str) -> list[Any]:
     return rows
 
 
+def check_raw(prompts: list[Prompt], instruction: str | None, source: str | None) -> None:
+    """``--raw`` sends each text as it is: an instruction (``--instruction``, or a row's own from ``source``) would
+    be dropped without a word, so it is refused."""
+    given = "--instruction" if instruction else next(
+        (f"{source}: row '{p.id}' has an instruction field" for p in prompts if p.instruction), None)
+    if given is not None:
+        raise OrchmoeError(f"--raw: {given}, but --raw sends each text as it is, without the prompt format that "
+                           "places an instruction; put it into the text, or leave out --raw")
+
+
 def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Path | None, task: str | None,
              instruction: str | None, raw: bool, route_only: bool, console: Console) -> list[dict[str, Any]]:
     """One output row per prompt, in input order: the prompt as the model saw it, the prediction (unless
@@ -119,12 +129,6 @@ def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Pat
     from orchmoe_cli.data.dataset_cache import encode_prompt_ids
     from orchmoe_cli.data.sni import Instance, SNITask
 
-    if raw:  # the text goes as it is: an instruction would be dropped without a word
-        given = "--instruction" if instruction else next((f"prompt '{p.id}' has an instruction field" for p in prompts
-                                                          if p.instruction), None)
-        if given is not None:
-            raise OrchmoeError(f"--raw: {given}, but --raw sends each text as it is, without the prompt format "
-                               "that places an instruction; put it into the text, or leave out --raw")
     loaded = load_model(recipe.model)
     model: Any = loaded.model
     if target is not None:

@@ -120,10 +120,6 @@ def _load_partial(out_dir: Path, fingerprint: str) -> dict[tuple[str, str], dict
     return done
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 @dataclass
 class _Finished:
     """A completed evaluation on disk: its predictions, verified against the sha256 its results.json holds."""
@@ -138,7 +134,8 @@ def _load_finished(out_dir: Path, fingerprint: str) -> _Finished | None:
     try:
         results = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
         predictions = (out_dir / "predictions.jsonl").read_text(encoding="utf-8")
-        if results.get("fingerprint") != fingerprint or results.get("predictions_sha256") != _sha256(predictions):
+        digest = report.text_sha256(predictions)
+        if results.get("fingerprint") != fingerprint or results.get("predictions_sha256") != digest:
             return None  # another evaluation, or files from two different runs
         rows = [json.loads(line) for line in predictions.splitlines() if line.strip()]
     except (OSError, ValueError, AttributeError):
@@ -211,7 +208,7 @@ def run_evaluation(
     if state.is_main_process:  # written aside, then renamed into place one by one, results.json last
         path = out_dir / "predictions.jsonl"
         predictions = finished.predictions if finished is not None else report.jsonl(final_rows, path)
-        results["predictions_sha256"] = _sha256(predictions)  # a mixed set never passes as finished
+        results["predictions_sha256"] = report.text_sha256(predictions)  # a mixed set never passes as finished
         replace_files(out_dir, {
             "predictions.jsonl": predictions,
             "results.md": report.results_markdown(title, final_rows, metrics),

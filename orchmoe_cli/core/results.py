@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
+import json
 import platform
 import subprocess
 from collections import defaultdict
@@ -13,6 +15,7 @@ from typing import Any
 
 import orchmoe_cli
 from orchmoe_cli.core.metrics import group_name
+from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import json_text
 
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "rouge-score")
@@ -105,3 +108,31 @@ def results_markdown(title: str, rows: Sequence[dict], metrics: dict[str, float]
 def jsonl(rows: Iterable[dict], target: str | Path) -> str:
     """One JSON line per row, for the file ``target`` (named if a row holds a number JSON cannot)."""
     return "".join(json_text(row, target, ensure_ascii=False) + "\n" for row in rows)
+
+
+def text_sha256(text: str) -> str:
+    """The digest ``results.json`` records of its predictions file's text (``predictions_sha256``)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def predictions_digest(path: Path) -> str:
+    """The sha256 of a predictions file's text, as ``results.json`` records it (``predictions_sha256``)."""
+    return text_sha256(path.read_text(encoding="utf-8"))
+
+
+def check_vouched(predictions: Path) -> None:
+    """An evaluation's ``results.json`` records the sha256 of the predictions its scores came from: a
+    ``predictions.jsonl`` beside it with another digest was changed afterwards (or belongs to another run), so its
+    per-instance scores no longer match the scores reported, and reading them as that evaluation's would be wrong.
+    A predictions file with no evaluation's results beside it stands on its own."""
+    results = predictions.parent / "results.json"
+    if predictions.name != "predictions.jsonl" or not results.is_file():
+        return
+    try:
+        recorded = json.loads(results.read_text(encoding="utf-8")).get("predictions_sha256")
+    except (OSError, ValueError, AttributeError):
+        return  # not an evaluation's results file
+    if isinstance(recorded, str) and predictions_digest(predictions) != recorded:
+        raise OrchmoeError(f"{predictions}: not the predictions {results} was computed from (its predictions_sha256 "
+                           "differs): the file was changed after the evaluation; run orchmoe eval again, or pass a "
+                           "copy of the file outside the evaluation directory to read it as it is")

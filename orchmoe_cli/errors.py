@@ -59,7 +59,8 @@ def recipe_source(path: str | Path, overrides: Iterable[str] = ()) -> Iterator[N
     except OrchmoeError as exc:
         if exc.field is not None and exc.source is None:
             exc.source = str(path)
-            exc.overridden = any(exc.field == key or exc.field.startswith(f"{key}.") for key in given)
+            exc.overridden = any(exc.field == key or exc.field.startswith(f"{key}.") or key.startswith(f"{exc.field}.")
+                                 for key in given)  # the field, inside it, or a section the override named
         raise
 
 

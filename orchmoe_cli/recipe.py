@@ -303,7 +303,17 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise OrchmoeError(f"override '{item}': '{part}' is not a section")
         node = child
-    node[parts[-1]] = value
+    _set(node, parts[-1], value)
+
+
+def _set(node: dict[str, Any], key: str, value: Any) -> None:
+    """A mapping given for a section sets the fields it names and keeps the others (``eval={num_beams: 2}`` is
+    ``eval.num_beams=2``), as dotted overrides do; any other value replaces the field."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for name, item in value.items():
+            _set(node[key], name, item)
+    else:
+        node[key] = value
 
 
 # --------------------------------------------------------------------------- output

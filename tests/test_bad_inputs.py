@@ -716,6 +716,12 @@ def test_recipe_source_names_only_field_errors_without_a_file() -> None:
     with pytest.raises(OrchmoeError) as info, recipe_source("r.yaml", ["eval=3"]):  # a section set whole
         raise OrchmoeError("bad", field="eval.tasks")
     assert str(info.value) == "r.yaml: eval.tasks (set on the command line): bad"
+    with pytest.raises(OrchmoeError) as info, recipe_source("r.yaml", ["evl.max_instances=1"]):  # a section it named
+        raise OrchmoeError("unknown key", field="evl")
+    assert str(info.value) == "r.yaml: evl (set on the command line): unknown key"
+    with pytest.raises(OrchmoeError) as info, recipe_source("r.yaml", ["eval.batch_size=3"]):  # another field
+        raise OrchmoeError("bad", field="eval.tasks")
+    assert str(info.value) == "r.yaml: eval.tasks: bad"
     assert raised(OrchmoeError("bad\n  key", field="method.x", source="ck/cfg.json")) == "ck/cfg.json: method.x: bad key"
     assert raised(OrchmoeError("ck/weights: truncated")) == "ck/weights: truncated"  # another file: no field
     assert str(OrchmoeError("no\nfield")) == OrchmoeError("no field").message == "no field"

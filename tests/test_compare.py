@@ -16,6 +16,7 @@ from cli_runner import run_cli
 
 from orchmoe_cli.analysis.comparison import OVERALL, compare_runs
 from orchmoe_cli.commands.compare import distinct_labels
+from orchmoe_cli.core.results import text_sha256
 
 TASKS = ("t1", "t2")
 
@@ -177,7 +178,8 @@ def test_run_directories_are_searched_one_level_down_and_up(tmp_path: Path, caps
     evaluation = tmp_path / "runs" / "lora" / "eval-step-000010-0123abcd"
     _write(evaluation / "predictions.jsonl", _base_rows())
     other = _write(tmp_path / "runs" / "poly" / "eval-base" / "predictions.jsonl", _shifted(_base_rows(), 0.1))
-    (other.parent / "results.json").write_text("{}\n", encoding="utf-8")
+    (other.parent / "results.json").write_text(json.dumps({"predictions_sha256": text_sha256(other.read_text())}),
+                                               encoding="utf-8")
     monkeypatch.setenv("RUNS_HOME", str(tmp_path / "runs"))
     result = _json(["$RUNS_HOME/lora", str(other.parent / "results.json"), str(other.parent)], capsys)
     assert result["runs"] == ["lora", "eval-base", "eval-base#2"]  # a run directory names its evaluation
@@ -231,6 +233,16 @@ def test_predictions_changed_after_their_evaluation_are_refused(tmp_path: Path,
     digest = hashlib.sha256(predictions.read_bytes()).hexdigest()
     (evaluation / "results.json").write_text(json.dumps({"predictions_sha256": digest}), encoding="utf-8")
     assert _json([str(reference), str(evaluation)], capsys)["runs"][1] == "eval-test"  # vouched for: compared
+    (evaluation / "results.json").write_text(json.dumps({"predictions_sha256": digest.upper()}), encoding="utf-8")
+    assert _json([str(reference), str(evaluation)], capsys)["runs"][1] == "eval-test"  # hex in either case
     _write(predictions, _shifted(_base_rows(), 0.5))  # edited after the evaluation wrote its scores
     line = _refused([str(reference), str(tmp_path / "run")], capsys)
     assert str(predictions) in line and "predictions_sha256" in line, line
+    for damaged, words in (("{\"overall\": ", "not readable JSON"), ("[1, 2]", "records no predictions_sha256"),
+                           ('{"predictions_sha256": 123}', "records no predictions_sha256"),
+                           ("{}", "records no predictions_sha256")):  # a results.json that cannot vouch is refused
+        (evaluation / "results.json").write_text(damaged, encoding="utf-8")
+        line = _refused([str(reference), str(evaluation)], capsys)
+        assert str(evaluation / "results.json") in line and words in line, line
+    copy = _write(tmp_path / "elsewhere" / "edited.jsonl", _shifted(_base_rows(), 0.05))
+    assert _json([str(reference), str(copy)], capsys)["runs"][1] == "edited"  # a copy outside stands on its own

@@ -172,3 +172,13 @@ def test_readme_methods_table_lists_exactly_the_registered_methods() -> None:
     table = readme[readme.index("| `method.name` |"):].split("\n\n", 1)[0].splitlines()[2:]
     named = [name for row in table for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])]
     assert sorted(named) == sorted(method_names()), named
+
+
+def test_a_mapping_override_sets_the_fields_it_names_and_keeps_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("eval: {max_instances: 1, max_new_tokens: 2}\nmodel: {name: tiny-llama, tiny: {num_layers: 3}}\n")
+    recipe = load_recipe(path, ["eval={num_beams: 2}", "model={tiny: {hidden_size: 48}}"])
+    assert (recipe.eval.max_instances, recipe.eval.max_new_tokens, recipe.eval.num_beams) == (1, 2, 2)
+    assert (recipe.model.tiny.num_layers, recipe.model.tiny.hidden_size) == (3, 48)
+    assert load_recipe(path, ["eval={}"]).eval.max_instances == 1  # an empty mapping changes nothing
+    assert load_recipe(path, ["method.target_modules=[q_proj]"]).method.target_modules == ["q_proj"]  # lists replace

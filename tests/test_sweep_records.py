@@ -472,3 +472,11 @@ def test_keep_adapters_on_finished_cells_says_they_kept_none(sweep: Path, traine
     out = " ".join(capsys.readouterr().out.split())
     assert "warning: --keep-adapters: 2 finished cell(s) ran without it, so their adapters were not kept" in out, out
     assert ran == [] and not (sweep / "cells").exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"t": 5}', '{"t": {"top_evaluation": 1}}', "{oops"])
+def test_a_hand_edited_pool_measure_file_is_one_line(sweep: Path, trained: tuple[Path, Path], capsys,
+                                                    content: str) -> None:
+    (sweep / "pool_shift.json").write_text(content, encoding="utf-8")
+    line = one_error(capsys, run_cli(_sweep(trained, sweep, *ZERO_SHOT)))  # nothing to train: the file stays
+    assert f"{sweep / 'pool_shift.json'}: " in line and "remove it and run the sweep again" in line, line

@@ -16,6 +16,7 @@ from typing import Any
 from rich.table import Table
 
 from orchmoe_cli.analysis.bootstrap import instance_scores
+from orchmoe_cli.analysis.pool_shift import read_shifts
 from orchmoe_cli.core.figures import pyplot
 from orchmoe_cli.core.records import (
     NOT_RECORDED,
@@ -28,7 +29,7 @@ from orchmoe_cli.core.records import (
 )
 from orchmoe_cli.core.results import markdown_table
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text, read_json
+from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -311,8 +312,7 @@ def pool_table(shifts: dict[str, dict[str, Any]]) -> str:
 
 def write_summary(out: Path, rows: list[dict]) -> dict[str, Any]:
     summary = summarise(rows)
-    shifts = read_json(out / POOL_SHIFT, damaged="; remove it and run the sweep again") if (out / POOL_SHIFT).is_file() \
-        else {}
+    shifts = read_shifts(out / POOL_SHIFT) if (out / POOL_SHIFT).is_file() else {}
     text = _markdown(summary)
     if shifts:
         summary["pool_shift"] = shifts

@@ -3,12 +3,12 @@
 Few-shot adaptation trains on a task's pool (its instances after the evaluation ones) and is scored on its
 evaluation instances. When the two differ, adapting teaches the pool's answers: in the SNI release "five stars" is
 15% of task1342's pool titles against 2% of its evaluation titles (24% in the bundled sample's pool, where a
-16-step adaptation scored below the checkpoint's own zero-shot). Two
-score-free measures over the reference answers (lower-cased, stripped): how much of each set its most frequent
-answer takes, and the mean answer length in words. The mismatch is
-max(|top share pool - top share eval|, |log(mean words pool / mean words eval)|); from ``SHIFTED`` on (ten points
-of one answer's share, or about a tenth in length) a sweep warns that the task's few-shot scores measure this
-shift too.
+16-step adaptation scored below the checkpoint's own zero-shot). Two score-free measures over the reference
+answers (lower-cased, stripped): how much of each set its most frequent repeated answer takes (0 when no answer
+repeats, so a small set of distinct answers does not count as skewed), and the mean answer length in words. The
+mismatch is max(|top share pool - top share eval|, |log(mean words pool / mean words eval)|); from ``SHIFTED`` on
+(ten points of one answer's share, or about a tenth in length), with at least ``MIN_ANSWERS`` answers on each side
+to tell, a sweep warns that the task's few-shot scores measure this shift too.
 """
 
 from __future__ import annotations
@@ -19,23 +19,30 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchmoe_cli.core.evaluation import select_instances
 from orchmoe_cli.data.dataset_cache import POOL
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import read_json
 from orchmoe_cli.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 SHIFTED = 0.1
+MIN_ANSWERS = 10  # fewer answers on a side say too little about its distribution to warn
+_REDO = "; remove it and run the sweep again (it measures every task a cell trained on)"
 
 
 @dataclass(frozen=True)
 class AnswerShift:
-    top_evaluation: float  # share of the evaluation answers taken by its most frequent one
+    top_evaluation: float  # share of the evaluation answers taken by its most frequent repeated one
     top_pool: float
     words_evaluation: float  # mean answer length in words
     words_pool: float
+    n_evaluation: int
+    n_pool: int
 
     @property
     def mismatch(self) -> float:
@@ -47,7 +54,7 @@ class AnswerShift:
 
     @property
     def shifted(self) -> bool:
-        return self.mismatch >= SHIFTED
+        return self.mismatch >= SHIFTED and min(self.n_evaluation, self.n_pool) >= MIN_ANSWERS
 
     def describe(self) -> str:
         return (f"most frequent answer {self.top_pool:.0%} of the pool vs {self.top_evaluation:.0%} of the evaluation "
@@ -57,7 +64,8 @@ class AnswerShift:
     def as_dict(self) -> dict[str, float]:
         return {"top_evaluation": self.top_evaluation, "top_pool": self.top_pool,
                 "words_evaluation": self.words_evaluation, "words_pool": self.words_pool,
-                "mismatch": self.mismatch, "shifted": self.shifted}
+                "n_evaluation": self.n_evaluation, "n_pool": self.n_pool, "mismatch": self.mismatch,
+                "shifted": self.shifted}
 
 
 def _normalised(answers: Iterable[str]) -> list[str]:
@@ -69,9 +77,13 @@ def answer_shift(evaluation: Sequence[str], pool: Sequence[str]) -> AnswerShift:
     if not evaluation or not pool:
         raise ValueError("both the evaluation answers and the pool answers must be non-empty")
     sets = {"evaluation": _normalised(evaluation), "pool": _normalised(pool)}
-    top = {name: Counter(answers).most_common(1)[0][1] / len(answers) for name, answers in sets.items()}
+    top = {}
+    for name, answers in sets.items():
+        most = Counter(answers).most_common(1)[0][1]
+        top[name] = most / len(answers) if most > 1 else 0.0
     words = {name: sum(len(a.split()) for a in answers) / len(answers) for name, answers in sets.items()}
-    return AnswerShift(top["evaluation"], top["pool"], words["evaluation"], words["pool"])
+    return AnswerShift(top["evaluation"], top["pool"], words["evaluation"], words["pool"], len(sets["evaluation"]),
+                       len(sets["pool"]))
 
 
 def first_references(rows: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
@@ -103,3 +115,21 @@ def pool_shifts(recipe: Recipe, prepared: Any, tasks: list[str], warn_for: list[
             log.warning(f"{task}: its adaptation pool is unlike its evaluation set ({shift.describe()}); its "
                         "few-shot scores measure that shift as well as the method")
     return {task: shift.as_dict() for task, shift in shifts.items()}
+
+
+_MEASURES = ("top_evaluation", "top_pool", "words_evaluation", "words_pool", "mismatch")
+
+
+def read_shifts(path: Path) -> dict[str, dict[str, Any]]:
+    """A sweep's ``pool_shift.json`` (task -> the measures of :meth:`AnswerShift.as_dict`), checked, since the
+    summary tables read every field of it."""
+    found = read_json(path, damaged=_REDO)
+
+    def measured(entry: Any) -> bool:
+        return isinstance(entry, dict) and isinstance(entry.get("shifted"), bool) and all(
+            isinstance(entry.get(key), (int, float)) and not isinstance(entry.get(key), bool) for key in _MEASURES)
+
+    if not isinstance(found, dict) or not all(isinstance(task, str) and measured(v) for task, v in found.items()):
+        raise OrchmoeError(f"{path}: not the pool measures orchmoe adapt writes (task -> {', '.join(_MEASURES)}, "
+                           f"shifted){_REDO}")
+    return found

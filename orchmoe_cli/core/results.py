@@ -124,15 +124,21 @@ def check_vouched(predictions: Path) -> None:
     """An evaluation's ``results.json`` records the sha256 of the predictions its scores came from: a
     ``predictions.jsonl`` beside it with another digest was changed afterwards (or belongs to another run), so its
     per-instance scores no longer match the scores reported, and reading them as that evaluation's would be wrong.
-    A predictions file with no evaluation's results beside it stands on its own."""
+    A results.json that cannot say (damaged, or without the digest) is refused too, since it could not catch that.
+    A predictions file with no results.json beside it stands on its own."""
     results = predictions.parent / "results.json"
     if predictions.name != "predictions.jsonl" or not results.is_file():
         return
+    outside = "or pass a copy of the predictions file outside the evaluation directory to read it as it is"
     try:
-        recorded = json.loads(results.read_text(encoding="utf-8")).get("predictions_sha256")
-    except (OSError, ValueError, AttributeError):
-        return  # not an evaluation's results file
-    if isinstance(recorded, str) and predictions_digest(predictions) != recorded:
+        record = json.loads(results.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OrchmoeError(f"{results}: not readable JSON ({exc}), so {predictions.name} beside it cannot be checked "
+                           f"against it; run orchmoe eval again, {outside}") from None
+    recorded = record.get("predictions_sha256") if isinstance(record, dict) else None
+    if not isinstance(recorded, str):
+        raise OrchmoeError(f"{results}: records no predictions_sha256, so {predictions.name} beside it cannot be "
+                           f"checked against it; run orchmoe eval again, {outside}")
+    if predictions_digest(predictions) != recorded.lower():
         raise OrchmoeError(f"{predictions}: not the predictions {results} was computed from (its predictions_sha256 "
-                           "differs): the file was changed after the evaluation; run orchmoe eval again, or pass a "
-                           "copy of the file outside the evaluation directory to read it as it is")
+                           f"differs): the file was changed after the evaluation; run orchmoe eval again, {outside}")

@@ -190,6 +190,8 @@ def test_run_directories_are_searched_one_level_down_and_up(tmp_path: Path, caps
     assert "holds 2 evaluations (eval-base, eval-step-000020-4567cdef); which one?" in line, line
     assert "no predictions.jsonl in it" in _refused([str(evaluation), str(tmp_path)], capsys)
     assert "UNSET_RUNS_HOME is not set" in _refused([str(evaluation), "$UNSET_RUNS_HOME/x"], capsys)
+    typo = _refused([str(evaluation), str(tmp_path / "runs" / "poly" / "eval-bse")], capsys)
+    assert "no such file or directory (did you mean 'eval-base'?)" in typo, typo  # a close name beside it
 
 
 def test_every_run_keeps_its_own_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -278,6 +278,13 @@ UP_FRONT = [
 ]
 
 
+@pytest.mark.parametrize("option, value", [("--shots", "1,,2"), ("--tasks", f"{TASKS[0]},"), ("--seeds", ",5")])
+def test_an_empty_item_in_a_list_option_is_refused(trained: tuple[Path, Path], tmp_path: Path, capsys,
+                                                   ran: list[str], option: str, value: str) -> None:
+    line = one_error(capsys, run_cli(_sweep(trained, tmp_path / "out", "--modes", "zero_shot", option, value)))
+    assert f"{option}: '{value}' has an empty item" in line and ran == [], line
+
+
 @pytest.mark.parametrize(("extra", "field", "words"), UP_FRONT, ids=[f"{f}:{w}" for _, f, w in UP_FRONT])
 def test_a_bad_grid_is_refused_before_any_cell(trained: tuple[Path, Path], tmp_path: Path, capsys, ran: list[str],
                                                extra: tuple[str, ...], field: str, words: str) -> None:

@@ -38,8 +38,11 @@ def adapt_list_override(field: str, value: str | None, kind: type) -> list[str]:
     """``--shots 16,64`` -> ``adapt.shots=[16, 64]`` (checked like any recipe field)."""
     if value is None:
         return []
+    parts = [part.strip() for part in value.split(",")] if value.strip() else []
+    if "" in parts:  # "16,,64" or "a," : a slip of the keyboard, not a list with one item fewer
+        raise OrchmoeError(f"--{field}: '{value}' has an empty item; separate the items with single commas")
     try:
-        items = [kind(part.strip()) for part in value.split(",") if part.strip()]
+        items = [kind(part) for part in parts]
     except ValueError:
         raise OrchmoeError(f"--{field}: expected a comma-separated list of {kind.__name__}s, got '{value}'") from None
     return [f"adapt.{field}=[{', '.join(map(str, items))}]"]

@@ -15,7 +15,7 @@ from orchmoe_cli.core.records import read_jsonl
 from orchmoe_cli.core.results import check_vouched
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import distinct
-from orchmoe_cli.paths import claim_file, user_path
+from orchmoe_cli.paths import claim_file, not_found_hint, user_path
 
 PREDICTIONS = "predictions.jsonl"  # what `orchmoe eval` writes into its evaluation directory
 FORMATS = ("table", "json", "csv", "markdown")
@@ -28,7 +28,7 @@ def find_predictions(path: Path) -> Path:
     one directory below it that has one (a run's output directory), or in the directory above (a file or folder
     inside an evaluation directory)."""
     if not path.exists():
-        raise OrchmoeError(f"{path}: no such file or directory")
+        raise OrchmoeError(f"{path}: no such file or directory{not_found_hint(path)}")
     if path.is_file():
         if path.suffix == ".jsonl":
             return path

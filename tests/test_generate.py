@@ -107,6 +107,10 @@ def test_read_prompts_refuses_empty_files_missing_fields_and_repeated_ids(tmp_pa
     twice.write_text('{"id": 1, "input": "a"}\n{"id": 1, "input": "b"}\n')
     with pytest.raises(OrchmoeError, match="id '1' appears twice"):
         read_prompts([], str(twice))
+    capitals = tmp_path / "capitals.csv"  # Excel-style headers would pass through as extra fields, unused
+    capitals.write_text("Input,Instruction\nwhat?,Answer briefly\n")
+    with pytest.raises(OrchmoeError, match=r"capitals.csv: row 1: field 'Input': did you mean 'input'\?"):
+        read_prompts([], str(capitals))
 
 
 def test_export_command_writes_adapters_and_never_replaces_a_directory(runs: dict[str, Path], tmp_path: Path,

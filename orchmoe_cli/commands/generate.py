@@ -37,6 +37,11 @@ def _row_prompt(row: Any, origin: str, number: int, default_id: str) -> Prompt:
     """The prompt of row ``number`` (counted from 1, as messages name it) of ``origin``."""
     if not isinstance(row, dict):
         raise OrchmoeError(f"{origin}: row {number} is not an object with an 'input' field")
+    known = {*INPUT_FIELDS, "instruction", "task", "id"}
+    near = next((k for k in row if k not in known and str(k).strip().lower() in known), None)
+    if near is not None:  # 'Instruction' would pass through as an extra field, and the prompt would go without it
+        raise OrchmoeError(f"{origin}: row {number}: field '{near}': did you mean '{str(near).strip().lower()}'? "
+                           "(field names are lower-case)")
     key = next((k for k in INPUT_FIELDS if k in row), None)
     if key is None or not isinstance(row[key], str) or not row[key].strip():
         raise OrchmoeError(f"{origin}: row {number} has no non-empty text field "

@@ -142,6 +142,10 @@ class EvalConfig:
                                 "(default output.dir)", path="dir")
 
 
+ADAPT_GRID = ("modes", "shots", "seeds", "tasks")  # the lists a sweep crosses (tasks None: every one with a pool)
+MAX_SEED = 2**32 - 1  # seeds reach numpy's generator, which takes 32 bits
+
+
 @dataclass
 class AdaptConfig:
     """Few-shot adaptation to held-out tasks (`orchmoe adapt`); every cell starts from the pristine checkpoint."""
@@ -164,6 +168,23 @@ class AdaptConfig:
                            "hypernetwork")
     keep_adapters: bool = _f(False, "keep each cell's adapter (so `orchmoe eval` can score it again)")
     output_dir: str | None = _f(None, "where cells and results go (default <output.dir>/adapt)", path="dir")
+
+    def __post_init__(self) -> None:
+        """The grid's lists, checked whenever a recipe is read (every command reads the whole recipe): none empty,
+        no value twice (a cell would run and count twice), every k at least 1, every seed one the generators take.
+        What needs the checkpoint or the data (modes, tasks, k against the pools) is checked by `adapt`."""
+        for name in ADAPT_GRID:
+            values = getattr(self, name)
+            if values is not None and not values:
+                raise FieldError(name, "is empty; name at least one")
+            twice = next((v for i, v in enumerate(values or []) if v in values[:i]), None)
+            if twice is not None:
+                raise FieldError(name, f"{twice!r} is listed twice; name each once")
+        if any(k < 1 for k in self.shots):
+            raise FieldError("shots", f"every k must be at least 1, got {self.shots}")
+        seed = next((s for s in self.seeds if not 0 <= s <= MAX_SEED), None)
+        if seed is not None:
+            raise FieldError("seeds", f"every seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
 @dataclass

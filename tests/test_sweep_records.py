@@ -46,7 +46,7 @@ from orchmoe_cli.commands import adapt as adapt_module
 from orchmoe_cli.core.records import read_jsonl
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.recipe import AdaptConfig
+from orchmoe_cli.recipe import ADAPT_GRID, AdaptConfig, load_recipe
 
 TASKS = ("task101_delta_rewrite", "task102_epsilon_qa")  # the held-out tasks: 3 evaluation + 3 pool instances
 QUIET = Console(file=io.StringIO())
@@ -243,26 +243,35 @@ def _grid_lists() -> list[str]:
 
 
 def test_every_list_of_the_grid_is_checked_up_front() -> None:
-    """Walk the adapt section's list fields: each refuses an empty list and a value twice, before anything
-    loads; seeds refuse what the generators cannot take; modes refuse what needs a missing checkpoint."""
-    assert sorted(_grid_lists()) == sorted(adapt_module.GRID)
+    """Walk the adapt section's list fields: each refuses an empty list and a value twice whenever a recipe is read
+    (every command reads the whole recipe); seeds refuse what the generators cannot take; modes refuse what needs a
+    missing checkpoint before anything loads."""
+    assert sorted(_grid_lists()) == sorted(ADAPT_GRID)
     sample = {"modes": ["zero_shot", "lora_scratch"], "shots": [1, 2], "seeds": [1, 2], "tasks": list(TASKS)}
-    for name in adapt_module.GRID:
+    for name in ADAPT_GRID:
         for value, words in (([], "is empty"), ([sample[name][0], *sample[name]], "is listed twice")):
             with pytest.raises(OrchmoeError, match=words) as info:
-                adapt_module.check_grid(dataclasses.replace(AdaptConfig(), **{name: value}), True)
+                load_recipe(None, [f"adapt.{name}={json.dumps(value)}"])
             assert info.value.field == f"adapt.{name}"
     for seeds in ([-1], [2**32], [0, 2**32 - 1]):
-        config = AdaptConfig(seeds=seeds)
         if seeds[-1] == 2**32 - 1:
-            adapt_module.check_grid(config, True)
+            assert load_recipe(None, [f"adapt.seeds={seeds}"]).adapt.seeds == seeds
             continue
         with pytest.raises(OrchmoeError, match=f"got {seeds[0]}"):
-            adapt_module.check_grid(config, True)
+            load_recipe(None, [f"adapt.seeds={seeds}"])
+    with pytest.raises(OrchmoeError, match=r"every k must be at least 1, got \[0\]"):
+        load_recipe(None, ["adapt.shots=[0]"])
     for mode in sorted(adapt_module.adapt_modes()):
         adapt_module.check_grid(AdaptConfig(modes=[mode]), True)
         with pytest.raises(OrchmoeError, match=f"'{mode}' adapts a trained"):
             adapt_module.check_grid(AdaptConfig(modes=["zero_shot", "lora_scratch", mode]), False)
+
+
+def test_every_command_refuses_a_bad_adapt_section(trained: tuple[Path, Path], capsys) -> None:
+    """A recipe is read whole: `train` refuses adapt.shots=[0] as `adapt` does, not only when a sweep runs."""
+    for command in (["train", str(trained[0])], ["eval", str(trained[0])], ["prepare", str(trained[0])]):
+        line = one_error(capsys, run_cli([*command, "adapt.shots=[0]"]))
+        assert "adapt.shots (set on the command line): every k must be at least 1" in line, line
 
 
 UP_FRONT = [

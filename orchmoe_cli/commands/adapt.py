@@ -69,8 +69,6 @@ from orchmoe_cli.recipe import AdaptConfig, EvalConfig, Recipe, TrainConfig, dum
 
 NO_TRAINING = ("zero_shot",)
 WITHOUT_CHECKPOINT = ("zero_shot", "lora_scratch")  # the modes a sweep of the bare base model runs
-GRID = ("modes", "shots", "seeds", "tasks")  # the lists a sweep crosses (tasks None: every one with a pool)
-MAX_SEED = 2**32 - 1  # seeds reach numpy's generator, which takes 32 bits
 KEPT = "adapt_cell.json"  # beside every adapter --keep-adapters keeps: the cell it is, so it is never adapted again
 
 log = logging.getLogger(__name__)
@@ -94,21 +92,8 @@ class Cell:
 
 
 def check_grid(cfg: AdaptConfig, has_checkpoint: bool) -> None:
-    """The grid's lists, before data or a model is loaded: none empty, no value twice (a cell would run and
-    count twice), every k at least 1, every seed one the generators take, every mode known and possible
-    without a checkpoint when there is none. (Tasks and k against the pools: :func:`plan_cells`.)"""
-    for name in GRID:
-        values = getattr(cfg, name)
-        if values is not None and not values:
-            raise OrchmoeError("is empty; name at least one", field=f"adapt.{name}")
-        twice = next((v for i, v in enumerate(values or []) if v in values[:i]), None)
-        if twice is not None:
-            raise OrchmoeError(f"{twice!r} is listed twice; name each once", field=f"adapt.{name}")
-    if any(k < 1 for k in cfg.shots):
-        raise OrchmoeError(f"every k must be at least 1, got {cfg.shots}", field="adapt.shots")
-    seed = next((s for s in cfg.seeds if not 0 <= s <= MAX_SEED), None)
-    if seed is not None:
-        raise OrchmoeError(f"every seed must be between 0 and {MAX_SEED}, got {seed}", field="adapt.seeds")
+    """Before data or a model is loaded (the lists themselves are checked when the recipe is read): every mode
+    known, and possible without a checkpoint when there is none."""
     for mode in cfg.modes:
         if mode not in WITHOUT_CHECKPOINT and (mode not in adapt_modes() or not has_checkpoint):
             check_mode(mode, None)  # unknown, or no checkpoint to adapt

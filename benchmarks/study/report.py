@@ -141,8 +141,9 @@ def _routing_figures(results: Path, runs: Path, repo: Path, figures: Path) -> li
         out = figures / f"routing-{method}"
         trained = (results / "train" / f"{method}.json").is_file() and run.is_dir()
         if trained and not (out / "heatmap.png").is_file():
-            data = ["--data", str(run / "recipe.yaml")] if method == "orchmoe" else []
-            subprocess.run([sys.executable, "-m", "orchmoe_cli", "inspect-routing", str(run), *data, "--out",
+            where = os.path.relpath(run, repo)  # routing.json names the checkpoint as given: no machine's path
+            data = ["--data", os.path.join(where, "recipe.yaml")] if method == "orchmoe" else []
+            subprocess.run([sys.executable, "-m", "orchmoe_cli", "inspect-routing", where, *data, "--out",
                             str(out)], cwd=repo, check=True, capture_output=True)
         if (out / "heatmap.png").is_file():
             lines.append(f"![{method} routing]({figures.name}/{out.name}/heatmap.png)")

@@ -24,6 +24,7 @@ evaluation from its predictions, an interrupted sweep at its first unfinished ce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -303,16 +304,17 @@ class Study:
         """`orchmoe adapt`'s measure of how unlike its evaluation instances each adapted task's pool is, merged into
         ``adapt/pool_shift.json`` for the report: what the sweeps recorded, the tasks they lack computed from the
         prepared data (sweeps run before adapt measured it have none; a machine without the data leaves them out)."""
+        from orchmoe_cli.analysis.pool_shift import pool_shifts, read_shifts
+
         path = self.results / "adapt" / POOL_SHIFT
-        recorded = read_object(path)
-        for sweep in sorted((self.results / "adapt").glob(f"*/{POOL_SHIFT}")):
-            recorded.update(read_object(sweep))
+        recorded: dict[str, Any] = {}
+        for measured in [path, *sorted((self.results / "adapt").glob(f"*/{POOL_SHIFT}"))]:
+            with contextlib.suppress(OrchmoeError):  # a damaged one is measured again below
+                recorded.update(read_shifts(measured) if measured.is_file() else {})
         adapted = {row["task"] for sweep in (self.results / "adapt").glob(f"*/{RESULTS}")
                    for row in result_lines(sweep) if row["mode"] != "zero_shot" and isinstance(row.get("task"), str)}
         missing = sorted(adapted - set(recorded))
         if missing:
-            from orchmoe_cli.analysis.pool_shift import pool_shifts
-
             try:
                 recorded.update(pool_shifts(self.config, self.prepared, missing, []))
             except OrchmoeError as error:

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchmoe_cli.core.evaluation import select_instances
-from orchmoe_cli.data.dataset_cache import POOL
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import read_json
 from orchmoe_cli.recipe import Recipe
@@ -108,6 +106,10 @@ def pool_shifts(recipe: Recipe, prepared: Any, tasks: list[str], warn_for: list[
     shift as well as the method."""
     if not tasks:
         return {}
+    # here, not at the top: the measures and read_shifts serve the summaries, which need no torch or datasets
+    from orchmoe_cli.core.evaluation import select_instances
+    from orchmoe_cli.data.dataset_cache import POOL
+
     evaluated = select_instances(prepared.dataset["test"], dataclasses.replace(recipe.eval, tasks=tasks))
     shifts = task_shifts(evaluated, prepared.dataset[POOL].select_columns(["task", "references"]), tasks)
     for task, shift in shifts.items():

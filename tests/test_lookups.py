@@ -145,7 +145,8 @@ def test_a_task_folder_with_its_split_directory_is_a_complete_source(tree: Path)
 def test_prepare_refuses_a_task_folder_in_one_line(tree: Path, capsys) -> None:
     assert run_cli(["prepare", str(tree / "one/r.yaml"), f"data.source={tree / 'ni/tasks'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {tree / 'one/r.yaml'}: data.source (set on the command line): ") and f"data.source={tree / 'ni'}?" in err
+    assert err.startswith(f"error: {tree / 'one/r.yaml'}: data.source (set on the command line): ")
+    assert f"data.source={tree / 'ni'}?" in err
     assert len(err.splitlines()) == 1
 
 
@@ -197,3 +198,9 @@ def test_generate_answers_a_prompt_shaped_like_an_override(tree: Path, capsys) -
     capsys.readouterr()
     assert run_cli(["generate", str(tree / "one/run"), "a.b=c", "--raw", "eval.max_new_tokens=2"]) == 0
     assert '"input": "a.b=c"' in capsys.readouterr().out
+
+
+def test_a_split_directory_not_found_names_the_one_near(tree: Path) -> None:
+    overrides = [f"data.source={tree / 'ni'}", f"data.split_dir={tree / 'nii'}", "data.format=sni"]
+    with pytest.raises(OrchmoeError, match=r"directory '.*/nii' not found \(did you mean 'ni'\?\)"):
+        resolve(load_recipe(None, overrides).data)

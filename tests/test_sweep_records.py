@@ -32,6 +32,7 @@ from tiny_recipe import tiny_recipe
 
 from orchmoe_cli.analysis.adaptation_report import (
     BINDING,
+    POOL_SHIFT,
     PREDICTIONS,
     RESULTS,
     SWEEP,
@@ -42,10 +43,12 @@ from orchmoe_cli.analysis.adaptation_report import (
     summarise,
     summary_table,
 )
+from orchmoe_cli.analysis.pool_shift import answer_shift, read_shifts
 from orchmoe_cli.commands import adapt as adapt_module
 from orchmoe_cli.core.records import read_jsonl
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.fsutil import atomic_write_json
 from orchmoe_cli.recipe import ADAPT_GRID, AdaptConfig, load_recipe
 
 TASKS = ("task101_delta_rewrite", "task102_epsilon_qa")  # the held-out tasks: 3 evaluation + 3 pool instances
@@ -333,9 +336,12 @@ DAMAGES: dict[str, Callable[[bytes], bytes]] = {
 
 
 def _continue(out: Path) -> list[dict[str, Any]]:
-    """What a continuation of the sweep reads (sweep.json, the results, then every cell's predictions)."""
+    """What a continuation of the sweep reads (sweep.json, the results, every cell's predictions, and the pool
+    measures its summary shows)."""
     identity = json.loads((out.parent / "identity.json").read_text())
     adapt_module._finished(out, [], identity, False, True, QUIET)
+    if (out / POOL_SHIFT).is_file():
+        read_shifts(out / POOL_SHIFT)
     return read_results(out / RESULTS)
 
 
@@ -344,14 +350,15 @@ def test_every_record_a_continuation_reads_names_its_damage(finished: Path, tmp_
     """Walk every record file of a sweep directory (all but the summaries it writes): each damage is one error
     naming the file (and the line of a JSON Lines file), except a results line cut short at the end: dropped,
     so its cell runs again."""
-    records = sorted(p.relative_to(finished) for p in finished.rglob("*.json*")
-                     if not p.name.startswith("adapt_summary"))
-    assert {str(p) for p in records} >= {SWEEP, RESULTS} and any(p.parts[0] == PREDICTIONS for p in records)
+    base = Path(shutil.copytree(finished, tmp_path / "base"))  # with the pool measures a trained cell leaves
+    atomic_write_json(base / POOL_SHIFT, {TASKS[0]: answer_shift(["a b"] * 10, ["a"] * 10).as_dict()})
+    records = sorted(p.relative_to(base) for p in base.rglob("*.json*") if not p.name.startswith("adapt_summary"))
+    assert {str(p) for p in records} >= {SWEEP, RESULTS, POOL_SHIFT} and any(p.parts[0] == PREDICTIONS for p in records)
     (tmp_path / "identity.json").write_bytes((finished / SWEEP).read_bytes())
     for record in records:
         out = tmp_path / "sweep"
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(finished, out)
+        shutil.copytree(base, out)
         target = out / record
         target.write_bytes(DAMAGES[damage](target.read_bytes()))
         if damage == "cut-short" and str(record) == RESULTS:

@@ -181,7 +181,8 @@ def _split_dir(cfg: DataConfig, root: Path) -> Path:
     if cfg.split_dir is not None:
         split_dir = Path(cfg.split_dir)
         if not split_dir.is_dir():
-            raise OrchmoeError(f"directory '{split_dir}' not found; point it at the directory holding "
+            raise OrchmoeError(f"directory '{split_dir}' not found{not_found_hint(split_dir, Path.is_dir)}; point it "
+                               "at the directory holding "
                                f"{cfg.train_split} and {cfg.test_split}", field="data.split_dir")
         return split_dir
     candidates = _split_candidates(root)
@@ -232,7 +233,7 @@ def _read_text(path: Path, what: str, fix: str) -> str:
                                f"{fix}")
         data = path.read_bytes()
     except FileNotFoundError:
-        raise OrchmoeError(f"{path}: {what} not found; {fix}") from None
+        raise OrchmoeError(f"{path}: {what} not found{not_found_hint(path, Path.is_file)}; {fix}") from None
     except OSError as exc:
         raise OrchmoeError(f"{path}: cannot read {what} ({exc.strerror}); {fix}") from None
     try:

@@ -30,6 +30,7 @@ from orchmoe_cli.data.sni import (
     sample_positions,
 )
 from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.paths import not_found_hint
 
 if TYPE_CHECKING:
     import datasets
@@ -302,14 +303,14 @@ def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dic
 
 def _list_path(cfg: DataConfig, split: Split) -> Path:
     """The task-list file of ``split`` under ``data.split_dir``."""
-    return Path(cfg.split_dir or ".") / (cfg.train_split if split == "train"
-                                                                    else cfg.test_split)
+    return Path(cfg.split_dir or ".") / (cfg.train_split if split == "train" else cfg.test_split)
 
 
 def _listed(cfg: DataConfig, split: Split, names: list[str]) -> tuple[str, ...]:
     path = _list_path(cfg, split)
     if not path.is_file():
-        raise OrchmoeError(f"'{path}' not found; list the {split} tasks there, one per line", field="data.split_dir")
+        raise OrchmoeError(f"'{path}' not found{not_found_hint(path, Path.is_file)}; list the {split} tasks there, one "
+                           "per line", field="data.split_dir")
     listed = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     missing = [name for name in listed if name not in names]
     if missing:

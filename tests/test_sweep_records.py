@@ -290,7 +290,8 @@ UP_FRONT = [
 ]
 
 
-@pytest.mark.parametrize("option, value", [("--shots", "1,,2"), ("--tasks", f"{TASKS[0]},"), ("--seeds", ",5")])
+@pytest.mark.parametrize("option, value", [("--shots", "1,,2"), ("--tasks", f"{TASKS[0]},"), ("--seeds", ",5"),
+                                           ("--modes", "zero_shot,,lora_scratch")])
 def test_an_empty_item_in_a_list_option_is_refused(trained: tuple[Path, Path], tmp_path: Path, capsys,
                                                    ran: list[str], option: str, value: str) -> None:
     line = one_error(capsys, run_cli(_sweep(trained, tmp_path / "out", "--modes", "zero_shot", option, value)))

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from orchmoe_cli.errors import OrchmoeError, did_you_mean
 from orchmoe_cli.fsutil import atomic_write_bytes, json_text
-from orchmoe_cli.paths import user_path
+from orchmoe_cli.paths import not_found_hint, user_path
 from orchmoe_cli.recipe import Recipe
 
 INPUT_FIELDS = ("input", "prompt", "text")  # the first one a JSONL / CSV row has is its prompt
@@ -71,7 +71,8 @@ def read_prompts(texts: list[str], input_file: str | None) -> list[Prompt]:
     else:
         path = user_path(input_file, "--input", option=True)
         if not path.is_file():
-            raise OrchmoeError(f"--input: {path} is not a file")
+            what = "is not a file" if path.exists() else "not found"
+            raise OrchmoeError(f"--input: {path} {what}{not_found_hint(path, Path.is_file)}")
         try:
             content = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchmoe_cli import __version__
-from orchmoe_cli.commands.common import adapt_list_override, load_checked
+from orchmoe_cli.commands.common import adapt_list_override, load_checked, with_option_overrides
 from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError, recipe_source
 from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
 
@@ -180,12 +180,13 @@ def adapt(
     keep_adapters: Annotated[bool, typer.Option("--keep-adapters", help="keep each cell's adapter.")] = False,
 ) -> None:
     """Few-shot adaptation of a trained checkpoint to held-out tasks: every mode x k x seed, resumable."""
-    extra = [*adapt_list_override("shots", shots, int), *adapt_list_override("seeds", seeds, int),
-             *adapt_list_override("modes", modes, str), *adapt_list_override("tasks", tasks, str)]
-    if keep_adapters:
-        extra.append("adapt.keep_adapters=true")
-    with recipe_source(recipe, [*(overrides or []), *extra]):
-        loaded = _load(recipe, [*(overrides or []), *extra], show_config, writes="adapt")
+    with recipe_source(recipe, overrides or []):
+        every = with_option_overrides(overrides or [], {
+            "--shots": adapt_list_override("shots", shots, int), "--seeds": adapt_list_override("seeds", seeds, int),
+            "--modes": adapt_list_override("modes", modes, str), "--tasks": adapt_list_override("tasks", tasks, str),
+            "--keep-adapters": "adapt.keep_adapters=true" if keep_adapters else None})
+    with recipe_source(recipe, every):
+        loaded = _load(recipe, every, show_config, writes="adapt")
         from orchmoe_cli.analysis.adaptation_report import (
             PREDICTIONS,
             RESULTS,

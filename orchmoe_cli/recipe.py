@@ -327,6 +327,19 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     _set(node, parts[-1], value)
 
 
+def override_sets(item: str, field: str) -> bool:
+    """Whether the override ``item`` sets the dotted ``field``, directly (``adapt.shots=[2]``) or through a mapping
+    for a section above it (``adapt={shots: [2]}``): read by the one parser every override goes through."""
+    raw: dict[str, Any] = {}
+    _apply_override(raw, item)
+    node: Any = raw
+    for part in field.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _set(node: dict[str, Any], key: str, value: Any) -> None:
     """A mapping given for a section sets the fields it names and keeps the others (``eval={num_beams: 2}`` is
     ``eval.num_beams=2``), as dotted overrides do; any other value replaces the field."""

@@ -45,6 +45,7 @@ from orchmoe_cli.analysis.adaptation_report import (
 )
 from orchmoe_cli.analysis.pool_shift import answer_shift, read_shifts
 from orchmoe_cli.commands import adapt as adapt_module
+from orchmoe_cli.commands.common import adapt_list_override, with_option_overrides
 from orchmoe_cli.core.records import read_jsonl
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.errors import OrchmoeError
@@ -504,3 +505,28 @@ def test_a_hand_edited_pool_measure_file_is_one_line(sweep: Path, trained: tuple
     (sweep / "pool_shift.json").write_text(content, encoding="utf-8")
     line = one_error(capsys, run_cli(_sweep(trained, sweep, *ZERO_SHOT)))  # nothing to train: the file stays
     assert f"{sweep / 'pool_shift.json'}: " in line and "remove it and run the sweep again" in line, line
+
+
+CLASHES = [("--shots", "1", "adapt.shots=[2]"), ("--seeds", "5", "adapt={seeds: [6]}"),
+           ("--modes", "mhr_z", "adapt.modes=[zero_shot]"), ("--tasks", TASKS[0], f"adapt.tasks=[{TASKS[1]}]"),
+           ("--keep-adapters", None, "adapt.keep_adapters=false")]
+
+
+@pytest.mark.parametrize(("option", "value", "override"), CLASHES, ids=[c[0] for c in CLASHES])
+def test_an_option_and_an_override_of_one_field_are_refused(trained: tuple[Path, Path], tmp_path: Path, capsys,
+                                                            ran: list[str], option: str, value: str | None,
+                                                            override: str) -> None:
+    """Which one should win is a guess, so neither does: one line names both, nothing runs or is written."""
+    out = tmp_path / "out"
+    given = (option,) if value is None else (option, value)
+    line = one_error(capsys, run_cli(_sweep(trained, out, override, *given)))
+    field = "adapt." + option.removeprefix("--").replace("-", "_")
+    assert f"{trained[0]}: {field} (set on the command line): {option} and the override '{override}'" in line, line
+    assert ran == [] and not out.exists()
+
+
+def test_an_option_beside_an_override_of_another_field_is_kept(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    every = with_option_overrides(["adapt.shots=[1]", "adapt={seeds: [5]}"],
+                                  {"--modes": adapt_list_override("modes", "zero_shot", str), "--tasks": None})
+    adapt = load_recipe(trained[0], every).adapt
+    assert (adapt.shots, adapt.seeds, adapt.modes) == ([1], [5], ["zero_shot"])

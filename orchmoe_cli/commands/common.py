@@ -9,7 +9,7 @@ from pathlib import Path
 from orchmoe_cli.data.sources import resolve
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.paths import claim_directory, claim_parent
-from orchmoe_cli.recipe import Recipe, load_recipe
+from orchmoe_cli.recipe import Recipe, load_recipe, override_sets
 
 RECIPE_FILE = "recipe.yaml"  # what training writes into every checkpoint
 
@@ -34,10 +34,10 @@ def load_checked(recipe_path: Path, overrides: list[str], writes: str | None = N
     return recipe
 
 
-def adapt_list_override(field: str, value: str | None, kind: type) -> list[str]:
-    """``--shots 16,64`` -> ``adapt.shots=[16, 64]`` (checked like any recipe field)."""
+def adapt_list_override(field: str, value: str | None, kind: type) -> str | None:
+    """``--shots 16,64`` -> ``adapt.shots=[16, 64]`` (checked like any recipe field); None when not given."""
     if value is None:
-        return []
+        return None
     parts = [part.strip() for part in value.split(",")] if value.strip() else []
     if "" in parts:  # "16,,64" or "a," : a slip of the keyboard, not a list with one item fewer
         raise OrchmoeError(f"--{field}: '{value}' has an empty item; separate the items with single commas")
@@ -45,7 +45,20 @@ def adapt_list_override(field: str, value: str | None, kind: type) -> list[str]:
         items = [kind(part) for part in parts]
     except ValueError:
         raise OrchmoeError(f"--{field}: expected a comma-separated list of {kind.__name__}s, got '{value}'") from None
-    return [f"adapt.{field}=[{', '.join(map(str, items))}]"]
+    return f"adapt.{field}=[{', '.join(map(str, items))}]"
+
+
+def with_option_overrides(overrides: Sequence[str], options: dict[str, str | None]) -> list[str]:
+    """``overrides`` then the ones the command's options make (``{"--shots": "adapt.shots=[16]", ...}``, None for an
+    option not given). An option and an override that set the same field is refused: which of the two should win is
+    a guess, and the loser would be dropped without a word."""
+    made = [(option, item) for option, item in options.items() if item is not None]
+    for option, item in made:
+        field = item.partition("=")[0]
+        clash = next((given for given in overrides if override_sets(given, field)), None)
+        if clash is not None:
+            raise OrchmoeError(f"{option} and the override '{clash}' both set it; give it once", field=field)
+    return [*overrides, *(item for _, item in made)]
 
 
 def saved_recipe(checkpoint: Path, needs: str, overrides: Sequence[str] = ()) -> Recipe:

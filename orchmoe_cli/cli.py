@@ -7,9 +7,7 @@ user can fix are reported as one red line with exit code 2 (``--debug`` shows th
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import re
 import signal
 import sys
 import traceback
@@ -19,10 +17,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from orchmoe_cli import __version__
-from orchmoe_cli.commands.common import adapt_list_override, load_checked, with_option_overrides
+from orchmoe_cli.commands.common import adapt_list_override, load_checked, prompts_and_overrides, with_option_overrides
 from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError, recipe_source
 from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
 
@@ -99,18 +96,11 @@ def prepare(
             return
         from orchmoe_cli.commands.prepare import prepare as run_prepare
 
+        from orchmoe_cli.analysis.terminal_tables import prepared_table
+
         prepared = run_prepare(loaded, console)
-        manifest = prepared.manifest
-        table = Table(title=f"prepared {'(from cache) ' if prepared.from_cache else ''}{prepared.path}", title_justify="left")
-        for column in ("split", "tasks", "instances", "adaptation pool", "categories"):
-            table.add_column(column, justify="left" if column in ("split", "categories") else "right")
-        for split in ("train", "test"):
-            tasks = [t for t in manifest["tasks"] if t["split"] == split]
-            cats = sorted({t["category"] for t in tasks})
-            pool = f"{sum(t.get('n_pool', 0) for t in tasks)}" if split == "test" else ""
-            table.add_row(split, str(len(tasks)), str(sum(t["n_instances"] for t in tasks)), pool,
-                          f"{len(cats)}: " + ", ".join(cats[:4]) + (" ..." if len(cats) > 4 else ""))
-        console.print(table)
+        title = f"prepared {'(from cache) ' if prepared.from_cache else ''}{prepared.path}"
+        console.print(prepared_table(title, prepared.manifest))
 
 
 @app.command("eval")
@@ -257,20 +247,6 @@ CheckpointArg = Annotated[str, typer.Argument(
     show_default=False)]
 RecipeOption = Annotated[Optional[Path], typer.Option(
     "--recipe", help="Recipe to use instead of the one saved with the checkpoint (model, prompt format, eval.*).")]
-_OVERRIDE = re.compile(r"^([a-z_]+)(\.[a-z_]+)+=")  # section.field=value among prompts is an override
-_SECTIONS = frozenset(section.name for section in dataclasses.fields(Recipe))
-
-
-def _prompts_and_overrides(words: list[str]) -> tuple[list[str], list[str]]:
-    """Split ``generate``'s words: ``section.field=value`` of a recipe section is an override (a misspelt field
-    is then refused by the recipe loader); anything else, ``a.b=c`` too, is a prompt."""
-    def is_override(word: str) -> bool:
-        match = _OVERRIDE.match(word)
-        return match is not None and match.group(1) in _SECTIONS
-
-    return [w for w in words if not is_override(w)], [w for w in words if is_override(w)]
-
-
 @app.command()
 def generate(
     checkpoint: CheckpointArg,
@@ -293,7 +269,7 @@ def generate(
     recipe: RecipeOption = None,
 ) -> None:
     """Answer free-text prompts with a trained checkpoint (or the base model), as JSONL."""
-    prompts, overrides = _prompts_and_overrides(words or [])
+    prompts, overrides = prompts_and_overrides(words or [])
     with recipe_source(recipe, overrides) if recipe is not None else contextlib.nullcontext():
         from orchmoe_cli.commands.common import resolve_target
         from orchmoe_cli.commands.generate import generate as run_generate
@@ -331,13 +307,10 @@ def export(
         from orchmoe_cli.paths import user_path
 
         target = user_path(str(out), "--out", option=True)
+        from orchmoe_cli.analysis.terminal_tables import export_table
+
         manifest = run_export(checkpoint, to, task or [], all_tasks, target, recipe, overrides or [])
-        table = Table(title=f"exported {manifest['method']} to {target} ({to})", title_justify="left")
-        for column in ("adapter", "path", "routes", "exact for"):
-            table.add_column(column)
-        for entry in manifest["adapters"]:
-            table.add_row(entry["name"], entry["path"], entry["routes"], entry["exact_for"])
-        console.print(table)
+        console.print(export_table(f"exported {manifest['method']} to {target} ({to})", manifest))
         if "trained_on" in manifest:
             console.print(f"trained on {manifest['trained_on']}", highlight=False)
         lossy = [e for e in manifest["adapters"] if e.get("update_kept", 1.0) < 0.9]

@@ -10,7 +10,8 @@ import pytest
 
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.encoding import encode_prompts, format_definition, format_example, format_task_input
-from orchmoe_cli.data.sni import Example, Instance, SNITask, bundled_dir, read_task
+from orchmoe_cli.data.sni import bundled_dir
+from orchmoe_cli.data.sni_task import Example, Instance, SNITask, read_task
 
 # sni.md, section 4: def + 2 pos for task1146_country_capital, first test instance.
 WORKED_EXAMPLE = (

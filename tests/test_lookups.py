@@ -16,7 +16,7 @@ from cli_runner import run_cli
 from conftest import write_sni_dir
 from test_train import write_recipe
 
-from orchmoe_cli.cli import _prompts_and_overrides
+from orchmoe_cli.commands.common import prompts_and_overrides
 from orchmoe_cli.commands.generate import read_prompts
 from orchmoe_cli.core.checkpoint import find_checkpoint
 from orchmoe_cli.data.sources import resolve
@@ -190,7 +190,7 @@ def test_prompt_rows_are_numbered_from_one(tmp_path: Path, name: str, content: s
     ("what is eval.num_beams=4?", False),
 ])
 def test_only_a_real_recipe_section_makes_a_word_an_override(word: str, is_override: bool) -> None:
-    prompts, overrides = _prompts_and_overrides([word])
+    prompts, overrides = prompts_and_overrides([word])
     assert (overrides, prompts) == (([word], []) if is_override else ([], [word]))
 
 

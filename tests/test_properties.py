@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orchmoe_cli.core.metrics import METRICS, aggregate, exact_match, rouge_l, score_instance
-from orchmoe_cli.data.sni import SNITask, read_task
+from orchmoe_cli.data.sni_task import SNITask, read_task
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.recipe import Recipe, load_recipe
 

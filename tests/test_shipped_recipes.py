@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfi
 from orchmoe_cli.adapters import attach_adapters
 from orchmoe_cli.adapters.budget import choose_rank
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import matches_languages, read_task, resolve_source
+from orchmoe_cli.data.sni import matches_languages, resolve_source
+from orchmoe_cli.data.sni_task import read_task
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.recipe import Recipe, load_recipe
 

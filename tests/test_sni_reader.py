@@ -8,17 +8,10 @@ from typing import Any, Callable
 
 import pytest
 
-from orchmoe_cli.data import sni
+from orchmoe_cli.data import sni_task
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import (
-    MAX_TEXT_CHARS,
-    bundled_dir,
-    cap_instances,
-    matches_languages,
-    read_split,
-    read_task,
-    resolve_source,
-)
+from orchmoe_cli.data.sni import bundled_dir, cap_instances, matches_languages, read_split, resolve_source
+from orchmoe_cli.data.sni_task import MAX_TEXT_CHARS, read_task
 from orchmoe_cli.errors import OrchmoeError
 
 SNI_TRAIN_TASKS = ("task001_alpha_qa", "task002_beta_title", "task003_gamma_qa")  # as written by `sni_dir`
@@ -159,7 +152,7 @@ def test_malformed_split_file_names_file_and_line(sni_dir: Path, mutate: Callabl
 
 def test_oversized_task_file_is_refused_before_reading(sni_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = sni_dir / "tasks" / f"{SNI_TRAIN_TASKS[0]}.json"
-    monkeypatch.setattr(sni, "MAX_FILE_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(sni_task, "MAX_FILE_BYTES", path.stat().st_size - 1)
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read"))
     with pytest.raises(OrchmoeError, match=rf"{path.name}: task file is [\d,]+ bytes, more than the [\d,]+ allowed"):
         read_task(path)

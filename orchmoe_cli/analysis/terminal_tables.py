@@ -1,4 +1,5 @@
-"""Rich tables for the terminal: evaluation results side by side, and a checkpoint's routing."""
+"""Rich tables for the terminal: a prepared dataset, an export,
+evaluation results side by side, and a checkpoint's routing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,30 @@ from typing import Any
 from rich.table import Table
 
 from orchmoe_cli.analysis.routing_report import RoutingReport
+
+
+def prepared_table(title: str, manifest: dict[str, Any]) -> Table:
+    """Tasks, instances, adaptation pool and categories of each split of a prepared dataset's manifest."""
+    table = Table(title=title, title_justify="left")
+    for column in ("split", "tasks", "instances", "adaptation pool", "categories"):
+        table.add_column(column, justify="left" if column in ("split", "categories") else "right")
+    for split in ("train", "test"):
+        tasks = [t for t in manifest["tasks"] if t["split"] == split]
+        cats = sorted({t["category"] for t in tasks})
+        pool = f"{sum(t.get('n_pool', 0) for t in tasks)}" if split == "test" else ""
+        table.add_row(split, str(len(tasks)), str(sum(t["n_instances"] for t in tasks)), pool,
+                      f"{len(cats)}: " + ", ".join(cats[:4]) + (" ..." if len(cats) > 4 else ""))
+    return table
+
+
+def export_table(title: str, manifest: dict[str, Any]) -> Table:
+    """The adapters an export wrote: name, path, what routes to it and what it is exact for."""
+    table = Table(title=title, title_justify="left")
+    for column in ("adapter", "path", "routes", "exact for"):
+        table.add_column(column)
+    for entry in manifest["adapters"]:
+        table.add_row(entry["name"], entry["path"], entry["routes"], entry["exact_for"])
+    return table
 
 
 def results_table(title: str, columns: dict[str, list[dict[str, Any]]], overall: dict[str, dict[str, float]]) -> Table:

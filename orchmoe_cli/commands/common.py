@@ -3,6 +3,8 @@ data can be found and the directories it will write can be written."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from orchmoe_cli.paths import claim_directory, claim_parent
 from orchmoe_cli.recipe import Recipe, load_recipe, override_sets
 
 RECIPE_FILE = "recipe.yaml"  # what training writes into every checkpoint
+_OVERRIDE = re.compile(r"^([a-z_]+)(\.[a-z_]+)+=")  # section.field=value among prompts is an override
+_SECTIONS = frozenset(section.name for section in dataclasses.fields(Recipe))
 
 
 def claim_outputs(recipe: Recipe, command: str) -> Path:
@@ -46,6 +50,16 @@ def adapt_list_override(field: str, value: str | None, kind: type) -> str | None
     except ValueError:
         raise OrchmoeError(f"--{field}: expected a comma-separated list of {kind.__name__}s, got '{value}'") from None
     return f"adapt.{field}=[{', '.join(map(str, items))}]"
+
+
+def prompts_and_overrides(words: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``generate``'s words: ``section.field=value`` of a recipe section is an override (a misspelt field
+    is then refused by the recipe loader); anything else, ``a.b=c`` too, is a prompt."""
+    def is_override(word: str) -> bool:
+        match = _OVERRIDE.match(word)
+        return match is not None and match.group(1) in _SECTIONS
+
+    return [w for w in words if not is_override(w)], [w for w in words if is_override(w)]
 
 
 def with_option_overrides(overrides: Sequence[str], options: dict[str, str | None]) -> list[str]:

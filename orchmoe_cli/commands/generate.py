@@ -133,7 +133,7 @@ def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Pat
     from orchmoe_cli.core.generation import describe_routing
     from orchmoe_cli.data.collate import pad_token_id
     from orchmoe_cli.data.dataset_cache import encode_prompt_ids
-    from orchmoe_cli.data.sni import Instance, SNITask
+    from orchmoe_cli.data.sni_task import Instance, SNITask
 
     loaded = load_model(recipe.model)
     model: Any = loaded.model

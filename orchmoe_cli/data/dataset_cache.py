@@ -26,7 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from orchmoe_cli import __version__
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
-from orchmoe_cli.data.sni import SPLITS, SNITask, matches_languages
+from orchmoe_cli.data.sni import SPLITS, matches_languages
+from orchmoe_cli.data.sni_task import SNITask
 from orchmoe_cli.data.sources import TaskSource, resolve
 from orchmoe_cli.data.tables import quiet_datasets
 from orchmoe_cli.errors import OrchmoeError

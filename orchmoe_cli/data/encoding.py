@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import Example, Instance, SNITask
+from orchmoe_cli.data.sni_task import Example, Instance, SNITask
 
 _PUNCTUATION = frozenset(string.punctuation)
 

@@ -1,71 +1,27 @@
-"""Reading and validating Super-NaturalInstructions task files in the upstream layout.
+"""Super-NaturalInstructions in the upstream layout: where a source's task and split files are, which tasks each
+split lists, and which instances are evaluated, sampled or pooled for adaptation.
 
-Every problem in a task or split file is reported as one :class:`OrchmoeError` line that names the file
-(and the JSON field or line) and says what to do, because users point ``data.source`` at their own
-copies of SNI and a traceback from deep inside the encoder would not tell them which file is broken.
-Task files are read one at a time so that the full 1.6k-task collection never sits in memory at once.
+Every problem in a split file or layout is reported as one :class:`OrchmoeError` line that names the file (and
+line) and says what to do; one task file is read and checked by :mod:`orchmoe_cli.data.sni_task`. Task files are
+read one at a time so that the full 1.6k-task collection never sits in memory at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Literal, NoReturn, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from orchmoe_cli.data.data_config import DataConfig
+from orchmoe_cli.data.sni_task import Instance, SNITask, read_task, read_text
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.paths import inside, listing, not_found_hint
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, Split] = ("train", "test")
-LANGUAGE_FIELDS = ("Input_language", "Output_language", "Instruction_language")
-_FIX_TASK = "fix the task file or remove the task from the split file"
-# Upstream SNI's largest task file is about 4 MB and no single text in it comes near 1M characters; the limits
-# (the file one is GitHub's hard limit) stop a stray huge file or field before it costs minutes and gigabytes.
-MAX_FILE_BYTES = 100 * 2**20
-MAX_TEXT_CHARS = 2**20
-
-
-@dataclass(frozen=True, slots=True)
-class Example:
-    """A positive or negative demonstration; ``explanation`` is None when the file has none."""
-
-    input: str
-    output: str
-    explanation: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Instance:
-    """One task instance; ``output`` lists every acceptable reference."""
-
-    id: str
-    input: str
-    output: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class SNITask:
-    """A validated task. ``n_available`` counts the instances in the file, before any cap."""
-
-    name: str
-    path: Path
-    categories: list[str]
-    definition: list[str]
-    positive_examples: list[Example]
-    negative_examples: list[Example]
-    instances: list[Instance]
-    languages: dict[str, list[str] | None]
-    n_available: int
-
-    @property
-    def category(self) -> str:
-        """The category used for grouped metrics (upstream: ``Categories[0]``)."""
-        return self.categories[0]
 
 
 @dataclass(frozen=True)
@@ -174,7 +130,7 @@ def refuse_part_of_sni(path: Path, cfg: DataConfig) -> None:
 def _listed_tasks(root: Path, cfg: DataConfig) -> set[str]:
     """The task names the split files of the SNI directory ``root`` list."""
     files = [folder / name for folder in _split_candidates(root) for name in (cfg.train_split, cfg.test_split)]
-    return {name for file in files if file.is_file() for name in _read_text(file, "split file", "").split()}
+    return {name for file in files if file.is_file() for name in read_text(file, "split file", "").split()}
 
 
 def _split_dir(cfg: DataConfig, root: Path) -> Path:
@@ -205,7 +161,7 @@ def _sni_directories_near(root: Path, cfg: DataConfig) -> str:
 
 def _read_split_file(path: Path, task_dir: Path) -> list[tuple[int, str]]:
     """(line number, task name) pairs; blank lines are skipped."""
-    text = _read_text(path, "split file", "set data.split_dir / data.train_split / data.test_split")
+    text = read_text(path, "split file", "set data.split_dir / data.train_split / data.test_split")
     seen: dict[str, int] = {}
     names: list[tuple[int, str]] = []
     for line, raw in enumerate(text.splitlines(), start=1):
@@ -223,66 +179,6 @@ def _read_split_file(path: Path, task_dir: Path) -> list[tuple[int, str]]:
     if not names:
         raise OrchmoeError(f"{path}: the split file lists no tasks; add task names, one per line")
     return names
-
-
-def _read_text(path: Path, what: str, fix: str) -> str:
-    try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise OrchmoeError(f"{path}: {what} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} allowed; "
-                               f"{fix}")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise OrchmoeError(f"{path}: {what} not found{not_found_hint(path, Path.is_file)}; {fix}") from None
-    except OSError as exc:
-        raise OrchmoeError(f"{path}: cannot read {what} ({exc.strerror}); {fix}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise OrchmoeError(f"{path}: line {line}: not UTF-8 text (byte {exc.start}); re-save the {what} "
-                           "as UTF-8") from None
-
-
-# --------------------------------------------------------------------------- tasks
-
-
-def read_task(path: Path) -> SNITask:
-    """Parse and validate one upstream task file; the task name is the file name without ``.json``."""
-    text = _read_text(path, "task file", _FIX_TASK)
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise OrchmoeError(f"{path}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}); "
-                           f"{_FIX_TASK}") from None
-    except RecursionError:
-        raise OrchmoeError(f"{path}: invalid JSON (nested too deeply to read); {_FIX_TASK}") from None
-    except ValueError:  # an integer literal longer than Python converts
-        raise OrchmoeError(f"{path}: invalid JSON (a number with too many digits); {_FIX_TASK}") from None
-    if not isinstance(raw, dict):
-        _bad(path, "top level", f"expected a JSON object, got {_kind(raw)}")
-    for key in ("Definition", "Categories", "Positive Examples", "Instances"):
-        if key not in raw:
-            _bad(path, key, "missing required field")
-    items = _non_empty_list(path, "Instances", raw["Instances"])
-    instances = [_instance(path, f"Instances[{i}]", item) for i, item in enumerate(items)]
-    first: dict[str, int] = {}
-    for i, instance in enumerate(instances):
-        if instance.id in first:
-            _bad(path, f"Instances[{i}].id", f"'{instance.id}' is also the id of Instances[{first[instance.id]}]; "
-                 "instance ids must be unique")
-        first[instance.id] = i
-    return SNITask(
-        name=path.stem,
-        path=path,
-        categories=_strings(path, "Categories", raw["Categories"], non_empty=True),
-        definition=_strings(path, "Definition", raw["Definition"], non_empty=True),
-        positive_examples=_examples(path, "Positive Examples", raw["Positive Examples"]),
-        negative_examples=_examples(path, "Negative Examples", raw.get("Negative Examples", [])),
-        instances=instances,
-        languages={key: _strings(path, key, raw[key]) if key in raw else None for key in LANGUAGE_FIELDS},
-        n_available=len(instances),
-    )
 
 
 def read_split(layout: SourceLayout, split: Split, cfg: DataConfig) -> Iterator[tuple[SNITask, list[Instance]]]:
@@ -334,92 +230,3 @@ def matches_languages(task: SNITask, languages: Sequence[str]) -> bool:
     """True if every declared input/output/instruction language is allowed (a missing field passes)."""
     allowed = set(languages)
     return all(values is None or set(values) <= allowed for values in task.languages.values())
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _bad(path: Path, where: str, problem: str) -> NoReturn:
-    raise OrchmoeError(f"{path}: {where}: {problem}; {_FIX_TASK}")
-
-
-def _kind(value: Any) -> str:
-    """A JSON-flavoured description of a value for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an empty list" if not value else "a list"
-    return "an object"
-
-
-def _non_empty_list(path: Path, where: str, value: Any) -> list[Any]:
-    if not isinstance(value, list) or not value:
-        _bad(path, where, f"expected a non-empty list, got {_kind(value)}")
-    return value
-
-
-def _string(path: Path, where: str, value: Any) -> str:
-    """A string of at most :data:`MAX_TEXT_CHARS` characters that UTF-8 can encode (no lone surrogates)."""
-    if not isinstance(value, str):
-        _bad(path, where, f"expected a string, got {_kind(value)}")
-    if len(value) > MAX_TEXT_CHARS:
-        _bad(path, where, f"{len(value):,} characters, more than the {MAX_TEXT_CHARS:,} allowed in one text")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            _bad(path, where, f"character {exc.start} is a lone surrogate ({value[exc.start]!a}), "
-                 "which is not valid Unicode text")
-    return value
-
-
-def _strings(path: Path, where: str, value: Any, non_empty: bool = False) -> list[str]:
-    if not isinstance(value, list) or (non_empty and not value):
-        _bad(path, where, f"expected a {'non-empty ' if non_empty else ''}list of strings, got {_kind(value)}")
-    return [_string(path, f"{where}[{i}]", item) for i, item in enumerate(value)]
-
-
-def _object(path: Path, where: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        _bad(path, where, f"expected an object, got {_kind(value)}")
-    return value
-
-
-def _examples(path: Path, where: str, value: Any) -> list[Example]:
-    if not isinstance(value, list):
-        _bad(path, where, f"expected a list of examples, got {_kind(value)}")
-    examples = []
-    for i, item in enumerate(value):
-        at = f"{where}[{i}]"
-        item = _object(path, at, item)
-        for key in ("input", "output"):
-            if key not in item:
-                _bad(path, f"{at}.{key}", "missing required field")
-        explanation = item.get("explanation")
-        examples.append(Example(
-            input=_string(path, f"{at}.input", item["input"]),
-            output=_string(path, f"{at}.output", item["output"]),
-            explanation=None if explanation is None else _string(path, f"{at}.explanation", explanation),
-        ))
-    return examples
-
-
-def _instance(path: Path, where: str, value: Any) -> Instance:
-    item = _object(path, where, value)
-    for key in ("id", "input", "output"):
-        if key not in item:
-            _bad(path, f"{where}.{key}", "missing required field")
-    output = item["output"]
-    if not isinstance(output, list) or not output:
-        _bad(path, f"{where}.output", f"expected a non-empty list of reference strings, got {_kind(output)}")
-    return Instance(
-        id=_string(path, f"{where}.id", item["id"]),
-        input=_string(path, f"{where}.input", item["input"]),
-        output=[_string(path, f"{where}.output[{i}]", ref) for i, ref in enumerate(output)],
-    )

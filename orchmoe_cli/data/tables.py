@@ -20,15 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import (
-    SPLITS,
-    Instance,
-    SNITask,
-    Split,
-    hash_file,
-    pool_positions,
-    sample_positions,
-)
+from orchmoe_cli.data.sni import SPLITS, Split, hash_file, pool_positions, sample_positions
+from orchmoe_cli.data.sni_task import Instance, SNITask
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.paths import not_found_hint
 
@@ -346,7 +339,7 @@ def export_table(layout: Any, path: Path) -> int:
     ones without demonstrations (``data.num_pos_examples: 0``)."""
     import datasets
 
-    from orchmoe_cli.data.sni import read_task
+    from orchmoe_cli.data.sni_task import read_task
 
     if path.suffix.lower() not in (".jsonl", ".parquet"):
         raise OrchmoeError(f"{path}: the table is written as .jsonl or .parquet")

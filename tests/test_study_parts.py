@@ -21,6 +21,7 @@ def _study_module(name: str):
         spec = importlib.util.spec_from_file_location(f"study_{name}", REPO / "benchmarks" / "study" / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(REPO / "benchmarks" / "study"))

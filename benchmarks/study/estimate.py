@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,27 @@ class Estimator:
                 return None
             total += each * n
         return total
+
+
+@dataclass
+class Piece:
+    """One unit of the study (a training run, an evaluation, a routing report, a sweep) and what it still costs."""
+
+    stage: str
+    name: str
+    result: Path  # exists once the piece is done
+    command: list[str]  # the `orchmoe` arguments the piece runs (the report lists them)
+    run: Callable[[], None]
+    reads: str | None = None  # the trained checkpoint (method) the piece evaluates or adapts
+    work: dict[str, int] = field(default_factory=dict)  # training: {"steps": n}; a sweep: mode -> cells
+
+    def estimate(self, estimator: Estimator) -> float | None:
+        if self.stage in ("train", "retrain"):
+            return estimator.training(self.name, self.work["steps"])
+        if self.stage == "adapt":  # the cells not yet in the sweep's results
+            done = Counter(row["mode"] for row in result_lines(self.result.parent / RESULTS_FILE))
+            return estimator.sweep({mode: max(0, n - done[mode]) for mode, n in self.work.items()})
+        return estimator.whole(self.stage, self.name == "base")
 
 
 def duration(seconds: float | None) -> str:

@@ -24,7 +24,6 @@ evaluation from its predictions, an interrupted sweep at its first unfinished ce
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
@@ -32,8 +31,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -46,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
-from estimate import Estimator, plan_table, read_object, result_lines
+from estimate import Estimator, Piece, plan_table, read_object, result_lines
 from report import write_report
 
 from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, RESULTS
@@ -96,25 +93,6 @@ SCALES: dict[str, Scale] = {
 }
 STAGES = ("train", "zero-shot", "in-distribution", "routing", "adapt", "report")
 console = Console()
-
-
-@dataclass
-class Piece:
-    stage: str
-    name: str
-    result: Path  # exists once the piece is done
-    command: list[str]  # the `orchmoe` arguments the piece runs (the report lists them)
-    run: Callable[[], None]
-    reads: str | None = None  # the trained checkpoint (method) the piece evaluates or adapts
-    work: dict[str, int] = field(default_factory=dict)  # training: {"steps": n}; a sweep: mode -> cells
-
-    def estimate(self, estimator: Estimator) -> float | None:
-        if self.stage in ("train", "retrain"):
-            return estimator.training(self.name, self.work["steps"])
-        if self.stage == "adapt":  # the cells not yet in the sweep's results
-            done = Counter(row["mode"] for row in result_lines(self.result.parent / RESULTS))
-            return estimator.sweep({mode: max(0, n - done[mode]) for mode, n in self.work.items()})
-        return estimator.whole(self.stage, self.name == "base")
 
 
 def shown(args: list[str]) -> str:
@@ -309,8 +287,10 @@ class Study:
         path = self.results / "adapt" / POOL_SHIFT
         recorded: dict[str, Any] = {}
         for measured in [path, *sorted((self.results / "adapt").glob(f"*/{POOL_SHIFT}"))]:
-            with contextlib.suppress(OrchmoeError):  # a damaged one is measured again below
+            try:
                 recorded.update(read_shifts(measured) if measured.is_file() else {})
+            except OrchmoeError as error:  # its tasks are measured again below
+                console.print(f"study: {error}; measuring its tasks again from the prepared data", markup=False)
         adapted = {row["task"] for sweep in (self.results / "adapt").glob(f"*/{RESULTS}")
                    for row in result_lines(sweep) if row["mode"] != "zero_shot" and isinstance(row.get("task"), str)}
         missing = sorted(adapted - set(recorded))

@@ -248,7 +248,7 @@ def _machine() -> str:
 
 
 def write_report(results: Path, scale: str, runs: Path, repo: Path, commands: list[str], missing: list[str],
-                 report: Path | None = None) -> Path:
+                 report: Path | None = None, left_out: str = "") -> Path:
     import torch
     import transformers
 
@@ -263,6 +263,7 @@ def write_report(results: Path, scale: str, runs: Path, repo: Path, commands: li
              *([f"**Incomplete**: no results yet for {', '.join(missing)}; rerun the command to add them.", ""]
                if missing else []),
              "## Trained checkpoints (one budget, one LoRA scale)", "", *_training_table(results), "",
+             *([left_out, ""] if left_out else []),
              "## Zero-shot on the held-out tasks (no task id)", "",
              ("Poly and MHR route an unseen task with the average of the training tasks' routing; HyperLoader "
              "uses the mean task embedding; OrchMoE infers its routing from the prompt."), "",

@@ -103,3 +103,18 @@ def test_the_report_refuses_predictions_changed_after_their_evaluation(tmp_path:
     (tmp_path / "zero-shot" / "orchmoe.predictions.jsonl").write_text(text.replace("0.5", "0.9"), encoding="utf-8")
     with pytest.raises(SystemExit, match="orchmoe.predictions.jsonl: changed since its evaluation"):
         report._evaluation_table(tmp_path, "zero-shot", "lora")
+
+
+def test_the_report_refuses_recorded_scores_its_predictions_do_not_give(tmp_path: Path) -> None:
+    """Result files from before evaluations recorded a digest are checked by their scores instead."""
+    report = _study_module("report")
+    rows = [{"task": "t1", "id": str(i), "rougeL": 0.5, "exact_match": 0.0} for i in range(4)]
+    (tmp_path / "zero-shot").mkdir()
+    for method, rougeL in (("lora", 50.0), ("orchmoe", 62.5)):
+        (tmp_path / "zero-shot" / f"{method}.predictions.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        _write(tmp_path / "zero-shot" / f"{method}.json", {"results": {"rougeL": rougeL, "exact_match": 0.0},
+                                                           "n_instances": 4})
+    with pytest.raises(SystemExit, match=r"orchmoe.json: rougeL 62.5 is recorded, but its 4 per-instance"):
+        report._evaluation_table(tmp_path, "zero-shot", "lora")
+

@@ -37,6 +37,7 @@ from orchmoe_cli.analysis.adaptation_report import (
     RESULTS,
     SWEEP,
     _markdown,
+    cell_file_name,
     check_same_sweep,
     read_result_lines,
     read_results,
@@ -47,6 +48,7 @@ from orchmoe_cli.analysis.pool_shift import answer_shift, read_shifts
 from orchmoe_cli.commands import adapt as adapt_module
 from orchmoe_cli.commands.common import adapt_list_override, with_option_overrides
 from orchmoe_cli.core.records import read_jsonl
+from orchmoe_cli.core.results import recorded_score_gap
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json
@@ -373,6 +375,34 @@ def test_every_record_a_continuation_reads_names_its_damage(finished: Path, tmp_
         assert message.startswith(f"{target}: ") and len(message.splitlines()) == 1, message
         if target.suffix == ".jsonl":
             assert message.startswith(f"{target}: line "), message
+
+
+@pytest.mark.parametrize("edited", ["results-line", "cell-predictions"])
+def test_a_score_its_per_instance_rows_do_not_give_is_refused(finished: Path, tmp_path: Path, edited: str) -> None:
+    """The summary tables read the recorded scores and the intervals the per-instance rows: edited or swapped
+    afterwards, the two would tell different stories, so reading them is refused naming the file and cell."""
+    out = Path(shutil.copytree(finished, tmp_path / "sweep"))
+    lines = (out / RESULTS).read_text(encoding="utf-8").splitlines(keepends=True)
+    first = json.loads(lines[0])
+    if edited == "results-line":
+        lines[0] = json.dumps({**first, "rougeL": first["rougeL"] + 7.5}) + "\n"
+        (out / RESULTS).write_text("".join(lines), encoding="utf-8")
+    else:
+        cell = out / PREDICTIONS / f"{cell_file_name(first['key'])}.jsonl"
+        rows = [json.loads(line) for line in cell.read_text(encoding="utf-8").splitlines()]
+        other = 0.0 if first["rougeL"] > 50 else 1.0
+        cell.write_text("".join(json.dumps({**row, "rougeL": other}) + "\n" for row in rows), encoding="utf-8")
+    with pytest.raises(OrchmoeError) as info:
+        read_results(out / RESULTS)
+    assert str(info.value).startswith(f"{out / RESULTS}: cell {first['key']}: rougeL "), info.value
+
+
+def test_a_recorded_score_is_compared_at_its_rounding() -> None:
+    rows = [0.1, 0.2, 0.25]  # 18.3333... points
+    assert recorded_score_gap({"rougeL": 18.3333}, {"rougeL": rows}) is None
+    for recorded in ({"rougeL": 18.34}, {"rougeL": True}, {"rougeL": "18.3333"}, {}):
+        assert "per-instance scores give 18.3333" in str(recorded_score_gap(recorded, {"rougeL": rows}))
+    assert recorded_score_gap({"rougeL": 0.0}, {"rougeL": []}) is not None  # no rows vouch for nothing
 
 
 def test_the_reader_skips_blank_lines_and_ends_a_whole_unterminated_line(tmp_path: Path) -> None:

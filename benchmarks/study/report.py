@@ -19,7 +19,7 @@ from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, merge_results, pl
 from orchmoe_cli.analysis.bootstrap import InstanceKey, paired_bootstrap
 from orchmoe_cli.analysis.comparison import compare_runs
 from orchmoe_cli.core.figures import pyplot
-from orchmoe_cli.core.results import predictions_digest
+from orchmoe_cli.core.results import predictions_digest, recorded_score_gap
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -39,6 +39,11 @@ def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
                              f"{results / stage / method}.json); restore it or rerun that piece")
     rows = {m: [json.loads(line) for line in (results / stage / f"{m}.predictions.jsonl").open(encoding="utf-8")]
             for m in runs}
+    for method, run in runs.items():  # and the recorded scores must be what those rows give
+        gap = recorded_score_gap(run["results"], {m: [row[m] for row in rows[method]] for m in ("rougeL", "exact_match")})
+        if gap is not None or run.get("n_instances") != len(rows[method]):
+            raise SystemExit(f"{results / stage / method}.json: {gap or 'n_instances differs'} in "
+                             f"{method}.predictions.jsonl; restore the two files together or rerun that piece")
     references = [r for r in (reference, "orchmoe", "base") if r in rows]
     comparisons = {r: compare_runs({r: rows[r], **{m: v for m, v in rows.items() if m != r}}) for r in references}
     overall = {r: {c.run: c for c in found.cells_for(found.overall)} for r, found in comparisons.items()}

@@ -27,7 +27,7 @@ from orchmoe_cli.core.records import (
     read_jsonl,
     shown,
 )
-from orchmoe_cli.core.results import markdown_table
+from orchmoe_cli.core.results import markdown_table, recorded_score_gap
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write, atomic_write_json, atomic_write_text
 from orchmoe_cli.recipe import Recipe
@@ -162,6 +162,9 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             row["scores"] = {(row["task"], instance): value for instance, value in row["scores"].items()}
         else:
             row["scores"] = _instance_scores(path.parent / PREDICTIONS / f"{cell_file_name(row['key'])}.jsonl")
+        gap = recorded_score_gap(row, {"rougeL": list(row["scores"].values())})
+        if gap is not None:
+            raise OrchmoeError(f"{path}: cell {row['key']}: {gap} (the line and {PREDICTIONS}/ disagree){_REDO}")
     return rows
 
 

@@ -142,3 +142,19 @@ def check_vouched(predictions: Path) -> None:
     if predictions_digest(predictions) != recorded.lower():
         raise OrchmoeError(f"{predictions}: not the predictions {results} was computed from (its predictions_sha256 "
                            f"differs): the file was changed after the evaluation; run orchmoe eval again, {outside}")
+
+
+SCORE_SLACK = 1e-3  # recorded scores are points rounded to 4 decimals; a larger gap means other rows
+
+
+def recorded_score_gap(recorded: Mapping[str, Any], per_instance: Mapping[str, Sequence[float]]) -> str | None:
+    """Why scores recorded in points (``{"rougeL": 24.61}``) are not the mean of the per-instance fractions they
+    summarise (``{"rougeL": [0.2, ...]}``), or None when they agree. A results line or predictions file edited or
+    swapped afterwards would otherwise leave the tables (recorded scores) and the intervals (per-instance rows)
+    telling two stories without a word."""
+    for metric, values in per_instance.items():
+        value = recorded.get(metric)
+        mean = 100 * sum(values) / len(values) if values else float("nan")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value - mean) <= SCORE_SLACK:
+            return f"{metric} {value} is recorded, but its {len(values)} per-instance scores give {mean:.4f}"
+    return None

@@ -94,9 +94,8 @@ def prepare(
             target = claim_file(export_table, "--export-table", option=True)
             console.print(f"wrote {run_export(loaded, target):,} rows to {target}", highlight=False)
             return
-        from orchmoe_cli.commands.prepare import prepare as run_prepare
-
         from orchmoe_cli.analysis.terminal_tables import prepared_table
+        from orchmoe_cli.commands.prepare import prepare as run_prepare
 
         prepared = run_prepare(loaded, console)
         title = f"prepared {'(from cache) ' if prepared.from_cache else ''}{prepared.path}"
@@ -303,14 +302,13 @@ def export(
 ) -> None:
     """Write a checkpoint as peft LoRA adapters or merged models (OrchMoE: one LoRA per abstract task + router)."""
     with recipe_source(recipe, overrides or []) if recipe is not None else contextlib.nullcontext():
+        from orchmoe_cli.analysis.terminal_tables import exported_table
         from orchmoe_cli.commands.export import export as run_export
         from orchmoe_cli.paths import user_path
 
         target = user_path(str(out), "--out", option=True)
-        from orchmoe_cli.analysis.terminal_tables import export_table
-
         manifest = run_export(checkpoint, to, task or [], all_tasks, target, recipe, overrides or [])
-        console.print(export_table(f"exported {manifest['method']} to {target} ({to})", manifest))
+        console.print(exported_table(f"exported {manifest['method']} to {target} ({to})", manifest))
         if "trained_on" in manifest:
             console.print(f"trained on {manifest['trained_on']}", highlight=False)
         lossy = [e for e in manifest["adapters"] if e.get("update_kept", 1.0) < 0.9]

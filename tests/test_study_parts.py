@@ -117,4 +117,3 @@ def test_the_report_refuses_recorded_scores_its_predictions_do_not_give(tmp_path
                                                            "n_instances": 4})
     with pytest.raises(SystemExit, match=r"orchmoe.json: rougeL 62.5 is recorded, but its 4 per-instance"):
         report._evaluation_table(tmp_path, "zero-shot", "lora")
-

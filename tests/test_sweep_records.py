@@ -392,17 +392,20 @@ def test_a_score_its_per_instance_rows_do_not_give_is_refused(finished: Path, tm
         rows = [json.loads(line) for line in cell.read_text(encoding="utf-8").splitlines()]
         other = 0.0 if first["rougeL"] > 50 else 1.0
         cell.write_text("".join(json.dumps({**row, "rougeL": other}) + "\n" for row in rows), encoding="utf-8")
-    with pytest.raises(OrchmoeError) as info:
-        read_results(out / RESULTS)
-    assert str(info.value).startswith(f"{out / RESULTS}: cell {first['key']}: rougeL "), info.value
+    identity = json.loads((out / SWEEP).read_text())
+    for reader in (lambda: adapt_module._finished(out, [], identity, False, False, QUIET),  # before any cell
+                   lambda: read_results(out / RESULTS)):  # and every summary
+        with pytest.raises(OrchmoeError) as info:
+            reader()
+        assert str(info.value).startswith(f"{out / RESULTS}: cell {first['key']}: rougeL "), info.value
 
 
 def test_a_recorded_score_is_compared_at_its_rounding() -> None:
     rows = [0.1, 0.2, 0.25]  # 18.3333... points
     assert recorded_score_gap({"rougeL": 18.3333}, {"rougeL": rows}) is None
-    for recorded in ({"rougeL": 18.34}, {"rougeL": True}, {"rougeL": "18.3333"}, {}):
+    for recorded in ({"rougeL": 18.34}, {"rougeL": True}, {"rougeL": "18.3333"}, {}, {"rougeL": float("nan")}):
         assert "per-instance scores give 18.3333" in str(recorded_score_gap(recorded, {"rougeL": rows}))
-    assert recorded_score_gap({"rougeL": 0.0}, {"rougeL": []}) is not None  # no rows vouch for nothing
+    assert "no per-instance scores" in str(recorded_score_gap({"rougeL": 0.0}, {"rougeL": []}))  # none vouch
 
 
 def test_the_reader_skips_blank_lines_and_ends_a_whole_unterminated_line(tmp_path: Path) -> None:

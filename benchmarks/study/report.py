@@ -40,10 +40,17 @@ def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
     rows = {m: [json.loads(line) for line in (results / stage / f"{m}.predictions.jsonl").open(encoding="utf-8")]
             for m in runs}
     for method, run in runs.items():  # and the recorded scores must be what those rows give
-        gap = recorded_score_gap(run["results"], {m: [row[m] for row in rows[method]] for m in ("rougeL", "exact_match")})
-        if gap is not None or run.get("n_instances") != len(rows[method]):
-            raise SystemExit(f"{results / stage / method}.json: {gap or 'n_instances differs'} in "
-                             f"{method}.predictions.jsonl; restore the two files together or rerun that piece")
+        fix = "restore the two files together or rerun that piece"
+        try:
+            scores = {m: [float(row[m]) for row in rows[method]] for m in ("rougeL", "exact_match")}
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"{results / stage / method}.predictions.jsonl: a row without a number for rougeL or "
+                             f"exact_match; {fix}") from None
+        gap = recorded_score_gap(run.get("results") or {}, scores)
+        if gap is None and run.get("n_instances") != len(rows[method]):
+            gap = f"n_instances {run.get('n_instances')} is recorded, but there are {len(rows[method])} rows"
+        if gap is not None:
+            raise SystemExit(f"{results / stage / method}.json: {gap} in {method}.predictions.jsonl; {fix}")
     references = [r for r in (reference, "orchmoe", "base") if r in rows]
     comparisons = {r: compare_runs({r: rows[r], **{m: v for m, v in rows.items() if m != r}}) for r in references}
     overall = {r: {c.run: c for c in found.cells_for(found.overall)} for r, found in comparisons.items()}

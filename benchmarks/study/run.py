@@ -92,7 +92,7 @@ SCALES: dict[str, Scale] = {
                      routing_steps=(100, 300, 1000),
                      left_out="HyperLoader is not trained at this scale: at the `cpu` scale's pace (885 s per 100 "
                               "steps, the slowest method) its 1000 steps, evaluations and sweep would add about 3 "
-                              "hours on 2 cores. Its results are in the `cpu` study ([study.md](study.md))."),
+                              "hours on 2 cores. Its results are in the `cpu` study (`docs/results/study.md`)."),
     "gpu": Scale(),
 }
 STAGES = ("train", "zero-shot", "in-distribution", "routing", "adapt", "report")
@@ -293,8 +293,9 @@ class Study:
         for measured in [path, *sorted((self.results / "adapt").glob(f"*/{POOL_SHIFT}"))]:
             try:
                 recorded.update(read_shifts(measured) if measured.is_file() else {})
-            except OrchmoeError as error:  # its tasks are measured again below
-                console.print(f"study: {error}; measuring its tasks again from the prepared data", markup=False)
+            except OrchmoeError as error:  # said; its tasks are in the merged file or measured again below
+                console.print(f"study: skipped, its tasks' measures taken from adapt/{POOL_SHIFT} or the prepared "
+                              f"data: {error}", markup=False, highlight=False, soft_wrap=True)
         adapted = {row["task"] for sweep in (self.results / "adapt").glob(f"*/{RESULTS}")
                    for row in result_lines(sweep) if row["mode"] != "zero_shot" and isinstance(row.get("task"), str)}
         missing = sorted(adapted - set(recorded))
@@ -302,7 +303,8 @@ class Study:
             try:
                 recorded.update(pool_shifts(self.config, self.prepared, missing, []))
             except OrchmoeError as error:
-                console.print(f"study: no adaptation-pool measures for {', '.join(missing)} ({error})", markup=False)
+                console.print(f"study: no adaptation-pool measures for {', '.join(missing)} ({error})", markup=False,
+                              highlight=False, soft_wrap=True)
         if recorded and recorded != read_object(path):
             atomic_write_json(path, dict(sorted(recorded.items())))
 

@@ -150,22 +150,31 @@ def _instance_scores(path: Path) -> dict[tuple[str, str], float]:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """The cells of a sweep's ``adapt_results.jsonl``, each with ``scores`` ((task, id) -> ROUGE-L in [0, 1]) read
-    from its ``predictions/<cell>.jsonl``, the one per-instance record. Older sweeps kept them in the line, keyed
-    by id alone: a cell is one task, so such an id is read as (the cell's task, id)."""
+    """The cells of a sweep's ``adapt_results.jsonl``, each with ``scores`` ((task, id) -> ROUGE-L in [0, 1])
+    from :func:`cell_scores`."""
     lines = read_result_lines(path, against="the first line's")
     if lines.warning is not None:
         log.warning(lines.warning)
     rows = lines.records
     for row in rows:
-        if "scores" in row:
-            row["scores"] = {(row["task"], instance): value for instance, value in row["scores"].items()}
-        else:
-            row["scores"] = _instance_scores(path.parent / PREDICTIONS / f"{cell_file_name(row['key'])}.jsonl")
-        gap = recorded_score_gap(row, {"rougeL": list(row["scores"].values())})
-        if gap is not None:
-            raise OrchmoeError(f"{path}: cell {row['key']}: {gap} (the line and {PREDICTIONS}/ disagree){_REDO}")
+        row["scores"] = cell_scores(path, row)
     return rows
+
+
+def cell_scores(path: Path, row: Mapping[str, Any]) -> dict[tuple[str, str], float]:
+    """A finished cell's per-instance ROUGE-L ((task, id) -> [0, 1]) from its ``predictions/<cell>.jsonl``, the one
+    per-instance record, checked against the score its line in ``path`` records. Older sweeps kept them in the
+    line, keyed by id alone: a cell is one task, so such an id is read as (the cell's task, id)."""
+    if "scores" in row:
+        scores = {(row["task"], instance): value for instance, value in row["scores"].items()}
+        source = "its own 'scores'"
+    else:
+        cell = path.parent / PREDICTIONS / f"{cell_file_name(row['key'])}.jsonl"
+        scores, source = _instance_scores(cell), str(cell)
+    gap = recorded_score_gap(row, {"rougeL": list(scores.values())})
+    if gap is not None:
+        raise OrchmoeError(f"{path}: cell {row['key']}: {gap} ({source}){_REDO}")
+    return scores
 
 
 def merge_results(paths: list[Path]) -> list[dict[str, Any]]:

@@ -3,11 +3,12 @@ evaluation results side by side, and a checkpoint's routing."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from orchmoe_cli.analysis.routing_report import RoutingReport
+if TYPE_CHECKING:  # prepare and eval print tables without importing torch through the routing report
+    from orchmoe_cli.analysis.routing_report import RoutingReport
 
 
 def prepared_table(title: str, manifest: dict[str, Any]) -> Table:
@@ -24,7 +25,7 @@ def prepared_table(title: str, manifest: dict[str, Any]) -> Table:
     return table
 
 
-def export_table(title: str, manifest: dict[str, Any]) -> Table:
+def exported_table(title: str, manifest: dict[str, Any]) -> Table:
     """The adapters an export wrote: name, path, what routes to it and what it is exact for."""
     table = Table(title=title, title_justify="left")
     for column in ("adapter", "path", "routes", "exact for"):

@@ -45,6 +45,7 @@ from orchmoe_cli.analysis.adaptation_report import (
     RESULTS,
     SWEEP,
     cell_file_name,
+    cell_scores,
     check_same_sweep,
     read_result_lines,
     sweep_identity,
@@ -190,6 +191,8 @@ def _finished(out: Path, cells: list[Cell], identity: dict[str, Any], keep_adapt
         log.warning(lines.warning)
     if writes:
         lines.repair()
+    for row in lines.records:  # before the first cell, not in the summary hours later
+        cell_scores(out / RESULTS, row)
     done = {row["key"] for row in lines.records}
     unkept = [c for c in cells if c.key in done and not (out / "cells" / c.file_name / "adapter").is_dir()
               and (c.mode not in NO_TRAINING or identity["checkpoint_sha256"] is not None)]

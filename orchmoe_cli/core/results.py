@@ -154,7 +154,9 @@ def recorded_score_gap(recorded: Mapping[str, Any], per_instance: Mapping[str, S
     telling two stories without a word."""
     for metric, values in per_instance.items():
         value = recorded.get(metric)
-        mean = 100 * sum(values) / len(values) if values else float("nan")
+        if not values:
+            return f"{metric} {value} is recorded, but there are no per-instance scores"
+        mean = 100 * sum(values) / len(values)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value - mean) <= SCORE_SLACK:
             return f"{metric} {value} is recorded, but its {len(values)} per-instance scores give {mean:.4f}"
     return None

@@ -2,7 +2,8 @@
 
 - ``data_config``: the recipe's ``data`` section (``DataConfig``, ``ColumnMap``).
 - ``sources``: which reader a ``data.source`` needs (``resolve``).
-- ``sni``: find, read and validate SNI task and split files (``resolve_source``, ``read_split``, ``read_task``).
+- ``sni``: find SNI's task and split files and pick each split's instances (``resolve_source``, ``read_split``).
+- ``sni_task``: read and validate one SNI task file (``read_task``, ``SNITask``, ``Instance``, ``Example``).
 - ``tables``: JSONL / JSON / CSV / TSV / Parquet files or a hub dataset through ``datasets`` (``TableSource``).
 - ``encoding``: the Tk-Instruct prompt format, or a template of your own (``encode_prompts``).
 - ``dataset_cache``: encode once and cache by content hash (``prepare``, ``load_prepared``).

@@ -138,17 +138,6 @@ def check_same_sweep(out: Path, identity: Mapping[str, Any]) -> None:
                            "choose another adapt.output_dir or remove it", field="adapt.output_dir")
 
 
-def _instance_scores(path: Path) -> dict[tuple[str, str], float]:
-    """(task, id) -> ROUGE-L of one cell's ``predictions/<cell>.jsonl``."""
-    if not path.is_file():
-        raise OrchmoeError(f"{path}: not found{_REDO_CELL}")
-    lines = read_jsonl(path, lambda row: _field_problem(row, _PREDICTION_FIELDS), fix=_REDO_CELL)
-    try:
-        return instance_scores(lines.records)
-    except ValueError as exc:  # an instance twice
-        raise OrchmoeError(f"{path}: {exc}{_REDO_CELL}") from None
-
-
 def read_results(path: Path) -> list[dict[str, Any]]:
     """The cells of a sweep's ``adapt_results.jsonl``, each with ``scores`` ((task, id) -> ROUGE-L in [0, 1])
     from :func:`cell_scores`."""
@@ -170,7 +159,13 @@ def cell_scores(path: Path, row: Mapping[str, Any]) -> dict[tuple[str, str], flo
         source = "its own 'scores'"
     else:
         cell = path.parent / PREDICTIONS / f"{cell_file_name(row['key'])}.jsonl"
-        scores, source = _instance_scores(cell), str(cell)
+        if not cell.is_file():
+            raise OrchmoeError(f"{cell}: not found{_REDO_CELL}")
+        lines = read_jsonl(cell, lambda line: _field_problem(line, _PREDICTION_FIELDS), fix=_REDO_CELL)
+        try:
+            scores, source = instance_scores(lines.records), str(cell)
+        except ValueError as exc:  # an instance twice
+            raise OrchmoeError(f"{cell}: {exc}{_REDO_CELL}") from None
     gap = recorded_score_gap(row, {"rougeL": list(scores.values())})
     if gap is not None:
         raise OrchmoeError(f"{path}: cell {row['key']}: {gap} ({source}){_REDO}")

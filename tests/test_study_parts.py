@@ -117,3 +117,16 @@ def test_the_report_refuses_recorded_scores_its_predictions_do_not_give(tmp_path
                                                            "n_instances": 4})
     with pytest.raises(SystemExit, match=r"orchmoe.json: rougeL 62.5 is recorded, but its 4 per-instance"):
         report._evaluation_table(tmp_path, "zero-shot", "lora")
+
+
+def test_the_cost_table_sums_each_methods_pieces_by_stage(tmp_path: Path) -> None:
+    report = _study_module("report")
+    _write(tmp_path / "train" / "lora.json", {"wall_s": 120.0})
+    _write(tmp_path / "zero-shot" / "lora@300.json", {"wall_s": 30.0})  # an earlier checkpoint: still lora
+    _write(tmp_path / "zero-shot" / "lora.json", {"wall_s": 30.0})
+    _write(tmp_path / "adapt" / "lora-one-seed" / "done.json", {"wall_s": 300.0})
+    _write(tmp_path / "zero-shot" / "base.json", {"wall_s": 240.0})
+    lines = report._wall_clock(tmp_path)
+    assert lines[0] == "| method | train min | zero-shot min | adapt min | total min |"
+    assert "| lora | 2.0 | 1.0 | 5.0 | 8.0 |" in lines and "| base |  | 4.0 |  | 4.0 |" in lines
+    assert lines[-1] == "Total recorded wall-clock: 0.2 hours on the machine below."

@@ -138,12 +138,26 @@ def _training_table(results: Path) -> list[str]:
 
 
 def _wall_clock(results: Path) -> list[str]:
-    total: dict[str, float] = defaultdict(float)
+    """Recorded wall-clock per method and stage (minutes), with the total: a piece's method is its file or sweep
+    name up to ``@`` (an earlier checkpoint) or ``-`` (``lora-one-seed``)."""
+    minutes: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for path in results.glob("*/*.json"):
-        total[path.parent.name] += _read(path).get("wall_s", 0.0)
+        if path.parent.name != "adapt":
+            minutes[path.stem.split("@")[0]][path.parent.name] += _read(path).get("wall_s", 0.0) / 60
     for path in results.glob("adapt/*/done.json"):
-        total["adapt"] += _read(path)["wall_s"]
-    return [f"- {stage}: {seconds / 60:.1f} min" for stage, seconds in sorted(total.items())]
+        minutes[path.parent.name.split("-")[0]]["adapt"] += _read(path)["wall_s"] / 60
+    if not minutes:
+        return ["_No pieces finished yet._"]
+    stages = [s for s in ("train", "zero-shot", "in-distribution", "routing", "adapt")
+              if any(s in row for row in minutes.values())]
+    lines = ["| method | " + " | ".join(f"{s} min" for s in stages) + " | total min |",
+             "|---|" + "---:|" * (len(stages) + 1)]
+    for method, row in sorted(minutes.items()):
+        lines.append(f"| {method} | " + " | ".join(f"{row[s]:.1f}" if s in row else "" for s in stages)
+                     + f" | {sum(row.values()):.1f} |")
+    total = sum(sum(row.values()) for row in minutes.values())
+    lines += ["", f"Total recorded wall-clock: {total / 60:.1f} hours on the machine below."]
+    return lines
 
 
 def _routing_figures(results: Path, runs: Path, repo: Path, figures: Path) -> list[str]:

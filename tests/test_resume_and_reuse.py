@@ -141,7 +141,7 @@ def test_a_results_line_cut_short_is_a_logged_warning_not_output(tmp_path: Path,
     identity = {"base": "tiny", "checkpoint_sha256": None, "init_from": None}
     (tmp_path / adapt_module.SWEEP).write_text(json.dumps(identity))
     line = {"key": "t/zero_shot/k0/s0", "task": "t", "mode": "zero_shot", "shots": 0, "seed": 0, "trainable": 0,
-            "rougeL": 0.5, **identity}
+            "rougeL": 50.0, "scores": {"0": 0.5}, **identity}  # an older line: its scores inline
     (tmp_path / adapt_module.RESULTS).write_text(json.dumps(line) + '\n{"key": "t/zero')
     output = io.StringIO()
     with caplog.at_level(logging.WARNING, logger=adapt_module.__name__):

@@ -130,3 +130,17 @@ def test_the_cost_table_sums_each_methods_pieces_by_stage(tmp_path: Path) -> Non
     assert lines[0] == "| method | train min | zero-shot min | adapt min | total min |"
     assert "| lora | 2.0 | 1.0 | 5.0 | 8.0 |" in lines and "| base |  | 4.0 |  | 4.0 |" in lines
     assert lines[-1] == "Total recorded wall-clock: 0.2 hours on the machine below."
+
+
+def test_each_evaluation_table_gets_its_forest_plot(tmp_path: Path) -> None:
+    report = _study_module("report")
+    for method, value in (("lora", 0.5), ("orchmoe", 0.75)):
+        rows = [{"task": "t1", "id": str(i), "rougeL": value, "exact_match": 0.0} for i in range(4)]
+        (tmp_path / "zero-shot").mkdir(exist_ok=True)
+        (tmp_path / "zero-shot" / f"{method}.predictions.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        _write(tmp_path / "zero-shot" / f"{method}.json", {"results": {"rougeL": 100 * value, "exact_match": 0.0},
+                                                           "n_instances": 4})
+    lines = report._evaluation_table(tmp_path, "zero-shot", "lora", tmp_path / "study")
+    assert lines[-1] == "![zero-shot minus lora](study/zero-shot-minus-lora.png)"
+    assert (tmp_path / "study" / "zero-shot-minus-lora.png").read_bytes().startswith(b"\x89PNG")

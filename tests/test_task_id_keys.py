@@ -155,10 +155,12 @@ def test_paired_bootstrap_pairs_task_and_id() -> None:
         instance_scores([_prediction("t1", "0", 1.0), _prediction("t1", "0", 0.0)])
 
 
-def _cell(task: str, mode: str, shots: int, seed: int, scores: dict[str, float] | None = None) -> dict:
+def _cell(task: str, mode: str, shots: int, seed: int, scores: dict[str, float]) -> tuple[dict, dict[str, float]]:
+    """A results line (its ROUGE-L the mean of its per-instance ``scores``, as readers check) and its scores."""
     line = {"task": task, "mode": mode, "shots": shots, "seed": seed, "method": "orchmoe", "trainable": 1,
-            "key": f"{task}/{mode}/k{shots}/s{seed}", "category": "c", "rougeL": 0.0, "exact_match": 0.0}
-    return line if scores is None else {**line, "scores": scores}
+            "key": f"{task}/{mode}/k{shots}/s{seed}", "category": "c", "exact_match": 0.0,
+            "rougeL": 100 * sum(scores.values()) / len(scores)}
+    return line, scores
 
 
 def _write_sweep(out: Path, cells: list[tuple[dict, dict[str, float]]]) -> Path:
@@ -176,8 +178,8 @@ def _write_sweep(out: Path, cells: list[tuple[dict, dict[str, float]]]) -> Path:
 @pytest.mark.parametrize("inline", [False, True], ids=["predictions-files", "scores-in-the-line"])
 def test_adaptation_report_pools_cells_of_tasks_whose_ids_coincide(tmp_path: Path, inline: bool) -> None:
     high, low = {"0": 1.0, "1": 1.0}, {"0": 0.0, "1": 0.0}
-    cells = [(_cell("t1", "orchmoe", 4, 0), high), (_cell("t2", "orchmoe", 4, 0), low),
-             (_cell("t1", "lora_scratch", 4, 0), low), (_cell("t2", "lora_scratch", 4, 0), low)]
+    cells = [_cell("t1", "orchmoe", 4, 0, high), _cell("t2", "orchmoe", 4, 0, low),
+             _cell("t1", "lora_scratch", 4, 0, low), _cell("t2", "lora_scratch", 4, 0, low)]
     if inline:  # older sweeps: scores in the line, keyed by id alone within the cell's task
         path = tmp_path / "adapt_results.jsonl"
         path.write_text("".join(json.dumps({**line, "scores": scores}) + "\n" for line, scores in cells))

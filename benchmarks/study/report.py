@@ -17,7 +17,7 @@ from typing import Any
 
 from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, merge_results, plot, summarise
 from orchmoe_cli.analysis.bootstrap import InstanceKey, paired_bootstrap
-from orchmoe_cli.analysis.comparison import compare_runs
+from orchmoe_cli.analysis.comparison import compare_runs, forest_plot
 from orchmoe_cli.core.figures import pyplot
 from orchmoe_cli.core.results import predictions_digest, recorded_score_gap
 
@@ -26,9 +26,10 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
+def _evaluation_table(results: Path, stage: str, reference: str, figures: Path | None = None) -> list[str]:
     """Each method's scores and its differences from the references, computed by `orchmoe compare`'s
-    :func:`compare_runs` (which refuses runs scored on different instances)."""
+    :func:`compare_runs` (which refuses runs scored on different instances); with ``figures``, also its forest
+    plot of every method minus ``reference``, overall and per task."""
     runs = {p.stem: _read(p) for p in sorted((results / stage).glob("*.json"))}
     if not runs:
         return [f"_No {stage} results yet._"]
@@ -60,6 +61,10 @@ def _evaluation_table(results: Path, stage: str, reference: str) -> list[str]:
         versus = [str(overall[r][method].differences["rougeL"]) if method != r else "" for r in references]
         lines.append(f"| {method} | {run['results']['rougeL']:.2f} | {run['results']['exact_match']:.2f} | "
                      + " | ".join(versus) + f" | {run['n_instances']} |")
+    if figures is not None and reference in comparisons and len(rows) > 1:
+        figures.mkdir(parents=True, exist_ok=True)
+        plot = forest_plot(comparisons[reference], figures / f"{stage}-minus-{reference}.png")
+        lines += ["", f"![{stage} minus {reference}]({figures.name}/{plot.name})"]
     return lines
 
 
@@ -293,9 +298,9 @@ def write_report(results: Path, scale: str, runs: Path, repo: Path, commands: li
              "## Zero-shot on the held-out tasks (no task id)", "",
              ("Poly and MHR route an unseen task with the average of the training tasks' routing; HyperLoader "
              "uses the mean task embedding; OrchMoE infers its routing from the prompt."), "",
-             *_evaluation_table(results, "zero-shot", "lora"), "",
+             *_evaluation_table(results, "zero-shot", "lora", figures), "",
              "## In-distribution: held-back instances of the training tasks", "",
-             *_evaluation_table(results, "in-distribution", "lora"), "",
+             *_evaluation_table(results, "in-distribution", "lora", figures), "",
              "## Few-shot adaptation", "", *_adaptation_section(results, figures), "",
              *_reading(results),
              *_validation_curves(results, figures), *_routing_along_training(results, figures),

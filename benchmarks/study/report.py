@@ -185,7 +185,9 @@ ROUTING_COLUMNS = {"discreteness": ("overall", "discreteness"), "sparsity": ("ov
                    "skill usage": ("overall", "skill_usage"), "router entropy": ("classifier", "router_entropy"),
                    "marginal entropy": ("classifier", "marginal_entropy"),
                    "abstract tasks used": ("classifier", "used_abstract_tasks"), "purity": ("classifier", "purity"),
-                   "NMI": ("classifier", "nmi")}
+                   "NMI": ("classifier", "nmi"), "same-category cosine": ("category_coherence", "within"),
+                   "other-category cosine": ("category_coherence", "between"),
+                   "p (categories)": ("category_coherence", "p_value")}
 
 
 def _routing_along_training(results: Path, figures: Path) -> list[str]:
@@ -200,7 +202,8 @@ def _routing_along_training(results: Path, figures: Path) -> list[str]:
         cells = []
         for part, key in ROUTING_COLUMNS.values():
             value = (record.get(part) or {}).get(key)
-            cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+            digits = 4 if key == "p_value" else 3  # a permutation p-value's floor is 1/2001
+            cells.append("" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value))
         lines.append(f"| {record['method']} | {record['step']} | " + " | ".join(cells) + " |")
     plt = pyplot()
 
@@ -223,7 +226,9 @@ def _routing_along_training(results: Path, figures: Path) -> list[str]:
     plt.close(fig)
     return ["## Routing along training", "", "`orchmoe inspect-routing` on the checkpoints kept at each step "
             "(discreteness: 0 one skill per row, 1 uniform; sparsity: share of allocations above 0.5; skill usage: 1 "
-            "even; the classifier columns are OrchMoE's, over every real task's first prompts).", "", *lines, "",
+            "even; the classifier columns are OrchMoE's, over every real task's first prompts; the category columns "
+            "are the mean centred cosine between the routing of two tasks of one SNI category and of two categories, "
+            "and the permutation p-value of the first being that high by chance).", "", *lines, "",
             f"![routing along training]({figures.name}/routing_along_training.png)", ""]
 
 

@@ -202,12 +202,11 @@ class Study:
         return Piece(stage, name, out.with_suffix(".json"), command, run, None if method == "base" else method)
 
     def routing(self, method: str, step: int) -> Piece:
-        """`inspect-routing` statistics of one checkpoint (for orchmoe with the classifier's view of every task):
-        the figures stay beside the runs, the summary numbers become a result file."""
+        """`inspect-routing` statistics of one checkpoint, with the recipe's data for SNI's categories (whether
+        tasks of one category route alike) and, for orchmoe, the classifier's view of every task: the figures stay
+        beside the runs, the summary numbers become a result file."""
         out = self.runs / "routing" / f"{method}-{step}"
-        command = ["inspect-routing", str(self.checkpoint(method, step)),
-                   *(["--data", str(self.recipe)] if method == "orchmoe" else []),
-                   "--out", str(out)]
+        command = ["inspect-routing", str(self.checkpoint(method, step)), "--data", str(self.recipe), "--out", str(out)]
         result = self.results / "routing" / f"{method}@{step}.json"
 
         def run() -> None:

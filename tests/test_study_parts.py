@@ -144,3 +144,21 @@ def test_each_evaluation_table_gets_its_forest_plot(tmp_path: Path) -> None:
     lines = report._evaluation_table(tmp_path, "zero-shot", "lora", tmp_path / "study")
     assert lines[-1] == "![zero-shot minus lora](study/zero-shot-minus-lora.png)"
     assert (tmp_path / "study" / "zero-shot-minus-lora.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_driver_runs_part_of_a_scale(tmp_path: Path) -> None:
+    """--methods and a list of --only stages narrow the plan; a method the scale does not train is refused."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(REPO / "benchmarks" / "study" / "run.py"), "--scale", "tiny", "--plan",
+               "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
+    plan = subprocess.run([*command, "--methods", "lora", "--only", "train,zero-shot"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert plan.returncode == 0, plan.stderr
+    listed = [line.split("│")[1:3] for line in plan.stdout.splitlines() if line.count("│") == 4]
+    assert [(stage.strip(), piece.strip()) for stage, piece in listed if stage.strip()] == [
+        ("zero-shot", "base"), ("train", "lora"), ("zero-shot", "lora"), ("zero-shot", "lora@1")]
+    wrong = subprocess.run([*command, "--scale", "cpu-10x", "--methods", "hyperloader"], capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert wrong.returncode == 2 and "--methods: the cpu-10x scale trains orchmoe, lora, mhr, poly" in wrong.stderr

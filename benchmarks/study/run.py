@@ -24,6 +24,7 @@ evaluation from its predictions, an interrupted sweep at its first unfinished ce
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -115,9 +117,10 @@ def orchmoe(*args: str) -> None:
 
 
 class Study:
-    def __init__(self, scale: str, results: Path | None = None, runs: Path | None = None) -> None:
+    def __init__(self, scale: str, results: Path | None = None, runs: Path | None = None,
+                 methods: tuple[str, ...] | None = None) -> None:
         self.scale = scale
-        self.plan = SCALES[scale]
+        self.plan = SCALES[scale] if methods is None else dataclasses.replace(SCALES[scale], methods=methods)
         self.recipe = HERE / f"{scale}.yaml"
         self.results = results or HERE / "results" / scale
         self.runs = runs or REPO / "runs" / f"study-{scale}"
@@ -344,6 +347,17 @@ class Study:
         return [self.retrain(m) for m in sorted(lacking, key=lambda m: m == MU_RUN)]
 
 
+def _listed(choices: tuple[str, ...], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of ``choices``."""
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(item.strip() for item in text.split(","))
+        wrong = [item for item in items if item not in choices]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"unknown {what} '{wrong[0]}' (choose from {', '.join(choices)})")
+        return items
+    return parse
+
+
 def print_plan(todo: list[Piece], estimator: Estimator) -> None:
     """The pieces still to run with their estimated wall-clock, before the first one starts."""
     if todo:
@@ -358,13 +372,21 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="checkpoints (default runs/study-<scale>)")
     parser.add_argument("--report", type=Path, help="report file (default docs/results/study.md at cpu scale, "
                         "study-<scale>.md otherwise)")
-    parser.add_argument("--only", choices=STAGES, help="run one stage (its prerequisites must be done)")
+    parser.add_argument("--only", type=_listed(STAGES, "stage"),
+                        help=f"run these stages, e.g. train,zero-shot (of {', '.join(STAGES)}; a stage's "
+                             "prerequisites must be done or listed)")
+    parser.add_argument("--methods", type=_listed(tuple(METHODS), "method"),
+                        help="only these of the scale's methods, e.g. orchmoe,lora (MHR-mu follows mhr)")
     parser.add_argument("--plan", action="store_true",
                         help="print what is left to run, with estimates, and stop (it reads the prepared data to list "
                              "the adaptation cells, and trains and evaluates nothing)")
     args = parser.parse_args()
-    study = Study(args.scale, args.results and args.results.resolve(), args.runs and args.runs.resolve())
-    stages = (args.only,) if args.only else STAGES
+    methods = SCALES[args.scale].methods
+    if args.methods and not set(args.methods) <= set(methods):
+        parser.error(f"--methods: the {args.scale} scale trains {', '.join(methods)}")
+    study = Study(args.scale, args.results and args.results.resolve(), args.runs and args.runs.resolve(),
+                  tuple(m for m in methods if m in args.methods) if args.methods else None)
+    stages = tuple(s for s in STAGES if s in args.only) if args.only else STAGES
     todo = [p for p in study.pieces(stages) if not p.result.is_file()]
     print_plan(todo, Estimator([study.results, HERE / "results" / "cpu"]))
     if args.plan:

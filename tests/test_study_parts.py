@@ -162,3 +162,12 @@ def test_the_driver_runs_part_of_a_scale(tmp_path: Path) -> None:
     wrong = subprocess.run([*command, "--scale", "cpu-10x", "--methods", "hyperloader"], capture_output=True,
                            text=True, timeout=300, check=False)
     assert wrong.returncode == 2 and "--methods: the cpu-10x scale trains orchmoe, lora, mhr, poly" in wrong.stderr
+    bad = subprocess.run([*command, "--set", "eval.nope=1"], capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "--set: " in bad.stderr and "eval.nope (set on the command line)" in bad.stderr
+
+
+def test_set_reaches_every_command_and_the_recipe_read(tmp_path: Path) -> None:
+    run = _study_module("run")
+    study = run.Study("tiny", tmp_path / "results", tmp_path / "runs", overrides=("eval.max_new_tokens=3",))
+    assert study.settings("mhr_mu_avg")[-2:] == ["eval.max_new_tokens=3", f"output.dir={tmp_path / 'runs'}/mhr_mu_avg"]
+    assert study.config.eval.max_new_tokens == 3

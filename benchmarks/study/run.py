@@ -118,8 +118,9 @@ def orchmoe(*args: str) -> None:
 
 class Study:
     def __init__(self, scale: str, results: Path | None = None, runs: Path | None = None,
-                 methods: tuple[str, ...] | None = None) -> None:
+                 methods: tuple[str, ...] | None = None, overrides: tuple[str, ...] = ()) -> None:
         self.scale = scale
+        self.overrides = overrides  # recipe overrides for every train, eval and adapt command (--set)
         self.plan = SCALES[scale] if methods is None else dataclasses.replace(SCALES[scale], methods=methods)
         self.recipe = HERE / f"{scale}.yaml"
         self.results = results or HERE / "results" / scale
@@ -129,7 +130,7 @@ class Study:
         if method == MU_RUN:
             return [*self.settings("mhr_mu")[:-1], f"output.dir={self.runs / method}"]
         return [f"method.name={method}", *METHODS.get(method, []), *self.plan.overrides.get(method, []),
-                f"output.dir={self.runs / method}"]
+                *self.overrides, f"output.dir={self.runs / method}"]
 
     def checkpoint(self, method: str, step: int | None = None) -> Path:
         """A method's run directory (its newest checkpoint), or its checkpoint of ``step``."""
@@ -263,8 +264,8 @@ class Study:
 
     @cached_property
     def config(self) -> Recipe:
-        """The scale's recipe, loaded (and checked) once, when a stage needs its settings."""
-        return load_recipe(self.recipe)
+        """The scale's recipe with the --set overrides, loaded (and checked) once."""
+        return load_recipe(self.recipe, self.overrides)
 
     @cached_property
     def prepared(self) -> Any:
@@ -377,6 +378,9 @@ def main() -> None:
                              "prerequisites must be done or listed)")
     parser.add_argument("--methods", type=_listed(tuple(METHODS), "method"),
                         help="only these of the scale's methods, e.g. orchmoe,lora (MHR-mu follows mhr)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
+                        help="a recipe override for every train, eval and adapt command (repeatable), e.g. "
+                             "model.name=smollm2-135m-instruct; give new --results, --runs and --report with it")
     parser.add_argument("--plan", action="store_true",
                         help="print what is left to run, with estimates, and stop (it reads the prepared data to list "
                              "the adaptation cells, and trains and evaluates nothing)")
@@ -385,7 +389,12 @@ def main() -> None:
     if args.methods and not set(args.methods) <= set(methods):
         parser.error(f"--methods: the {args.scale} scale trains {', '.join(methods)}")
     study = Study(args.scale, args.results and args.results.resolve(), args.runs and args.runs.resolve(),
-                  tuple(m for m in methods if m in args.methods) if args.methods else None)
+                  tuple(m for m in methods if m in args.methods) if args.methods else None, tuple(args.overrides))
+    if args.overrides:
+        try:
+            study.config  # a bad override is one line now, not a failed command later
+        except OrchmoeError as error:
+            parser.error(f"--set: {error}")
     stages = tuple(s for s in STAGES if s in args.only) if args.only else STAGES
     todo = [p for p in study.pieces(stages) if not p.result.is_file()]
     print_plan(todo, Estimator([study.results, HERE / "results" / "cpu"]))

@@ -19,11 +19,33 @@ from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, merge_results, pl
 from orchmoe_cli.analysis.bootstrap import InstanceKey, paired_bootstrap
 from orchmoe_cli.analysis.comparison import compare_runs, forest_plot
 from orchmoe_cli.core.figures import pyplot
-from orchmoe_cli.core.results import predictions_digest, recorded_score_gap
+from orchmoe_cli.core.results import recorded_score_gap, text_sha256
 
 
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _checked_rows(stage_dir: Path, method: str, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """``<method>.predictions.jsonl``, read once and refused unless it is what ``<method>.json`` was computed from:
+    the digest it records (when it has one) and the scores and instance count it records."""
+    predictions, fix = stage_dir / f"{method}.predictions.jsonl", "restore the two files together or rerun that piece"
+    text = predictions.read_text(encoding="utf-8")
+    recorded = run.get("predictions_sha256")
+    if recorded is not None and text_sha256(text) != recorded:
+        raise SystemExit(f"{predictions}: changed since its evaluation (predictions_sha256 differs from "
+                         f"{stage_dir / method}.json); restore it or rerun that piece")
+    rows = [json.loads(line) for line in text.splitlines()]
+    try:
+        scores = {m: [float(row[m]) for row in rows] for m in ("rougeL", "exact_match")}
+    except (KeyError, TypeError, ValueError):
+        raise SystemExit(f"{predictions}: a row without a number for rougeL or exact_match; {fix}") from None
+    gap = recorded_score_gap(run.get("results") or {}, scores)
+    if gap is None and run.get("n_instances") != len(rows):
+        gap = f"n_instances {run.get('n_instances')} is recorded, but there are {len(rows)} rows"
+    if gap is not None:
+        raise SystemExit(f"{stage_dir / method}.json: {gap} in {predictions.name}; {fix}")
+    return rows
 
 
 def _evaluation_table(results: Path, stage: str, reference: str, figures: Path | None = None) -> list[str]:
@@ -33,25 +55,7 @@ def _evaluation_table(results: Path, stage: str, reference: str, figures: Path |
     runs = {p.stem: _read(p) for p in sorted((results / stage).glob("*.json"))}
     if not runs:
         return [f"_No {stage} results yet._"]
-    for method, run in runs.items():  # the per-sample predictions must be the ones the recorded scores came from
-        recorded, predictions = run.get("predictions_sha256"), results / stage / f"{method}.predictions.jsonl"
-        if recorded is not None and predictions_digest(predictions) != recorded:
-            raise SystemExit(f"{predictions}: changed since its evaluation (predictions_sha256 differs from "
-                             f"{results / stage / method}.json); restore it or rerun that piece")
-    rows = {m: [json.loads(line) for line in (results / stage / f"{m}.predictions.jsonl").open(encoding="utf-8")]
-            for m in runs}
-    for method, run in runs.items():  # and the recorded scores must be what those rows give
-        fix = "restore the two files together or rerun that piece"
-        try:
-            scores = {m: [float(row[m]) for row in rows[method]] for m in ("rougeL", "exact_match")}
-        except (KeyError, TypeError, ValueError):
-            raise SystemExit(f"{results / stage / method}.predictions.jsonl: a row without a number for rougeL or "
-                             f"exact_match; {fix}") from None
-        gap = recorded_score_gap(run.get("results") or {}, scores)
-        if gap is None and run.get("n_instances") != len(rows[method]):
-            gap = f"n_instances {run.get('n_instances')} is recorded, but there are {len(rows[method])} rows"
-        if gap is not None:
-            raise SystemExit(f"{results / stage / method}.json: {gap} in {method}.predictions.jsonl; {fix}")
+    rows = {method: _checked_rows(results / stage, method, run) for method, run in runs.items()}
     references = [r for r in (reference, "orchmoe", "base") if r in rows]
     comparisons = {r: compare_runs({r: rows[r], **{m: v for m, v in rows.items() if m != r}}) for r in references}
     overall = {r: {c.run: c for c in found.cells_for(found.overall)} for r, found in comparisons.items()}

@@ -57,6 +57,7 @@ def test_tiny_study_runs_every_stage_and_resumes(tmp_path: Path) -> None:
         again.stdout, again.stdout[-3000:]
     assert json.loads((results / "adapt" / "pool_shift.json").read_text()) == shifts
     assert "$ orchmoe" not in again.stdout  # every piece was done: no command ran again
+    assert "nothing left to run" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*.json")} == before
 
     # a fresh machine has the committed result files but not the checkpoints: an unfinished piece that reads

@@ -359,10 +359,12 @@ def _listed(choices: tuple[str, ...], what: str) -> Callable[[str], tuple[str, .
     return parse
 
 
-def print_plan(todo: list[Piece], estimator: Estimator) -> None:
+def print_plan(todo: list[Piece], estimator: Estimator, results: Path) -> None:
     """The pieces still to run with their estimated wall-clock, before the first one starts."""
     if todo:
         console.print(plan_table([(piece.stage, piece.name, piece.estimate(estimator)) for piece in todo]))
+    else:
+        console.print(f"nothing left to run: every result of these stages is in {results}")
 
 
 def main() -> None:
@@ -397,7 +399,7 @@ def main() -> None:
             parser.error(f"--set: {error}")
     stages = tuple(s for s in STAGES if s in args.only) if args.only else STAGES
     todo = [p for p in study.pieces(stages) if not p.result.is_file()]
-    print_plan(todo, Estimator([study.results, HERE / "results" / "cpu"]))
+    print_plan(todo, Estimator([study.results, HERE / "results" / "cpu"]), study.results)
     if args.plan:
         return
     progress = Progress(TextColumn("[bold]study[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -101,7 +101,8 @@ class TrainConfig:
     keep_steps: list[int] = _f([], "steps whose checkpoints are also saved and never pruned (e.g. [100, 300] to "
                                "compare routing along one run)")
     resume: Literal["never", "auto"] = _f("never", "auto = continue from the newest complete checkpoint")
-    mixed_precision: Literal["auto", "no", "bf16"] = _f("auto", "auto = bf16 on a GPU that supports it, else off")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f(
+        "auto", "auto = fp16 with loss scaling for a float16 base on a GPU, bf16 on a GPU that supports it, else off")
     seed: int = _f(42, "seed of everything random in training (each process adds its rank)", min=0, max=2**32 - 1024)
     gradient_checkpointing: bool = _f(False, "recompute the base model's activations in the backward pass "
                                       "(transformers' non-reentrant checkpointing): less memory, about a third "

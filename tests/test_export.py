@@ -155,3 +155,19 @@ def test_refusals_write_nothing(tmp_path: Path) -> None:
         export_model(poly, byte_tokenizer(), tmp_path, "tiny", "peft", None, kept)
     assert (kept / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_auto_precision_exports_float32_whether_or_not_a_gpu_is_visible(sni_dir: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """Export runs on the CPU, so ``model.dtype: auto`` (bf16 where a GPU computes in it) would make the merged
+    model depend on the machine that exports it, and round most of a small update away."""
+    from cli_runner import run_cli
+    from test_train import write_recipe
+
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", sni_dir, run, "tiny-llama", "lora", steps=1)
+    assert run_cli(["train", str(recipe)]) == 0
+    monkeypatch.setattr("orchmoe_cli.core.base_models.native_bf16", lambda: True)
+    assert run_cli(["export", str(run), "--to", "merged", "--out", str(tmp_path / "merged")]) == 0
+    manifest = json.loads((tmp_path / "merged" / EXPORT_MANIFEST).read_text())
+    assert manifest["dtype"] == "float32" and manifest["adapters"][0]["update_kept"] == pytest.approx(1.0, abs=1e-3)

@@ -112,3 +112,37 @@ def test_deepspeed_and_fsdp_are_refused_in_one_line(variable: str, monkeypatch) 
     monkeypatch.setenv(variable, "true")
     with pytest.raises(OrchmoeError, match="is not supported yet; orchmoe trains data-parallel"):
         make_accelerator(TrainConfig(), spec_of("lora"))
+
+
+def test_a_loaded_float16_t5_keeps_the_modules_transformers_keeps_in_float32(tmp_path) -> None:
+    """T5's feed-forward output (``wo``) overflows in float16; transformers loads it in float32 and the base
+    model stays so (a second cast to the recipe's dtype undid that)."""
+    from orchmoe_cli.core.base_models import load_model
+    from orchmoe_cli.recipe import load_recipe
+
+    tiny = load_model(load_recipe(None, ["model.name=tiny-t5"]).model)
+    local = tmp_path / "t5"
+    tiny.model.save_pretrained(local)
+    tiny.tokenizer.save_pretrained(local)
+    loaded = load_model(load_recipe(None, [f"model.name={local}", "model.dtype=float16"]).model).model
+    kept = {name for name, p in loaded.named_parameters() if p.dtype == torch.float32}
+    assert kept and all(".wo." in name for name in kept)
+    assert loaded.get_input_embeddings().weight.dtype == torch.float16
+
+
+def test_auto_precision_scales_the_loss_for_a_float16_base_on_a_gpu(monkeypatch) -> None:
+    """A float16 base (the pre-Ampere setting) trains with fp16 autocast and accelerate's loss scaling: without it,
+    gradients flowing back through the float16 base underflow. fp16 is refused where there is no GPU."""
+    from orchmoe_cli.core.base_models import resolve_precision
+    from orchmoe_cli.errors import OrchmoeError
+
+    monkeypatch.setattr("orchmoe_cli.core.base_models.native_bf16", lambda: True)
+    assert resolve_precision("auto", half_base=True, use_cuda=True) == "fp16"
+    assert resolve_precision("auto", half_base=False, use_cuda=True) == "bf16"
+    assert resolve_precision("no", half_base=True, use_cuda=True) == "no"
+    monkeypatch.setattr("orchmoe_cli.core.base_models.native_bf16", lambda: False)
+    assert resolve_precision("auto", half_base=False, use_cuda=True) == "no"
+    assert resolve_precision("auto", half_base=True, use_cuda=False) == "no"
+    with pytest.raises(OrchmoeError, match="need a GPU") as refused:
+        resolve_precision("fp16", half_base=True, use_cuda=False)
+    assert refused.value.field == "train.mixed_precision"

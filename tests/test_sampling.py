@@ -16,7 +16,7 @@ def test_batches_are_reproducible_and_index_addressed(mode: str) -> None:
     forward = [a.batch(i) for i in range(30)]
     backward = [b.batch(i) for i in reversed(range(30))][::-1]
     assert forward == backward
-    assert all(len(batch) <= 4 for batch in forward)
+    assert all(len(batch) == 4 for batch in forward)  # every process of a distributed run gets its share
     assert TaskBatchSampler(ROW_TASKS, 4, mode, seed=8, temperature=10.0).batch(0) != a.batch(0) or mode == "single_task"
 
 
@@ -30,6 +30,14 @@ def test_single_task_batches_never_mix_tasks() -> None:
     sampler = TaskBatchSampler(ROW_TASKS, 4, "single_task", seed=1)
     for i in range(20):
         assert len({ROW_TASKS[r] for r in sampler.batch(i)}) == 1
+
+
+def test_a_single_task_epoch_covers_every_row_in_full_batches() -> None:
+    """A task's short last batch is filled from its own rows (10 rows -> 3 batches of 4; 2 rows -> 1 of 4)."""
+    sampler = TaskBatchSampler(ROW_TASKS, 4, "single_task", seed=1)
+    epoch = [sampler.batch(i) for i in range(10 + 3 + 1)]
+    assert {r for batch in epoch for r in batch} == set(range(len(ROW_TASKS)))
+    assert all(len(batch) == 4 for batch in epoch)
 
 
 def test_temperature_flattens_task_distribution() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import PartialState
+from accelerate.utils.memory import clear_device_cache
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -273,7 +274,7 @@ def _train_cell(cell: Cell, model: Any, sweep: Sweep, train_cfg: TrainConfig) ->
     """Train the cell's model in memory on its k pool rows; returns (steps run, best validation step and score),
     with the best validation step's tensors put back (early stopping)."""
     cfg, loaded = sweep.recipe.adapt, sweep.loaded
-    accelerator = make_accelerator(train_cfg, spec_of(model.method.name))
+    accelerator = make_accelerator(train_cfg, spec_of(model.method.name), half_base=model.base.dtype == torch.float16)
     pool = sweep.prepared.dataset[POOL]
     train_rows, val = _draw(TaskRows(pool), cell, cfg.val_instances)
     validate, best = None, {"step": 0, "rougeL": None}
@@ -344,6 +345,7 @@ def _run_cells(todo: list[Cell], sweep: Sweep) -> None:
         for cell in todo:
             progress.update(bar, description=cell.key)
             line = run_cell(cell, sweep)
+            clear_device_cache(garbage_collection=True)  # the cell's base copy: mixed precision's forward cycle
             if sweep.state.is_main_process:
                 with results.open("a", encoding="utf-8") as handle:  # one whole line per finished cell
                     handle.write(json_text(line, results) + "\n")

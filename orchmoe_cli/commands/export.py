@@ -32,6 +32,8 @@ def export(checkpoint: str, to: str, tasks: list[str], all_tasks: bool, out: Pat
     if recipe.model.quantization != "none":  # adapters trained on a quantised base fold into its full weights
         notes["trained_on"] = f"the {recipe.model.quantization}-quantised base; exported for its unquantised weights"
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, quantization="none"))
+    if recipe.model.dtype == "auto":  # export runs on the CPU: the same file whether or not a GPU is visible
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype="float32"))
     loaded = load_model(recipe.model)
     model = load_adapted(loaded.model, path).eval()
     return export_model(model, loaded.tokenizer, path, recipe.model.name, to,  # type: ignore[arg-type]

@@ -90,7 +90,7 @@ def _routing(checkpoint: Path, recipe: Recipe | None, saved: Any, family: Any, p
     if family.inspects_generated_adapters:
         model, _ = _load_adapted(checkpoint, _model_recipe(checkpoint, recipe, f"{method.name}'s generated adapters"))
         ids = torch.arange(len(task_names))
-        vectors = model.generated_adapters(ids).numpy().astype(np.float64)
+        vectors = model.generated_adapters(ids).detach().cpu().numpy().astype(np.float64)  # a quantised base: GPU
         view = RoutingView(list(task_names), "task", [], None, vectors)
         return build_report(method, checkpoint, view, training, categories, tasks, adapted)
     view = allocation_view(method, task_names, saved.tensors, layers, checkpoint)

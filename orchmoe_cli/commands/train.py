@@ -64,7 +64,8 @@ def train(recipe: Recipe, console: Console, resume: bool = False) -> FitOutcome:
     if recipe.method.name == "none":
         raise OrchmoeError("'none' has nothing to train; pick lora, poly, mhr, orchmoe, ...", field="method.name")
     preflight(cfg, Path(recipe.output.dir), resume)  # before data, model or any file
-    accelerator = make_accelerator(cfg, spec_of(recipe.method.name), Path(recipe.output.dir))
+    accelerator = make_accelerator(cfg, spec_of(recipe.method.name), Path(recipe.output.dir),
+                                   half_base=recipe.model.dtype == "float16")
     console = console if accelerator.is_main_process else Console(quiet=True)
     with accelerator.main_process_first():
         prepared = prepare_data(recipe, console)

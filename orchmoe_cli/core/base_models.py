@@ -92,6 +92,19 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def resolve_precision(setting: str, half_base: bool, use_cuda: bool) -> str:
+    """``train.mixed_precision`` for accelerate: ``auto`` is fp16 autocast with loss scaling for a float16 base on a
+    GPU (gradients through a float16 base underflow without it), bf16 on a GPU that computes in it, else off."""
+    if setting == "fp16" and not use_cuda:
+        raise OrchmoeError("fp16 autocast and loss scaling need a GPU; use no or bf16 here",
+                           field="train.mixed_precision")
+    if setting != "auto":
+        return setting
+    if half_base and use_cuda:
+        return "fp16"
+    return "bf16" if native_bf16() else "no"
+
+
 def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Decoder-only tokenizers often lack a pad token; batching needs one (EOS is the usual choice)."""
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
@@ -327,6 +340,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         loaded = _build_tiny(cfg)
         if quantised:
             loaded = dataclasses.replace(loaded, model=_quantised(loaded.model, cfg))
+        else:  # built in float32; a loaded model already has its dtype, with the modules it keeps in float32
+            loaded.model.to(resolve_dtype(cfg.dtype))  # (T5's ``wo`` in float16) left as transformers set them
     else:
         info = load_tokenizer(cfg)
         auto_cls = AutoModelForSeq2SeqLM if info.is_encoder_decoder else AutoModelForCausalLM
@@ -339,9 +354,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         except (OSError, ValueError) as exc:
             raise _unknown_model(cfg, exc) from None
         loaded = LoadedModel(model, info.tokenizer, info.tokenizer_id, info.is_encoder_decoder)
-    if not quantised:  # bitsandbytes fixes a quantised model's dtypes
-        loaded.model.to(resolve_dtype(cfg.dtype))
-    elif cfg.quantization == "4bit":
+    if cfg.quantization == "4bit":
         narrow = min((m.in_features for m in loaded.model.modules() if type(m).__name__ == "Linear4bit"), default=64)
         if narrow < NF4_BLOCK:
             raise OrchmoeError(f"4bit: this model has linear layers of {narrow} inputs, fewer than bitsandbytes' NF4 "

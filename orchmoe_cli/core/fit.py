@@ -33,7 +33,7 @@ from orchmoe_cli.adapters.files import read_task_names, read_tensors
 from orchmoe_cli.adapters.loading import check_saved_base
 from orchmoe_cli.adapters.registry import MethodSpec
 from orchmoe_cli.core import checkpoint as ckpt
-from orchmoe_cli.core.base_models import native_bf16
+from orchmoe_cli.core.base_models import resolve_precision
 from orchmoe_cli.core.resuming import check_unchanged, latest_complete
 from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.core.sampling import TaskBatchSampler
@@ -103,7 +103,8 @@ def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         raise OrchmoeError(f"{run_dir}: --resume given but it holds no checkpoint; run without --resume")
 
 
-def make_accelerator(cfg: TrainConfig, spec: MethodSpec, run_dir: Path | None = None) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, spec: MethodSpec, run_dir: Path | None = None,
+                     half_base: bool = False) -> Accelerator:
     """The run's accelerator, with every RNG seeded (``train.seed`` + rank) so what is built next is reproducible.
 
     CPU-only machines need ``cpu=True`` for real multi-process (gloo) training. Only methods that may
@@ -116,9 +117,7 @@ def make_accelerator(cfg: TrainConfig, spec: MethodSpec, run_dir: Path | None = 
                                "--config_file recipes/accelerate/multi_gpu.yaml --num_processes N -m orchmoe_cli "
                                "train RECIPE")
     use_cuda = torch.cuda.is_available()
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if native_bf16() else "no"
+    precision = resolve_precision(cfg.mixed_precision, half_base, use_cuda)
     trackers = cfg.trackers if run_dir is not None else []
     accelerator = Accelerator(
         cpu=not use_cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,

@@ -26,8 +26,11 @@ class TaskBatchSampler:
     - ``mixed``: an epoch is a seeded permutation of all rows, cut into consecutive batches.
     - ``temperature``: each row of a batch picks its task with p ~ n_task^(1/T), then a row of
       that task (T=1 is proportional to size, large T approaches uniform over tasks).
-    - ``single_task``: each task's rows are shuffled and cut into batches; an epoch visits those
-      batches in a seeded order (HyperLoader-style single-task batches).
+    - ``single_task``: each task's rows are shuffled and cut into batches, a short last one filled up with the
+      task's first rows; an epoch visits those batches in a seeded order (HyperLoader-style single-task
+      batches).
+
+    Every batch holds ``batch_size`` rows, so each process of a distributed run gets the same number.
     """
 
     def __init__(self, row_tasks: Sequence[int], batch_size: int, mode: Mode, seed: int, temperature: float = 1.0,
@@ -63,7 +66,8 @@ class TaskBatchSampler:
             for task in self.tasks:
                 rows = list(self.by_task[task])
                 rng.shuffle(rows)
-                batches += [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+                batches += [_full(rows[i : i + self.batch_size], rows, self.batch_size)
+                            for i in range(0, len(rows), self.batch_size)]
             rng.shuffle(batches)
         else:
             rows = list(range(self.n_rows))
@@ -109,3 +113,8 @@ class TaskBatchSampler:
     def reference_rng(self, index: int) -> random.Random:
         """The generator that picks each row's training reference in batch ``index`` (Tk-Instruct samples one)."""
         return self._rng(-2, index)
+
+
+def _full(batch: list[int], rows: list[int], size: int) -> list[int]:
+    """``batch`` filled up to ``size`` by cycling through ``rows`` (a task's short last batch)."""
+    return batch + [rows[i % len(rows)] for i in range(size - len(batch))]

@@ -28,10 +28,10 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], causal: bool, label_smoo
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_positions")}
         keep = batch.get("answer_positions")
         keep = answer_positions(labels) if keep is None else keep
-        output = model(**inputs, logits_to_keep=keep)
+        output = model(**inputs, logits_to_keep=keep, use_cache=False)  # no key/value cache kept beside the loss
         labels = labels[:, keep + 1]
     else:
-        output = model(**batch)
+        output = model(**batch, use_cache=False)
     logits = output.logits
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
                            label_smoothing=label_smoothing, reduction=reduction)
@@ -44,19 +44,20 @@ def target_tokens(labels: torch.Tensor, causal: bool) -> int:
 
 
 def micro_step(accelerator: Accelerator, model: Any, batch: dict[str, torch.Tensor], step_tokens: int | torch.Tensor,
-               causal: bool, label_smoothing: float) -> tuple[torch.Tensor, Any]:
+               causal: bool, label_smoothing: float) -> tuple[torch.Tensor, dict[str, Any]]:
     """Forward and backward of one micro-batch inside ``accelerator.accumulate``, weighting every target token of
     the optimizer step alike: its summed token loss over ``step_tokens``, the target tokens of the whole step on
     every process (accelerate divides by the accumulation steps and data parallelism averages over processes, so
     both are multiplied back). Short and long micro-batches, and processes, then count by their tokens, as if the
     step were one batch; the routing terms stay per micro-batch. Returns this micro-batch's summed token loss and
-    the model's output (its auxiliary losses, what diagnostics read)."""
+    what of the model's output the loop reads (its auxiliary losses, what diagnostics read): not the logits, which
+    would otherwise stay alive through the next micro-batch's forward and backward."""
     token_sum, output = lm_loss(model, batch, causal, label_smoothing, reduction="sum")
     aux = output.get("aux_losses") or {}
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / step_tokens
     loss = token_sum * scale + sum(aux.values(), torch.zeros((), device=token_sum.device))
     accelerator.backward(loss)
-    return token_sum, output
+    return token_sum, {"aux_losses": aux, "routing_record": output.get("routing_record") or {}}
 
 
 class Batches:

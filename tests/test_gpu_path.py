@@ -146,3 +146,16 @@ def test_auto_precision_scales_the_loss_for_a_float16_base_on_a_gpu(monkeypatch)
     with pytest.raises(OrchmoeError, match="need a GPU") as refused:
         resolve_precision("fp16", half_base=True, use_cuda=False)
     assert refused.value.field == "train.mixed_precision"
+
+
+def test_a_model_already_on_this_gpu_is_not_moved_again(monkeypatch) -> None:
+    """accelerate names one process's GPU ``cuda``, parameters say ``cuda:0``: the same place, so a quantised model
+    loaded there is left as it is (moving packed weights again can corrupt them)."""
+    from orchmoe_cli.core.base_models import _same_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _same_device(torch.device("cuda", 0), torch.device("cuda"))
+    assert not _same_device(torch.device("cuda", 1), torch.device("cuda"))
+    assert not _same_device(torch.device("cpu"), torch.device("cuda"))
+    assert _same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not _same_device(torch.device("cuda", 0), torch.device("cuda", 1))

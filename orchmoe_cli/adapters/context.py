@@ -63,6 +63,12 @@ class RoutingState:
     def _ids(self) -> Tensor | None:
         return self.host_task_ids if self.host_task_ids is not None else self.task_ids
 
+    @property
+    def first_task(self) -> int | None:
+        """The first row's task id, read on the host where one is kept (no wait on the accelerator)."""
+        ids = self._ids
+        return None if ids is None else int(ids[0])
+
     @cached_property
     def has_unseen_tasks(self) -> bool:
         ids = self._ids

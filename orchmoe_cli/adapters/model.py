@@ -135,7 +135,7 @@ class AdaptedModel(nn.Module):
                 or any(layer.merged for layer in self.layers):
             yield
             return
-        self.merge(None if state is None or state.task_ids is None else int(state.task_ids[0]))
+        self.merge(None if state is None else state.first_task)
         try:
             yield
         finally:
@@ -195,12 +195,14 @@ class AdaptedModel(nn.Module):
     def train_rows_only(self, table: nn.Parameter, rows: list[int]) -> None:
         """Let only ``rows`` of ``table`` change: gradients of the other rows are zeroed, and the table trains
         without weight decay (AdamW's decay would shrink every row), so the other rows stay bit-identical."""
-        fixed = [row for row in range(table.shape[0]) if row not in rows]
+        masks: dict[torch.device, Tensor] = {}  # built once per device the table moves to, not once per backward
 
-        def zero_fixed_rows(grad: Tensor) -> Tensor:  # indices, not a mask tensor: any device the table moves to
-            grad = grad.clone()
-            grad[fixed] = 0
-            return grad
+        def zero_fixed_rows(grad: Tensor) -> Tensor:
+            if grad.device not in masks:
+                masks[grad.device] = torch.zeros(table.shape[0], dtype=torch.bool, device=grad.device)
+                masks[grad.device][rows] = True
+            keep = masks[grad.device].view(-1, *[1] * (grad.dim() - 1))
+            return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
         table.register_hook(zero_fixed_rows)
         self.row_masked.add(next(name for name, param in self.named_adapter_parameters() if param is table))

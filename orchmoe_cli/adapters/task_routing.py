@@ -70,7 +70,7 @@ def route_tasks(routers: list[TaskRouter], state: RoutingState) -> Tensor:
     first = routers[0]
     logits = first.logits.unsqueeze(0) if len(routers) == 1 else torch.stack([r.logits for r in routers])
     assert state.task_ids is not None
-    ids = state.task_ids[:1] if state.shared and not first.training else state.task_ids
+    ids = state.task_ids[:1] if not first.training and state.shared else state.task_ids  # training: no check
     ids = ids.to(logits.device)
     picked = logits[:, ids.clamp(min=0)].view(len(routers), -1, first.n_heads, first.n_skills)
     weights = normalise(relaxed_sigmoid(picked, first.temperature, first.training, first.straight_through))

@@ -301,9 +301,18 @@ def on_device(model: Any, device: torch.device | str) -> Any:
     """``model`` with every parameter on ``device``, moved only if one is elsewhere: a quantised model is loaded
     where it runs, and moving its packed weights again would corrupt them."""
     target = torch.device(device)
-    if any(p.device != target for p in model.parameters()):
+    if any(not _same_device(p.device, target) for p in model.parameters()):
         model = model.to(target)
     return model
+
+
+def _same_device(found: torch.device, target: torch.device) -> bool:
+    """``cuda`` (accelerate's device for one process) is this process's current GPU, ``cuda:0`` on most."""
+    if found.type != target.type:
+        return False
+    if target.index is None and target.type == "cuda":
+        return found.index == torch.cuda.current_device()
+    return target.index is None or found.index == target.index
 
 
 def quantization_config(cfg: ModelConfig) -> Any:

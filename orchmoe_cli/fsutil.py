@@ -76,9 +76,11 @@ def _as_disk_error(target: Path, exc: Exception) -> Exception:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, fsync it, rename it over ``path``, fsync the folder."""
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, fsync it, rename it over ``path``, fsync the folder.
+    On failure the temporary file and any folder made for it are removed."""
     target = Path(path)
     tmp: Path | None = None
+    made = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -90,14 +92,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         fsync_dir(target.parent)
-    except Exception as exc:
-        mapped = _as_disk_error(target, exc)
+    except BaseException as exc:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+        for folder in made:  # the folders this write made, deepest first: a failed write leaves nothing
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        mapped = _as_disk_error(target, exc) if isinstance(exc, Exception) else exc
         if mapped is exc:
             raise
         raise mapped from None
-    finally:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

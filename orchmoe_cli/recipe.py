@@ -132,7 +132,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     split: Literal["test", "train"] = _f("test", "which task split to evaluate (held-out tasks by default)")
-    tasks: list[str] | None = _f(None, "evaluate only these tasks (names from the split)")
+    tasks: list[str] | None = _f(None, "evaluate only these tasks (names from the split)", non_empty=True)
     max_instances: int = _f(100, "instances per task, taken from the start (official: 100)", min=1)
     batch_size: int = _f(8, "generation batch size", min=1)
     max_new_tokens: int = _f(128, "generation length limit in tokens (official: 128)", min=1)
@@ -143,7 +143,6 @@ class EvalConfig:
                                 "(default output.dir)", path="dir")
 
 
-ADAPT_GRID = ("modes", "shots", "seeds", "tasks")  # the lists a sweep crosses (tasks None: every one with a pool)
 MAX_SEED = 2**32 - 1  # seeds reach numpy's generator, which takes 32 bits
 
 
@@ -154,10 +153,12 @@ class AdaptConfig:
     checkpoint: str | None = _f("latest", "the trained checkpoint to adapt, as eval.checkpoint; none = the bare "
                                 "base model (zero_shot and lora_scratch only)", path="location")
     modes: list[str] = _f(["zero_shot", "lora_scratch"], "modes to run: zero_shot, lora_scratch, lora, poly, mhr, "
-                          "poly_z, mhr_z, poly_mu, mhr_mu, orchmoe, hyperloader")
-    shots: list[int] = _f([16], "training examples per task (k), drawn from its adaptation pool with each seed")
-    seeds: list[int] = _f([13], "seeds of the k-shot draw and of training")
-    tasks: list[str] | None = _f(None, "held-out tasks to adapt to (default: every one with an adaptation pool)")
+                          "poly_z, mhr_z, poly_mu, mhr_mu, orchmoe, hyperloader", non_empty=True)
+    shots: list[int] = _f([16], "training examples per task (k), drawn from its adaptation pool with each seed",
+                          non_empty=True)
+    seeds: list[int] = _f([13], "seeds of the k-shot draw and of training", non_empty=True)
+    tasks: list[str] | None = _f(None, "held-out tasks to adapt to (default: every one with an adaptation pool)",
+                                 non_empty=True)
     steps: int = _f(60, "optimizer steps per cell", min=1)
     batch_size: int = _f(8, "examples per step", min=1)
     lr: float = _f(1e-3, "learning rate of skills / adapters / task embeddings", min=0, min_exclusive=True)
@@ -171,16 +172,10 @@ class AdaptConfig:
     output_dir: str | None = _f(None, "where cells and results go (default <output.dir>/adapt)", path="dir")
 
     def __post_init__(self) -> None:
-        """The grid's lists, checked whenever a recipe is read (every command reads the whole recipe): none empty,
-        no value twice (a cell would run and count twice), every k at least 1, every seed one the generators take.
-        What needs the checkpoint or the data (modes, tasks, k against the pools) is checked by `adapt`."""
-        for name in ADAPT_GRID:
-            values = getattr(self, name)
-            if values is not None and not values:
-                raise FieldError(name, "is empty; name at least one")
-            twice = next((v for i, v in enumerate(values or []) if v in values[:i]), None)
-            if twice is not None:
-                raise FieldError(name, f"{twice!r} is listed twice; name each once")
+        """The grid's lists, checked whenever a recipe is read (every command reads the whole recipe; the schema
+        refuses an empty list or a value twice: a cell would run and count twice): every k at least 1, every seed
+        one the generators take. What needs the checkpoint or the data (modes, tasks, k against the pools) is
+        checked by `adapt`."""
         if any(k < 1 for k in self.shots):
             raise FieldError("shots", f"every k must be at least 1, got {self.shots}")
         seed = next((s for s in self.seeds if not 0 <= s <= MAX_SEED), None)
@@ -223,9 +218,34 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml_mapping(user_path(path, "RECIPE", option=True))
+    _refuse_repeated(overrides)
     for item in overrides:
         _apply_override(raw, item)
     return build(Recipe, raw, source, overrides)
+
+
+def _refuse_repeated(overrides: Sequence[str]) -> None:
+    """A field set twice on the command line is refused, as a key twice in a recipe file is: which should win
+    is a guess, and the other would be dropped without a word."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        for field in _fields_set(item):
+            if field in seen:
+                raise OrchmoeError(f"given twice ('{seen[field]}' and '{item}'); give it once",
+                                   field=field)
+            seen[field] = item
+
+
+def _fields_set(item: str) -> list[str]:
+    """The dotted fields the override ``item`` sets (a mapping for a section sets each field it names)."""
+    raw: dict[str, Any] = {}
+    _apply_override(raw, item)
+
+    def leaves(node: Any, prefix: str) -> list[str]:
+        if not isinstance(node, dict) or not node:
+            return [prefix]
+        return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}.{key}")]
+    return [leaf for key, value in raw.items() for leaf in leaves(value, str(key))]
 
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
@@ -275,7 +295,7 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
 MAX_NODES = 10_000  # a recipe has about a hundred; YAML aliases can make a few bytes expand to billions
 
 
-def _check_nodes(root: yaml.Node | None, path: Path) -> None:
+def _check_nodes(root: yaml.Node | None, path: Path | str) -> None:
     """Refuse repeated keys (PyYAML silently keeps the last) and documents whose aliases expand past
     :data:`MAX_NODES`, before anything is built from them. Shared (aliased) nodes are sized once each."""
     sizes: dict[int, int] = {}
@@ -310,15 +330,16 @@ def _check_nodes(root: yaml.Node | None, path: Path) -> None:
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     """Set the dotted field ``item`` names (``section.field=value``, the value read as YAML)."""
     key, sep, text = item.partition("=")
-    if not sep or not key.strip():
+    parts = key.strip().split(".")
+    if not sep or not all(part.strip() for part in parts):
         raise OrchmoeError(f"override '{item}': expected section.field=value, e.g. eval.max_instances=20")
     try:
+        _check_nodes(yaml.compose(text, Loader=yaml.SafeLoader), f"override '{key}'")
         value = yaml.safe_load(text) if text.strip() else ""
     except RecursionError:
         raise OrchmoeError(f"override '{key}': value nested too deeply") from None
     except yaml.YAMLError:
         value = text
-    parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -331,14 +352,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 def override_sets(item: str, field: str) -> bool:
     """Whether the override ``item`` sets the dotted ``field``, directly (``adapt.shots=[2]``) or through a mapping
     for a section above it (``adapt={shots: [2]}``): read by the one parser every override goes through."""
-    raw: dict[str, Any] = {}
-    _apply_override(raw, item)
-    node: Any = raw
-    for part in field.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return any(f"{leaf}.".startswith(f"{field}.") for leaf in _fields_set(item))
 
 
 def _set(node: dict[str, Any], key: str, value: Any) -> None:

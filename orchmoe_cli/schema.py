@@ -24,7 +24,8 @@ from orchmoe_cli.paths import PATH_KINDS, directory_path, user_path
 
 def help_field(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with help text and optional range checks (lists and dicts get a fresh copy each);
-    ``path=`` one of :data:`paths.PATH_KINDS` marks a path the loader resolves."""
+    ``path=`` one of :data:`paths.PATH_KINDS` marks a path the loader resolves, ``non_empty=True`` a list that
+    must name something."""
     if checks.get("path", PATH_KINDS[0]) not in PATH_KINDS:
         raise ValueError(f"path kind must be one of {PATH_KINDS}, got {checks['path']!r}")
     if isinstance(default, (list, dict)):
@@ -136,7 +137,15 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
 
 
 def _check_value(value: Any, spec: dataclasses.Field, dotted: str) -> Any:
+    """Finite numbers within the field's range; lists with no item twice (every list names a set: tasks, steps,
+    seeds, modules) and, where the field says ``non_empty``, at least one item."""
     meta = spec.metadata
+    if isinstance(value, list):
+        if meta.get("non_empty") and not value:
+            raise OrchmoeError("is empty; name at least one (or leave the field out)", field=dotted)
+        twice = next((item for i, item in enumerate(value) if item in value[:i]), None)
+        if twice is not None:
+            raise OrchmoeError(f"{twice!r} is listed twice; name each once", field=dotted)
     if isinstance(value, float) and not math.isfinite(value):
         raise OrchmoeError(f"must be a finite number, got {value}", field=dotted)
     if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -93,7 +93,10 @@ def test_every_command_runs_on_a_parquet_table(sni_dir: Path, tmp_path: Path) ->
 
 def _bad(tmp_path: Path, rows: list[dict[str, Any]] | str, **fields: Any) -> str:
     path = tmp_path / "bad.jsonl"
-    path.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
+    if isinstance(rows, bytes):
+        path.write_bytes(rows)
+    else:
+        path.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
     cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), **fields)
     with pytest.raises(OrchmoeError) as info:
         resolve(cfg).tasks  # noqa: B018 - reading the rows is what fails
@@ -105,14 +108,25 @@ ROW = {"task": "a", "input": "x", "output": "y", "split": "train"}
 
 @pytest.mark.parametrize(("rows", "fields", "words"), [
     ([{k: v for k, v in ROW.items() if k != "output"}], {}, "no column 'output' (columns: task, input, split)"),
-    ([ROW, {**ROW, "task": ""}], {}, "row 1: the task name is empty"),
-    ([ROW, {**ROW, "output": 3}], {}, "row 1: output is a int (3), expected text"),
-    ([ROW, {**ROW, "output": []}], {}, "row 1: output is an empty list"),
-    ([{**ROW, "id": "1"}, {**ROW, "id": "1"}], {}, "rows 0 and 1: task 'a' has instance id '1' twice"),
+    ([ROW, {**ROW, "task": ""}], {}, "line 2: the task name is empty"),
+    ([ROW, {**ROW, "task": "a "}], {}, "line 2: the task name 'a ' has spaces around it"),
+    ([ROW, {**ROW, "task": "A"}], {}, "line 2: tasks 'a' and 'A' differ only in case"),
+    ([ROW, {**ROW, "output": 3}], {}, "line 2: output is a int (3), expected text"),
+    ([ROW, {**ROW, "output": []}], {}, "line 2: output is an empty list"),
+    ([{**ROW, "id": "1"}, {**ROW, "id": "1"}], {}, "line 1 and"),
+    ([{**ROW, "id": "1"}, {**ROW, "id": " "}], {}, "line 2: the id is empty"),
     ([ROW, {**ROW, "split": "test"}], {}, "task 'a' is in split 'train' and 'test'"),
+    ([ROW, {**ROW, "split": None}], {}, "line 2: split is empty"),
     ([ROW, {**ROW, "task": "b", "split": "dev"}], {}, "split value(s) 'dev' are neither 'train' nor 'test'"),
     ([ROW, {**ROW, "task": "b"}], {}, "no held-out task"),
-    ("", {}, "cannot be read as a table"),
+    ([ROW, {**ROW, "task": "b", "split": "test"}], {"heldout_tasks": 1}, "remove data.heldout_tasks, or the column"),
+    ([ROW, {**ROW, "task": "b", "split": "test"}], {"columns": ColumnMap(instruction="instructoin")},
+     "no column 'instructoin'"),
+    ([{k: v for k, v in ROW.items() if k != "split"}, {"task": "b", "input": "x", "output": "y"}],
+     {"heldout_tasks": 2}, "holds out 2 tasks of the table's 2; at most 1"),
+    ("", {}, "the file is empty"),
+    ("\n", {}, "the table has no rows"),
+    ('{"task": "a", "input": "caf\xe9", "output": "y", "split": "train"}\n'.encode("latin-1"), {}, "is not UTF-8 text"),
     ([{"name": "a", "question": "x", "answer": "y"}], {"columns": ColumnMap(task="name", input="question")},
      "no column 'output'"),
 ])

@@ -52,7 +52,7 @@ from orchmoe_cli.analysis.adaptation_report import POOL_SHIFT, RESULTS
 from orchmoe_cli.core.results import check_vouched
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
-from orchmoe_cli.recipe import Recipe, load_recipe
+from orchmoe_cli.recipe import Recipe, load_recipe, override_sets
 
 # method -> extra overrides; every method trains at the recipe's budget and LoRA scale
 METHODS: dict[str, list[str]] = {"lora": [], "poly": [], "mhr": ["method.n_heads=4"], "orchmoe": [],
@@ -144,9 +144,11 @@ class Study:
         steps = self.config.train.steps
         if method == MU_RUN:
             steps = max(1, self.config.train.steps // 10)
-            command += [f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0"]
+            own = [f"train.init_from={self.runs / 'mhr'}", f"train.steps={steps}", "train.warmup_steps=0"]
             if self.config.train.keep_steps:  # the long run's kept steps lie beyond these few
-                command.append("train.keep_steps=[]")
+                own.append("train.keep_steps=[]")
+            fields = [item.partition("=")[0] for item in own]  # these, not the --set ones (a field is set once)
+            command = [c for c in command if "=" not in c or not any(override_sets(c, f) for f in fields)] + own
 
         def run() -> None:
             started = time.perf_counter()

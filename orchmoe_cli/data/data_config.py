@@ -28,6 +28,17 @@ class ColumnMap:
     split: str = _f("split", "column saying whether a row's task is held out (see train_value / test_value); "
                     "optional")
 
+    def __post_init__(self) -> None:
+        """One column, one role: a column named twice would feed the answer back as the input, or the like."""
+        seen: dict[str, str] = {}
+        for role, column in vars(self).items():
+            if not column.strip():
+                raise FieldError(role, "names no column")
+            if column in seen:
+                raise FieldError(role, f"column '{column}' is already data.columns.{seen[column]}; a column has one "
+                                       "role")
+            seen[column] = role
+
 
 @dataclass
 class DataConfig:
@@ -52,7 +63,8 @@ class DataConfig:
                           path="input")
     test_split: str = _f("test_tasks.txt", "file in the split directory listing held-out tasks, one per line",
                          path="input")
-    languages: list[str] = _f(["English"], "keep tasks whose input, output and instruction languages are all listed")
+    languages: list[str] = _f(["English"], "keep tasks whose input, output and instruction languages are all listed",
+                              non_empty=True)
     max_train_instances: int = _f(100, "training instances per task (random sample with `seed`, as Tk-Instruct)", min=1)
     max_test_instances: int = _f(100, "test instances per task: the first N, as the official evaluation", min=1)
     max_pool_instances: int = _f(300, "held-out tasks: instances after the evaluation ones kept as an adaptation "

@@ -29,7 +29,7 @@ from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
 from orchmoe_cli.data.sni import SPLITS, matches_languages
 from orchmoe_cli.data.sni_task import SNITask
 from orchmoe_cli.data.sources import TaskSource, resolve
-from orchmoe_cli.data.tables import quiet_datasets
+from orchmoe_cli.data.table_files import quiet_datasets
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_directory, disk_error, json_text
 

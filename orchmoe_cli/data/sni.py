@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni_task import Instance, SNITask, read_task, read_text
@@ -88,14 +88,36 @@ def resolve_source(cfg: DataConfig) -> SourceLayout:
     task_dir = _task_dir(root)
     split_dir = _split_dir(cfg, root)
     files: dict[Split, Path] = {"train": split_dir / cfg.train_split, "test": split_dir / cfg.test_split}
-    names = {split: _read_split_file(files[split], task_dir) for split in SPLITS}
+
+    def no_file(name: str) -> str | None:
+        file = task_dir / f"{name}.json"
+        return None if file.is_file() else f"has no file {file}; fix the name or add the task file"
+    tasks = read_split_lists(files, no_file)
+    return SourceLayout(description=description, task_dir=task_dir, split_files=files, tasks=tasks)
+
+
+def read_split_lists(files: dict[Split, Path], unknown: Callable[[str], str | None]) -> dict[Split, tuple[str, ...]]:
+    """The task names the split files list (SNI's or a table's task lists), in file order: none listed twice, none
+    in both, every one known (``unknown(name)`` says what is wrong with a name, None when nothing is)."""
+    names = {split: _read_split_file(files[split], unknown) for split in SPLITS}
     train_lines = {name: line for line, name in names["train"]}
     for line, name in names["test"]:
         if name in train_lines:
             raise OrchmoeError(f"{files['test']}: line {line}: task '{name}' is also in {files['train']} "
                                f"(line {train_lines[name]}); a task belongs to one split only, remove it from one")
-    tasks = {split: tuple(name for _, name in names[split]) for split in SPLITS}
-    return SourceLayout(description=description, task_dir=task_dir, split_files=files, tasks=tasks)
+    return {split: tuple(name for _, name in names[split]) for split in SPLITS}
+
+
+def given_split_dir(cfg: DataConfig) -> Path:
+    """``data.split_dir``, which must be a directory (a split file given instead points at its folder)."""
+    split_dir = Path(str(cfg.split_dir))
+    if split_dir.is_file():
+        raise OrchmoeError(f"'{split_dir}' is a file; data.split_dir names the directory holding {cfg.train_split} and "
+                           f"{cfg.test_split}: did you mean data.split_dir={split_dir.parent}?", field="data.split_dir")
+    if not split_dir.is_dir():
+        raise OrchmoeError(f"directory '{split_dir}' not found{not_found_hint(split_dir, Path.is_dir)}; point it at "
+                           f"the directory holding {cfg.train_split} and {cfg.test_split}", field="data.split_dir")
+    return split_dir
 
 
 def _task_dir(root: Path) -> Path:
@@ -135,12 +157,7 @@ def _listed_tasks(root: Path, cfg: DataConfig) -> set[str]:
 
 def _split_dir(cfg: DataConfig, root: Path) -> Path:
     if cfg.split_dir is not None:
-        split_dir = Path(cfg.split_dir)
-        if not split_dir.is_dir():
-            raise OrchmoeError(f"directory '{split_dir}' not found{not_found_hint(split_dir, Path.is_dir)}; point it "
-                               "at the directory holding "
-                               f"{cfg.train_split} and {cfg.test_split}", field="data.split_dir")
-        return split_dir
+        return given_split_dir(cfg)
     candidates = _split_candidates(root)
     for candidate in candidates:
         if (candidate / cfg.train_split).is_file():
@@ -159,7 +176,7 @@ def _sni_directories_near(root: Path, cfg: DataConfig) -> str:
     return f"{listing(found)} hold them: did you mean one of them?" if found else ""
 
 
-def _read_split_file(path: Path, task_dir: Path) -> list[tuple[int, str]]:
+def _read_split_file(path: Path, unknown: Callable[[str], str | None]) -> list[tuple[int, str]]:
     """(line number, task name) pairs; blank lines are skipped."""
     text = read_text(path, "split file", "set data.split_dir / data.train_split / data.test_split")
     seen: dict[str, int] = {}
@@ -171,9 +188,9 @@ def _read_split_file(path: Path, task_dir: Path) -> list[tuple[int, str]]:
         if name in seen:
             raise OrchmoeError(f"{path}: line {line}: task '{name}' is listed twice (first on line {seen[name]}); "
                                "remove the duplicate")
-        if not (task_dir / f"{name}.json").is_file():
-            raise OrchmoeError(f"{path}: line {line}: task '{name}' has no file {task_dir / (name + '.json')}; "
-                               "fix the name or add the task file")
+        problem = unknown(name)
+        if problem is not None:
+            raise OrchmoeError(f"{path}: line {line}: task '{name}' {problem}")
         seen[name] = line
         names.append((line, name))
     if not names:

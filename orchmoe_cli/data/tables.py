@@ -9,7 +9,7 @@ tasks come from a split column, from task-list files, or from a seeded rule stra
 
 from __future__ import annotations
 
-import contextlib
+import bisect
 import hashlib
 import json
 import math
@@ -17,34 +17,16 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import SPLITS, Split, hash_file, pool_positions, sample_positions
+from orchmoe_cli.data.sni import (SPLITS, Split, given_split_dir, hash_file, pool_positions, read_split_lists,
+                                  sample_positions)
 from orchmoe_cli.data.sni_task import Instance, SNITask
+from orchmoe_cli.data.table_files import TablePart, read_parts, write_table
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.paths import not_found_hint
 
-if TYPE_CHECKING:
-    import datasets
-
-BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 UNCATEGORISED = "uncategorized"
-
-
-def table_files(path: Path) -> list[Path]:
-    """The table files a source path names: the file itself, or those of a directory (one format)."""
-    if path.is_file():
-        return [path] if path.suffix.lower() in BUILDERS else []
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in BUILDERS)
-    return []
-
-
-def looks_like_hub_id(value: str) -> bool:
-    """owner/name, not a path that exists here."""
-    parts = value.split("/")
-    return len(parts) == 2 and all(parts) and not Path(value).expanduser().exists() and not value.startswith(".")
 
 
 @dataclass
@@ -117,114 +99,98 @@ class TableSource:
         for name in loaded["splits"][split]:
             n = len(loaded["tasks"][name]["rows"])  # only the kept rows become instances (most of a task's are not)
             yield (_task(loaded, name, self.origin, sample_positions(n, split, cfg)),
-                   _instances(loaded, name, self.origin, pool_positions(n, split, cfg)))
+                   _instances(loaded, name, pool_positions(n, split, cfg)))
 
     # ------------------------------------------------------------------ reading
 
     def _load(self) -> dict[str, Any]:
         if self._grouped is None:
-            table = self._read()
-            self._grouped = _group(table, self.cfg, self.origin)
+            parts = read_parts(self.cfg, self.files, self.hub_id)
+            self._grouped = _group(parts, self.cfg)
             self._grouped["splits"], self._grouped["held_out_by"] = _held_out(self._grouped, self.cfg, self.origin)
-            self._grouped["fingerprint"] = getattr(table, "_fingerprint", "")
+            self._grouped["fingerprint"] = parts[0].fingerprint
         return self._grouped
 
-    def _read(self) -> datasets.Dataset:
-        import datasets
 
-        cache = str(Path(self.cfg.cache_dir).expanduser() / "tables")
-        with quiet_datasets():
-            try:
-                if self.hub_id is not None:
-                    return datasets.load_dataset(self.hub_id, name=self.cfg.hub_config, revision=self.cfg.revision,
-                                                 split=self.cfg.hub_split, cache_dir=cache)
-                builders = {BUILDERS[p.suffix.lower()] for p in self.files}
-                if len(builders) > 1:
-                    kinds = ", ".join(sorted(builders))
-                    raise OrchmoeError(f"{self.origin}: holds tables of several formats ({kinds}); keep one format "
-                                       "per directory", field="data.source")
-                builder = builders.pop()
-                options = {"delimiter": "\t"} if all(p.suffix.lower() == ".tsv" for p in self.files) else {}
-                return datasets.load_dataset(builder, data_files=[str(p) for p in self.files], split="train",
-                                             cache_dir=cache, **options)
-            except OrchmoeError:
-                raise
-            except Exception as exc:  # datasets wraps parser and network errors in many types: one line each
-                cause = exc.__cause__ or exc.__context__ or exc
-                text = " ".join(str(cause).split())[:300] or type(cause).__name__
-                raise OrchmoeError(f"{self.origin}: cannot be read as a table ({type(cause).__name__}: {text})",
-                                   field="data.source") from None
-
-
-@contextlib.contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """Hide `datasets`' progress bars and info logs: our own progress bar and messages cover the work."""
-    import datasets
-
-    verbosity, bars = datasets.utils.logging.get_verbosity(), datasets.is_progress_bar_enabled()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        datasets.utils.logging.set_verbosity(verbosity)
-        if bars:
-            datasets.enable_progress_bars()
-
-
-def _column(table: Any, name: str, origin: str, field_name: str, required: bool) -> list[Any] | None:
-    if name in table.column_names:  # the whole column decoded at once: indexing a datasets Column per row is slow
-        return table[name][:]
-    if required:
-        raise OrchmoeError(f"{origin}: no column '{name}' (columns: {', '.join(table.column_names)}); map yours with "
-                           f"data.columns.{field_name}", field=f"data.columns.{field_name}")
-    return None
-
-
-def _text(value: Any, origin: str, row: int, what: str) -> str:
-    """A cell that must hold text: a number is refused rather than turned into one (a CSV reader makes 0123 the
-    number 123, and the answer would silently change)."""
+def _text(value: Any, at: _Rows, row: int, what: str) -> str:
+    """A cell that must hold text: a number is refused rather than turned into one (the answer would change)."""
     if not isinstance(value, str):
         kind = "empty" if value is None or (isinstance(value, float) and math.isnan(value)) else \
             f"a {type(value).__name__} ({value!r:.40})"
-        raise OrchmoeError(f"{origin}: row {row}: {what} is {kind}, expected text (in a CSV, quote values that look "
-                           "like numbers, or use JSONL)", field=f"data.columns.{what}")
+        raise OrchmoeError(f"{at.where(row)}: {what} is {kind}, expected text (in JSON, write it as a string)",
+                           field=f"data.columns.{what}")
     return value
 
 
-def _references(value: Any, origin: str, row: int) -> list[str]:
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise OrchmoeError(f"{origin}: row {row}: output is an empty list", field="data.columns.output")
-    return [_text(v, origin, row, "output") for v in values]
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
-def _group(table: Any, cfg: DataConfig, origin: str) -> dict[str, Any]:
-    """Rows grouped by task in table order, each row checked; task-level columns taken once per task."""
-    columns = cfg.columns
-    if len(table) == 0:
-        raise OrchmoeError(f"{origin}: the table has no rows", field="data.source")
-    names = _column(table, columns.task, origin, "task", True)
-    inputs = _column(table, columns.input, origin, "input", True)
-    outputs = _column(table, columns.output, origin, "output", True)
-    ids = _column(table, columns.id, origin, "id", False)
-    instructions = _column(table, columns.instruction, origin, "instruction", False)
-    categories = _column(table, columns.category, origin, "category", False)
-    splits = _column(table, columns.split, origin, "split", False)
+class _Rows:
+    """The parts' rows in order, one index over them; ``where`` names a row's file and line for messages."""
+
+    def __init__(self, parts: list[TablePart]):
+        self.parts = parts
+        self.starts = [sum(part.n_rows for part in parts[:i]) for i in range(len(parts))]
+
+    def where(self, row: int) -> str:
+        index = bisect.bisect_right(self.starts, row) - 1
+        return self.parts[index].where(row - self.starts[index])
+
+    def column(self, role: str) -> list[Any] | None:
+        """``role``'s values over every part; None when no part has the column, refused when only some do."""
+        having = [part.columns[role] is not None for part in self.parts]
+        if not any(having):
+            return None
+        if not all(having):
+            lacking, other = self.parts[having.index(False)], self.parts[having.index(True)]
+            raise OrchmoeError(f"{lacking.origin}: no column '{role}', which {other.origin} has; give every file of "
+                               "the source the same columns", field=f"data.columns.{role}")
+        return [value for part in self.parts for value in part.columns[role]]  # type: ignore[union-attr]
+
+
+def _task_name(name: Any, at: _Rows, row: int, folded: dict[str, str]) -> str:
+    """A task name is one label: text, not blank, no spaces around it, not another name in other case."""
+    if not isinstance(name, str) or not name.strip():
+        raise OrchmoeError(f"{at.where(row)}: the task name is empty", field="data.columns.task")
+    if name != name.strip():
+        raise OrchmoeError(f"{at.where(row)}: the task name {name!r} has spaces around it", field="data.columns.task")
+    other = folded.setdefault(name.casefold(), name)
+    if other != name:
+        raise OrchmoeError(f"{at.where(row)}: tasks '{other}' and '{name}' differ only in case; name one task one way",
+                           field="data.columns.task")
+    return name
+
+
+def _group(parts: list[TablePart], cfg: DataConfig) -> dict[str, Any]:
+    """Rows of every part grouped by task in table order, each row checked; task-level columns taken once per
+    task. Row indices run over the parts in order."""
+    at = _Rows(parts)
+    names, inputs, outputs, ids, instructions, categories, splits = (
+        at.column(role) for role in ("task", "input", "output", "id", "instruction", "category", "split"))
     tasks: dict[str, dict[str, Any]] = {}
-    for row, name in enumerate(names):
-        if not isinstance(name, str) or not name.strip():
-            raise OrchmoeError(f"{origin}: row {row}: the task name is empty", field="data.columns.task")
+    folded: dict[str, str] = {}
+    for row, name in enumerate(names or []):
+        if not (isinstance(name, str) and name in tasks):
+            _task_name(name, at, row, folded)
         task = tasks.setdefault(name, {"rows": [], "instruction": "", "mismatched": 0, "category": None,
                                        "split": None, "ids": {}})
         position = len(task["rows"])
-        text = _text(inputs[row], origin, row, "input")
-        _references(outputs[row], origin, row)  # every row is checked now; instances are built when read
-        identifier = (_text(ids[row], origin, row, "id") if ids is not None else
-                      hashlib.sha256(f"{name}\0{text}\0{position}".encode()).hexdigest()[:16])
+        text = _text(inputs[row], at, row, "input")  # type: ignore[index]
+        references = _as_list(outputs[row])  # type: ignore[index]
+        if not references:
+            raise OrchmoeError(f"{at.where(row)}: output is an empty list", field="data.columns.output")
+        for reference in references:  # every row is checked now; instances are built when read
+            _text(reference, at, row, "output")
+        if ids is None:
+            identifier = hashlib.sha256(f"{name}\0{text}\0{position}".encode()).hexdigest()[:16]
+        elif not _text(ids[row], at, row, "id").strip():
+            raise OrchmoeError(f"{at.where(row)}: the id is empty", field="data.columns.id")
+        else:
+            identifier = ids[row]
         if identifier in task["ids"]:
-            raise OrchmoeError(f"{origin}: rows {task['ids'][identifier]} and {row}: task '{name}' has instance id "
-                               f"'{identifier}' twice; ids must be unique within a task", field="data.columns.id")
+            raise OrchmoeError(f"{at.where(task['ids'][identifier])} and {at.where(row)}: task '{name}' has instance "
+                               f"id '{identifier}' twice; ids must be unique within a task", field="data.columns.id")
         task["ids"][identifier] = row
         task["rows"].append(row)
         if instructions is not None and isinstance(instructions[row], str) and instructions[row].strip():
@@ -236,11 +202,11 @@ def _group(table: Any, cfg: DataConfig, origin: str) -> dict[str, Any]:
                 and categories[row].strip():
             task["category"] = categories[row]
         if splits is not None:
-            value = str(splits[row])
+            value = _text(splits[row], at, row, "split")
             if task["split"] is None:
                 task["split"] = (value, row)
             elif task["split"][0] != value:
-                raise OrchmoeError(f"{origin}: rows {task['split'][1]} and {row}: task '{name}' is in split "
+                raise OrchmoeError(f"{at.where(task['split'][1])} and {at.where(row)}: task '{name}' is in split "
                                    f"'{task['split'][0]}' and '{value}'; a task belongs to one split",
                                    field="data.columns.split")
     for task in tasks.values():  # the id of each row, in row order; the id index is not needed any more
@@ -249,11 +215,11 @@ def _group(table: Any, cfg: DataConfig, origin: str) -> dict[str, Any]:
             "inputs": inputs, "outputs": outputs}
 
 
-def _instances(loaded: dict[str, Any], name: str, origin: str, positions: Iterable[int]) -> list[Instance]:
-    """The instances at ``positions`` among task ``name``'s rows."""
+def _instances(loaded: dict[str, Any], name: str, positions: Iterable[int]) -> list[Instance]:
+    """The instances at ``positions`` among task ``name``'s rows (checked when the rows were grouped)."""
     task, inputs, outputs = loaded["tasks"][name], loaded["inputs"], loaded["outputs"]
     rows, ids = task["rows"], task["ids"]
-    return [Instance(ids[i], inputs[rows[i]], _references(outputs[rows[i]], origin, rows[i])) for i in positions]
+    return [Instance(ids[i], inputs[rows[i]], list(_as_list(outputs[rows[i]]))) for i in positions]
 
 
 def _task(loaded: dict[str, Any], name: str, origin: str, positions: Iterable[int]) -> SNITask:
@@ -261,7 +227,7 @@ def _task(loaded: dict[str, Any], name: str, origin: str, positions: Iterable[in
     task = loaded["tasks"][name]
     return SNITask(name=name, path=Path(origin), categories=[task["category"] or UNCATEGORISED],
                    definition=[task["instruction"]] if task["instruction"] else [], positive_examples=[],
-                   negative_examples=[], instances=_instances(loaded, name, origin, positions), languages={},
+                   negative_examples=[], instances=_instances(loaded, name, positions), languages={},
                    n_available=len(task["rows"]))
 
 
@@ -270,6 +236,11 @@ def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dic
     tasks: dict[str, dict[str, Any]] = loaded["tasks"]
     names = list(tasks)
     if loaded["has_split"]:
+        given = "data.split_dir" if cfg.split_dir is not None else \
+            "data.heldout_tasks" if cfg.heldout_tasks is not None else None
+        if given is not None:  # two answers to which tasks are held out: one would be ignored without a word
+            raise OrchmoeError(f"{origin}: the split column '{cfg.columns.split}' already says which tasks are held "
+                               f"out; remove {given}, or the column", field=given)
         values = {cfg.train_value: "train", cfg.test_value: "test"}
         unknown = sorted({t["split"][0] for t in tasks.values()} - set(values))
         if unknown:
@@ -279,10 +250,9 @@ def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dic
         chosen = {split: tuple(n for n in names if values[tasks[n]["split"][0]] == split) for split in SPLITS}
         how = f"split column '{cfg.columns.split}'"
     elif cfg.split_dir is not None:
-        chosen = {split: _listed(cfg, split, names) for split in SPLITS}
-        how = f"task lists in {cfg.split_dir}"
+        chosen, how = _listed(cfg, names), f"task lists in {cfg.split_dir}"
     elif cfg.heldout_tasks is not None:
-        chosen, how = _stratified(tasks, cfg), f"data.heldout_tasks {cfg.heldout_tasks:g} (seed {cfg.seed})"
+        chosen, how = _stratified(tasks, cfg, origin), f"data.heldout_tasks {cfg.heldout_tasks:g} (seed {cfg.seed})"
     else:
         raise OrchmoeError("a table needs held-out tasks: a split column (data.columns.split), task lists "
                            "(data.split_dir with data.train_split / data.test_split), or data.heldout_tasks",
@@ -299,25 +269,24 @@ def _list_path(cfg: DataConfig, split: Split) -> Path:
     return Path(cfg.split_dir or ".") / (cfg.train_split if split == "train" else cfg.test_split)
 
 
-def _listed(cfg: DataConfig, split: Split, names: list[str]) -> tuple[str, ...]:
-    path = _list_path(cfg, split)
-    if not path.is_file():
-        raise OrchmoeError(f"'{path}' not found{not_found_hint(path, Path.is_file)}; list the {split} tasks there, one "
-                           "per line", field="data.split_dir")
-    listed = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    missing = [name for name in listed if name not in names]
-    if missing:
-        raise OrchmoeError(f"{path}: task '{missing[0]}' has no rows in the table ({len(missing)} listed task(s) "
-                           "missing)")
-    return tuple(n for n in names if n in set(listed))
+def _listed(cfg: DataConfig, names: list[str]) -> dict[Split, tuple[str, ...]]:
+    """The tasks the lists under ``data.split_dir`` name, in table order, checked as SNI's split files are."""
+    given_split_dir(cfg)
+    present = set(names)
+    listed = read_split_lists({split: _list_path(cfg, split) for split in SPLITS},
+                              lambda name: None if name in present else "has no rows in the table; fix the name")
+    return {split: tuple(n for n in names if n in set(listed[split])) for split in SPLITS}
 
 
-def _stratified(tasks: dict[str, dict[str, Any]], cfg: DataConfig) -> dict[Split, tuple[str, ...]]:
+def _stratified(tasks: dict[str, dict[str, Any]], cfg: DataConfig, origin: str) -> dict[Split, tuple[str, ...]]:
     """Hold out a share (or count) of the tasks, spread over categories in proportion, with ``cfg.seed``."""
     by_category: dict[str, list[str]] = {}
     for name, task in tasks.items():
         by_category.setdefault(task["category"] or UNCATEGORISED, []).append(name)
     share = cfg.heldout_tasks or 0.0
+    if share >= len(tasks):
+        raise OrchmoeError(f"{origin}: holds out {share:g} tasks of the table's {len(tasks)}; at most "
+                           f"{len(tasks) - 1} (or a share below 1)", field="data.heldout_tasks")
     total = round(share * len(tasks)) if share < 1 else int(share)
     total = min(max(total, 1), len(tasks) - 1)
     rng = random.Random(cfg.seed)
@@ -337,8 +306,6 @@ def export_table(layout: Any, path: Path) -> int:
     file order, with task, id, instruction (the definition), category, split, input and output (the references).
     Returns the number of rows. Demonstrations are not part of a table; prompts built from it equal the SNI
     ones without demonstrations (``data.num_pos_examples: 0``)."""
-    import datasets
-
     from orchmoe_cli.data.sni_task import read_task
 
     if path.suffix.lower() not in (".jsonl", ".parquet"):
@@ -350,11 +317,5 @@ def export_table(layout: Any, path: Path) -> int:
             definition = task.definition[0] if task.definition else ""
             rows += [{"task": name, "id": i.id, "instruction": definition, "category": task.category, "split": split,
                       "input": i.input, "output": list(i.output)} for i in task.instances]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = datasets.Dataset.from_list(rows)
-    with quiet_datasets():
-        if path.suffix.lower() == ".parquet":
-            table.to_parquet(str(path))
-        else:
-            table.to_json(str(path), lines=True, force_ascii=False)
+    write_table(rows, path)
     return len(rows)

@@ -1,0 +1,127 @@
+"""Table files are read one by one, cells as they are: a value in one file never changes another file's, CSV cells
+stay text, an edit is read again whatever its modification time, and every refusal names its file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchmoe_cli.data.data_config import ColumnMap, DataConfig
+from orchmoe_cli.data.sources import resolve
+from orchmoe_cli.data.tables import export_table
+from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.recipe import load_recipe
+
+
+def _rows(task: str, split: str, outputs: list[Any]) -> list[dict[str, Any]]:
+    return [{"task": task, "id": f"{task}-{i}", "input": f"in {i}", "output": out, "split": split}
+            for i, out in enumerate(outputs)]
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _references(source: Path, tmp_path: Path, **fields: Any) -> dict[str, list[list[str]]]:
+    cfg = DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), **fields)
+    found = resolve(cfg)
+    return {split: [i.output for name in found.tasks[split] for i in next(
+        task for task, _ in found.read_split(split, DataConfig(max_train_instances=99, seed=0))
+        if task.name == name).instances] for split in ("train", "test")}
+
+
+def test_a_number_in_one_file_of_a_folder_changes_no_other_file(tmp_path: Path) -> None:
+    """Each file's types are its own: the text answers of a.jsonl stay text, b.jsonl's number is refused there."""
+    folder = tmp_path / "tables"
+    _jsonl(folder / "a.jsonl", _rows("a", "train", ["out 0", "out 1"]))
+    _jsonl(folder / "b.jsonl", _rows("b", "test", ["out 0", 0.1]))
+    with pytest.raises(OrchmoeError, match=r"b\.jsonl: line 2: output is a float \(0\.1\)"):
+        _references(folder, tmp_path)
+    _jsonl(folder / "b.jsonl", _rows("b", "test", [["out 0", "zero"], "out 1"]))  # a list in one file, text in another
+    assert _references(folder, tmp_path) == {"train": [["out 0"], ["out 1"]], "test": [["out 0", "zero"], ["out 1"]]}
+
+
+def test_csv_cells_stay_text(tmp_path: Path) -> None:
+    """A CSV answer ``007`` is not the number 7 and ``NA`` is not missing; numeric ids are ids."""
+    path = tmp_path / "t.csv"
+    path.write_text('task,id,input,output,split\na,001,x,007,train\na,002,y,NA,train\nb,1,z,"0.10",test\n')
+    assert _references(path, tmp_path) == {"train": [["007"], ["NA"]], "test": [["0.10"]]}
+    (tmp_path / "dup.csv").write_text("task,input,input,output\na,x,y,z\n")
+    with pytest.raises(OrchmoeError, match=r"dup\.csv: line 1: column 'input' is named twice"):
+        resolve(DataConfig(source=str(tmp_path / "dup.csv"), cache_dir=str(tmp_path / "cache"))).tasks
+
+
+def test_an_edit_that_keeps_the_modification_time_is_read_again(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "t.jsonl", _rows("a", "train", ["old"]) + _rows("b", "test", ["old"]))
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert _references(path, tmp_path)["test"] == [["old"]]
+    _jsonl(path, _rows("a", "train", ["new"]) + _rows("b", "test", ["newer"]))  # cp -p, rsync -a, tar x
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert _references(path, tmp_path)["test"] == [["newer"]]
+
+
+def test_every_file_of_a_folder_has_the_same_columns(tmp_path: Path) -> None:
+    folder = tmp_path / "tables"
+    _jsonl(folder / "a.jsonl", _rows("a", "train", ["x"]))
+    _jsonl(folder / "b.jsonl", [{k: v for k, v in row.items() if k != "id"} for row in _rows("b", "test", ["y"])])
+    with pytest.raises(OrchmoeError, match=r"b\.jsonl: no column 'id', which .*a\.jsonl has"):
+        _references(folder, tmp_path)
+
+
+def test_task_lists_of_a_table_are_checked_as_sni_split_files(tmp_path: Path) -> None:
+    rows = [{k: v for k, v in r.items() if k != "split"} for r in _rows("a", "", ["x"]) + _rows("b", "", ["y"])]
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train_tasks.txt").write_text("a\nb\n")
+    (lists / "test_tasks.txt").write_text("b\n")
+    with pytest.raises(OrchmoeError, match=r"test_tasks\.txt: line 1: task 'b' is also in .*train_tasks\.txt"):
+        _references(path, tmp_path, split_dir=str(lists))
+    (lists / "train_tasks.txt").write_text("a\na\n")
+    with pytest.raises(OrchmoeError, match="line 2: task 'a' is listed twice"):
+        _references(path, tmp_path, split_dir=str(lists))
+    with pytest.raises(OrchmoeError, match=rf"is a file; .*did you mean data.split_dir={lists}\?"):
+        resolve(DataConfig(source=str(path), split_dir=str(lists / "train_tasks.txt")))
+
+
+def test_a_table_source_not_found_looks_nearby(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "data" / "sub" / "tasks.jsonl", _rows("a", "train", ["x"]))
+    with pytest.raises(OrchmoeError, match=r"table file '.*tasks\.jsnol' not found \(did you mean 'tasks\.jsonl'\?\)"):
+        resolve(DataConfig(source=str(tmp_path / "data" / "sub" / "tasks.jsnol")))
+    with pytest.raises(OrchmoeError, match=r"holds no table file, but .*sub do\(es\): did you mean data.source="):
+        resolve(DataConfig(source=str(tmp_path / "data")))
+    here = Path.cwd()
+    os.chdir(tmp_path)
+    try:  # owner/name with a local folder as owner, or a table suffix, is a path, never sent to the hub
+        with pytest.raises(OrchmoeError, match="table file 'data/tasks.jsonl' not found"):
+            resolve(DataConfig(source="data/tasks.jsonl"))
+    finally:
+        os.chdir(here)
+
+
+def test_a_column_has_one_role_and_a_named_column_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(OrchmoeError, match="data.columns.output .*column 'input' is already data.columns.input"):
+        load_recipe(None, ["data.columns.output=input"])
+    path = _jsonl(tmp_path / "t.jsonl", _rows("a", "train", ["x"]) + _rows("b", "test", ["y"]))
+    with pytest.raises(OrchmoeError, match="no column 'categroy'"):
+        _references(path, tmp_path, columns=ColumnMap(category="categroy"))
+
+
+def test_an_exported_table_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchmoe_cli.data.sni import resolve_source
+
+    def full_disk(self: Any, path: str, **kwargs: Any) -> None:
+        Path(path).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("datasets.Dataset.to_json", full_disk)
+    target = tmp_path / "new" / "deeper" / "t.jsonl"
+    with pytest.raises(OrchmoeError, match="no space left on the device"):
+        export_table(resolve_source(DataConfig()), target)
+    assert list(tmp_path.iterdir()) == []  # no half file, no folder it made

@@ -182,3 +182,46 @@ def test_a_mapping_override_sets_the_fields_it_names_and_keeps_the_others(tmp_pa
     assert (recipe.model.tiny.num_layers, recipe.model.tiny.hidden_size) == (3, 48)
     assert load_recipe(path, ["eval={}"]).eval.max_instances == 1  # an empty mapping changes nothing
     assert load_recipe(path, ["method.target_modules=[q_proj]"]).method.target_modules == ["q_proj"]  # lists replace
+
+
+def _list_fields(cls: type, prefix: str = "") -> list[tuple[str, type]]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    found = []
+    for spec in dataclasses.fields(cls):
+        hint = hints[spec.name]
+        if dataclasses.is_dataclass(hint):
+            found += _list_fields(hint, f"{prefix}{spec.name}.")
+            continue
+        lists = [h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is list]
+        if lists:
+            found.append((f"{prefix}{spec.name}", typing.get_args(lists[0])[0]))
+    return found
+
+
+def test_every_list_field_refuses_an_item_twice() -> None:
+    """Every list of a recipe names a set (tasks, steps, seeds, modules, trackers): an item twice is refused when
+    the recipe is read, naming the field."""
+    fields = _list_fields(Recipe)
+    assert len(fields) >= 9
+    for dotted, item in fields:
+        value = "[1, 1]" if item is int else "[same, same]"
+        with pytest.raises(OrchmoeError, match="is listed twice") as info:
+            load_recipe(None, [f"{dotted}={value}"])
+        assert info.value.field == dotted
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["train.steps=3", "train.steps=5"], "train.steps.*given twice \\('train.steps=3' and 'train.steps=5'\\)"),
+    (["eval={max_instances: 5}", "eval.max_instances=6"], "eval.max_instances.*given twice"),
+    (["eval={max_instances: 5, max_instances: 6}"], "key 'max_instances' repeats"),
+    ([".steps=3"], "expected section.field=value"),
+    (["train..steps=3"], "expected section.field=value"),
+    (["eval.tasks=[]"], "eval.tasks.*is empty"),
+])
+def test_a_field_is_set_once_on_the_command_line(overrides: list[str], words: str) -> None:
+    with pytest.raises(OrchmoeError, match=words):
+        load_recipe(None, overrides)
+    assert load_recipe(None, ["eval={max_instances: 5}", "eval.batch_size=3"]).eval.batch_size == 3

@@ -12,6 +12,7 @@ before anything heavy is imported.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -33,12 +34,12 @@ _ENV_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 # the files (glob patterns) that mark a directory as one command's output, including outputs of earlier versions
 OUTPUT_MARKS: dict[str, tuple[str, ...]] = {
-    "train": ("train_summary.json", "checkpoints", "metrics.jsonl"),
+    "train": ("checkpoints/step-*", "train_summary.json"),  # stopped before its first checkpoint: see output_of
     "adapt": ("sweep.json", "adapt_results.jsonl"),
     "eval": ("results.json", "predictions.jsonl", ".predictions.partial*.jsonl"),
     "inspect-routing": ("routing.json",),
     "export": ("orchmoe_export.json",),
-    "prepare": ("*/manifest.json", "tables/*/default-*"),  # a data.cache_dir: a folder per content hash, tables
+    "prepare": ("*/manifest.json", "tables/*/default-*", "tables/*/*/default-*"),  # a data.cache_dir (tables)
 }
 
 
@@ -95,13 +96,31 @@ def checkpoint_above(path: Path) -> Path | None:
     return None
 
 
+TRAIN_REWRITES = ("recipe.yaml", "train_summary.json", "loss_curve.png")  # what a run writes at its checkpoints
+# marks that are files a user may also name so: they count only when they hold these keys
+MARK_KEYS: dict[str, tuple[str, ...]] = {"train_summary.json": ("step", "adapter_checksums")}
+
+
+def _is_mark(found: Path) -> bool:
+    keys = MARK_KEYS.get(found.name)
+    if keys is None:
+        return True
+    try:
+        value = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and all(key in value for key in keys)
+
+
 def output_of(path: Path) -> str | None:
     """The command whose output ``path`` holds, judged by the files it writes; None when it holds none of them."""
     if not path.is_dir():
         return None
     for command, marks in OUTPUT_MARKS.items():
-        if any(next(path.glob(mark), None) is not None for mark in marks):
+        if any(next((found for found in path.glob(mark) if _is_mark(found)), None) is not None for mark in marks):
             return command
+    if (path / "metrics.jsonl").is_file() and not any((path / name).exists() for name in TRAIN_REWRITES):
+        return "train"  # a run stopped before its first checkpoint, which brings these files: go on there
     return None
 
 

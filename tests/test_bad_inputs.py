@@ -195,6 +195,15 @@ def recipe_file(text: str | bytes) -> Callable[[Env], None]:
     return setup
 
 
+def out_files(files: dict[str, str]) -> Callable[[Env], None]:
+    """The user's own files in the output directory (``{out}``)."""
+    def setup(env: Env) -> None:
+        env.out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (env.out / name).write_text(text)
+    return setup
+
+
 def task_bytes(data: bytes) -> Callable[[Env], None]:
     return lambda env: env.task.write_bytes(data)
 
@@ -522,6 +531,12 @@ CASES: list[Case] = [
     # ---- nothing lost, nothing silently wrong
     Case("train-rerun-over-a-run-without-resume", P("train", "train.steps=1"),
          ("{out}", "step-000001", "--resume"), "choose another output.dir", setup=previous_run()),
+    Case("train-over-a-users-recipe-and-log", P("train"), ("{out}", "did not write", "recipe.yaml"),
+         setup=out_files({"recipe.yaml": "# mine\n", "metrics.jsonl": '{"step": 0, "loss": 1.0}\n', "notes.txt": "x"})),
+    Case("train-over-a-users-summary", P("train"), ("{out}", "did not write", "train_summary.json"),
+         setup=out_files({"train_summary.json": '{"mine": true}'})),
+    Case("train-over-a-users-log", P("train"), ("{out}/metrics.jsonl", "line 1"), "not this run's metrics",
+         setup=out_files({"metrics.jsonl": "my own log\n"})),
     Case("resume-with-changed-lr", P("train", "--resume", "train.lr=0.5"), ("train.lr", "{out}/checkpoints/step-000001"),
          "train.lr=0.03", setup=previous_run()),
     Case("resume-with-changed-schedule", P("train", "--resume", "train.schedule=constant"), ("train.schedule",),

@@ -51,13 +51,15 @@ def test_orchmoe_prompts_from_arguments_carry_their_abstract_task(runs: dict[str
 
 def test_route_only_and_files_and_stdin(runs: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
     source = tmp_path / "prompts.jsonl"
-    source.write_text('{"id": "a", "input": "first"}\n{"id": "b", "input": "second", "note": 7}\n')
+    source.write_text('{"id": "a", "input": "first", "adapter": "mine"}\n{"id": "b", "input": "second", "note": 7}\n')
     out = tmp_path / "answers.jsonl"
     assert run_cli(["generate", str(runs["orchmoe"]), "--input", str(source), "--output", str(out),
                     "--route-only"]) == 0
     rows = _jsonl(out.read_text())
     assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["note"] == 7
     assert all("prediction" not in r and "adapter" in r for r in rows)
+    assert rows[0]["adapter"] == f"abstract_task_{rows[0]['abstract_task']}"  # computed fields win over the input's
+    assert "input field(s) adapter are written by generate" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("one line\n\nanother line\n"))
     capsys.readouterr()
     assert run_cli(["generate", str(runs["orchmoe"]), "--input", "-", "--raw", "eval.max_new_tokens=2"]) == 0
@@ -86,6 +88,7 @@ def test_base_model_needs_a_recipe_and_answers_with_it(runs: dict[str, Path], ca
 @pytest.mark.parametrize("args, expected", [
     (["x", "--task", "task001_alpha_q"], "did you mean 'task001_alpha_qa'"),
     ([], "no prompt"),
+    (["x", "  "], "prompt 2 on the command line is empty"),
     (["x", "--raw", "--instruction", "Answer briefly"], "--raw: --instruction, but --raw sends each text as it is"),
 ])
 def test_bad_generate_input_is_one_line(runs: dict[str, Path], args: list[str], expected: str, capsys) -> None:

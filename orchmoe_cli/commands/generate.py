@@ -60,6 +60,9 @@ def read_prompts(texts: list[str], input_file: str | None) -> list[Prompt]:
     JSON list), CSV / TSV rows with an ``input`` column (optional ``instruction``, ``task``, ``id``), or ``.txt``
     text with one prompt per non-empty line whatever it starts with; standard input and other files are JSON when
     they start as JSON does, else text. A byte-order mark (Excel's "CSV UTF-8") is not part of the text."""
+    blank = next((i for i, text in enumerate(texts) if not text.strip()), None)
+    if blank is not None:
+        raise OrchmoeError(f"prompt {blank + 1} on the command line is empty; give the text to answer")
     prompts = [Prompt(str(i), text) for i, text in enumerate(texts)]
     if input_file is None:
         if not prompts:
@@ -160,12 +163,13 @@ def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Pat
     for (row_task, row_instruction), members in groups.items():
         sni_task = SNITask(row_task or "prompt", Path("."), [""], [row_instruction] if row_instruction else [], [], [],
                            [Instance(p.id, p.input, []) for p in members], {}, len(members))
-        texts, ids, n_cut = encode_prompt_ids(sni_task, cfg, loaded.tokenizer, recipe.model.name,
-                                              loaded.is_encoder_decoder)
+        _, ids, n_cut = encode_prompt_ids(sni_task, cfg, loaded.tokenizer, recipe.model.name,
+                                          loaded.is_encoder_decoder)
         cut += n_cut
-        for prompt, text, prompt_ids in zip(members, texts, ids):
+        for prompt, prompt_ids in zip(members, ids):
             rows.append({"task": row_task or "", "id": prompt.id, "prompt_ids": prompt_ids})
-            shown[prompt.id] = text
+            # what the model reads: its special tokens in, a trailing space out, a long prompt's start cut
+            shown[prompt.id] = loaded.tokenizer.decode(prompt_ids)
     if cut:
         console.print(f"[yellow]warning:[/yellow] {cut} prompt(s) longer than data.max_source_length "
                       f"({cfg.max_source_length} tokens) lost their start, as prepare cuts them", highlight=False)
@@ -174,12 +178,17 @@ def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Pat
     predictions: dict[str, str] = {}
     if not route_only:
         predictions = _generate_with_progress(model, loaded, rows, recipe, task_index, console)
-    out = []
+    out, replaced = [], set()
     for prompt in prompts:
         row: dict[str, Any] = {"id": prompt.id, "input": prompt.input, "prompt": shown[prompt.id]}
         if not route_only:
             row["prediction"] = predictions[prompt.id]
-        out.append({**row, **routing.get(prompt.id, {}), **prompt.extra})
+        row.update(routing.get(prompt.id, {}))
+        replaced |= {key for key in prompt.extra if key in row and key != "id"}
+        out.append({**row, **{key: value for key, value in prompt.extra.items() if key not in row}})
+    if replaced:  # what this run computed wins over an input field of the same name (an earlier run's output)
+        console.print(f"[yellow]warning:[/yellow] input field(s) {', '.join(sorted(replaced))} are written by "
+                      "generate: the output has this run's values", highlight=False, soft_wrap=True)
     return out
 
 

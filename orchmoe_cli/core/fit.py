@@ -39,7 +39,7 @@ from orchmoe_cli.core.run_lock import RunLock
 from orchmoe_cli.core.sampling import TaskBatchSampler
 from orchmoe_cli.core.state_files import capture_rng, restore_rng
 from orchmoe_cli.core.steps import Batches, micro_step, validation_loss
-from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve
+from orchmoe_cli.core.training_log import MetricsLogger, plot_loss_curve, read_metrics
 from orchmoe_cli.data.rows import TaskRows
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write_json, atomic_write_text
@@ -91,6 +91,7 @@ def preflight(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
             raise OrchmoeError(f"the {TRACKERS[tracker]} package is not installed; pip install {TRACKERS[tracker]}, "
                                f"or leave {tracker} out", field="train.report_to")
     claim_directory(run_dir, "output.dir", "train")
+    read_metrics(run_dir / "metrics.jsonl")  # rows are appended to it and drawn from it: ours, or refused now
     existing = ckpt.step_directories(run_dir)
     # each refusal below first asks the run lock: a run still starting, not what the directory holds, may be why
     if not resume and cfg.resume != "auto" and existing:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from orchmoe_cli.core.figures import pyplot
+from orchmoe_cli.core.records import JsonLines, read_jsonl
 from orchmoe_cli.fsutil import json_text
 
 
@@ -20,6 +20,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._path = run_dir / "metrics.jsonl"
+        _read(self._path).repair()  # a line a kill cut short is dropped, so the next one stands on its own
         self._handle = self._path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
@@ -34,9 +35,14 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every logged row of a run's ``metrics.jsonl`` (none when there is none); a file that is not a run's metrics
+    is one line naming it and the line."""
+    return _read(path).records
+
+
+def _read(path: Path) -> JsonLines:
+    return read_jsonl(path, lambda row: None if "step" in row else "a metrics row has a step", cut_ok=True,
+                      fix="; it is not this run's metrics: move it, or choose another output.dir")
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:

@@ -171,7 +171,7 @@ def replica_checksum(model: AdaptedModel) -> str:
 
 
 def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, accelerator: Accelerator,
-            console: Console, required: bool, cfg: TrainConfig) -> tuple[int, int, Path | None]:
+            console: Console, required: bool, cfg: TrainConfig, recipe_yaml: str) -> tuple[int, int, Path | None]:
     """Restore adapter, optimizer, scheduler and this process's RNG from the newest complete checkpoint.
 
     Returns (step, batch index, checkpoint); (0, 0, None) when there is none and ``required`` is false."""
@@ -187,7 +187,7 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
                          f"{len(saved_tasks)} tasks in the checkpoint, {len(model.task_names)} now")
         raise OrchmoeError(f"{latest}: was trained on other tasks than this run's ({differing}); resume with the "
                            "same training tasks or choose another output.dir")
-    check_unchanged(latest, cfg)
+    check_unchanged(latest, cfg, recipe_yaml)
     check_saved_base(model.base, latest)
     state = ckpt.load_training_state(latest, optimizer, scheduler)
     model.load_adapter_state_dict(read_tensors(latest), str(latest))
@@ -237,7 +237,7 @@ def fit(model: AdaptedModel, rows: TaskRows, cfg: TrainConfig, run_dir: Path | N
         step, batch_index, latest = 0, 0, None
         if run_dir is not None and (resume or cfg.resume == "auto"):
             step, batch_index, latest = _resume(run_dir, model, optimizer, scheduler, accelerator, console,
-                                                required=resume, cfg=cfg)
+                                                required=resume, cfg=cfg, recipe_yaml=recipe_yaml)
         if step >= cfg.steps:  # nothing left to train: write nothing
             console.print(f"{latest} is at step {step}, train.steps is {cfg.steps}: nothing to do")
             return FitOutcome(run_dir, latest, step, False, is_main)

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from orchmoe_cli.core import checkpoint as ckpt
+from orchmoe_cli.core.records import first_difference
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.paths import user_path
 from orchmoe_cli.recipe import TrainConfig
@@ -20,16 +21,34 @@ _RESTORED_FIELDS = ("lr", "router_lr", "hypernetwork_lr", "weight_decay", "sched
 # what each schedule is also a function of: the scheduler is rebuilt from the recipe, so a linear decay would
 # jump to the learning rate of another length (a constant one does not depend on the length)
 _SCHEDULE_FIELDS = {"linear": ("steps",), "constant": ()}
+# data fields a resumed run may change: where the data is (it may have moved; the tasks are compared by name) and
+# what only the held-out tasks' evaluation reads
+_DATA_FIELDS_FREE = ("source", "split_dir", "cache_dir", "format", "max_test_instances", "max_pool_instances")
 # what a checkpoint written before a field existed was trained with
 _BEFORE_THE_FIELD = {"group_by_length": False}
 
 
-def check_unchanged(checkpoint: Path, cfg: TrainConfig) -> None:
-    """Resuming restores the optimizer and scheduler as saved: a changed setting they hold would be recorded
-    but not used, so it is refused, naming the field. ``train.steps`` counts only when training goes on past the
-    checkpoint's step (at or below it, nothing is trained)."""
+def check_unchanged(checkpoint: Path, cfg: TrainConfig, recipe_yaml: str = "") -> None:
+    """Resuming restores the optimizer and scheduler as saved, and goes on with the rows and adapters it
+    started with: a changed setting they hold would be recorded but not used (or used for part of the run only),
+    so it is refused, naming the field. ``train.steps`` counts only when training goes on past the checkpoint's
+    step (at or below it, nothing is trained). ``recipe_yaml``: the run's recipe now, for its method and data."""
     saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    train = saved.get("train") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        return
+    current = yaml.safe_load(recipe_yaml) if recipe_yaml else {}
+    for section in ("method", "data"):
+        was, now = saved.get(section), (current or {}).get(section)
+        if not isinstance(was, dict) or not isinstance(now, dict):
+            continue
+        kept = {name: value for name, value in now.items() if name in was and name not in _DATA_FIELDS_FREE}
+        found = first_difference(was, kept, f"{section}.")
+        if found is not None:
+            field, old, new = found
+            raise OrchmoeError(f"{field}: {new!r} differs from the {old!r} that {checkpoint} was trained with, and "
+                               f"resuming would not continue the same run; resume with {field}={old} or train "
+                               "afresh in another output.dir")
+    train = saved.get("train")
     if not isinstance(train, dict):
         return
     step = int(checkpoint.name.partition("-")[2])  # latest_checkpoint returns only step-NNNNNN directories

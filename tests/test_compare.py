@@ -192,6 +192,13 @@ def test_run_directories_are_searched_one_level_down_and_up(tmp_path: Path, caps
     assert "UNSET_RUNS_HOME is not set" in _refused([str(evaluation), "$UNSET_RUNS_HOME/x"], capsys)
     typo = _refused([str(evaluation), str(tmp_path / "runs" / "poly" / "eval-bse")], capsys)
     assert "no such file or directory (did you mean 'eval-base'?)" in typo, typo  # a close name beside it
+    step = tmp_path / "runs" / "poly" / "checkpoints" / "step-000020"  # a checkpoint: its evaluations, first
+    step.mkdir(parents=True)
+    line = _refused([str(evaluation), str(step)], capsys)
+    assert f"near it: {step.parent.parent / 'eval-step-000020-4567cdef'}, {step.parent.parent / 'eval-base'}" in line
+    folder = tmp_path / "files"  # a folder of predictions files (the study's layout): they are named
+    _write(folder / "lora.predictions.jsonl", _base_rows())
+    assert f"near it: {folder / 'lora.predictions.jsonl'}: pass one" in _refused([str(evaluation), str(folder)], capsys)
 
 
 def test_every_run_keeps_its_own_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from orchmoe_cli.core.records import read_jsonl
 from orchmoe_cli.core.results import check_vouched
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import distinct
-from orchmoe_cli.paths import claim_file, not_found_hint, user_path
+from orchmoe_cli.paths import claim_file, inside, listing, not_found_hint, user_path
 
 PREDICTIONS = "predictions.jsonl"  # what `orchmoe eval` writes into its evaluation directory
 FORMATS = ("table", "json", "csv", "markdown")
@@ -48,8 +48,23 @@ def find_predictions(path: Path) -> Path:
         return below[0] / PREDICTIONS
     if (path.parent / PREDICTIONS).is_file():
         return path.parent / PREDICTIONS
-    raise OrchmoeError(f"{path}: no {PREDICTIONS} in it, in a directory below it or in the one above ({_HOW}); "
-                       "pass an evaluation directory or a predictions JSONL file")
+    near = _evaluations_near(path)
+    hint = f"; near it: {listing(near)}: pass one of them" if near else ""
+    raise OrchmoeError(f"{path}: no {PREDICTIONS} in it, in a directory below it or in the one above ({_HOW})"
+                       f"{hint or '; pass an evaluation directory or a predictions JSONL file'}")
+
+
+def _evaluations_near(folder: Path) -> list[Path]:
+    """What ``folder`` may have meant: the JSONL files in it (``lora.predictions.jsonl`` ...), else the evaluation
+    directories beside it or beside its parent (a checkpoint's evaluations sit in its run, next to ``checkpoints/``)."""
+    files = sorted(p for p in folder.glob("*.jsonl") if p.is_file())
+    if files:
+        return files
+    for above in (folder.parent, folder.parent.parent):
+        found = inside(above, lambda d: d.is_dir() and (d / PREDICTIONS).is_file())
+        if found:  # a checkpoint's own evaluations first (eval-step-000002-*)
+            return sorted(found, key=lambda d: folder.name not in d.name)
+    return []
 
 
 def label_path(given: Path, found: Path) -> Path:

@@ -77,6 +77,24 @@ def test_no_checkpoint_names_what_is_near_and_says_train_only_when_nothing_is(
     assert str(caught.value).startswith(f"eval.checkpoint: {given} {expected}")
 
 
+def test_a_few_shot_sweep_names_its_cells_adapters_not_the_run_above(tree: Path, tmp_path: Path) -> None:
+    """A sweep's output (or its cells/ folder) holds the cells' adapters a level or two down; the run above is the
+    checkpoint before adaptation, so it is not offered."""
+    sweep = tmp_path / "run" / "adapt"
+    shutil.copytree(tree / "one" / "run" / "checkpoints", tmp_path / "run" / "checkpoints")
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    for target in (sweep, sweep / "cells"):
+        (sweep / "cells").mkdir(exist_ok=True)
+        with pytest.raises(OrchmoeError, match="few-shot sweep's output: its cells keep their adapters only with"):
+            find_checkpoint(target)
+    adapter = sweep / "cells" / "task-lora-k2-s1" / "adapter"
+    shutil.copytree(tree / "one" / "run" / "checkpoints" / STEP, adapter)
+    for target in (sweep, sweep / "cells"):
+        with pytest.raises(OrchmoeError, match=f"holds 1 few-shot cell adapter\\(s\\) \\({adapter}\\): name one"):
+            find_checkpoint(target)
+
+
 def test_checkpoint_commands_take_a_file_inside_a_checkpoint_and_refuse_in_one_line(tree: Path, tmp_path: Path,
                                                                                     capsys) -> None:
     out = tmp_path / "exported"

@@ -40,7 +40,8 @@ from orchmoe_cli.core.state_files import (
 )
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_directory, atomic_write_bytes, fsync_dir, json_text
-from orchmoe_cli.paths import CHECKPOINT_MANIFEST, checkpoint_above, inside, listing, not_found_hint, user_path
+from orchmoe_cli.paths import (CHECKPOINT_MANIFEST, checkpoint_above, inside, listing, not_found_hint, output_of,
+                               user_path)
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,10 @@ def find_checkpoint(path: Path, field: str | None = None, how_to_train: str = "o
     given = path
     path = user_path(path, field or str(given), option=field is None)
 
-    def error(text: str) -> OrchmoeError:
-        return OrchmoeError(text, field=field) if field is not None else OrchmoeError(f"{given}: {text}")
+    def error(text: str) -> OrchmoeError:  # the path named once: a text that starts with it needs no prefix
+        if field is not None or text.startswith((str(path), str(given))):
+            return OrchmoeError(text, field=field)
+        return OrchmoeError(f"{given}: {text}")
 
     train_first = f"; train one first ({how_to_train}) or point it at an adapter checkpoint or a run directory"
     if not path.exists():
@@ -285,7 +288,14 @@ def find_checkpoint(path: Path, field: str | None = None, how_to_train: str = "o
 
 
 def _checkpoints_beside(path: Path) -> str:
-    """The folder above ``path``, or else the folders beside it, that hold checkpoints, as a did-you-mean."""
+    """The adapters a few-shot sweep kept below ``path``, else the folder above it, or else the folders beside it,
+    that hold checkpoints, as a did-you-mean (a sweep's run above is not what its cells adapted)."""
+    kept = [k for k in sorted([*path.glob("cells/*/adapter"), *path.glob("*/adapter")]) if _holds_checkpoints(k)]
+    if kept:
+        return f"; it holds {len(kept)} few-shot cell adapter(s) ({listing([str(k) for k in kept])}): name one"
+    if "adapt" in (output_of(path), output_of(path.parent)):
+        return ("; it is a few-shot sweep's output: its cells keep their adapters only with `orchmoe adapt "
+                "--keep-adapters`, and the run it adapted is the one named by adapt.checkpoint")
     if _holds_checkpoints(path.parent):
         return f"; {path.parent} holds checkpoints: did you mean it?"
     beside = [entry for entry in inside(path.parent, _holds_checkpoints) if entry != path]

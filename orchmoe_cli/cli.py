@@ -221,7 +221,8 @@ def inspect_routing(
         from orchmoe_cli.paths import claim_directory, user_path
 
         path = find_checkpoint(user_path(checkpoint, "CHECKPOINT", option=True))
-        target = claim_directory(out or default_out_dir(path), "--out", "inspect-routing", option=True)
+        target = claim_directory(out or default_out_dir(path), "--out" if out else "the report folder (choose one with "
+                                 "--out)", "inspect-routing", option=True)
         quiet = Console(stderr=True, quiet=output_format != "table")
         report = inspect_checkpoint(path, recipe, quiet, tasks=task, layers=layer)
         written = write_report(report, target)

@@ -104,7 +104,8 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_text = f" (did you mean '{close[0]}'?)" if close else ""
-            raise OrchmoeError(f"'{value}' is not one of {', '.join(map(str, args))}{hint_text}", field=dotted)
+            given = "empty (null)" if value is None else f"'{value}'"
+            raise OrchmoeError(f"{given} is not one of {', '.join(map(str, args))}{hint_text}", field=dotted)
         return value
     if origin is list:
         if not isinstance(value, list):

@@ -53,10 +53,11 @@ def _two_tasks(n: int, seed: int) -> datasets.Dataset:
 
 
 def _train_and_classify(tmp_path: Path, overrides: list[str]) -> tuple[float, Counter, Counter, list[dict]]:
-    recipe = load_recipe(None, ["model.name=tiny-llama", "method.name=orchmoe", "method.rank=4", "method.n_skills=4",
-                                f"method.n_abstract_tasks={T}", "train.steps=40", "train.batch_size=8",
-                                "train.lr=0.01", "train.router_lr=0.1", "train.schedule=constant",
-                                "train.log_every=10", *overrides])
+    defaults = ["model.name=tiny-llama", "method.name=orchmoe", "method.rank=4", "method.n_skills=4",
+                f"method.n_abstract_tasks={T}", "train.steps=40", "train.batch_size=8", "train.lr=0.01",
+                "train.router_lr=0.1", "train.schedule=constant", "train.log_every=10"]
+    given = {item.partition("=")[0] for item in overrides}  # a field is set once
+    recipe = load_recipe(None, [d for d in defaults if d.partition("=")[0] not in given] + overrides)
     accelerator = make_accelerator(recipe.train, spec_of(recipe.method.name))
     model = attach_adapters(load_model(recipe.model).model, recipe.method, [])
     fit(model, TaskRows(_two_tasks(64, seed=0)), recipe.train, tmp_path, accelerator, pad_id=0, causal=True,

@@ -17,6 +17,7 @@ from orchmoe_cli.adapters.layer import WrappedLinear
 from orchmoe_cli.adapters.model import AdaptedModel
 from orchmoe_cli.adapters.peft_interop import export_lora
 from orchmoe_cli.adapters.placement import install
+from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_directory, atomic_write_json
 from orchmoe_cli.paths import claim_new_directory
 
@@ -57,7 +58,10 @@ def export_model(model: AdaptedModel, tokenizer: Any, source: Path, base_model: 
     return the manifest (with ``notes``). One routing fills ``out`` itself; several get a subdirectory each. The whole export is
     staged beside ``out`` and appears in one rename, so an interrupted export leaves nothing."""
     claim_new_directory(out, "--out", option=True)
-    routings = model.family.fixed_routings(model, tasks)  # a family's refusal comes before anything is written
+    try:  # a family's refusal comes before anything is written, naming the checkpoint
+        routings = model.family.fixed_routings(model, tasks)
+    except OrchmoeError as exc:
+        raise OrchmoeError(f"{source}: {exc}") from None
     single = len(routings) == 1
     entries = []
     with atomic_directory(out) as staging:

@@ -88,10 +88,13 @@ def prepare(
     with recipe_source(recipe, overrides or []):
         loaded = _load(recipe, overrides, show_config)
         if export_table is not None:
-            from orchmoe_cli.commands.prepare import export_table as run_export
             from orchmoe_cli.paths import claim_file
 
-            target = claim_file(export_table, "--export-table", option=True)
+            from orchmoe_cli.data.table_files import check_table_name
+
+            target = check_table_name(claim_file(export_table, "--export-table", option=True))  # before torch
+            from orchmoe_cli.commands.prepare import export_table as run_export
+
             console.print(f"wrote {run_export(loaded, target):,} rows to {target}", highlight=False)
             return
         from orchmoe_cli.analysis.terminal_tables import prepared_table

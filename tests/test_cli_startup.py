@@ -80,6 +80,22 @@ def test_bad_recipe_fails_in_one_line_without_heavy_imports(tmp_path: Path) -> N
     assert run.heavy == []
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["train.steps=3", "train.steps=4"], "given twice"),
+    (["eval.tasks=[a, a]"], "listed twice"),
+    (["data.languages=[]"], "is empty"),
+    (["data.columns.output=input"], "a column has one role"),
+    (["--export-table", "t.csv"], "written as .jsonl or .parquet"),
+    (["--export-table", "recipe.yaml"], "already exists"),
+])
+def test_recipe_and_option_refusals_wait_for_no_heavy_library(args: list[str], words: str, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    run = _run_cli(tmp_path, "prepare", str(recipe), *args)
+    assert run.code == 2 and words in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.heavy == []
+
+
 @pytest.mark.parametrize("module", ["eval", "generate", "prepare", "inspect_routing", "compare", "export"])
 def test_commands_that_do_not_export_leave_peft_unimported(module: str, tmp_path: Path) -> None:
     """peft imports bitsandbytes when it is installed (about a second): only exporting needs it (`train` and

@@ -166,6 +166,13 @@ def _csv_header(path: Path, delimiter: str) -> list[str]:
     return header
 
 
+def check_table_name(path: Path) -> Path:
+    """A table is written as ``.jsonl`` or ``.parquet``."""
+    if path.suffix.lower() not in (".jsonl", ".parquet"):
+        raise OrchmoeError(f"{path}: the table is written as .jsonl or .parquet")
+    return path
+
+
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     """``rows`` as one ``.jsonl`` or ``.parquet`` file, written whole or not at all (a full disk leaves nothing)."""
     import datasets

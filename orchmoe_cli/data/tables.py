@@ -23,7 +23,7 @@ from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import (SPLITS, Split, given_split_dir, hash_file, pool_positions, read_split_lists,
                                   sample_positions)
 from orchmoe_cli.data.sni_task import Instance, SNITask
-from orchmoe_cli.data.table_files import TablePart, read_parts, write_table
+from orchmoe_cli.data.table_files import TablePart, check_table_name, read_parts, write_table
 from orchmoe_cli.errors import OrchmoeError
 
 UNCATEGORISED = "uncategorized"
@@ -308,8 +308,7 @@ def export_table(layout: Any, path: Path) -> int:
     ones without demonstrations (``data.num_pos_examples: 0``)."""
     from orchmoe_cli.data.sni_task import read_task
 
-    if path.suffix.lower() not in (".jsonl", ".parquet"):
-        raise OrchmoeError(f"{path}: the table is written as .jsonl or .parquet")
+    check_table_name(path)
     rows = []
     for split in SPLITS:
         for name in layout.tasks[split]:

@@ -11,7 +11,6 @@ import logging
 import signal
 import sys
 import traceback
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -40,7 +39,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).", show_default=False)]
+RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file (see recipes/).", show_default=False)]
 OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(help="Dotted overrides applied after the file, e.g. eval.max_instances=20.", show_default=False),
@@ -64,7 +63,7 @@ def _root(
     """Multi-task PEFT with modular adapters, evaluated on Super-NaturalInstructions."""
 
 
-def _load(recipe_path: Path, overrides: list[str] | None, show_config: bool, writes: str | None = None) -> Recipe:
+def _load(recipe_path: str, overrides: list[str] | None, show_config: bool, writes: str | None = None) -> Recipe:
     """The resolved recipe (checked by :func:`commands.common.load_checked`); ``--show-config`` prints it.
     Called inside the command's ``recipe_source(recipe_path, overrides)``, which names the file, or the command
     line, in field errors."""
@@ -79,7 +78,7 @@ def prepare(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     show_config: ShowConfig = False,
-    export_table: Annotated[Optional[Path], typer.Option(
+    export_table: Annotated[Optional[str], typer.Option(
         "--export-table", help="Write the recipe's SNI tasks as one table (.jsonl or .parquet: task, id, instruction, "
                                "category, split, input, output) instead of preparing them.")] = None,
 ) -> None:
@@ -200,16 +199,16 @@ def adapt(
 
 @app.command("inspect-routing")
 def inspect_routing(
-    checkpoint: Annotated[Path, typer.Argument(help="Adapter checkpoint, or a run directory (its newest one).",
+    checkpoint: Annotated[str, typer.Argument(help="Adapter checkpoint, or a run directory (its newest one).",
                                                show_default=False)],
-    data: Annotated[Optional[Path], typer.Option(
+    data: Annotated[Optional[str], typer.Option(
         "--data", help="Recipe whose data adds SNI categories and, for orchmoe, the classifier's view of every "
                        "real task (training and held-out); its model is loaded for that.")] = None,
     task: Annotated[Optional[list[str]], typer.Option("--task", help="Only these rows (tasks or abstract-N).")] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Only layers matching (e.g. 3 or "
                                                                        "layers.3.self_attn.q_proj).")] = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv on standard output.")] = "table",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Directory for routing.json, routing.csv and the "
+    out: Annotated[Optional[str], typer.Option("--out", help="Directory for routing.json, routing.csv and the "
                                                               "PNG figures (default: routing-<checkpoint> in the "
                                                               "run directory).")] = None,
 ) -> None:
@@ -223,9 +222,12 @@ def inspect_routing(
         from orchmoe_cli.core.checkpoint import find_checkpoint
         from orchmoe_cli.paths import claim_directory, user_path
 
+        given = out is not None  # an empty --out is refused, not taken for the default
+        if given:
+            user_path(out, "--out", option=True)  # before the checkpoint is looked for
         path = find_checkpoint(user_path(checkpoint, "CHECKPOINT", option=True))
-        target = claim_directory(out or default_out_dir(path), "--out" if out else "the report folder (choose one with "
-                                 "--out)", "inspect-routing", option=True)
+        target = claim_directory(out if given else default_out_dir(path), "--out" if given else "the report folder "
+                                 "(choose one with --out)", "inspect-routing", option=True)
         quiet = Console(stderr=True, quiet=output_format != "table")
         report = inspect_checkpoint(path, recipe, quiet, tasks=task, layers=layer)
         written = write_report(report, target)
@@ -248,7 +250,7 @@ def inspect_routing(
 CheckpointArg = Annotated[str, typer.Argument(
     help="Adapter checkpoint, a run directory (its newest checkpoint), or none (the base model; needs --recipe).",
     show_default=False)]
-RecipeOption = Annotated[Optional[Path], typer.Option(
+RecipeOption = Annotated[Optional[str], typer.Option(
     "--recipe", help="Recipe to use instead of the one saved with the checkpoint (model, prompt format, eval.*).")]
 @app.command()
 def generate(
@@ -296,7 +298,7 @@ def export(
     checkpoint: CheckpointArg,
     to: Annotated[str, typer.Option("--to", help="peft (LoRA adapters PeftModel loads) or merged (full models "
                                                  "transformers loads).")],
-    out: Annotated[Path, typer.Option("--out", help="New directory to write (refused if it holds anything).")],
+    out: Annotated[str, typer.Option("--out", help="New directory to write (refused if it holds anything).")],
     task: Annotated[Optional[list[str]], typer.Option("--task", help="Task-routed methods: the tasks to export "
                                                                      "(repeatable).")] = None,
     all_tasks: Annotated[bool, typer.Option("--all-tasks", help="Task-routed methods: every training "

@@ -144,3 +144,21 @@ def test_labels_are_told_apart_without_taking_another_name() -> None:
 
     assert distinct(["a", "a", "a#2"]) == ["a", "a#3", "a#2"]
     assert unique_names(["x y", "x_y", "x_y-2"]) == ["x_y", "x_y-3", "x_y-2"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", ""], ["prepare", "{recipe}", "--export-table", ""], ["inspect-routing", ""],
+    ["inspect-routing", "{run}", "--out", ""], ["inspect-routing", "{run}", "--data", ""], ["generate", "", "hi"],
+    ["generate", "{run}", "hi", "--recipe", ""], ["export", "{run}", "--to", "peft", "--out", ""],
+    ["compare", "", "{run}"],
+])
+def test_an_empty_path_argument_is_refused_not_read_as_this_folder(argv: list[str], tmp_path: Path, capsys) -> None:
+    """An empty path is not the current folder (typer's Path('') is '.'): every path argument says it is empty."""
+    from cli_runner import run_cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: tiny-llama}\n")
+    filled = [a.replace("{recipe}", str(recipe)).replace("{run}", str(tmp_path)) for a in argv]
+    assert run_cli(filled) == 2
+    err = capsys.readouterr().err
+    assert "is empty" in err and len(err.strip().splitlines()) == 1, err

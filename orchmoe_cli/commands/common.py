@@ -10,7 +10,7 @@ from pathlib import Path
 
 from orchmoe_cli.data.sources import resolve
 from orchmoe_cli.errors import OrchmoeError
-from orchmoe_cli.paths import claim_directory, claim_parent
+from orchmoe_cli.paths import claim_directory, claim_parent, user_path
 from orchmoe_cli.recipe import Recipe, load_recipe, override_sets
 
 RECIPE_FILE = "recipe.yaml"  # what training writes into every checkpoint
@@ -28,7 +28,7 @@ def claim_outputs(recipe: Recipe, command: str) -> Path:
     return claim_parent(recipe.eval_parent_dir, "eval.output_dir" if recipe.eval.output_dir else "output.dir")
 
 
-def load_checked(recipe_path: Path, overrides: list[str], writes: str | None = None) -> Recipe:
+def load_checked(recipe_path: str | Path, overrides: list[str], writes: str | None = None) -> Recipe:
     """The resolved recipe (every path field through the one resolver), with its data location and the directory
     the command ``writes`` (train, eval or adapt) checked."""
     recipe = load_recipe(recipe_path, overrides)
@@ -85,7 +85,7 @@ def saved_recipe(checkpoint: Path, needs: str, overrides: Sequence[str] = ()) ->
                        f"{needs}")
 
 
-def checkpoint_recipe(checkpoint: Path | None, recipe_path: Path | None, overrides: list[str]) -> Recipe:
+def checkpoint_recipe(checkpoint: Path | None, recipe_path: str | Path | None, overrides: list[str]) -> Recipe:
     """``--recipe`` when given (then the only source: the base model for ``none``), else the checkpoint's own."""
     if recipe_path is not None:
         return load_recipe(recipe_path, overrides)
@@ -93,13 +93,15 @@ def checkpoint_recipe(checkpoint: Path | None, recipe_path: Path | None, overrid
     return saved_recipe(checkpoint, "pass --recipe RECIPE (the one it was trained with)", overrides)
 
 
-def resolve_target(checkpoint: str, recipe_path: Path | None, overrides: list[str]) -> tuple[Path | None, Recipe]:
+def resolve_target(checkpoint: str, recipe_path: str | Path | None, overrides: list[str]) -> tuple[Path | None, Recipe]:
     """(the checkpoint, or None for the base model, and the recipe to use)."""
+    if recipe_path is not None:  # checked before the checkpoint is looked for
+        user_path(recipe_path, "--recipe", option=True)
     if checkpoint.strip().lower() == "none":
         if recipe_path is None:
             raise OrchmoeError("none: the base model needs --recipe RECIPE to say which model and prompt format")
         return None, checkpoint_recipe(None, recipe_path, overrides)
     from orchmoe_cli.core.checkpoint import find_checkpoint  # torch: only once a checkpoint is needed
 
-    path = find_checkpoint(Path(checkpoint), how_to_train="orchmoe train RECIPE")
+    path = find_checkpoint(checkpoint, how_to_train="orchmoe train RECIPE")  # an empty one is refused
     return path, checkpoint_recipe(path, recipe_path, overrides)

@@ -13,7 +13,7 @@ from orchmoe_cli.paths import claim_new_directory
 FORMATS = ("peft", "merged")
 
 
-def export(checkpoint: str, to: str, tasks: list[str], all_tasks: bool, out: Path, recipe_path: Path | None,
+def export(checkpoint: str, to: str, tasks: list[str], all_tasks: bool, out: Path, recipe_path: str | Path | None,
            overrides: list[str]) -> dict[str, Any]:
     """Export ``checkpoint`` to ``out``; every option is checked before the model is loaded."""
     if to not in FORMATS:

@@ -260,14 +260,14 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer,
     return TrainingState(root, trainer["step"], trainer["sampler_state"], rng, trainer["extra"])
 
 
-def find_checkpoint(path: Path, field: str | None = None, how_to_train: str = "orchmoe train RECIPE") -> Path:
+def find_checkpoint(path: str | Path, field: str | None = None, how_to_train: str = "orchmoe train RECIPE") -> Path:
     """The adapter checkpoint ``path`` names (verified when it has a manifest): itself, the one it lies inside, or
     the newest complete one below it (a run directory, its ``checkpoints/``, a folder holding one run). Not
     finding one is an error of the recipe ``field`` that named ``path`` or, without a field (a command-line
     argument), one that starts with ``path`` as given; it names what lies one level up or down, and says "train
     one first" only when nothing does."""
     given = path
-    path = user_path(path, field or str(given), option=field is None)
+    path = user_path(path, field or str(given) or "CHECKPOINT", option=field is None)
 
     def error(text: str) -> OrchmoeError:  # the path named once: a text that starts with it needs no prefix
         if field is not None or text.startswith((str(path), str(given))):

@@ -29,7 +29,7 @@ FIRST_LINE = {".jsonl": 1, ".csv": 2, ".tsv": 2}  # the line of a file's first r
 
 
 def table_files(path: Path) -> list[Path]:
-    """The table files a source path names: the file itself, or those of a directory (one format)."""
+    """The table files a source path names: the file itself, or those of a directory (each read on its own)."""
     if path.is_file():
         return [path] if path.suffix.lower() in BUILDERS else []
     if path.is_dir():

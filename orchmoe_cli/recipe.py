@@ -53,7 +53,8 @@ class ModelConfig:
     cache_dir: str | None = _f(None, "where converted weights are cached (default ~/.cache/orchmoe)", path="dir")
     quantization: Literal["none", "8bit", "4bit"] = _f(
         "none", "load the base model's linear layers quantised by bitsandbytes (4bit: QLoRA's NF4 with double "
-        "quantisation and bf16 compute; 8bit: LLM.int8); adapters stay float32. Export folds into the "
+        "quantisation, computing in float16 for a float16 base, else bf16; 8bit: LLM.int8); adapters stay "
+        "float32. Export folds into the "
         "unquantised weights")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "sizes of tiny-t5 / tiny-llama"})
 

@@ -57,3 +57,12 @@ def test_qlora_trains_evaluates_generates_and_exports_on_cpu(sni_dir: Path, tmp_
     assert run_cli(["export", str(run), "--to", "peft", "--out", str(out)]) == 0
     manifest = json.loads((out / "orchmoe_export.json").read_text())
     assert "unquantised" in manifest["trained_on"]
+
+
+def test_4bit_computes_in_the_bases_half_dtype() -> None:
+    """NF4 weights compute in float16 where the base is float16 (GPUs without native bf16), in bf16 otherwise."""
+    from orchmoe_cli.core.base_models import quantization_config
+
+    half = quantization_config(load_recipe(None, ["model.quantization=4bit", "model.dtype=float16"]).model)
+    full = quantization_config(load_recipe(None, ["model.quantization=4bit", "model.dtype=float32"]).model)
+    assert half.bnb_4bit_compute_dtype == torch.float16 and full.bnb_4bit_compute_dtype == torch.bfloat16

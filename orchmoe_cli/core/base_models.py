@@ -317,14 +317,15 @@ def _same_device(found: torch.device, target: torch.device) -> bool:
 
 def quantization_config(cfg: ModelConfig) -> Any:
     """bitsandbytes settings for ``model.quantization`` (None for none): QLoRA's NF4 with double quantisation and
-    bf16 compute, or LLM.int8."""
+    half-precision compute (``model.dtype`` when it is float16 or bfloat16, else bf16), or LLM.int8."""
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    if cfg.quantization == "4bit":
+    if cfg.quantization == "4bit":  # computes in the base's half dtype (float16 on GPUs without native bf16)
+        compute = resolve_dtype(cfg.dtype)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+                                  bnb_4bit_compute_dtype=torch.bfloat16 if compute == torch.float32 else compute)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 

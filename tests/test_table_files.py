@@ -58,6 +58,7 @@ def test_csv_cells_stay_text(tmp_path: Path) -> None:
 
 
 def test_an_edit_that_keeps_the_modification_time_is_read_again(tmp_path: Path) -> None:
+    """Local tables are read, not cached: an edit that keeps the file's time is seen."""
     path = _jsonl(tmp_path / "t.jsonl", _rows("a", "train", ["old"]) + _rows("b", "test", ["old"]))
     os.utime(path, (1_000_000_000, 1_000_000_000))
     assert _references(path, tmp_path)["test"] == [["old"]]
@@ -66,12 +67,36 @@ def test_an_edit_that_keeps_the_modification_time_is_read_again(tmp_path: Path) 
     assert _references(path, tmp_path)["test"] == [["newer"]]
 
 
-def test_every_file_of_a_folder_has_the_same_columns(tmp_path: Path) -> None:
+def test_files_of_a_folder_agree_on_ids_and_splits_not_on_instructions(tmp_path: Path) -> None:
     folder = tmp_path / "tables"
-    _jsonl(folder / "a.jsonl", _rows("a", "train", ["x"]))
+    _jsonl(folder / "a.jsonl", [{**row, "instruction": "Do it."} for row in _rows("a", "train", ["x"])])
+    _jsonl(folder / "b.jsonl", _rows("b", "test", ["y"]))
+    assert _references(folder, tmp_path) == {"train": [["x"]], "test": [["y"]]}
     _jsonl(folder / "b.jsonl", [{k: v for k, v in row.items() if k != "id"} for row in _rows("b", "test", ["y"])])
     with pytest.raises(OrchmoeError, match=r"b\.jsonl: no column 'id', which .*a\.jsonl has"):
         _references(folder, tmp_path)
+
+
+def test_csv_rows_keep_their_lines_and_pandas_index_columns_are_left_out(tmp_path: Path) -> None:
+    """``DataFrame.to_csv`` writes an unnamed index column; a quoted cell may span lines; a blank answer is refused
+    (it would score an empty prediction as right)."""
+    path = tmp_path / "t.csv"
+    path.write_text(',task,input,output,split\n0,a,"two\nlines",x,train\n1,b,y,z,1\n')
+    found = resolve(DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), test_value="1"))
+    assert found.tasks == {"train": ("a",), "test": ("b",)}
+    path.write_text(',task,input,output,split\n0,a,"two\nlines",x,train\n1,b,y,,test\n')
+    with pytest.raises(OrchmoeError, match=r"t\.csv: line 4: output is empty"):
+        resolve(DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"))).tasks
+
+
+def test_parquet_splits_may_be_integers(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"task": ["a", "b"], "input": ["x", "y"], "output": [["p"], ["q", "r"]],
+                             "split": [0, 1]}), path)
+    assert _references(path, tmp_path, train_value="0", test_value="1") == {"train": [["p"]], "test": [["q", "r"]]}
 
 
 def test_task_lists_of_a_table_are_checked_as_sni_split_files(tmp_path: Path) -> None:
@@ -105,12 +130,19 @@ def test_a_table_source_not_found_looks_nearby(tmp_path: Path) -> None:
         os.chdir(here)
 
 
-def test_a_column_has_one_role_and_a_named_column_must_exist(tmp_path: Path) -> None:
+def test_task_input_and_output_are_three_columns_and_a_named_column_must_exist(tmp_path: Path) -> None:
     with pytest.raises(OrchmoeError, match="data.columns.output .*column 'input' is already data.columns.input"):
         load_recipe(None, ["data.columns.output=input"])
+    assert load_recipe(None, ["data.columns.task=category"]).data.columns.category == "category"  # as it was
     path = _jsonl(tmp_path / "t.jsonl", _rows("a", "train", ["x"]) + _rows("b", "test", ["y"]))
     with pytest.raises(OrchmoeError, match="no column 'categroy'"):
         _references(path, tmp_path, columns=ColumnMap(category="categroy"))
+    rows = [{**row, "split": "not a split"} for row in _rows("a", "train", ["x"])]  # null: the column is not read
+    _jsonl(tmp_path / "lists" / "train_tasks.txt", []).write_text("a\n")
+    (tmp_path / "lists" / "test_tasks.txt").write_text("b\n")
+    path = _jsonl(tmp_path / "t.jsonl", rows + [{**row, "split": "x"} for row in _rows("b", "", ["y"])])
+    assert _references(path, tmp_path, columns=ColumnMap(split=None), split_dir=str(tmp_path / "lists")) == \
+        {"train": [["x"]], "test": [["y"]]}
 
 
 def test_an_exported_table_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

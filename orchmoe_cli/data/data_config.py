@@ -20,24 +20,27 @@ class ColumnMap:
     input: str = _f("input", "column with the instance input (required)")
     output: str = _f("output", "column with the reference answer: a string or a list of acceptable references "
                      "(required)")
-    instruction: str = _f("instruction", "column with the task's instruction (the SNI definition), per row or per "
-                          "task: the first non-empty one of a task is used; optional")
-    category: str = _f("category", "column with the task's category (grouped metrics, inspect-routing); optional")
-    id: str = _f("id", "column with an instance id, unique within its task; optional (a stable id is made from "
-                 "task, input and position)")
-    split: str = _f("split", "column saying whether a row's task is held out (see train_value / test_value); "
-                    "optional")
+    instruction: str | None = _f("instruction", "column with the task's instruction (the SNI definition), per row or "
+                                 "per task: the first non-empty one of a task is used; optional (null: none)")
+    category: str | None = _f("category", "column with the task's category (grouped metrics, inspect-routing); "
+                              "optional (null: none)")
+    id: str | None = _f("id", "column with an instance id, unique within its task; optional (a stable id is made from "
+                        "task, input and position; null: always made)")
+    split: str | None = _f("split", "column saying whether a row's task is held out (see train_value / test_value); "
+                           "optional (null: held-out tasks from task lists or heldout_tasks)")
 
     def __post_init__(self) -> None:
-        """One column, one role: a column named twice would feed the answer back as the input, or the like."""
+        """The task, the input and the output are three columns: one named twice would feed the answer back as the
+        input, or the like. (An optional role may read a required one's column: a category that is the task.)"""
         seen: dict[str, str] = {}
         for role, column in vars(self).items():
-            if not column.strip():
-                raise FieldError(role, "names no column")
-            if column in seen:
-                raise FieldError(role, f"column '{column}' is already data.columns.{seen[column]}; a column has one "
-                                       "role")
-            seen[column] = role
+            if column is not None and not column.strip():
+                raise FieldError(role, "names no column (null: none)")
+            if role in ("task", "input", "output"):
+                if column in seen:
+                    raise FieldError(role, f"column '{column}' is already data.columns.{seen[column]}; the task, "
+                                           "input and output are three columns")
+                seen[column] = role
 
 
 @dataclass

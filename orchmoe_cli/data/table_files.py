@@ -1,31 +1,31 @@
-"""Reading and writing table files (JSONL / JSON / CSV / TSV / Parquet, or a hub dataset) with 🤗 ``datasets``.
+"""Reading and writing table files (JSONL / JSON / CSV / TSV / Parquet, or a hub dataset).
 
-Each file is read on its own, so a column's type is inferred per file (a number in one file cannot turn another
-file's answers into JSON text when the schemas are merged), every error names its file and line, and CSV cells
-stay text (``007`` is not the number 7, ``NA`` is not missing). ``datasets`` caches a file by path and
-modification time; the cache here is also keyed by the file's bytes, so an edit that keeps the time (``cp -p``,
-``rsync -a``, an unpacked archive) is read again.
+Local files are read one by one with the standard library's ``json`` and ``csv`` and with pyarrow's Parquet
+reader, cell by cell as they are: a value's type is its own (a number in one file cannot turn another file's
+answers into JSON text, as a merged schema would), CSV cells stay text (``007`` is not the number 7, ``NA`` is
+not missing), every error names its file and line, and nothing is cached, so an edit is always read (a cache
+keyed by modification time missed one that kept it: ``cp -p``, ``rsync -a``). A hub dataset is read with
+🤗 ``datasets``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
+import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.data.sni import hash_file
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import atomic_write
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 ROLES = ("task", "input", "output", "id", "instruction", "category", "split")
 REQUIRED = ("task", "input", "output")
-FIRST_LINE = {".jsonl": 1, ".csv": 2, ".tsv": 2}  # the line of a file's first row; other formats count rows
 
 
 def table_files(path: Path) -> list[Path]:
@@ -68,48 +68,152 @@ class TablePart:
     origin: str
     columns: dict[str, list[Any] | None]
     n_rows: int
-    first_line: int | None  # the file line of row 0; None where rows are not lines
+    lines: list[int] | None = None  # each row's line in the file (JSONL, CSV); None where rows are not lines
     fingerprint: str = ""
 
     def where(self, row: int) -> str:
         """``file: line N`` (JSONL, CSV) or ``file: row N`` (1-based), for messages."""
-        if self.first_line is None:
+        if self.lines is None:
             return f"{self.origin}: row {row + 1}"
-        return f"{self.origin}: line {row + self.first_line}"
+        return f"{self.origin}: line {self.lines[row]}"
 
 
 def read_parts(cfg: DataConfig, files: list[Path], hub_id: str | None) -> list[TablePart]:
     """Every file (or the hub dataset) read, with the recipe's column map applied and checked."""
-    cache = Path(cfg.cache_dir).expanduser() / "tables"
     if hub_id is not None:
-        return [_part(hub_id, lambda: _load_hub(cfg, hub_id, cache), cfg, None)]
-    return [_part(str(path), lambda path=path: _load_file(path, cache), cfg, FIRST_LINE.get(path.suffix.lower()))
-            for path in files]
+        return [_hub_part(cfg, hub_id)]
+    return [_file_part(path, cfg) for path in files]
 
 
-def _part(origin: str, load: Any, cfg: DataConfig, first_line: int | None) -> TablePart:
+def _roles(names: list[str], origin: str, cfg: DataConfig) -> dict[str, str | None]:
+    """Each role's column in a table with columns ``names``: a required one, or one the recipe names, must be
+    there; an optional one left at its default may be absent (None)."""
+    found: dict[str, str | None] = {}
+    for role in ROLES:
+        name = getattr(cfg.columns, role)
+        if name is not None and name in names:
+            found[role] = name
+        elif name is not None and (role in REQUIRED or name != getattr(type(cfg.columns)(), role)):
+            raise OrchmoeError(f"{origin}: no column '{name}' (columns: {', '.join(names)}); map yours with "
+                               f"data.columns.{role}", field=f"data.columns.{role}")
+        else:
+            found[role] = None
+    return found
+
+
+def _file_part(path: Path, cfg: DataConfig) -> TablePart:
+    origin = str(path)
+    try:
+        if path.stat().st_size == 0:
+            raise OrchmoeError(f"{origin}: the file is empty", field="data.source")
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            return _parquet_part(path, cfg)
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise OrchmoeError(f"{origin}: is not UTF-8 text (byte {exc.start}); save it as UTF-8",
+                           field="data.source") from None
+    except OSError as exc:
+        raise OrchmoeError(f"{origin}: cannot be read ({exc.strerror})", field="data.source") from None
+    records = _csv_records(text, origin, "\t" if suffix == ".tsv" else ",") if BUILDERS[suffix] == "csv" else \
+        _json_records(text, origin)
+    wanted = {getattr(cfg.columns, role) for role in ROLES} - {None}
+    found: dict[str, list[Any]] = {name: [] for name in wanted}
+    names: dict[str, Any] = {}
+    lines: list[int] = []
+    for line, record in records:  # only the columns the recipe maps are kept, row by row
+        names.update(record)
+        for name, values in found.items():
+            values.append(record.get(name))
+        lines.append(line)
+    if not lines:
+        raise OrchmoeError(f"{origin}: the table has no rows", field="data.source")
+    roles = _roles(list(names), origin, cfg)
+    columns = {role: None if name is None else found[name] for role, name in roles.items()}
+    return TablePart(origin, columns, len(lines), None if lines[0] < 0 else lines)
+
+
+def _json_records(text: str, origin: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, object) of JSON Lines (blank lines skipped), or (-1, object) of a JSON list of objects."""
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise OrchmoeError(f"{origin}: not valid JSON ({exc})", field="data.source") from None
+        for row, record in enumerate(value if isinstance(value, list) else [value]):
+            if not isinstance(record, dict):
+                raise OrchmoeError(f"{origin}: row {row + 1}: expected a JSON object per row", field="data.source")
+            yield -1, record
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise OrchmoeError(f"{origin}: line {number}: not valid JSON ({exc})", field="data.source") from None
+        if not isinstance(record, dict):
+            raise OrchmoeError(f"{origin}: line {number}: expected a JSON object, got {type(record).__name__}",
+                               field="data.source")
+        yield number, record
+
+
+def _csv_records(text: str, origin: str, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, row) with every cell as text; a column without a name (pandas' index, a trailing comma) is left
+    out. A row's line is where it starts (a quoted cell may span lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, [])
+        named = [(i, name) for i, name in enumerate(header) if name.strip()]
+        names = [name for _, name in named]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if not names or repeated:
+            problem = f"column '{repeated[0]}' is named twice" if repeated else "the first line names no columns"
+            raise OrchmoeError(f"{origin}: line 1: {problem}; column names are unique", field="data.source")
+        start = reader.line_num + 1
+        for cells in reader:
+            if len(cells) > len(header) and any(cell.strip() for cell in cells[len(header):]):
+                raise OrchmoeError(f"{origin}: line {start}: {len(cells)} cells under {len(header)} column names",
+                                   field="data.source")
+            if any(cell.strip() for cell in cells):
+                yield start, {name: cells[i] if i < len(cells) else "" for i, name in named}
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise OrchmoeError(f"{origin}: line {reader.line_num}: not valid CSV ({exc})", field="data.source") from None
+
+
+def _parquet_part(path: Path, cfg: DataConfig) -> TablePart:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+        roles = _roles(list(schema.names), str(path), cfg)
+        table = pq.read_table(path, columns=sorted({name for name in roles.values() if name is not None}))
+    except OrchmoeError:
+        raise
+    except Exception as exc:  # pyarrow's errors for a damaged or foreign file: one line
+        raise _read_error(str(path), exc) from None
+    columns = {role: None if name is None else table.column(name).to_pylist() for role, name in roles.items()}
+    return TablePart(str(path), columns, table.num_rows)
+
+
+def _hub_part(cfg: DataConfig, hub_id: str) -> TablePart:
+    import datasets
+
+    cache = Path(cfg.cache_dir).expanduser() / "tables"
     with quiet_datasets():
         try:
-            table = load()
-            names = list(table.column_names)
-            columns = {role: _column(table, names, origin, cfg, role) for role in ROLES}
+            table = datasets.load_dataset(hub_id, name=cfg.hub_config, revision=cfg.revision, split=cfg.hub_split,
+                                          cache_dir=str(cache))
+            roles = _roles(list(table.column_names), hub_id, cfg)
+            columns = {role: None if name is None else table[name][:] for role, name in roles.items()}
         except OrchmoeError:
             raise
         except Exception as exc:  # datasets wraps parser and network errors in many types: one line each
-            raise _read_error(origin, exc) from None
+            raise _read_error(hub_id, exc) from None
     if not len(table):
-        raise OrchmoeError(f"{origin}: the table has no rows", field="data.source")
-    return TablePart(origin, columns, len(table), first_line, getattr(table, "_fingerprint", ""))
-
-
-def _column(table: Any, names: list[str], origin: str, cfg: DataConfig, role: str) -> list[Any] | None:
-    name = getattr(cfg.columns, role)
-    if name in names:  # the whole column decoded at once: indexing a datasets Column per row is slow
-        return table[name][:]
-    if role in REQUIRED or name != getattr(type(cfg.columns)(), role):  # required, or named in the recipe
-        raise OrchmoeError(f"{origin}: no column '{name}' (columns: {', '.join(names)}); map yours with "
-                           f"data.columns.{role}", field=f"data.columns.{role}")
-    return None
+        raise OrchmoeError(f"{hub_id}: the table has no rows", field="data.source")
+    return TablePart(hub_id, columns, len(table), None, getattr(table, "_fingerprint", ""))
 
 
 def _read_error(origin: str, exc: BaseException) -> OrchmoeError:
@@ -117,53 +221,9 @@ def _read_error(origin: str, exc: BaseException) -> OrchmoeError:
     while cause is not None and cause not in chain:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
-    for cause in chain:
-        if isinstance(cause, UnicodeDecodeError):
-            return OrchmoeError(f"{origin}: is not UTF-8 text (byte {cause.start}); save it as UTF-8",
-                                field="data.source")
-        if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
-            return OrchmoeError(f"{origin}: the table has no rows", field="data.source")
     cause = chain[-1]
     text = " ".join(str(cause).split())[:300] or type(cause).__name__
-    hint = "; a column mixes types (e.g. text and lists, or text and numbers)" if "cast" in text.lower() else ""
-    return OrchmoeError(f"{origin}: cannot be read as a table ({type(cause).__name__}: {text}){hint}",
-                        field="data.source")
-
-
-def _load_hub(cfg: DataConfig, hub_id: str, cache: Path) -> Any:
-    import datasets
-
-    return datasets.load_dataset(hub_id, name=cfg.hub_config, revision=cfg.revision, split=cfg.hub_split,
-                                 cache_dir=str(cache))
-
-
-def _load_file(path: Path, cache: Path) -> Any:
-    import datasets
-
-    if path.stat().st_size == 0:
-        raise OrchmoeError(f"{path}: the file is empty", field="data.source")
-    digest = hashlib.sha256()
-    hash_file(digest, "table", path)
-    options: dict[str, Any] = {}
-    if BUILDERS[path.suffix.lower()] == "csv":  # every cell read as text, nothing read as missing
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        header = _csv_header(path, delimiter)
-        options = {"delimiter": delimiter, "keep_default_na": False, "na_filter": False,
-                   "features": datasets.Features({name: datasets.Value("string") for name in header})}
-    return datasets.load_dataset(BUILDERS[path.suffix.lower()], data_files=[str(path)], split="train",
-                                 cache_dir=str(cache / digest.hexdigest()[:24]), **options)
-
-
-def _csv_header(path: Path, delimiter: str) -> list[str]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        header = next(csv.reader(handle, delimiter=delimiter), [])
-    if not header:
-        raise OrchmoeError(f"{path}: the first line names no columns", field="data.source")
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:
-        raise OrchmoeError(f"{path}: line 1: column '{repeated[0]}' is named twice; column names are unique",
-                           field="data.source")
-    return header
+    return OrchmoeError(f"{origin}: cannot be read as a table ({type(cause).__name__}: {text})", field="data.source")
 
 
 def check_table_name(path: Path) -> Path:

@@ -78,7 +78,7 @@ class TableSource:
         With the seed (hashed with the encoding settings) these decide the held-out tasks, so a local table is
         keyed without reading its rows: ``train`` finds the prepared data without grouping the table again."""
         cfg = self.cfg
-        settings = {"columns": vars(cfg.columns), "values": [cfg.train_value, cfg.test_value],
+        settings = {"reader": 2, "columns": vars(cfg.columns), "values": [cfg.train_value, cfg.test_value],
                     "heldout": cfg.heldout_tasks, "hub": [cfg.hub_config, cfg.hub_split, cfg.revision]}
         digest.update(json.dumps(settings, sort_keys=True, allow_nan=False).encode())
         for path in self.files:
@@ -113,10 +113,11 @@ class TableSource:
 
 
 def _text(value: Any, at: _Rows, row: int, what: str) -> str:
-    """A cell that must hold text: a number is refused rather than turned into one (the answer would change)."""
-    if not isinstance(value, str):
-        kind = "empty" if value is None or (isinstance(value, float) and math.isnan(value)) else \
-            f"a {type(value).__name__} ({value!r:.40})"
+    """A cell that must hold text, not blank: a number is refused rather than turned into one (the answer would
+    change), and an empty input or answer would be scored as if it were one."""
+    if not isinstance(value, str) or not value.strip():
+        kind = "empty" if value is None or (isinstance(value, float) and math.isnan(value)) or \
+            isinstance(value, str) else f"a {type(value).__name__} ({value!r:.40})"
         raise OrchmoeError(f"{at.where(row)}: {what} is {kind}, expected text (in JSON, write it as a string)",
                            field=f"data.columns.{what}")
     return value
@@ -133,20 +134,31 @@ class _Rows:
         self.parts = parts
         self.starts = [sum(part.n_rows for part in parts[:i]) for i in range(len(parts))]
 
-    def where(self, row: int) -> str:
+    def where(self, row: int, *, first: int | None = None) -> str:
+        """``file: line N``; with ``first``, an earlier row of the same problem: ``file: lines M and N``."""
         index = bisect.bisect_right(self.starts, row) - 1
-        return self.parts[index].where(row - self.starts[index])
+        here = self.parts[index].where(row - self.starts[index])
+        if first is None:
+            return here
+        there = self.where(first)
+        origin, _, place = there.rpartition(": ")
+        if here.startswith(f"{origin}: "):
+            kind, _, number = place.partition(" ")
+            return f"{origin}: {kind}s {number} and {here.rpartition(' ')[2]}"
+        return f"{there} and {here}"
 
     def column(self, role: str) -> list[Any] | None:
-        """``role``'s values over every part; None when no part has the column, refused when only some do."""
+        """``role``'s values over every part; None when no part has the column. A file without an instruction or
+        category column has none for its rows; ids and splits decide which rows are which, so every file has them
+        or none does."""
         having = [part.columns[role] is not None for part in self.parts]
         if not any(having):
             return None
-        if not all(having):
+        if not all(having) and role in ("id", "split"):
             lacking, other = self.parts[having.index(False)], self.parts[having.index(True)]
             raise OrchmoeError(f"{lacking.origin}: no column '{role}', which {other.origin} has; give every file of "
                                "the source the same columns", field=f"data.columns.{role}")
-        return [value for part in self.parts for value in part.columns[role]]  # type: ignore[union-attr]
+        return [value for part in self.parts for value in (part.columns[role] or [None] * part.n_rows)]
 
 
 def _task_name(name: Any, at: _Rows, row: int, folded: dict[str, str]) -> str:
@@ -184,12 +196,10 @@ def _group(parts: list[TablePart], cfg: DataConfig) -> dict[str, Any]:
             _text(reference, at, row, "output")
         if ids is None:
             identifier = hashlib.sha256(f"{name}\0{text}\0{position}".encode()).hexdigest()[:16]
-        elif not _text(ids[row], at, row, "id").strip():
-            raise OrchmoeError(f"{at.where(row)}: the id is empty", field="data.columns.id")
         else:
-            identifier = ids[row]
+            identifier = _text(ids[row], at, row, "id")
         if identifier in task["ids"]:
-            raise OrchmoeError(f"{at.where(task['ids'][identifier])} and {at.where(row)}: task '{name}' has instance "
+            raise OrchmoeError(f"{at.where(row, first=task['ids'][identifier])}: task '{name}' has instance "
                                f"id '{identifier}' twice; ids must be unique within a task", field="data.columns.id")
         task["ids"][identifier] = row
         task["rows"].append(row)
@@ -201,12 +211,12 @@ def _group(parts: list[TablePart], cfg: DataConfig) -> dict[str, Any]:
         if categories is not None and task["category"] is None and isinstance(categories[row], str) \
                 and categories[row].strip():
             task["category"] = categories[row]
-        if splits is not None:
-            value = _text(splits[row], at, row, "split")
+        if splits is not None:  # an integer or a boolean names a split as well as text does (Parquet's 0 / 1)
+            value = str(splits[row]) if isinstance(splits[row], int) else _text(splits[row], at, row, "split")
             if task["split"] is None:
                 task["split"] = (value, row)
             elif task["split"][0] != value:
-                raise OrchmoeError(f"{at.where(task['split'][1])} and {at.where(row)}: task '{name}' is in split "
+                raise OrchmoeError(f"{at.where(row, first=task['split'][1])}: task '{name}' is in split "
                                    f"'{task['split'][0]}' and '{value}'; a task belongs to one split",
                                    field="data.columns.split")
     for task in tasks.values():  # the id of each row, in row order; the id index is not needed any more

@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from orchmoe_cli import __version__
-from orchmoe_cli.commands.common import adapt_list_override, load_checked, prompts_and_overrides, with_option_overrides
+from orchmoe_cli.commands.common import (adapt_list_override, load_checked, once, prompts_and_overrides,
+                                         with_option_overrides)
 from orchmoe_cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OrchmoeError, recipe_source
 from orchmoe_cli.recipe import Recipe, dump_recipe, load_recipe
 
@@ -215,6 +216,8 @@ def inspect_routing(
     """Show which skills each task uses, how tasks cluster by routing, and what OrchMoE's classifier inferred."""
     if output_format not in ("table", "json", "csv"):
         raise OrchmoeError(f"--format: '{output_format}' is not one of table, json, csv")
+    once(task, "--task")
+    once(layer, "--layer")
     with recipe_source(data) if data is not None else contextlib.nullcontext():  # --data: a recipe
         recipe = _load(data, [], False) if data is not None else None
         from orchmoe_cli.analysis.routing_report import to_csv
@@ -307,6 +310,7 @@ def export(
     overrides: OverridesArg = None,
 ) -> None:
     """Write a checkpoint as peft LoRA adapters or merged models (OrchMoE: one LoRA per abstract task + router)."""
+    once(task, "--task")
     with recipe_source(recipe, overrides or []) if recipe is not None else contextlib.nullcontext():
         from orchmoe_cli.analysis.terminal_tables import exported_table
         from orchmoe_cli.commands.export import export as run_export

@@ -39,7 +39,7 @@ OUTPUT_MARKS: dict[str, tuple[str, ...]] = {
     "eval": ("results.json", "predictions.jsonl", ".predictions.partial*.jsonl"),
     "inspect-routing": ("routing.json",),
     "export": ("orchmoe_export.json",),
-    "prepare": ("*/manifest.json", "tables/*/default-*", "tables/*/*/default-*"),  # a data.cache_dir (tables)
+    "prepare": ("*/manifest.json", "tables/*/default-*"),  # a data.cache_dir: a folder per content hash, tables
 }
 
 
@@ -96,7 +96,7 @@ def checkpoint_above(path: Path) -> Path | None:
     return None
 
 
-TRAIN_REWRITES = ("recipe.yaml", "train_summary.json", "loss_curve.png")  # what a run writes at its checkpoints
+TRAIN_REWRITES = ("recipe.yaml", "train_summary.json", "loss_curve.png")  # written when a run ends
 # marks that are files a user may also name so: they count only when they hold these keys
 MARK_KEYS: dict[str, tuple[str, ...]] = {"train_summary.json": ("step", "adapter_checksums")}
 
@@ -120,7 +120,7 @@ def output_of(path: Path) -> str | None:
         if any(next((found for found in path.glob(mark) if _is_mark(found)), None) is not None for mark in marks):
             return command
     if (path / "metrics.jsonl").is_file() and not any((path / name).exists() for name in TRAIN_REWRITES):
-        return "train"  # a run stopped before its first checkpoint, which brings these files: go on there
+        return "train"  # a run stopped before it ended (which writes these files) and before its first checkpoint
     return None
 
 

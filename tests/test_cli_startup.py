@@ -83,8 +83,8 @@ def test_bad_recipe_fails_in_one_line_without_heavy_imports(tmp_path: Path) -> N
 @pytest.mark.parametrize(("args", "words"), [
     (["train.steps=3", "train.steps=4"], "given twice"),
     (["eval.tasks=[a, a]"], "listed twice"),
-    (["data.languages=[]"], "is empty"),
-    (["data.columns.output=input"], "a column has one role"),
+    (["eval.tasks=[]"], "is empty"),
+    (["data.columns.output=input"], "three columns"),
     (["--export-table", "t.csv"], "written as .jsonl or .parquet"),
     (["--export-table", "recipe.yaml"], "already exists"),
 ])

@@ -51,12 +51,13 @@ def test_orchmoe_prompts_from_arguments_carry_their_abstract_task(runs: dict[str
 
 def test_route_only_and_files_and_stdin(runs: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
     source = tmp_path / "prompts.jsonl"
-    source.write_text('{"id": "a", "input": "first", "adapter": "mine"}\n{"id": "b", "input": "second", "note": 7}\n')
+    source.write_text('{"id": "a", "input": "first", "adapter": "mine"}\n{"id": "b", "input": "second", "note": 7}\n'
+                      '{"id": 5, "input": "third"}\n')
     out = tmp_path / "answers.jsonl"
     assert run_cli(["generate", str(runs["orchmoe"]), "--input", str(source), "--output", str(out),
                     "--route-only"]) == 0
     rows = _jsonl(out.read_text())
-    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["note"] == 7
+    assert [r["id"] for r in rows] == ["a", "b", 5] and rows[1]["note"] == 7  # an id keeps its type, for joins
     assert all("prediction" not in r and "adapter" in r for r in rows)
     assert rows[0]["adapter"] == f"abstract_task_{rows[0]['abstract_task']}"  # computed fields win over the input's
     assert "input field(s) adapter are written by generate" in capsys.readouterr().err

@@ -225,3 +225,13 @@ def test_a_field_is_set_once_on_the_command_line(overrides: list[str], words: st
     with pytest.raises(OrchmoeError, match=words):
         load_recipe(None, overrides)
     assert load_recipe(None, ["eval={max_instances: 5}", "eval.batch_size=3"]).eval.batch_size == 3
+
+
+@pytest.mark.parametrize("argv", [["inspect-routing", "x", "--task", "a", "--task", "a"],
+                                  ["inspect-routing", "x", "--layer", "3", "--layer", "3"],
+                                  ["export", "x", "--to", "peft", "--out", "y", "--task", "a", "--task", "a"]])
+def test_a_repeatable_option_names_each_thing_once(argv: list[str], capsys) -> None:
+    from cli_runner import run_cli
+
+    assert run_cli(argv) == 2
+    assert "is given twice; name each once" in capsys.readouterr().err

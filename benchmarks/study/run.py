@@ -394,9 +394,12 @@ def main() -> None:
         parser.error(f"--methods: the {args.scale} scale trains {', '.join(methods)}")
     study = Study(args.scale, args.results and args.results.resolve(), args.runs and args.runs.resolve(),
                   tuple(m for m in methods if m in args.methods) if args.methods else None, tuple(args.overrides))
-    if args.overrides:
-        try:
-            study.config  # a bad override is one line now, not a failed command later
+    if args.overrides:  # a bad override, or one that sets what a piece sets too, is one line now, not a failed
+        try:  # command hours later
+            study.config
+            for piece in study.pieces(STAGES):
+                if piece.command[0] in ("train", "eval", "adapt"):
+                    load_recipe(study.recipe, [c for c in piece.command[2:] if "=" in c and not c.startswith("-")])
         except OrchmoeError as error:
             parser.error(f"--set: {error}")
     stages = tuple(s for s in STAGES if s in args.only) if args.only else STAGES

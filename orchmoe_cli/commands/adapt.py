@@ -274,7 +274,8 @@ def _train_cell(cell: Cell, model: Any, sweep: Sweep, train_cfg: TrainConfig) ->
     """Train the cell's model in memory on its k pool rows; returns (steps run, best validation step and score),
     with the best validation step's tensors put back (early stopping)."""
     cfg, loaded = sweep.recipe.adapt, sweep.loaded
-    accelerator = make_accelerator(train_cfg, spec_of(model.method.name), half_base=model.base.dtype == torch.float16)
+    accelerator = make_accelerator(train_cfg, spec_of(model.method.name),
+                                   half_base=sweep.recipe.model.dtype == "float16")  # as `train` decides it
     pool = sweep.prepared.dataset[POOL]
     train_rows, val = _draw(TaskRows(pool), cell, cfg.val_instances)
     validate, best = None, {"step": 0, "rougeL": None}

@@ -52,6 +52,13 @@ def adapt_list_override(field: str, value: str | None, kind: type) -> str | None
     return f"adapt.{field}=[{', '.join(map(str, items))}]"
 
 
+def once(values: list[str] | None, option: str) -> None:
+    """A repeatable option names each thing once: a repeat would be a row twice, or silently dropped."""
+    twice = next((v for i, v in enumerate(values or []) if v in (values or [])[:i]), None)
+    if twice is not None:
+        raise OrchmoeError(f"{option}: '{twice}' is given twice; name each once")
+
+
 def prompts_and_overrides(words: list[str]) -> tuple[list[str], list[str]]:
     """Split ``generate``'s words: ``section.field=value`` of a recipe section is an override (a misspelt field
     is then refused by the recipe loader); anything else, ``a.b=c`` too, is a prompt."""

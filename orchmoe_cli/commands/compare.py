@@ -57,7 +57,8 @@ def find_predictions(path: Path) -> Path:
 def _evaluations_near(folder: Path) -> list[Path]:
     """What ``folder`` may have meant: the JSONL files in it (``lora.predictions.jsonl`` ...), else the evaluation
     directories beside it or beside its parent (a checkpoint's evaluations sit in its run, next to ``checkpoints/``)."""
-    files = sorted(p for p in folder.glob("*.jsonl") if p.is_file())
+    files = sorted(p for p in folder.glob("*.jsonl") if p.is_file() and not p.name.startswith(".")
+                   and p.name != "metrics.jsonl")  # a run's training log is no evaluation
     if files:
         return files
     for above in (folder.parent, folder.parent.parent):

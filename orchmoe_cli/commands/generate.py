@@ -184,6 +184,8 @@ def generate(checkpoint: str, prompts: list[Prompt], recipe: Recipe, target: Pat
         if not route_only:
             row["prediction"] = predictions[prompt.id]
         row.update(routing.get(prompt.id, {}))
+        if "id" in prompt.extra:
+            row["id"] = prompt.extra["id"]  # as the input wrote it (5 stays a number, for joins on it)
         replaced |= {key for key in prompt.extra if key in row and key != "id"}
         out.append({**row, **{key: value for key, value in prompt.extra.items() if key not in row}})
     if replaced:  # what this run computed wins over an input field of the same name (an earlier run's output)

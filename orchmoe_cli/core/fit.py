@@ -191,6 +191,8 @@ def _resume(run_dir: Path, model: AdaptedModel, optimizer: Any, scheduler: Any, 
     check_saved_base(model.base, latest)
     state = ckpt.load_training_state(latest, optimizer, scheduler)
     model.load_adapter_state_dict(read_tensors(latest), str(latest))
+    if accelerator.scaler is not None and state.extra.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(state.extra["grad_scaler"])
     per_rank = state.extra.get("rng_by_rank") or [state.rng]
     if len(per_rank) == accelerator.num_processes:
         restore_rng(per_rank[accelerator.process_index])
@@ -363,9 +365,11 @@ def _save(run_dir: Path, step: int, batch_index: int, model: AdaptedModel, recip
           scheduler: Any, accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
     """Main process writes; every process's RNG state goes in, so each resumes its own stream."""
     accelerator.wait_for_everyone()
-    extra = {}
+    extra: dict[str, Any] = {}
     if accelerator.num_processes > 1:
         extra["rng_by_rank"] = gather_object([capture_rng()])
+    if accelerator.scaler is not None:  # fp16's loss scale: resuming goes on with it, not from 65536 again
+        extra["grad_scaler"] = accelerator.scaler.state_dict()
     path = None
     if accelerator.is_main_process:
         path = ckpt.save_checkpoint(run_dir, step, model.save, recipe_yaml, optimizer, scheduler,

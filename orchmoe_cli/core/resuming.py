@@ -46,8 +46,9 @@ def check_unchanged(checkpoint: Path, cfg: TrainConfig, recipe_yaml: str = "") -
         if found is not None:
             field, old, new = found
             raise OrchmoeError(f"{field}: {new!r} differs from the {old!r} that {checkpoint} was trained with, and "
-                               f"resuming would not continue the same run; resume with {field}={old} or train "
-                               "afresh in another output.dir")
+                               f"resuming would not continue the same run; resume with {field}="
+                               f"{yaml.safe_dump(old, default_flow_style=True).strip().removesuffix('...').strip()} "
+                               "or train afresh in another output.dir")
     train = saved.get("train")
     if not isinstance(train, dict):
         return

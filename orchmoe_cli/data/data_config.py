@@ -66,7 +66,8 @@ class DataConfig:
                           path="input")
     test_split: str = _f("test_tasks.txt", "file in the split directory listing held-out tasks, one per line",
                          path="input")
-    languages: list[str] = _f(["English"], "keep tasks whose input, output and instruction languages are all listed")
+    languages: list[str] = _f(["English"], "SNI sources: keep tasks whose input, output and instruction languages "
+                              "are all listed (a table's rows carry no languages)")
     max_train_instances: int = _f(100, "training instances per task (random sample with `seed`, as Tk-Instruct)", min=1)
     max_test_instances: int = _f(100, "test instances per task: the first N, as the official evaluation", min=1)
     max_pool_instances: int = _f(300, "held-out tasks: instances after the evaluation ones kept as an adaptation "

@@ -21,6 +21,9 @@ TaskSource = SourceLayout | TableSource
 
 def resolve(cfg: DataConfig) -> TaskSource:
     """The source ``cfg`` names, of the format it says or that its location shows."""
+    if cfg.source == "bundled" and cfg.format == "table":
+        raise OrchmoeError("'bundled' is the SNI sample, not a table; leave data.format at auto (or sni), or export "
+                           "it as one: orchmoe prepare RECIPE --export-table tasks.parquet", field="data.format")
     if cfg.source == "bundled" or cfg.format == "sni":
         return resolve_source(cfg)
     path = Path(cfg.source)  # resolved when the recipe was read (paths.user_path)

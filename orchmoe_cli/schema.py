@@ -83,7 +83,9 @@ def _suggest(word: str, options: Any) -> str:
 
 
 def _describe(value: Any) -> str:
-    """The value's type and the start of its repr, never the whole of a huge value."""
+    """The value's type and the start of its repr, never the whole of a huge value (a YAML null says so)."""
+    if value is None:
+        return "null (nothing)"
     short = reprlib.Repr()
     short.maxstring = short.maxother = 40
     short.maxlist = short.maxdict = 4

@@ -2,7 +2,8 @@
 
 import pytest
 
-from orchmoe_cli.core.metrics import aggregate, exact_match, group_name, normalize_answer, rouge_l, score_instance
+from orchmoe_cli.core.metrics import aggregate, exact_match, label_clash, normalize_answer, rouge_l, score_instance
+from orchmoe_cli.data.sni_task import group_name
 
 
 @pytest.mark.parametrize(
@@ -64,3 +65,16 @@ def test_aggregate_is_instance_micro_average_with_groups() -> None:
     assert result["rougeL_for_task2_b"] == 25.0
     assert result["rougeL_for_title_generation"] == 75.0
     assert group_name("Data to Text") == "data_to_text"
+
+
+def test_every_score_key_names_one_group() -> None:
+    """``_for_<task>`` and ``_for_<category key>`` share one key space: a task named as a category that holds other
+    tasks, or two categories with one key, would mix scores; a task alone in a category of its own name is fine."""
+    assert label_clash([("sentiment", "Sentiment"), ("sentiment_fr", "Sentiment")]) == \
+        "task 'sentiment' has the name the category 'Sentiment' (of other tasks too) is scored under"
+    assert "differ only in case or spaces" in label_clash([("a", "Title Generation"), ("b", "title_generation")])
+    assert label_clash([("qa", "qa"), ("task001", "Title Generation")]) is None
+    rows = [{"task": "sentiment", "category": "Sentiment", "exact_match": 1.0, "rougeL": 1.0},
+            {"task": "other", "category": "Sentiment", "exact_match": 0.0, "rougeL": 0.0}]
+    with pytest.raises(Exception, match="cannot score these rows apart"):
+        aggregate(rows)

@@ -157,3 +157,61 @@ def test_an_exported_table_is_written_whole_or_not_at_all(tmp_path: Path, monkey
     with pytest.raises(OrchmoeError, match="no space left on the device"):
         export_table(resolve_source(DataConfig()), target)
     assert list(tmp_path.iterdir()) == []  # no half file, no folder it made
+
+
+def test_cells_are_read_as_written_or_refused(tmp_path: Path) -> None:
+    """TSV cells keep their quotes (no CSV quoting: a stray quote merged rows), a CSV quote inside a cell is
+    refused with its line, a non-text instruction is refused (a list of one, SNI's shape, is its text), and a
+    hidden file of a folder is not read."""
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text('task\tinput\toutput\tsplit\na\t"Hello\tworld\ttrain\nb\tsays she" ok\t"No"\ttest\n')
+    assert _references(tsv, tmp_path) == {"train": [["world"]], "test": [['"No"']]}
+    bad = tmp_path / "bad.csv"
+    bad.write_text('task,input,output,split\na,"5" inches,x,train\n')
+    with pytest.raises(OrchmoeError, match=r"bad\.csv: line 2: not valid CSV"):
+        resolve(DataConfig(source=str(bad), cache_dir=str(tmp_path / "cache"))).tasks
+    rows = [{**row, "instruction": ["Do it."]} for row in _rows("a", "train", ["x"]) + _rows("b", "test", ["y"])]
+    source = resolve(DataConfig(source=str(_jsonl(tmp_path / "i.jsonl", rows)), cache_dir=str(tmp_path / "c")))
+    assert next(source.read_split("train", DataConfig()))[0].definition == ["Do it."]
+    _jsonl(tmp_path / "n.jsonl", [{**rows[0], "instruction": 3}, rows[1]])
+    with pytest.raises(OrchmoeError, match=r"n\.jsonl: line 1: instruction is a int"):
+        resolve(DataConfig(source=str(tmp_path / "n.jsonl"), cache_dir=str(tmp_path / "c"))).tasks
+    folder = tmp_path / "folder"
+    _jsonl(folder / "a.jsonl", _rows("a", "train", ["x"]) + _rows("b", "test", ["y"]))
+    _jsonl(folder / ".backup.jsonl", _rows("a", "train", ["old"]))
+    _jsonl(folder / "sub" / "c.jsonl", _rows("c", "train", ["z"]))
+    found = resolve(DataConfig(source=str(folder), cache_dir=str(tmp_path / "c")))
+    assert found.tasks == {"train": ("a",), "test": ("b",)}
+    assert any("tables in subfolders are not read" in note for note in found.notes())
+
+
+def test_an_optional_column_a_required_role_reads_is_not_read_twice(tmp_path: Path) -> None:
+    """``task: category`` (a table whose tasks are named in its category column) leaves no category column;
+    naming a required role's column for an optional role is refused."""
+    rows = [{"category": r["task"], "instruction": r["input"], "output": r["output"], "split": r["split"]}
+            for r in _rows("a", "train", ["x", "y"]) + _rows("b", "test", ["z"])]
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    found = resolve(DataConfig(source=str(path), cache_dir=str(tmp_path / "c"),
+                               columns=ColumnMap(task="category", input="instruction")))
+    train = next(found.read_split("train", DataConfig()))[0]
+    assert train.definition == [] and train.category == "uncategorized"
+    with pytest.raises(OrchmoeError, match="data.columns.split .*column 'category' is already data.columns.task"):
+        load_recipe(None, ["data.columns={task: category, split: category}"])
+
+
+def test_task_lists_and_heldout_tasks_are_one_choice_and_unlisted_tasks_are_said(tmp_path: Path) -> None:
+    rows = [{k: v for k, v in r.items() if k != "split"}
+            for name in ("alpha", "beta", "delta") for r in _rows(name, "", ["x"])]
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train_tasks.txt").write_text("alpha\n")
+    (lists / "test_tasks.txt").write_text("beta\n")
+    with pytest.raises(OrchmoeError, match="task lists in .* already say which tasks are held out"):
+        _references(path, tmp_path, split_dir=str(lists), heldout_tasks=1)
+    found = resolve(DataConfig(source=str(path), split_dir=str(lists), cache_dir=str(tmp_path / "c")))
+    assert found.tasks == {"train": ("alpha",), "test": ("beta",)}
+    assert any("in neither task list and are left out: delta" in note for note in found.notes())
+    (lists / "test_tasks.txt").write_text("Beta\n")
+    with pytest.raises(OrchmoeError, match="task 'Beta' has no rows in the table \\(did you mean 'beta'\\?\\)"):
+        _references(path, tmp_path, split_dir=str(lists))

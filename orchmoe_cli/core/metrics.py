@@ -15,6 +15,9 @@ from functools import lru_cache
 
 from rouge_score import rouge_scorer
 
+from orchmoe_cli.data.sni_task import group_name, label_clash
+from orchmoe_cli.errors import OrchmoeError
+
 METRICS = ("exact_match", "rougeL")
 _PUNCTUATION = set(string.punctuation)
 
@@ -49,11 +52,6 @@ def score_instance(prediction: str | None, references: Sequence[str]) -> dict[st
     return {"exact_match": exact_match(pred, references), "rougeL": rouge_l(pred, references)}
 
 
-def group_name(category: str) -> str:
-    """Category key as the official scorer writes it: 'Title Generation' -> 'title_generation'."""
-    return "_".join(category.lower().split())
-
-
 def _mean100(values: Sequence[float]) -> float:
     return round(100.0 * sum(values) / len(values), 4) if values else 0.0
 
@@ -66,6 +64,10 @@ def aggregate(rows: Iterable[dict]) -> dict[str, float]:
     """
     overall: dict[str, list[float]] = defaultdict(list)
     grouped: dict[str, list[float]] = defaultdict(list)
+    rows = list(rows)
+    clash = label_clash((row["task"], row["category"]) for row in rows)
+    if clash:  # one key for two groups would mix their scores
+        raise OrchmoeError(f"cannot score these rows apart: {clash}")
     for row in rows:
         for metric in METRICS:
             overall[metric].append(row[metric])

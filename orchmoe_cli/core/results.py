@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orchmoe_cli
-from orchmoe_cli.core.metrics import group_name
+from orchmoe_cli.data.sni_task import group_name
 from orchmoe_cli.errors import OrchmoeError
 from orchmoe_cli.fsutil import json_text
 

@@ -36,10 +36,10 @@ class ColumnMap:
         for role, column in vars(self).items():
             if column is not None and not column.strip():
                 raise FieldError(role, "names no column (null: none)")
+            if column in seen and (role in ("input", "output") or column != getattr(ColumnMap, role)):
+                raise FieldError(role, f"column '{column}' is already data.columns.{seen[column]}; the task, input "
+                                       "and output are three columns, and an optional role reads another")
             if role in ("task", "input", "output"):
-                if column in seen:
-                    raise FieldError(role, f"column '{column}' is already data.columns.{seen[column]}; the task, "
-                                           "input and output are three columns")
                 seen[column] = role
 
 

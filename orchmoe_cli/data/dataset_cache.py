@@ -27,7 +27,7 @@ from orchmoe_cli import __version__
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.encoding import EncodedPrompts, encode_prompts
 from orchmoe_cli.data.sni import SPLITS, matches_languages
-from orchmoe_cli.data.sni_task import SNITask
+from orchmoe_cli.data.sni_task import SNITask, label_clash
 from orchmoe_cli.data.sources import TaskSource, resolve
 from orchmoe_cli.data.table_files import quiet_datasets
 from orchmoe_cli.errors import OrchmoeError
@@ -271,6 +271,9 @@ def _build(cfg: DataConfig, layout: TaskSource, tokenize: _Tokenize, digest: str
                 progress.advance(bar)
     if filtered:
         console.print(f"language filter {cfg.languages}: skipped {len(filtered)} task(s)", markup=False)
+    clash = label_clash((t["name"], t["category"]) for t in tasks)
+    if clash:  # the scores' keys would mix two groups
+        raise OrchmoeError(f"{layout.split_origin('test')}: {clash}; rename one", field="data.source")
     for split in SPLITS:
         if not parts[split]:
             raise OrchmoeError(f"{layout.split_origin(split)}: no task left after the language filter "

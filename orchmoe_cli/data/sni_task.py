@@ -8,6 +8,8 @@ deep inside the encoder would not tell them which file is broken.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -59,6 +61,29 @@ class SNITask:
     def category(self) -> str:
         """The category used for grouped metrics (upstream: ``Categories[0]``)."""
         return self.categories[0]
+
+
+def group_name(category: str) -> str:
+    """Category key as the official scorer writes it: 'Title Generation' -> 'title_generation'."""
+    return "_".join(category.lower().split())
+
+
+def label_clash(task_categories: Iterable[tuple[str, str]]) -> str | None:
+    """What keeps the official keys (``_for_<task>``, ``_for_<category key>``) from naming one group each, for
+    (task, category) pairs: two categories with one key, or a task named as the key of a category that holds other
+    tasks too; None when every key is one group's (a task that is its own category's only task is one group)."""
+    keys: dict[str, str] = {}
+    members: dict[str, set[str]] = defaultdict(set)
+    for task, category in sorted(set(task_categories)):
+        other = keys.setdefault(group_name(category), category)
+        if other != category:
+            return f"categories '{other}' and '{category}' differ only in case or spaces"
+        members[group_name(category)].add(task)
+    named = next((task for task in sorted({t for group in members.values() for t in group})
+                  if task in members and members[task] != {task}), None)
+    if named is not None:
+        return f"task '{named}' has the name the category '{keys[named]}' (of other tasks too) is scored under"
+    return None
 
 
 def read_text(path: Path, what: str, fix: str) -> str:

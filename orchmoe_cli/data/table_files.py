@@ -14,13 +14,14 @@ import contextlib
 import csv
 import io
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.errors import OrchmoeError, did_you_mean
 from orchmoe_cli.fsutil import atomic_write
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -33,7 +34,8 @@ def table_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path] if path.suffix.lower() in BUILDERS else []
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in BUILDERS)
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in BUILDERS
+                      and not p.name.startswith("."))  # hidden: backups, macOS' ._ files
     return []
 
 
@@ -87,14 +89,19 @@ def read_parts(cfg: DataConfig, files: list[Path], hub_id: str | None) -> list[T
 
 def _roles(names: list[str], origin: str, cfg: DataConfig) -> dict[str, str | None]:
     """Each role's column in a table with columns ``names``: a required one, or one the recipe names, must be
-    there; an optional one left at its default may be absent (None)."""
-    found: dict[str, str | None] = {}
+    there; an optional one left at its default may be absent (None), and is when a required role reads its column
+    (``task: category`` leaves no category column)."""
+    defaults, found = type(cfg.columns)(), {}
+    required = {getattr(cfg.columns, role) for role in REQUIRED}
     for role in ROLES:
         name = getattr(cfg.columns, role)
-        if name is not None and name in names:
+        default = role not in REQUIRED and name == getattr(defaults, role)
+        if name is not None and name in names and not (default and name in required):
             found[role] = name
-        elif name is not None and (role in REQUIRED or name != getattr(type(cfg.columns)(), role)):
-            raise OrchmoeError(f"{origin}: no column '{name}' (columns: {', '.join(names)}); map yours with "
+        elif name is not None and not default:
+            hint = did_you_mean(name, names) or ("; the header holds ';': separate the columns with commas"
+                                                 if any(";" in n for n in names) else "")
+            raise OrchmoeError(f"{origin}: no column '{name}'{hint} (columns: {', '.join(names)}); map yours with "
                                f"data.columns.{role}", field=f"data.columns.{role}")
         else:
             found[role] = None
@@ -134,13 +141,20 @@ def _file_part(path: Path, cfg: DataConfig) -> TablePart:
 
 
 def _json_records(text: str, origin: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line, object) of JSON Lines (blank lines skipped), or (-1, object) of a JSON list of objects."""
-    if text.lstrip().startswith("["):
+    """(line, object) of JSON Lines (blank lines skipped), or (-1, object) of a JSON list of objects (a ``.json``
+    file holding one JSON value, or any file starting with ``[``)."""
+    whole: Any = None
+    if text.lstrip().startswith("[") or origin.lower().endswith(".json"):
         try:
-            value = json.loads(text)
+            whole = json.loads(text)
         except ValueError as exc:
-            raise OrchmoeError(f"{origin}: not valid JSON ({exc})", field="data.source") from None
-        for row, record in enumerate(value if isinstance(value, list) else [value]):
+            if text.lstrip().startswith("["):
+                raise OrchmoeError(f"{origin}: not valid JSON ({exc})", field="data.source") from None
+    if whole is not None:
+        if not isinstance(whole, list):
+            raise OrchmoeError(f"{origin}: expected a JSON list of objects (pandas: orient='records') or JSON Lines, "
+                               f"got a {type(whole).__name__}", field="data.source")
+        for row, record in enumerate(whole):
             if not isinstance(record, dict):
                 raise OrchmoeError(f"{origin}: row {row + 1}: expected a JSON object per row", field="data.source")
             yield -1, record
@@ -151,7 +165,8 @@ def _json_records(text: str, origin: str) -> Iterator[tuple[int, dict[str, Any]]
         try:
             record = json.loads(line)
         except ValueError as exc:
-            raise OrchmoeError(f"{origin}: line {number}: not valid JSON ({exc})", field="data.source") from None
+            raise OrchmoeError(f"{origin}: line {number}: not valid JSON ({exc}); JSON Lines hold one object per "
+                               "line", field="data.source") from None
         if not isinstance(record, dict):
             raise OrchmoeError(f"{origin}: line {number}: expected a JSON object, got {type(record).__name__}",
                                field="data.source")
@@ -161,7 +176,9 @@ def _json_records(text: str, origin: str) -> Iterator[tuple[int, dict[str, Any]]
 def _csv_records(text: str, origin: str, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line, row) with every cell as text; a column without a name (pandas' index, a trailing comma) is left
     out. A row's line is where it starts (a quoted cell may span lines)."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    csv.field_size_limit(sys.maxsize)  # a long input is a cell like any other
+    quoting = {"quoting": csv.QUOTE_NONE} if delimiter == "\t" else {"strict": True}  # TSV cells hold quotes as they are
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, **quoting)
     try:
         header = next(reader, [])
         named = [(i, name) for i, name in enumerate(header) if name.strip()]
@@ -193,6 +210,8 @@ def _parquet_part(path: Path, cfg: DataConfig) -> TablePart:
         raise
     except Exception as exc:  # pyarrow's errors for a damaged or foreign file: one line
         raise _read_error(str(path), exc) from None
+    if not table.num_rows:
+        raise OrchmoeError(f"{path}: the table has no rows", field="data.source")
     columns = {role: None if name is None else table.column(name).to_pylist() for role, name in roles.items()}
     return TablePart(str(path), columns, table.num_rows)
 

@@ -22,9 +22,10 @@ from typing import Any
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import (SPLITS, Split, given_split_dir, hash_file, pool_positions, read_split_lists,
                                   sample_positions)
-from orchmoe_cli.data.sni_task import Instance, SNITask
-from orchmoe_cli.data.table_files import TablePart, check_table_name, read_parts, write_table
-from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.data.sni_task import Instance, SNITask, label_clash
+from orchmoe_cli.data.table_files import TablePart, check_table_name, read_parts, table_files, write_table
+from orchmoe_cli.errors import OrchmoeError, did_you_mean
+from orchmoe_cli.paths import listing
 
 UNCATEGORISED = "uncategorized"
 
@@ -65,13 +66,21 @@ class TableSource:
                 "held_out_by": self._load()["held_out_by"]}
 
     def notes(self) -> list[str]:
-        """What the reader decided that a user should hear: tasks whose rows disagree on the instruction."""
-        mismatched = {name: task["mismatched"] for name, task in self._load()["tasks"].items() if task["mismatched"]}
-        if not mismatched:
-            return []
-        shown = ", ".join(f"{name} ({n})" for name, n in list(mismatched.items())[:3])
-        return [f"{len(mismatched)} task(s) have rows whose instruction differs from the task's first one, which is "
-                f"used for all of them ({sum(mismatched.values())} rows): {shown}"]
+        """What the reader decided that a user should hear: tasks whose rows disagree on the instruction, tasks
+        neither task list names, tables in subfolders (not read)."""
+        loaded, notes = self._load(), []
+        mismatched = {name: task["mismatched"] for name, task in loaded["tasks"].items() if task["mismatched"]}
+        if mismatched:
+            shown = ", ".join(f"{name} ({n})" for name, n in list(mismatched.items())[:3])
+            notes.append(f"{len(mismatched)} task(s) have rows whose instruction differs from the task's first one, "
+                         f"which is used for all of them ({sum(mismatched.values())} rows): {shown}")
+        if loaded.get("unlisted"):
+            notes.append(f"{len(loaded['unlisted'])} task(s) of the table are in neither task list and are left out: "
+                         f"{listing(loaded['unlisted'])}")
+        below = [p for p in {f.parent for f in self.files} for p in p.iterdir() if p.is_dir() and table_files(p)]
+        if below:
+            notes.append(f"tables in subfolders are not read: {listing(sorted(map(str, below)))}")
+        return notes
 
     def hash_into(self, digest: Any) -> None:
         """The table settings, the bytes of every file (or the hub dataset's fingerprint) and of the task lists.
@@ -107,6 +116,10 @@ class TableSource:
         if self._grouped is None:
             parts = read_parts(self.cfg, self.files, self.hub_id)
             self._grouped = _group(parts, self.cfg)
+            clash = label_clash((name, task["category"] or UNCATEGORISED)
+                                for name, task in self._grouped["tasks"].items())
+            if clash:  # checked here too, before any row is encoded
+                raise OrchmoeError(f"{self.origin}: {clash}; rename one", field="data.columns.task")
             self._grouped["splits"], self._grouped["held_out_by"] = _held_out(self._grouped, self.cfg, self.origin)
             self._grouped["fingerprint"] = parts[0].fingerprint
         return self._grouped
@@ -121,6 +134,17 @@ def _text(value: Any, at: _Rows, row: int, what: str) -> str:
         raise OrchmoeError(f"{at.where(row)}: {what} is {kind}, expected text (in JSON, write it as a string)",
                            field=f"data.columns.{what}")
     return value
+
+
+def _optional_text(values: list[Any] | None, at: _Rows, row: int, what: str) -> str | None:
+    """An optional cell: missing or blank is None; text, or a list of one text (SNI's ``Definition``) is used;
+    anything else is refused (a number or a longer list would be dropped without a word)."""
+    value = None if values is None else values[row]
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value is None or isinstance(value, str):
+        return value if value and value.strip() else None
+    return _text(value, at, row, what)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -163,7 +187,9 @@ class _Rows:
 
 def _task_name(name: Any, at: _Rows, row: int, folded: dict[str, str]) -> str:
     """A task name is one label: text, not blank, no spaces around it, not another name in other case."""
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str):
+        _text(name, at, row, "task")
+    if not name.strip():
         raise OrchmoeError(f"{at.where(row)}: the task name is empty", field="data.columns.task")
     if name != name.strip():
         raise OrchmoeError(f"{at.where(row)}: the task name {name!r} has spaces around it", field="data.columns.task")
@@ -203,14 +229,15 @@ def _group(parts: list[TablePart], cfg: DataConfig) -> dict[str, Any]:
                                f"id '{identifier}' twice; ids must be unique within a task", field="data.columns.id")
         task["ids"][identifier] = row
         task["rows"].append(row)
-        if instructions is not None and isinstance(instructions[row], str) and instructions[row].strip():
+        instruction = _optional_text(instructions, at, row, "instruction")
+        if instruction:
             if not task["instruction"]:
-                task["instruction"] = instructions[row]
-            elif instructions[row] != task["instruction"]:
+                task["instruction"] = instruction
+            elif instruction != task["instruction"]:
                 task["mismatched"] += 1
-        if categories is not None and task["category"] is None and isinstance(categories[row], str) \
-                and categories[row].strip():
-            task["category"] = categories[row]
+        category = _optional_text(categories, at, row, "category")
+        if category and task["category"] is None:
+            task["category"] = category
         if splits is not None:  # an integer or a boolean names a split as well as text does (Parquet's 0 / 1)
             value = str(splits[row]) if isinstance(splits[row], int) else _text(splits[row], at, row, "split")
             if task["split"] is None:
@@ -260,7 +287,13 @@ def _held_out(loaded: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[dic
         chosen = {split: tuple(n for n in names if values[tasks[n]["split"][0]] == split) for split in SPLITS}
         how = f"split column '{cfg.columns.split}'"
     elif cfg.split_dir is not None:
+        if cfg.heldout_tasks is not None:
+            raise OrchmoeError(f"task lists in {cfg.split_dir} already say which tasks are held out; remove "
+                               "data.heldout_tasks, or data.split_dir", field="data.heldout_tasks")
         chosen, how = _listed(cfg, names), f"task lists in {cfg.split_dir}"
+        unlisted = [n for n in names if n not in chosen["train"] and n not in chosen["test"]]
+        if unlisted:  # said, not dropped in silence
+            loaded["unlisted"] = unlisted
     elif cfg.heldout_tasks is not None:
         chosen, how = _stratified(tasks, cfg, origin), f"data.heldout_tasks {cfg.heldout_tasks:g} (seed {cfg.seed})"
     else:
@@ -284,7 +317,8 @@ def _listed(cfg: DataConfig, names: list[str]) -> dict[Split, tuple[str, ...]]:
     given_split_dir(cfg)
     present = set(names)
     listed = read_split_lists({split: _list_path(cfg, split) for split in SPLITS},
-                              lambda name: None if name in present else "has no rows in the table; fix the name")
+                              lambda name: None if name in present else
+                              f"has no rows in the table{did_you_mean(name, names)}; fix the name")
     return {split: tuple(n for n in names if n in set(listed[split])) for split in SPLITS}
 
 

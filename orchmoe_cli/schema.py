@@ -135,7 +135,8 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise OrchmoeError(f"expected a string, got {_describe(value)}", field=dotted)
+        quote = f" (YAML reads it as a boolean: quote it, '{value}')" if isinstance(value, bool) else ""
+        raise OrchmoeError(f"expected a string, got {_describe(value)}{quote}", field=dotted)
     raise TypeError(f"unsupported recipe field type {hint!r} at {dotted}")
 
 

@@ -211,8 +211,9 @@ def prepare(cfg: DataConfig, tokenizer: Any, tokenizer_id: str, is_encoder_decod
                       f"{' ...' if len(short) > 5 else ''}", highlight=False, markup=False)
     cut = totals.get("truncated_prompts", 0)
     if cut:
-        log.warning("%d prompt(s) longer than data.max_source_length (%d tokens) lost the start of their definition "
-                    "after dropping demonstrations; raise data.max_source_length to keep them whole",
+        log.warning("%d prompt(s) longer than data.max_source_length (%d tokens) lost their start (the definition, "
+                    "or the input where there is none) after dropping demonstrations; raise data.max_source_length "
+                    "to keep them whole",
                     cut, cfg.max_source_length)
     return dataclasses.replace(load_prepared(final), from_cache=False)
 

@@ -212,6 +212,10 @@ def test_task_lists_and_heldout_tasks_are_one_choice_and_unlisted_tasks_are_said
     found = resolve(DataConfig(source=str(path), split_dir=str(lists), cache_dir=str(tmp_path / "c")))
     assert found.tasks == {"train": ("alpha",), "test": ("beta",)}
     assert any("in neither task list and are left out: delta" in note for note in found.notes())
+    other = {"task": "alpha", "id": "alpha-9", "input": "in 9", "output": "x", "category": "C1"}  # alpha is C0 first
+    _jsonl(path, [{**row, "category": "C0"} for row in rows] + [other])
+    again = resolve(DataConfig(source=str(path), split_dir=str(lists), cache_dir=str(tmp_path / "c")))
+    assert any("task(s) have rows of another category than the task's first row" in n for n in again.notes())
     (lists / "test_tasks.txt").write_text("Beta\n")
     with pytest.raises(OrchmoeError, match="task 'Beta' has no rows in the table \\(did you mean 'beta'\\?\\)"):
         _references(path, tmp_path, split_dir=str(lists))

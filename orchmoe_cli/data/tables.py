@@ -74,6 +74,10 @@ class TableSource:
             shown = ", ".join(f"{name} ({n})" for name, n in list(mismatched.items())[:3])
             notes.append(f"{len(mismatched)} task(s) have rows whose instruction differs from the task's first one, "
                          f"which is used for all of them ({sum(mismatched.values())} rows): {shown}")
+        recategorised = [name for name, task in loaded["tasks"].items() if task["other_categories"]]
+        if recategorised:
+            notes.append(f"{len(recategorised)} task(s) have rows of another category than the task's first row, "
+                         f"whose category is used: {listing(recategorised)}")
         if loaded.get("unlisted"):
             notes.append(f"{len(loaded['unlisted'])} task(s) of the table are in neither task list and are left out: "
                          f"{listing(loaded['unlisted'])}")
@@ -212,7 +216,7 @@ def _group(parts: list[TablePart], cfg: DataConfig) -> dict[str, Any]:
         if not (isinstance(name, str) and name in tasks):
             _task_name(name, at, row, folded)
         task = tasks.setdefault(name, {"rows": [], "instruction": "", "mismatched": 0, "category": None,
-                                       "split": None, "ids": {}})
+                                       "other_categories": 0, "split": None, "ids": {}})
         position = len(task["rows"])
         text = _text(inputs[row], at, row, "input")  # type: ignore[index]
         references = _as_list(outputs[row])  # type: ignore[index]
@@ -238,6 +242,8 @@ def _group(parts: list[TablePart], cfg: DataConfig) -> dict[str, Any]:
         category = _optional_text(categories, at, row, "category")
         if category and task["category"] is None:
             task["category"] = category
+        elif category and category != task["category"]:
+            task["other_categories"] += 1
         if splits is not None:  # an integer or a boolean names a split as well as text does (Parquet's 0 / 1)
             value = str(splits[row]) if isinstance(splits[row], int) else _text(splits[row], at, row, "split")
             if task["split"] is None:

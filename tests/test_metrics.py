@@ -4,6 +4,7 @@ import pytest
 
 from orchmoe_cli.core.metrics import aggregate, exact_match, label_clash, normalize_answer, rouge_l, score_instance
 from orchmoe_cli.data.sni_task import group_name
+from orchmoe_cli.errors import OrchmoeError
 
 
 @pytest.mark.parametrize(
@@ -76,5 +77,5 @@ def test_every_score_key_names_one_group() -> None:
     assert label_clash([("qa", "qa"), ("task001", "Title Generation")]) is None
     rows = [{"task": "sentiment", "category": "Sentiment", "exact_match": 1.0, "rougeL": 1.0},
             {"task": "other", "category": "Sentiment", "exact_match": 0.0, "rougeL": 0.0}]
-    with pytest.raises(Exception, match="cannot score these rows apart"):
+    with pytest.raises(OrchmoeError, match="cannot score these rows apart"):
         aggregate(rows)

@@ -160,12 +160,13 @@ def test_an_exported_table_is_written_whole_or_not_at_all(tmp_path: Path, monkey
 
 
 def test_cells_are_read_as_written_or_refused(tmp_path: Path) -> None:
-    """TSV cells keep their quotes (no CSV quoting: a stray quote merged rows), a CSV quote inside a cell is
-    refused with its line, a non-text instruction is refused (a list of one, SNI's shape, is its text), and a
-    hidden file of a folder is not read."""
+    """A stray quote in a TSV or CSV cell is refused with its line (read leniently, it merged two rows into one
+    input), a non-text instruction is refused (a list of one, SNI's shape, is its text), and a hidden file of a
+    folder is not read."""
     tsv = tmp_path / "t.tsv"
     tsv.write_text('task\tinput\toutput\tsplit\na\t"Hello\tworld\ttrain\nb\tsays she" ok\t"No"\ttest\n')
-    assert _references(tsv, tmp_path) == {"train": [["world"]], "test": [['"No"']]}
+    with pytest.raises(OrchmoeError, match=r"t\.tsv: line 3: not valid CSV"):
+        resolve(DataConfig(source=str(tsv), cache_dir=str(tmp_path / "cache"))).tasks
     bad = tmp_path / "bad.csv"
     bad.write_text('task,input,output,split\na,"5" inches,x,train\n')
     with pytest.raises(OrchmoeError, match=r"bad\.csv: line 2: not valid CSV"):
@@ -219,3 +220,26 @@ def test_task_lists_and_heldout_tasks_are_one_choice_and_unlisted_tasks_are_said
     (lists / "test_tasks.txt").write_text("Beta\n")
     with pytest.raises(OrchmoeError, match="task 'Beta' has no rows in the table \\(did you mean 'beta'\\?\\)"):
         _references(path, tmp_path, split_dir=str(lists))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json"])
+def test_pandas_written_tables_read_as_the_jsonl_they_came_from(suffix: str, tmp_path: Path) -> None:
+    """Quotes, delimiters and Windows line ends inside cells survive pandas' CSV / TSV quoting and its JSON."""
+    import pandas as pd
+
+    rows = [{"task": "a", "id": "1", "input": '"He is dead!" Then,\tthey left.\r\nNext line', "output": 'say "no"',
+             "split": "train"},
+            {"task": "b", "id": "2", "input": "plain", "output": "007", "split": "test"}]
+    jsonl = _jsonl(tmp_path / "t.jsonl", rows)
+    path = tmp_path / f"t{suffix}"
+    frame = pd.DataFrame(rows)
+    if suffix == ".json":
+        frame.to_json(path, orient="records")
+    else:
+        frame.to_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    def inputs(source: Path) -> list[str]:
+        found = resolve(DataConfig(source=str(source), cache_dir=str(tmp_path / "c")))
+        return [i.input for split in ("train", "test") for task, _ in found.read_split(split, DataConfig())
+                for i in task.instances]
+    assert inputs(path) == inputs(jsonl) == [rows[0]["input"], "plain"]
+    assert _references(path, tmp_path) == _references(jsonl, tmp_path) == {"train": [['say "no"']], "test": [["007"]]}

@@ -116,7 +116,7 @@ def _file_part(path: Path, cfg: DataConfig) -> TablePart:
         suffix = path.suffix.lower()
         if suffix == ".parquet":
             return _parquet_part(path, cfg)
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_bytes().decode("utf-8-sig")  # line ends as written: a quoted CSV cell keeps its \r\n
     except UnicodeDecodeError as exc:
         raise OrchmoeError(f"{origin}: is not UTF-8 text (byte {exc.start}); save it as UTF-8",
                            field="data.source") from None
@@ -151,9 +151,11 @@ def _json_records(text: str, origin: str) -> Iterator[tuple[int, dict[str, Any]]
             if text.lstrip().startswith("["):
                 raise OrchmoeError(f"{origin}: not valid JSON ({exc})", field="data.source") from None
     if whole is not None:
+        if isinstance(whole, dict) and not any(isinstance(v, dict) for v in whole.values()):
+            whole = [whole]  # one object: one row (a column-oriented table holds objects per column)
         if not isinstance(whole, list):
             raise OrchmoeError(f"{origin}: expected a JSON list of objects (pandas: orient='records') or JSON Lines, "
-                               f"got a {type(whole).__name__}", field="data.source")
+                               f"got a {type(whole).__name__} of columns", field="data.source")
         for row, record in enumerate(whole):
             if not isinstance(record, dict):
                 raise OrchmoeError(f"{origin}: row {row + 1}: expected a JSON object per row", field="data.source")
@@ -174,13 +176,13 @@ def _json_records(text: str, origin: str) -> Iterator[tuple[int, dict[str, Any]]
 
 
 def _csv_records(text: str, origin: str, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line, row) with every cell as text; a column without a name (pandas' index, a trailing comma) is left
-    out. A row's line is where it starts (a quoted cell may span lines)."""
+    """(line, row) with every cell as text, quoted as pandas, ``csv`` and spreadsheets write it (TSV too); a column
+    without a name (pandas' index, a trailing comma) is left out. A row's line is where it starts (a quoted cell may
+    span lines)."""
     csv.field_size_limit(sys.maxsize)  # a long input is a cell like any other
-    quoting = {"quoting": csv.QUOTE_NONE} if delimiter == "\t" else {"strict": True}  # TSV cells hold quotes as they are
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, **quoting)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)  # a stray quote: refused
     try:
-        header = next(reader, [])
+        header = next((cells for cells in reader if any(cell.strip() for cell in cells)), [])
         named = [(i, name) for i, name in enumerate(header) if name.strip()]
         names = [name for _, name in named]
         repeated = sorted({name for name in names if names.count(name) > 1})

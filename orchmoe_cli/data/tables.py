@@ -25,7 +25,7 @@ from orchmoe_cli.data.sni import (SPLITS, Split, given_split_dir, hash_file, poo
 from orchmoe_cli.data.sni_task import Instance, SNITask, label_clash
 from orchmoe_cli.data.table_files import TablePart, check_table_name, read_parts, table_files, write_table
 from orchmoe_cli.errors import OrchmoeError, did_you_mean
-from orchmoe_cli.paths import listing
+from orchmoe_cli.paths import inside, listing
 
 UNCATEGORISED = "uncategorized"
 
@@ -81,7 +81,8 @@ class TableSource:
         if loaded.get("unlisted"):
             notes.append(f"{len(loaded['unlisted'])} task(s) of the table are in neither task list and are left out: "
                          f"{listing(loaded['unlisted'])}")
-        below = [p for p in {f.parent for f in self.files} for p in p.iterdir() if p.is_dir() and table_files(p)]
+        source = Path(self.cfg.source)
+        below = inside(source, lambda p: p.is_dir() and bool(table_files(p))) if source.is_dir() else []
         if below:
             notes.append(f"tables in subfolders are not read: {listing(sorted(map(str, below)))}")
         return notes
@@ -146,6 +147,8 @@ def _optional_text(values: list[Any] | None, at: _Rows, row: int, what: str) -> 
     value = None if values is None else values[row]
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
+    if isinstance(value, float) and math.isnan(value):  # Parquet's and JSON's missing number
+        value = None
     if value is None or isinstance(value, str):
         return value if value and value.strip() else None
     return _text(value, at, row, what)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -71,6 +72,11 @@ class FieldError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+def first_repeat(items: Sequence[Any]) -> Any | None:
+    """The first item given a second time (None when every item is given once): every label is one thing's."""
+    return next((item for i, item in enumerate(items) if item in items[:i]), None)
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:

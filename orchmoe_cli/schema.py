@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import field
 from typing import Any, Literal
 
-from orchmoe_cli.errors import FieldError, OrchmoeError, did_you_mean, recipe_source
+from orchmoe_cli.errors import FieldError, OrchmoeError, did_you_mean, first_repeat, recipe_source
 from orchmoe_cli.paths import PATH_KINDS, directory_path, user_path
 
 
@@ -147,7 +147,7 @@ def _check_value(value: Any, spec: dataclasses.Field, dotted: str) -> Any:
     if isinstance(value, list):
         if meta.get("non_empty") and not value:
             raise OrchmoeError("is empty; name at least one (or leave the field out)", field=dotted)
-        twice = next((item for i, item in enumerate(value) if item in value[:i]), None)
+        twice = first_repeat(value)
         if twice is not None:
             raise OrchmoeError(f"{twice!r} is listed twice; name each once", field=dotted)
     if isinstance(value, float) and not math.isfinite(value):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchmoe_cli.data.sources import resolve
-from orchmoe_cli.errors import OrchmoeError
+from orchmoe_cli.errors import OrchmoeError, first_repeat
 from orchmoe_cli.paths import claim_directory, claim_parent, user_path
 from orchmoe_cli.recipe import Recipe, load_recipe, override_sets
 
@@ -54,7 +54,7 @@ def adapt_list_override(field: str, value: str | None, kind: type) -> str | None
 
 def once(values: list[str] | None, option: str) -> None:
     """A repeatable option names each thing once: a repeat would be a row twice, or silently dropped."""
-    twice = next((v for i, v in enumerate(values or []) if v in (values or [])[:i]), None)
+    twice = first_repeat(values or [])
     if twice is not None:
         raise OrchmoeError(f"{option}: '{twice}' is given twice; name each once")
 

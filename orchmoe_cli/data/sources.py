@@ -11,10 +11,10 @@ from pathlib import Path
 
 from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import SourceLayout, given_split_dir, refuse_part_of_sni, resolve_source
-from orchmoe_cli.data.table_files import BUILDERS, looks_like_hub_id, table_files
+from orchmoe_cli.data.table_files import BUILDERS, looks_like_hub_id, table_files, table_folders_below
 from orchmoe_cli.data.tables import TableSource
 from orchmoe_cli.errors import OrchmoeError, did_you_mean
-from orchmoe_cli.paths import inside, listing, not_found_hint
+from orchmoe_cli.paths import listing, not_found_hint
 
 TaskSource = SourceLayout | TableSource
 
@@ -65,7 +65,7 @@ def _is_table_file(path: Path) -> bool:
 
 def _refuse_tables_below(path: Path) -> None:
     """A directory without table files whose subdirectories have some: the source is one level down."""
-    below = inside(path, lambda child: child.is_dir() and bool(table_files(child)))
+    below = table_folders_below(path)
     if below:
         raise OrchmoeError(f"'{path}' holds no table file, but {listing(below)} do(es): did you mean "
                            f"data.source={below[0]}?", field="data.source")

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from orchmoe_cli.data.data_config import DataConfig
-from orchmoe_cli.errors import OrchmoeError, did_you_mean
+from orchmoe_cli.errors import OrchmoeError, did_you_mean, first_repeat
 from orchmoe_cli.fsutil import atomic_write
+from orchmoe_cli.paths import inside
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 ROLES = ("task", "input", "output", "id", "instruction", "category", "split")
@@ -37,6 +38,11 @@ def table_files(path: Path) -> list[Path]:
         return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in BUILDERS
                       and not p.name.startswith("."))  # hidden: backups, macOS' ._ files
     return []
+
+
+def table_folders_below(path: Path) -> list[Path]:
+    """The folders one level below ``path`` (not hidden ones) that hold table files."""
+    return inside(path, lambda child: child.is_dir() and bool(table_files(child)))
 
 
 def looks_like_hub_id(value: str) -> bool:
@@ -185,9 +191,9 @@ def _csv_records(text: str, origin: str, delimiter: str) -> Iterator[tuple[int, 
         header = next((cells for cells in reader if any(cell.strip() for cell in cells)), [])
         named = [(i, name) for i, name in enumerate(header) if name.strip()]
         names = [name for _, name in named]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if not names or repeated:
-            problem = f"column '{repeated[0]}' is named twice" if repeated else "the first line names no columns"
+        repeated = first_repeat(names)
+        if not names or repeated is not None:
+            problem = f"column '{repeated}' is named twice" if names else "the first line names no columns"
             raise OrchmoeError(f"{origin}: line 1: {problem}; column names are unique", field="data.source")
         start = reader.line_num + 1
         for cells in reader:

@@ -23,9 +23,9 @@ from orchmoe_cli.data.data_config import DataConfig
 from orchmoe_cli.data.sni import (SPLITS, Split, given_split_dir, hash_file, pool_positions, read_split_lists,
                                   sample_positions)
 from orchmoe_cli.data.sni_task import Instance, SNITask, label_clash
-from orchmoe_cli.data.table_files import TablePart, check_table_name, read_parts, table_files, write_table
+from orchmoe_cli.data.table_files import TablePart, check_table_name, read_parts, table_folders_below, write_table
 from orchmoe_cli.errors import OrchmoeError, did_you_mean
-from orchmoe_cli.paths import inside, listing
+from orchmoe_cli.paths import listing
 
 UNCATEGORISED = "uncategorized"
 
@@ -82,7 +82,7 @@ class TableSource:
             notes.append(f"{len(loaded['unlisted'])} task(s) of the table are in neither task list and are left out: "
                          f"{listing(loaded['unlisted'])}")
         source = Path(self.cfg.source)
-        below = inside(source, lambda p: p.is_dir() and bool(table_files(p))) if source.is_dir() else []
+        below = table_folders_below(source) if source.is_dir() else []
         if below:
             notes.append(f"tables in subfolders are not read: {listing(sorted(map(str, below)))}")
         return notes

@@ -162,3 +162,22 @@ def test_an_empty_path_argument_is_refused_not_read_as_this_folder(argv: list[st
     assert run_cli(filled) == 2
     err = capsys.readouterr().err
     assert "is empty" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_no_command_line_parameter_becomes_a_path_before_the_resolver() -> None:
+    """typer turns a ``Path`` parameter's '' into '.', so an empty path would pass as the current folder: every
+    command-line parameter is text, and each path among them goes through ``user_path`` (rows above)."""
+    import pathlib
+
+    import typer
+
+    from orchmoe_cli.cli import app
+
+    def mentions_path(hint: object) -> bool:
+        return hint is pathlib.Path or any(mentions_path(arg) for arg in typing.get_args(hint))
+
+    commands = typer.main.get_command(app).commands
+    assert len(commands) >= 8
+    for name, command in commands.items():
+        hints = typing.get_type_hints(command.callback, include_extras=True)
+        assert not [p for p, hint in hints.items() if mentions_path(hint)], name

@@ -227,11 +227,33 @@ def test_a_field_is_set_once_on_the_command_line(overrides: list[str], words: st
     assert load_recipe(None, ["eval={max_instances: 5}", "eval.batch_size=3"]).eval.batch_size == 3
 
 
-@pytest.mark.parametrize("argv", [["inspect-routing", "x", "--task", "a", "--task", "a"],
-                                  ["inspect-routing", "x", "--layer", "3", "--layer", "3"],
-                                  ["export", "x", "--to", "peft", "--out", "y", "--task", "a", "--task", "a"]])
-def test_a_repeatable_option_names_each_thing_once(argv: list[str], capsys) -> None:
+def _repeatable_options() -> list[tuple[str, list[str]]]:
+    """(option, a command line that gives it twice) for every repeatable option of every command."""
+    import typer
+
+    from orchmoe_cli.cli import app
+
+    found = []
+    for name, command in typer.main.get_command(app).commands.items():
+        needed = [name]
+        for param in command.params:
+            if param.required and param.param_type_name == "argument" and param.nargs == 1:
+                needed.append("x")
+            elif param.required and param.param_type_name == "option":
+                needed += [param.opts[0], "y"]
+        found += [(f"{name} {p.opts[0]}", [*needed, p.opts[0], "a", p.opts[0], "a"])
+                  for p in command.params if getattr(p, "multiple", False)]
+    return found
+
+
+def test_every_repeatable_option_names_each_thing_once(capsys) -> None:
+    """Walk every repeatable option of every command: a value given twice (a row twice, or one silently dropped)
+    is refused in one line before anything is read."""
     from cli_runner import run_cli
 
-    assert run_cli(argv) == 2
-    assert "is given twice; name each once" in capsys.readouterr().err
+    options = _repeatable_options()
+    assert {option for option, _ in options} >= {"inspect-routing --task", "inspect-routing --layer", "export --task"}
+    for option, argv in options:
+        assert run_cli(argv) == 2, option
+        err = capsys.readouterr().err
+        assert "is given twice; name each once" in err and len(err.strip().splitlines()) == 1, (option, err)
